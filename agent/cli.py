@@ -1,0 +1,70 @@
+"""The `cva` command line.
+
+Each command group lives in its own module and registers itself here; heavy imports happen
+inside the handlers, so `cva --help` and the daemon's start stay fast. Machine-readable output is
+JSON on stdout; errors are one line on stderr; exit 0 only on success; never a traceback for bad
+input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from agent.errors import CvaError
+
+# "module:function" registrars, each `register(subparsers) -> None`; each added parser sets
+# `func=handler(args) -> int` via `set_defaults`.
+REGISTRARS = (
+    "agent.cli_daemon:register",
+    "agent.cli_initdata:register",
+    "evidence.cli:register",
+    "agent.cli_kbs:register",
+    "luks.cli:register",
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"cva: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cva", description="Confidential Volume Agent")
+    sub: argparse._SubParsersAction[argparse.ArgumentParser]
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for spec in REGISTRARS:
+        mod_name, fn_name = spec.split(":")
+        register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]
+        register = getattr(importlib.import_module(mod_name), fn_name)
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Handler | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return func(args)
+    except CvaError as exc:
+        sys.stderr.write(f"cva: {exc.message}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("cva: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
+        sys.stderr.write(f"cva: internal error: {type(exc).__name__}; please report it\n")
+        return 70

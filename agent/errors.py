@@ -1,0 +1,32 @@
+"""The error type every layer raises for a refusal the user must see.
+
+A `CvaError` carries one line that names the cause and, where there is one, the next step.
+The CLI prints exactly that line to stderr and exits non-zero; the daemon maps it to a gRPC
+status. Its message must never contain secret material: build it from names, sizes and public
+values only.
+"""
+
+from __future__ import annotations
+
+
+class CvaError(Exception):
+    """A refusal or failure with a one-line, secret-free message."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str) -> None:
+        if "\n" in message:
+            message = " ".join(message.split())
+        super().__init__(message)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class InputError(CvaError):
+    """Hostile or malformed input (initdata, contract, evidence, header, request)."""
+
+
+class ToolError(CvaError):
+    """An external command failed or timed out."""

@@ -1,0 +1,1 @@
+"""Hardware evidence: one attester per TEE, and pure parsers of quotes and reports."""

@@ -1,0 +1,1 @@
+"""Storage drivers: libcryptsetup binding, LUKS2 header defence, LVM, filesystems, mounts."""

@@ -1,0 +1,48 @@
+"""Shared fixtures: where the upstream vectors are, and the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VECTORS = REPO.parent / "shared" / "vectors"
+IN_CI = os.environ.get("CI") == "true"
+
+
+@pytest.fixture(scope="session")
+def vectors() -> Path:
+    """`../shared/vectors` beside the checkout (never copied into the repo)."""
+    if not VECTORS.is_dir():
+        if IN_CI:
+            pytest.fail(f"upstream vectors missing at {VECTORS}")
+        pytest.skip(f"upstream vectors not present at {VECTORS}")
+    return VECTORS
+
+
+def run_cva(
+    *args: str, input: bytes | None = None, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m agent ARGS` from this checkout; returns the completed process."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(REPO)
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=REPO,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cva() -> object:
+    return run_cva
