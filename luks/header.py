@@ -457,10 +457,12 @@ def _check_keyslots(hdr: LuksHeader, key_bytes: int, r: _Reasons) -> None:
             _check_kdf(f"{where}.kdf", kdf, r, "keyslot-kdf")
         area = _obj(r, "keyslot-area", f"{where}.area", ks.get("area", {}))
         if area is not None:
-            _check_area(where, area, key_bytes, r)
+            _check_area(where, area, key_bytes, hdr.primary.hdr_size, r)
 
 
-def _check_area(where: str, area: Mapping[str, Json], key_bytes: int, r: _Reasons) -> None:
+def _check_area(
+    where: str, area: Mapping[str, Json], key_bytes: int, hdr_size: int, r: _Reasons
+) -> None:
     r.fields(
         "json-fields", f"{where}.area", area, {"type", "offset", "size", "encryption", "key_size"}
     )
@@ -471,7 +473,7 @@ def _check_area(where: str, area: Mapping[str, Json], key_bytes: int, r: _Reason
     if offset is None or size is None:
         r.add("keyslot-area", f"{where}.area offset/size are not LUKS2 uint64 strings")
         return
-    region_start = 2 * PROFILE_HDR_SIZE
+    region_start = 2 * max(hdr_size, PROFILE_HDR_SIZE)  # after both header + JSON copies
     region_end = region_start + PROFILE_KEYSLOTS_SIZE
     if offset < region_start:
         r.add(
