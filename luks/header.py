@@ -26,6 +26,7 @@ import hmac
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -265,6 +266,9 @@ def read_header_area(device: str) -> bytes:
     except OSError as exc:
         raise InputError(f"{device}: cannot open ({exc.strerror}); check the path") from None
     try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):
+            raise InputError(f"{device}: not a block device or image file")
         chunks: list[bytes] = []
         got = 0
         while got < HEADER_AREA_BYTES:
