@@ -14,7 +14,19 @@ The JSON area follows (hdr_size - 4096 bytes, NUL-terminated, zero padded). The 
 copy starts at offset hdr_size with magic "SKUL\\xba\\xbe". The checksum is sha256 over the
 hdr_size bytes of a copy with the csum field zeroed.
 
-Reasons are "<rule>: <what is wrong>", the rule being a stable name tests and users can grep.
+Reasons are "<rule>: <what is wrong>", the rule being a stable name tests and users can grep:
+  header-copies    the secondary copy is broken, or differs (seqid, uuid, JSON, ...)
+  metadata-size, config, header-area, uuid, label, json-padding   binary/config profile
+  json-fields      an unknown or missing field anywhere (top level, keyslot, segment, ...)
+  keyslot-count/-type/-key-size/-cipher/-af/-kdf/-area   exactly keyslot 0, luks2, pbkdf2
+                   sha256 1000..10000 iterations, AF luks1/sha256/4000, raw aes-xts-plain64
+                   64-byte area inside the keyslots region (not the JSON, not the data)
+  segment-count/-type/-cipher/-offset/-size/-iv-tweak, sector-size, segment-integrity
+  digest-count/-binding/-kdf   exactly digest 0 binding keyslot 0 to segment 0
+  token-count/-type/-fields    at most token 0, of type cva, with exactly cva's fields
+  requirements, config-flags   none; only no-read/no-write-workqueue
+Any JSON parser differential with libcryptsetup's json-c (duplicate keys, NUL inside strings,
+numbers as strings, trailing data) ends in a refusal here: every value must equal cva's.
 """
 
 from __future__ import annotations
