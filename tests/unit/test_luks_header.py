@@ -95,6 +95,15 @@ def _second_keyslot(m: dict[str, Any]) -> None:
 
 
 HOSTILE: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    # json-c vs Python differentials: json-c reads numbers from strings, truncates at NUL
+    ("iterations as a string", lambda m: _ks(m)["kdf"].update(iterations="1000"), "keyslot-kdf"),
+    ("NUL inside a key", lambda m: m.update({"keyslots\u0000": {}}), "json-fields"),
+    (
+        "NUL inside the cipher",
+        lambda m: _seg(m).update(encryption="aes-xts-plain64\u0000cipher_null"),
+        "segment-cipher",
+    ),
+    ("sector size as a string", lambda m: _seg(m).update(sector_size="4096"), "sector-size"),
     # CVE-2025-59054 / -58356: null ciphers
     (
         "null keyslot cipher",
