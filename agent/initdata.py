@@ -340,3 +340,43 @@ def reference_field(tee: str) -> str:
     if tee not in REFERENCE_FIELDS:
         raise InitDataError(f"no initdata reference field for tee {tee!r}")
     return REFERENCE_FIELDS[tee][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# host-side input in any of the shapes the document travels in
+
+FORMATS = ("auto", "toml", "annotation", "gzip", "image")
+_B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+
+
+def detect_format(blob: bytes) -> str:
+    """image (magic), gzip (1f 8b), annotation (only base64 text) or toml."""
+    if blob.startswith(MAGIC):
+        return "image"
+    if blob.startswith(b"\x1f\x8b"):
+        return "gzip"
+    stripped = blob.strip()
+    if stripped and len(stripped) % 4 == 0 and set(stripped) <= _B64_ALPHABET:
+        return "annotation"
+    return "toml"
+
+
+def unwrap_document(blob: bytes, fmt: str = "auto") -> bytes:
+    """The initdata document bytes inside `blob` given as TOML, annotation, gzip or block image."""
+    if fmt not in FORMATS:
+        raise InitDataError(f"unknown initdata format {fmt!r} (known: {', '.join(FORMATS)})")
+    if fmt == "auto":
+        fmt = detect_format(blob)
+    if fmt == "image":
+        return parse_block_image(blob)
+    if fmt == "gzip":
+        return gunzip_capped(blob, what="gzip initdata")
+    if fmt == "annotation":
+        try:
+            text = blob.decode("ascii")
+        except UnicodeDecodeError:
+            raise InitDataError("annotation is not standard base64 (with padding)") from None
+        return decode_annotation(text)
+    if len(blob) > MAX_DOCUMENT:
+        raise InitDataError(f"initdata is {len(blob)} bytes; the limit is {MAX_DOCUMENT}")
+    return blob
