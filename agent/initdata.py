@@ -350,13 +350,14 @@ _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz
 
 
 def detect_format(blob: bytes) -> str:
-    """image (magic), gzip (1f 8b), annotation (only base64 text) or toml."""
+    """image (magic), gzip (1f 8b), annotation (base64 text of a gzip stream: `H4sI...`), or
+    toml."""
     if blob.startswith(MAGIC):
         return "image"
     if blob.startswith(b"\x1f\x8b"):
         return "gzip"
     stripped = blob.strip()
-    if stripped and len(stripped) % 4 == 0 and set(stripped) <= _B64_ALPHABET:
+    if stripped.startswith(b"H4sI") and set(stripped) <= _B64_ALPHABET:
         return "annotation"
     return "toml"
 

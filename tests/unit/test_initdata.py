@@ -412,6 +412,11 @@ def test_detect_and_unwrap_every_shape(vectors: Path) -> None:
         assert unwrap_document(blob, fmt) == raw
 
 
+@pytest.mark.parametrize("blob", [b"nonsense", b"QUJD", b"abcd" * 10, b"H4sI\xff"])
+def test_base64_looking_text_that_is_not_gzip_is_toml(blob: bytes) -> None:
+    assert detect_format(blob) == "toml"
+
+
 def test_unwrap_refuses_unknown_format_and_non_ascii_annotation() -> None:
     with pytest.raises(InitDataError, match="unknown initdata format"):
         unwrap_document(MINIMAL, "yaml")
