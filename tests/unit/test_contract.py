@@ -118,7 +118,13 @@ def test_volume_lookup_unknown() -> None:
 def test_broken_toml() -> None:
     refused("version = \n", "cva.toml", "not valid TOML")
     refused("a = " + "[" * 5000, "cva.toml", "nested too deeply|not valid TOML")
+    refused("version = " + "1" * 5000, "cva.toml", "not valid TOML")
     refused(contract(head="version = 1\nversion = 1\n"), "cva.toml", "not valid TOML")
+
+
+def test_message_only_form() -> None:
+    err = ContractError("volume x is not in the contract")
+    assert str(err) == "contract: volume x is not in the contract" and err.rule == ""
 
 
 def test_non_string_input() -> None:
