@@ -201,7 +201,7 @@ def parse_kbs_uri(text: str, field: str = "key") -> KbsResourceUri:
     if scheme == "kbs":
         plugin = None
     elif scheme.startswith("kbs+") and PLUGIN_RE.fullmatch(scheme[4:]):
-        plugin = scheme[4:]
+        plugin = None if scheme == "kbs+resource" else scheme[4:]  # the same plugin as plain kbs
     else:
         raise ContractError(field, f"{_show(text)}: scheme must be kbs or kbs+PLUGIN")
     if "?" in rest or "#" in rest or "%" in rest:

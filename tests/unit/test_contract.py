@@ -345,6 +345,7 @@ def test_kbs_uris() -> None:
     assert plugin.plugin == "pkcs11" and str(plugin) == "kbs+pkcs11:///a/b/c"
     assert plugin.plugin_name == "pkcs11"
     assert parse_kbs_uri("kbs:///A.b/c_d/e-1").path == "A.b/c_d/e-1"
+    assert parse_kbs_uri("kbs+resource:///a/b/c") == parse_kbs_uri("kbs:///a/b/c")
 
 
 @pytest.mark.parametrize(
