@@ -220,3 +220,36 @@ def test_logging_never_prints_bytes(key: bytes, other: Any) -> None:
     out = buf.getvalue()
     assert key.hex() not in out
     json.loads(out)
+
+
+# --- the CLI in-process: any file -> exit 0 with JSON, or exit 1 with one line ------------
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    blob=st.one_of(
+        st.binary(max_size=1024),
+        st.binary(max_size=512).map(encode_block_image),
+        st.binary(max_size=512).map(lambda b: encode_annotation(b).encode()),
+        st.builds(initdata_doc, st.sampled_from(ALGORITHMS), DATA),
+    ),
+    action=st.sampled_from(["digest", "check", "encode", "reference"]),
+)
+def test_cli_any_file(tmp_path: Path, capsys: Any, blob: bytes, action: str) -> None:
+    from agent.cli import main
+
+    path = tmp_path / "input"
+    path.write_bytes(blob)
+    argv = ["initdata", action, str(path)]
+    if action == "reference":
+        argv += ["--tee", "tdx"]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    if code == 0:
+        assert err == "" and isinstance(json.loads(out), dict)
+    else:
+        assert code == 1 and out == ""
+        assert err.startswith("cva: ") and err.count("\n") == 1
+        assert "internal error" not in err
