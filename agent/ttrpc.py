@@ -194,7 +194,7 @@ def status_for(exc: BaseException) -> tuple[Code, str]:
     return Code.INTERNAL, "internal error"
 
 
-@dataclass
+@dataclass(eq=False)  # identity-hashed: kept in a set
 class _Connection:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
