@@ -12,17 +12,12 @@ import pytest
 from agent._proto.cdh import api_pb2
 from agent.errors import CvaError, InputError
 from agent.ttrpc import CallContext, Code, RpcError, TtrpcServer
-from tests.ttrpc_peer import GoCall, GoClientUnavailable, go_calls, go_client
+from tests.ttrpc_peer import GoCall, go_calls
 
 
-@pytest.fixture(scope="session")
-def go_binary() -> Path:
-    try:
-        return go_client()
-    except GoClientUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+@pytest.fixture
+def go_binary(go_ttrpc_client: Path) -> Path:
+    return go_ttrpc_client
 
 
 class Handlers:
