@@ -278,3 +278,60 @@ def test_any_bytes_get_answers_or_a_close(tmp_path: Path, garbage: bytes) -> Non
             await srv.close(grace=0.1)
 
     asyncio.run(run())
+
+
+async def test_connection_limit(tmp_path: Path) -> None:
+    srv = TtrpcServer(max_connections=1)
+    srv.register("test.Echo/Echo", echo)
+    path = tmp_path / "l.sock"
+    await srv.listen_unix(path)
+    try:
+        first = await RawConnection.open(path)
+        await first.send(encode_frame(1, MessageType.REQUEST, request(payload=b"1")))
+        assert await first.read_frame() is not None  # accepted and counted
+        second = await RawConnection.open(path)
+        assert await second.at_eof()
+        await first.send(encode_frame(3, MessageType.REQUEST, request(payload=b"2")))
+        assert await first.read_frame() is not None
+    finally:
+        await srv.close(grace=0.1)
+
+
+async def test_close_cancels_calls_that_outlive_the_grace(tmp_path: Path) -> None:
+    cancelled = asyncio.Event()
+
+    async def stuck(payload: bytes, ctx: CallContext) -> bytes:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        return b""
+
+    srv = TtrpcServer()
+    srv.register("test.Echo/Stuck", stuck)
+    path = tmp_path / "g.sock"
+    await srv.listen_unix(path)
+    conn = await RawConnection.open(path)
+    await conn.send(encode_frame(1, MessageType.REQUEST, request(method="Stuck")))
+    while not srv._connections or not next(iter(srv._connections)).inflight:
+        await asyncio.sleep(0.01)
+    await srv.close(grace=0.05)
+    assert cancelled.is_set()
+    assert await conn.read_frame() is None  # no answer, the connection is closed
+
+
+async def test_listen_on_a_prebound_socket(tmp_path: Path) -> None:
+    """listen_socket serves any bound, listening stream socket (the daemon's AF_VSOCK one)."""
+    import socket
+
+    path = tmp_path / "pre.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(8)
+    srv = TtrpcServer()
+    srv.register("test.Echo/Echo", echo)
+    await srv.listen_socket(sock)
+    try:
+        await still_serves(path)
+    finally:
+        await srv.close(grace=0.1)

@@ -28,9 +28,11 @@ class Handlers:
         self.barrier = asyncio.Barrier(barrier_parties) if barrier_parties else None
         self.seen_metadata: list[tuple[tuple[str, str], ...]] = []
         self.peer_uids: list[int] = []
+        self.timeouts: list[float] = []
 
     async def echo(self, payload: bytes, ctx: CallContext) -> bytes:
         self.seen_metadata.append(ctx.metadata)
+        self.timeouts.append(ctx.timeout)
         if ctx.peer is not None:
             self.peer_uids.append(ctx.peer.uid)
         return payload[::-1]
@@ -237,3 +239,14 @@ async def test_graceful_close_answers_calls_in_flight(tmp_path: Path, go_binary:
     [res] = await client
     assert (res.code, res.payload) == (0, b"late")
     assert not (tmp_path / "cdh.sock").exists()
+
+
+async def test_client_deadline_arrives_as_timeout_nano(
+    served: tuple[TtrpcServer, Handlers, Path], go_binary: Path
+):
+    _server, handlers, sock = served
+    # no explicit timeout_nano: the Go client derives it from its context deadline (5 s)
+    [res] = await go_calls(go_binary, sock, [GoCall("test.Echo", "Echo", b"x")], deadline_ms=5000)
+    assert res.code == 0
+    [timeout] = handlers.timeouts
+    assert 0 < timeout <= 5.0
