@@ -23,7 +23,8 @@ What this server does with hostile input, following containerd's server (server.
   connection is closed (containerd discards the payload and goes on; cva will not read up to
   4 GiB from a hostile peer to stay in sync);
 - a truncated header or payload (EOF mid-frame, or a frame not finished within
-  `frame_timeout`): the connection is closed;
+  `frame_timeout`): the connection is closed and its calls in flight are cancelled (a clean
+  EOF between frames lets the calls in flight finish and answers them first);
 - a frame of another type (a response, or a stream data frame): ignored, as containerd does;
 - an even stream id: INVALID_ARGUMENT on that stream id (client streams must be odd);
 - a stream id that is already in flight: the connection is closed (two answers on one stream
@@ -202,6 +203,7 @@ class _Connection:
     inflight: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reader_task: asyncio.Task[None] | None = None
+    clean_eof: bool = False  # the peer closed between frames (not a protocol violation)
 
 
 class TtrpcServer:
@@ -317,6 +319,9 @@ class TtrpcServer:
         conn.reader_task = asyncio.current_task()
         try:
             await self._serve_connection(conn)
+            if conn.clean_eof and conn.inflight:
+                # a peer that half-closed after its requests still gets the answers
+                await asyncio.wait(list(conn.inflight.values()))
         except asyncio.CancelledError:
             pass
         finally:
@@ -332,7 +337,8 @@ class TtrpcServer:
         try:
             first = await conn.reader.readexactly(1)
         except (asyncio.IncompleteReadError, ConnectionError):
-            return None  # clean EOF between frames
+            conn.clean_eof = True  # EOF between frames
+            return None
         try:
             async with asyncio.timeout(self.frame_timeout):
                 rest = await conn.reader.readexactly(HEADER_LENGTH - 1)
@@ -428,8 +434,8 @@ class TtrpcServer:
         handler = self._handlers.get((request.service, request.method))
         if handler is None:
             if not any(s == request.service for s, _ in self._handlers):
-                return Code.UNIMPLEMENTED, f"service {request.service}", b""
-            return Code.UNIMPLEMENTED, f"method {request.method}", b""
+                return Code.UNIMPLEMENTED, f"service {_clip(request.service)}", b""
+            return Code.UNIMPLEMENTED, f"method {_clip(request.method)}", b""
         timeout = self.max_timeout
         if request.timeout_nano < 0:
             return Code.DEADLINE_EXCEEDED, "deadline exceeded", b""
@@ -504,6 +510,11 @@ class TtrpcServer:
                 await asyncio.wait_for(server.wait_closed(), timeout=1.0)
         self._servers.clear()
         self._unix_paths.clear()
+
+
+def _clip(name: str, limit: int = 200) -> str:
+    """A peer-chosen name, shortened for a status line."""
+    return name if len(name) <= limit else name[:limit] + "..."
 
 
 def _forget(inflight: dict[int, asyncio.Task[None]], stream_id: int) -> Callable[[object], None]:

@@ -335,3 +335,26 @@ async def test_listen_on_a_prebound_socket(tmp_path: Path) -> None:
         await still_serves(path)
     finally:
         await srv.close(grace=0.1)
+
+
+async def test_half_closed_peer_still_gets_its_answers(sock: Path) -> None:
+    conn = await RawConnection.open(sock)
+    await conn.send(
+        encode_frame(1, MessageType.REQUEST, request(payload=b"a"))
+        + encode_frame(3, MessageType.REQUEST, request(payload=b"b"))
+    )
+    conn.writer.write_eof()
+    answers = {}
+    while (frame := await conn.read_frame()) is not None:
+        answers[frame[0].stream_id] = status_of(frame[1])
+    assert answers == {1: (0, "", b"a"), 3: (0, "", b"b")}
+
+
+async def test_long_unknown_names_are_clipped_in_the_status(sock: Path) -> None:
+    conn = await RawConnection.open(sock)
+    await conn.send(encode_frame(1, MessageType.REQUEST, request(service="s" * 100_000)))
+    frame = await conn.read_frame()
+    assert frame is not None
+    code, message, _ = status_of(frame[1])
+    assert code == Code.UNIMPLEMENTED
+    assert message == "service " + "s" * 200 + "..."
