@@ -36,6 +36,7 @@ from agent.errors import InputError
 from agent.ttrpc import CallContext, Code, TtrpcServer
 
 SECURE_MOUNT_METHOD = "api.SecureMountService/SecureMount"
+CDH_SOCKET_PATH = "/run/confidential-containers/cdh.sock"  # where kata-agent dials CDH
 VOLUME_TYPE_BLOCK_DEVICE = "block-device"
 OPTION_KEYS = frozenset(
     {
