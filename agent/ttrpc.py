@@ -40,18 +40,27 @@ What this server does with hostile input, following containerd's server (server.
   fixed message (logged, never sent).
 
 Pointing kata-agent at cva. kata-agent dials CDH at `unix:///run/confidential-containers/cdh.sock`
-(fixed in kata-agent, `CDH_SOCKET`) and calls `api.SecureMountService/SecureMount` for encrypted
-emptyDir / block volumes when its `secure_storage` options are on. Serve this server's unix
-listener at `/run/confidential-containers/cdh.sock` (cva creates the directory, mode 0600 for
-the socket) and register `agent.securemount`'s handler. kata-agent only uses the socket when
-it thinks CDH is present (guest-pull / CoCo images start CDH through its own launcher): cva
-replaces CDH, so the image must not start the real CDH on the same path. What is lost without
-CDH's other services on that socket: `api.SealedSecretService/UnsealSecret` (sealed secrets in
-env/volumes), `api.GetResourceService/GetResource` (kata-agent's resource fetches, e.g. for
-image decryption keys and `kbs://` mounts), `api.ImagePullService/PullImage` (guest image pull)
-and `api.SecureVolumeService`. Calls to them get UNIMPLEMENTED from cva, so those features fail
-closed; pods that need them need the real CDH (and cva's own gRPC/ttRPC API instead of the CDH
-socket).
+(a constant in kata-agent, `CDH_SOCKET_URI`) and calls `api.SecureMountService/SecureMount` for
+encrypted emptyDir / block volumes. At startup it first launches the guest components named by its
+`guest_components_procs` setting (kernel parameter `agent.guest_components_procs=...`) -- and when
+that includes the CDH it deletes whatever is at the socket path and starts the real CDH there --
+then, if a socket exists at that path, it connects its CDH client to it (once, at startup). So:
+
+1. boot the guest with `agent.guest_components_procs=none` (or `attestation-agent`), so
+   kata-agent does not start (and does not replace) a CDH;
+2. have cva listen on `/run/confidential-containers/cdh.sock` (`TtrpcServer.listen_unix`, the
+   directory is created, the socket is mode 0600) with `agent.securemount`'s service registered,
+   *before* kata-agent starts (systemd: cva.service `Before=kata-agent.service`, ready only once
+   the socket listens).
+
+What is lost when cva, not CDH, owns that socket: every other CDH service answers UNIMPLEMENTED,
+so the features built on them fail closed -- `api.SealedSecretService/UnsealSecret` (sealed
+secrets in env and volumes), `api.GetResourceService/GetResource` (`kbs://` resources for pods),
+`api.ImagePullService/PullImage` (guest image pull), `api.SecureVolumeService`, and the
+`keyprovider` service that kata-agent's ocicrypt configuration points at the same socket
+(encrypted container images). SecureMount itself is served for `volume_type = "block-device"`
+only (not CDH's other volume types). Pods that need those features need the real CDH, and then
+use cva through its own gRPC/ttRPC API rather than the CDH socket.
 """
 
 from __future__ import annotations
