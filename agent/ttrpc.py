@@ -297,11 +297,11 @@ class TtrpcServer:
             sock_path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            old_umask = os.umask(0o177)
-            try:
-                sock.bind(str(sock_path))
-            finally:
-                os.umask(old_umask)
+            # Linux creates the socket file with the socket inode's mode (minus the umask):
+            # set it before bind so there is no window with wider permissions. No process-wide
+            # umask change: other threads may be creating files.
+            os.fchmod(sock.fileno(), mode)
+            sock.bind(str(sock_path))
             sock_path.chmod(mode)
             sock.listen(128)
         except OSError as exc:
