@@ -17,6 +17,8 @@ from agent.securemount import (
 )
 
 contract = pytest.importorskip("agent.contract")
+if not hasattr(contract, "parse_contract"):  # another test's stand-in module, not the real one
+    pytest.skip("agent.contract is a test stand-in here", allow_module_level=True)
 
 CONTRACT = """
 version = 1
