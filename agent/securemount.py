@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from agent._proto.cdh import api_pb2
+from agent.contract import ContractError, parse_kbs_uri
 from agent.errors import InputError
 from agent.ttrpc import CallContext, Code, TtrpcServer
 
@@ -74,7 +75,6 @@ FORBIDDEN_MOUNT_ROOTS = (
 
 _DEVICE_ID = re.compile(r"([0-9]{1,7}):([0-9]{1,10})")
 _MAPPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,100}")
-_KBS_URI = re.compile(r"kbs(\+[a-z0-9-]{1,32})?://[^\s/]*/[A-Za-z0-9._-]+/[A-Za-z0-9._-]+/[^\s]+")
 _EXT4_FEATURES = re.compile(r"\^?[a-z0-9_]{1,32}(,\^?[a-z0-9_]{1,32}){0,31}")
 _EXT4_EXTENDED = frozenset(
     {
@@ -248,11 +248,11 @@ def _key(options: Mapping[str, str]) -> str | None:
             "cva takes volume keys from the KBS only (kbs:///repo/type/tag); sealed secrets "
             "and file:// keys are not served",
         )
-    if _KBS_URI.fullmatch(key) is None:
-        raise _refuse(
-            Code.INVALID_ARGUMENT, "key-scheme", f"key {_show(key)} is not a kbs:// resource URI"
-        )
-    return key
+    try:
+        uri = parse_kbs_uri(key, "key")
+    except ContractError as exc:
+        raise _refuse(Code.INVALID_ARGUMENT, "key-scheme", exc.rule) from exc
+    return str(uri)  # canonical form, compared with the contract's str(volume.key)
 
 
 def _bool_option(options: Mapping[str, str], name: str) -> bool | None:

@@ -404,6 +404,9 @@ def test_device_id_wins_over_device_path() -> None:
         ({**KATA_EMPTYDIR, "key": "file:///etc/key"}, Code.UNIMPLEMENTED, "key-scheme"),
         ({**KATA_EMPTYDIR, "key": "https://kbs/x"}, Code.INVALID_ARGUMENT, "key-scheme"),
         ({**KATA_EMPTYDIR, "key": "kbs:///only/two"}, Code.INVALID_ARGUMENT, "key-scheme"),
+        ({**KATA_EMPTYDIR, "key": "kbs://host/a/b/c"}, Code.INVALID_ARGUMENT, "key-scheme"),
+        ({**KATA_EMPTYDIR, "key": "kbs:///a/../c"}, Code.INVALID_ARGUMENT, "key-scheme"),
+        ({**KATA_EMPTYDIR, "key": "kbs:///a/b/c?x"}, Code.INVALID_ARGUMENT, "key-scheme"),
         ({**KATA_EMPTYDIR, "dataIntegrity": "yes"}, Code.INVALID_ARGUMENT, "data-integrity"),
         ({**KATA_EMPTYDIR, "mapperName": "../x"}, Code.INVALID_ARGUMENT, "mapper-name"),
         ({**KATA_EMPTYDIR, "mapperName": "cva-pgdata"}, Code.INVALID_ARGUMENT, "mapper-name"),
@@ -432,7 +435,7 @@ def test_option_refusals(options: dict[str, str], code: Code, rule: str) -> None
 
 def test_good_key_forms() -> None:
     assert parse({**KATA_EMPTYDIR, "key": "kbs:///a/b/c"}).key == "kbs:///a/b/c"
-    assert parse({**KATA_EMPTYDIR, "key": "kbs+plugin-x://host/a/b/c"}).key is not None
+    assert parse({**KATA_EMPTYDIR, "key": "kbs+sealed:///a/b/c"}).key is not None
 
 
 @pytest.mark.parametrize(
