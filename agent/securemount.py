@@ -451,6 +451,19 @@ class SecureMountPolicy:
     ephemeral: bool = False
 
 
+# Proposed contract `[api] allow` names that enable the two kinds (agent.contract does not
+# accept them yet: until it does, both stay off).
+ALLOW_PERSISTENT = "SecureMount"
+ALLOW_EPHEMERAL = "SecureMountEphemeral"
+
+
+def policy_from_allow(allow: frozenset[str]) -> SecureMountPolicy:
+    """The SecureMount policy a contract's `[api] allow` list grants."""
+    return SecureMountPolicy(
+        persistent=ALLOW_PERSISTENT in allow, ephemeral=ALLOW_EPHEMERAL in allow
+    )
+
+
 @dataclass(frozen=True)
 class PersistentMount:
     """Open (or create, when allowed and blank) contract volume `volume` at `mount_point`."""

@@ -581,3 +581,14 @@ async def test_service_refuses_before_touching_storage() -> None:
     with pytest.raises(SecureMountRefused, match=r"\(contract-disk\)"):
         await svc.secure_mount(req, CTX)
     assert backend.plans == []
+
+
+def test_policy_from_allow_defaults_to_nothing() -> None:
+    from agent.securemount import policy_from_allow
+
+    default = frozenset({"PrepareVolumes", "ReleaseVolumes", "ListVolumes"})
+    assert policy_from_allow(default) == SecureMountPolicy()
+    assert policy_from_allow(default | {"SecureMount"}) == SecureMountPolicy(persistent=True)
+    assert policy_from_allow(frozenset({"SecureMountEphemeral"})) == SecureMountPolicy(
+        ephemeral=True
+    )
