@@ -19,9 +19,10 @@ absent or code 0 means success. See `protos/ttrpc/ttrpc.proto`.
 
 What this server does with hostile input, following containerd's server (server.go):
 
-- a payload longer than the limit: a RESOURCE_EXHAUSTED status on that stream id, then the
-  connection is closed (containerd discards the payload and goes on; cva will not read up to
-  4 GiB from a hostile peer to stay in sync);
+- a payload longer than the limit: it is read and thrown away, and RESOURCE_EXHAUSTED is the
+  answer on that stream id, as in containerd; a length beyond `max_discard_bytes` (64 MiB) gets
+  the same answer and then the connection is closed (cva does not read up to 4 GiB from a
+  hostile peer to stay in sync);
 - a truncated header or payload (EOF mid-frame, or a frame not finished within
   `frame_timeout`): the connection is closed and its calls in flight are cancelled (a clean
   EOF between frames lets the calls in flight finish and answers them first);
@@ -93,6 +94,7 @@ DEFAULT_MAX_TIMEOUT = 300.0  # seconds; the cap on any call, whatever timeout_na
 DEFAULT_FRAME_TIMEOUT = 30.0  # a started frame must be complete within this
 DEFAULT_MAX_INFLIGHT = 64  # calls in flight per connection
 DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_MAX_DISCARD = 64 << 20  # an oversized frame up to this is skipped, larger ones end the link
 
 
 class MessageType(enum.IntEnum):
@@ -226,6 +228,7 @@ class TtrpcServer:
         frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_discard_bytes: int = DEFAULT_MAX_DISCARD,
         error_status: Callable[[BaseException], tuple[Code, str]] = status_for,
     ) -> None:
         if max_timeout <= 0 or frame_timeout <= 0 or max_inflight < 1 or max_connections < 1:
@@ -235,6 +238,7 @@ class TtrpcServer:
         self.frame_timeout = frame_timeout
         self.max_inflight = max_inflight
         self.max_connections = max_connections
+        self.max_discard_bytes = max_discard_bytes
         self._error_status = error_status
         self._handlers: dict[tuple[str, str], RawHandler] = {}
         self._servers: list[asyncio.Server] = []
@@ -341,8 +345,9 @@ class TtrpcServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _read_frame(self, conn: _Connection) -> tuple[FrameHeader, bytes] | None:
-        """The next frame, or None when the connection must end (EOF, truncation, oversize)."""
+    async def _read_frame(self, conn: _Connection) -> tuple[FrameHeader, bytes | None] | None:
+        """The next frame; its payload is None when it was oversized and skipped. None when the
+        connection must end (EOF, truncation, stall, a length too large to skip)."""
         try:
             first = await conn.reader.readexactly(1)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -352,30 +357,31 @@ class TtrpcServer:
             async with asyncio.timeout(self.frame_timeout):
                 rest = await conn.reader.readexactly(HEADER_LENGTH - 1)
                 header = parse_header(first + rest)
-                if header.length > self.max_message_bytes:
+                if header.length <= self.max_message_bytes:
+                    return header, await conn.reader.readexactly(header.length)
+                if header.length > self.max_discard_bytes:
                     log.warning(
-                        "ttrpc: frame of %d bytes exceeds %d; closing the connection",
-                        header.length,
-                        self.max_message_bytes,
+                        "ttrpc: frame of %d bytes is too large to skip; closing", header.length
                     )
-                    await self._send(
-                        conn,
-                        encode_response(
-                            header.stream_id,
-                            Code.RESOURCE_EXHAUSTED,
-                            f"message length {header.length} exceed maximum message size of "
-                            f"{self.max_message_bytes}",
-                        ),
-                    )
+                    await self._send(conn, self._oversized(header))
                     return None
-                payload = await conn.reader.readexactly(header.length)
+                await _discard(conn.reader, header.length)  # as containerd: skip, answer, go on
+                log.warning("ttrpc: skipped an oversized frame of %d bytes", header.length)
+                return header, None
         except (asyncio.IncompleteReadError, ConnectionError):
             log.warning("ttrpc: truncated frame; closing the connection")
             return None
         except TimeoutError:
-            log.warning("ttrpc: frame not completed within %.0fs; closing", self.frame_timeout)
+            log.warning("ttrpc: frame not completed within %.1fs; closing", self.frame_timeout)
             return None
-        return header, payload
+
+    def _oversized(self, header: FrameHeader) -> bytes:
+        return encode_response(
+            header.stream_id,
+            Code.RESOURCE_EXHAUSTED,
+            f"message length {header.length} exceed maximum message size of "
+            f"{self.max_message_bytes}",
+        )
 
     async def _serve_connection(self, conn: _Connection) -> None:
         while not self._closing:
@@ -383,6 +389,9 @@ class TtrpcServer:
             if frame is None:
                 return
             header, payload = frame
+            if payload is None:
+                await self._send(conn, self._oversized(header))
+                continue
             if header.type != MessageType.REQUEST:
                 log.debug("ttrpc: ignoring a frame of type %d", header.type)
                 continue
@@ -519,6 +528,15 @@ class TtrpcServer:
                 await asyncio.wait_for(server.wait_closed(), timeout=1.0)
         self._servers.clear()
         self._unix_paths.clear()
+
+
+async def _discard(reader: asyncio.StreamReader, length: int) -> None:
+    remaining = length
+    while remaining:
+        chunk = await reader.read(min(remaining, 1 << 16))
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", remaining)
+        remaining -= len(chunk)
 
 
 def _clip(name: str, limit: int = 200) -> str:

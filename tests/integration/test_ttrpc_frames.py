@@ -77,9 +77,10 @@ async def test_valid_request_round_trip(sock: Path) -> None:
     await still_serves(sock)
 
 
-async def test_oversized_length_gets_resource_exhausted_then_close(sock: Path) -> None:
+async def test_oversized_frame_is_skipped_and_answered(sock: Path) -> None:
     conn = await RawConnection.open(sock)
     await conn.send(struct.pack(">IIBB", MESSAGE_LENGTH_MAX + 1, 7, 1, 0))
+    await conn.send(b"\x00" * (MESSAGE_LENGTH_MAX + 1))
     frame = await conn.read_frame()
     assert frame is not None
     assert frame[0].stream_id == 7
@@ -87,7 +88,17 @@ async def test_oversized_length_gets_resource_exhausted_then_close(sock: Path) -
     code, message, _ = status_of(frame[1])
     assert code == Code.RESOURCE_EXHAUSTED
     assert str(MESSAGE_LENGTH_MAX) in message
-    assert await conn.at_eof()
+    # as in containerd, the connection stays in sync and usable
+    await conn.send(encode_frame(9, MessageType.REQUEST, request(payload=b"next")))
+    frame = await conn.read_frame()
+    assert frame is not None
+    assert status_of(frame[1]) == (0, "", b"next")
+
+
+async def test_oversized_frame_that_stalls_is_dropped(sock: Path) -> None:
+    conn = await RawConnection.open(sock)
+    await conn.send(struct.pack(">IIBB", MESSAGE_LENGTH_MAX + 1, 7, 1, 0) + b"partial")
+    assert await conn.read_frame() is None
     await still_serves(sock)
 
 

@@ -250,3 +250,14 @@ async def test_client_deadline_arrives_as_timeout_nano(
     assert res.code == 0
     [timeout] = handlers.timeouts
     assert 0 < timeout <= 5.0
+
+
+async def test_oversized_call_from_the_go_client(
+    served: tuple[TtrpcServer, Handlers, Path], go_binary: Path
+):
+    _server, _handlers, sock = served
+    [res] = await go_calls(go_binary, sock, [GoCall("test.Echo", "Echo", b"x" * (5 << 20))])
+    assert res.code == Code.RESOURCE_EXHAUSTED
+    assert "exceed maximum message size" in res.message
+    [ok] = await go_calls(go_binary, sock, [GoCall("test.Echo", "Echo", b"after")])
+    assert (ok.code, ok.payload) == (0, b"retfa")
