@@ -65,3 +65,18 @@ def test_real_contract_volumes_plug_in() -> None:
     )
     with pytest.raises(SecureMountRefused, match="contract-disk"):
         plan_secure_mount(ephemeral, PG, volumes, policy=POLICY, header_dir=Path("/run/x"))
+
+
+def test_contract_allow_list_switches_securemount_on() -> None:
+    from agent.securemount import policy_from_allow
+
+    default = contract.parse_contract(CONTRACT)
+    assert "SecureMount" not in default.api.allow
+    assert policy_from_allow(default.api.allow) == SecureMountPolicy(False, False)
+    text = CONTRACT.replace(
+        "[[volumes]]", '[api]\nallow = ["SecureMount", "SecureMountEphemeral"]\n[[volumes]]', 1
+    )
+    allowed = contract.parse_contract(text)
+    assert policy_from_allow(allowed.api.allow) == SecureMountPolicy(True, True)
+    with pytest.raises(contract.ContractError, match=r"api\.allow"):
+        contract.parse_contract(text.replace("SecureMountEphemeral", "Mount"))
