@@ -25,7 +25,12 @@ CONTRACT_VERSION = 1
 TEES = ("auto", "tdx", "snp", "tpm", "az-snp-vtpm", "az-tdx-vtpm", "sample")
 FILESYSTEMS = ("ext4", "xfs")
 DISK_KINDS = ("serial", "pci", "scsi")
-API_METHODS = frozenset({"PrepareVolumes", "ReleaseVolumes", "ListVolumes"})
+# Host-callable RPCs the contract can allow. `SecureMount` lets CDH's SecureMount interface
+# (ttRPC) open contract volumes; `SecureMountEphemeral` lets it create ephemeral encrypted
+# volumes (random key, never a contract disk). Neither is allowed by default.
+API_METHODS = frozenset(
+    {"PrepareVolumes", "ReleaseVolumes", "ListVolumes", "SecureMount", "SecureMountEphemeral"}
+)
 DEFAULT_API_ALLOW = frozenset({"PrepareVolumes", "ReleaseVolumes", "ListVolumes"})
 
 MAX_VOLUMES = 64
