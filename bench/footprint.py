@@ -1,0 +1,157 @@
+"""Agent footprint (issue 8 #5): `cva serve` start to READY=1 and its idle RSS, against a bare
+grpc.aio server with the same serving imports (`bench.floor_server`).
+
+Both run as real processes with $NOTIFY_SOCKET pointing at a datagram socket this module
+binds: start-to-READY is the time from spawning the interpreter to receiving `READY=1`. Idle
+RSS is VmRSS from /proc after one second of idling behind READY. `cva serve` runs its real
+start path (config, initdata, contract, sample-TEE binding check, services on a unix socket; no
+vsock, the KBS is contacted lazily and never here). Runs are interleaved; medians are reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.results import Result, Target, measured
+
+REPO = Path(__file__).resolve().parents[1]
+GROUP = "5. Agent footprint (host)"
+RUNS = 7
+IDLE_SECONDS = 1.0
+READY_TIMEOUT = 60.0
+
+CONTRACT = """
+version = 1
+[kbs]
+url = "http://127.0.0.1:9"
+tee = "sample"
+[[volumes]]
+name = "data"
+key = "kbs:///default/data/luks"
+disk = "serial:benchdisk"
+filesystem = "ext4"
+mount = "/data"
+containers = []
+create = true
+integrity = false
+read_only = false
+"""
+
+
+def _write_cva_files(tmp: Path) -> Path:
+    initdata = tmp / "initdata.toml"
+    initdata.write_text(
+        f'version = "0.1.0"\nalgorithm = "sha256"\n\n[data]\n"cva.toml" = \'\'\'{CONTRACT}\'\'\'\n'
+    )
+    config = tmp / "config.toml"
+    config.write_text(
+        f"""
+[listen]
+vsock_port = 0
+unix = "{tmp}/cva.sock"
+[initdata]
+toml = "{initdata}"
+[paths]
+rootfs_base = "{tmp}/kata"
+state_dir = "{tmp}/state"
+mount_base = "{tmp}/mnt"
+[log]
+level = "warning"
+"""
+    )
+    return config
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def run_once(argv: list[str], tmp: Path) -> tuple[float, float]:
+    """(seconds from spawn to READY=1, idle RSS in MiB)."""
+    notify_path = tmp / "notify"
+    notify_path.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(str(notify_path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONPATH=str(REPO))
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            deadline = start + READY_TIMEOUT
+            while True:
+                rx.settimeout(max(0.01, deadline - time.perf_counter()))
+                try:
+                    message = rx.recv(4096).decode(errors="replace")
+                except TimeoutError:
+                    err = b""
+                    if proc.poll() is not None and proc.stderr is not None:
+                        err = proc.stderr.read()
+                    raise RuntimeError(
+                        f"{argv[2:4]} sent no READY=1 in {READY_TIMEOUT:.0f} s "
+                        f"(rc {proc.poll()}): {err.decode(errors='replace')[-300:]}"
+                    ) from None
+                if "READY=1" in message.split("\n"):
+                    ready = time.perf_counter() - start
+                    break
+            time.sleep(IDLE_SECONDS)
+            rss = _rss_kib(proc.pid) / 1024
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+    return ready, rss
+
+
+def collect() -> list[Result]:
+    with tempfile.TemporaryDirectory(prefix="cva-bench-fp-") as d:
+        tmp = Path(d)
+        config = _write_cva_files(tmp)
+        cva = [sys.executable, "-m", "agent", "serve", "--config", str(config)]
+        floor = [sys.executable, "-m", "bench.floor_server", str(tmp / "floor.sock")]
+        run_once(cva, tmp)  # warm the page cache and the bytecode caches for both
+        run_once(floor, tmp)
+        cva_runs, floor_runs = [], []
+        for _ in range(RUNS):
+            cva_runs.append(run_once(cva, tmp))
+            floor_runs.append(run_once(floor, tmp))
+    target = Target("ratio", "<=", 1.3, "≤ 1.3× the floor")
+    note = f"median of {RUNS} interleaved runs"
+    return [
+        measured(
+            "cva serve: start to READY=1",
+            "ms",
+            statistics.median(r[0] for r in cva_runs) * 1000,
+            baseline_name="bare grpc.aio server",
+            baseline=statistics.median(r[0] for r in floor_runs) * 1000,
+            target=target,
+            note=note,
+            group=GROUP,
+        ),
+        measured(
+            "cva serve: idle RSS",
+            "MiB",
+            statistics.median(r[1] for r in cva_runs),
+            baseline_name="bare grpc.aio server",
+            baseline=statistics.median(r[1] for r in floor_runs),
+            target=target,
+            note=f"VmRSS {IDLE_SECONDS:.0f} s after READY=1; {note}",
+            group=GROUP,
+        ),
+    ]
