@@ -103,10 +103,16 @@ def run_module(module: Module, work: Path, logs: Path) -> tuple[list[Result], li
 
 def _git_head() -> str:
     try:
-        return subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=10, check=False,
-        ).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -137,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             group_notes.setdefault(got[0].group or "other", []).extend(notes)
         timings.append(f"{module.name} {seconds:.0f} s")
         missing = sum(1 for r in got if not r.measured)
-        print(f"bench: {module.name}: {len(got)} results ({missing} not measured), "
-              f"{seconds:.0f} s", flush=True)
+        print(
+            f"bench: {module.name}: {len(got)} results ({missing} not measured), {seconds:.0f} s",
+            flush=True,
+        )
     total = time.monotonic() - started
     preamble = [
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at `{_git_head()}` on "
@@ -156,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "REPORT.md").write_text(report)
     met = sum(1 for r in results if r.met is True)
     targeted = sum(1 for r in results if r.target is not None)
-    print(f"bench: {met} of {targeted} targets met; wrote {out_dir / 'REPORT.md'} and "
-          f"{out_dir / 'results.json'} in {total:.0f} s")
+    print(
+        f"bench: {met} of {targeted} targets met; wrote {out_dir / 'REPORT.md'} and "
+        f"{out_dir / 'results.json'} in {total:.0f} s"
+    )
     return 0
 
 

@@ -50,7 +50,7 @@ read_only = false
 def _write_cva_files(tmp: Path) -> Path:
     initdata = tmp / "initdata.toml"
     initdata.write_text(
-        f'version = "0.1.0"\nalgorithm = "sha256"\n\n[data]\n"cva.toml" = \'\'\'{CONTRACT}\'\'\'\n'
+        f"version = \"0.1.0\"\nalgorithm = \"sha256\"\n\n[data]\n\"cva.toml\" = '''{CONTRACT}'''\n"
     )
     config = tmp / "config.toml"
     config.write_text(
@@ -131,7 +131,7 @@ def collect() -> list[Result]:
         for _ in range(RUNS):
             cva_runs.append(run_once(cva, tmp))
             floor_runs.append(run_once(floor, tmp))
-    target = Target("ratio", "<=", 1.3, "≤ 1.3× the floor")
+    target = Target("ratio", "<=", 1.3, "≤ 1.3x the floor")
     note = f"median of {RUNS} interleaved runs"
     return [
         measured(

@@ -6,7 +6,7 @@ Uses the kbs stream's `bench/kbs_bench.py` clients against the loopback Trustee-
 - wall times with the KBS in its own process (`bench.kbs_server_proc`, so its JWE work does not
   share the client's GIL), once as is (answers in about a millisecond on 127.0.0.1) and once with
   every answer delayed LATENCY_S (a KBS one network hop away); concurrent against serial at 64
-  keys (target ≥ 4× faster), each against the naive client.
+  keys (target ≥ 4x faster), each against the naive client.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ REPEAT = 3
 KEY_ALG = "ECDH-ES+A256KW-P256"
 LATENCY_S = 0.010  # a KBS one network hop away: RTT plus verification, per request
 SIZES = (1, 8, 64)
-CONCURRENCY_TARGET = Target("ratio", "<=", 0.25, "concurrent ≥ 4× faster than serial")
+CONCURRENCY_TARGET = Target("ratio", "<=", 0.25, "concurrent ≥ 4x faster than serial")
 
 
 def _requests_target(n: int) -> Target:
@@ -40,14 +40,24 @@ def _requests_target(n: int) -> Target:
 
 def planned(reason: str) -> list[Result]:
     out = [
-        not_measured(f"KBS {n} keys {mode}: requests", reason, unit="requests", group=GROUP,
-                     target=_requests_target(n))
+        not_measured(
+            f"KBS {n} keys {mode}: requests",
+            reason,
+            unit="requests",
+            group=GROUP,
+            target=_requests_target(n),
+        )
         for n in SIZES
         for mode in ("serial", "concurrent")
     ]
     out += [
-        not_measured(f"KBS 64 keys{label}: concurrent vs serial", reason, unit="ms",
-                     group=GROUP, target=CONCURRENCY_TARGET)
+        not_measured(
+            f"KBS 64 keys{label}: concurrent vs serial",
+            reason,
+            unit="ms",
+            group=GROUP,
+            target=CONCURRENCY_TARGET,
+        )
         for label in ("", f", {int(LATENCY_S * 1000)} ms KBS latency")
     ]
     return out
@@ -57,8 +67,11 @@ def planned(reason: str) -> list[Result]:
 def _server(count: int, delay: float) -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.kbs_server_proc", str(count), str(delay)],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -123,24 +136,36 @@ def collect() -> list[Result]:
                     if not delay:
                         out.append(
                             measured(
-                                f"KBS {n} keys {mode}: requests", "requests",
+                                f"KBS {n} keys {mode}: requests",
+                                "requests",
                                 counts[(n, concurrent, "shared")],
                                 baseline_name="attest per key",
                                 baseline=counts[(n, concurrent, "naive")],
-                                target=_requests_target(n), group=GROUP,
+                                target=_requests_target(n),
+                                group=GROUP,
                             )
                         )
                     out.append(
                         measured(
-                            f"KBS {n} keys {mode}{label}: wall time", "ms", st,
-                            baseline_name="attest per key", baseline=nt, note=note, group=GROUP,
+                            f"KBS {n} keys {mode}{label}: wall time",
+                            "ms",
+                            st,
+                            baseline_name="attest per key",
+                            baseline=nt,
+                            note=note,
+                            group=GROUP,
                         )
                     )
         out.append(
             measured(
-                f"KBS {top} keys{label}: concurrent vs serial", "ms", times[(top, True)],
-                baseline_name="same client, serial", baseline=times[(top, False)],
-                target=CONCURRENCY_TARGET, note=note, group=GROUP,
+                f"KBS {top} keys{label}: concurrent vs serial",
+                "ms",
+                times[(top, True)],
+                baseline_name="same client, serial",
+                baseline=times[(top, False)],
+                target=CONCURRENCY_TARGET,
+                note=note,
+                group=GROUP,
             )
         )
     return out

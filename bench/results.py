@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 JSON_KEYS = ("name", "unit", "value", "baseline_name", "baseline", "ratio", "target", "met")
+TIMES = "\u00d7"  # the report writes ratios as 1.234x
 Op = Literal["<=", ">=", "<", ">", "=="]
 _OPS: Mapping[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
@@ -38,7 +39,7 @@ class Target:
     on: Literal["ratio", "value"]
     op: Op
     bound: float
-    why: str = ""  # e.g. "≥ 3× faster than (a)"
+    why: str = ""  # e.g. "≥ 3x faster than (a)"
 
     def __post_init__(self) -> None:
         if self.op not in _OPS:
@@ -200,7 +201,7 @@ def _met_cell(r: Result) -> str:
 
 def _ratio_cell(r: Result) -> str:
     ratio = r.ratio
-    return "—" if ratio is None else f"{ratio:.3f}×"
+    return "—" if ratio is None else f"{ratio:.3f}{TIMES}"
 
 
 def summary_lines(results: Iterable[Result]) -> list[str]:
@@ -221,7 +222,7 @@ def summary_lines(results: Iterable[Result]) -> list[str]:
         if r.baseline is not None:
             parts.append(f"vs {r.baseline_name} {_fmt(r.baseline)} {r.unit}")
         if r.ratio is not None:
-            parts.append(f"ratio {r.ratio:.3f}×")
+            parts.append(f"ratio {r.ratio:.3f}{TIMES}")
         assert r.target is not None
         parts.append(f"target {r.target.describe()}")
         return "- " + ", ".join(parts)

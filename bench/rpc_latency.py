@@ -27,8 +27,11 @@ def _vsock() -> tuple[list[Result], float | None]:
     direct = float(doc["direct_median_ms"])
     return [
         measured(
-            "gRPC unary via vsock splice: median", "ms", float(doc["spliced_median_ms"]),
-            baseline_name="direct on the private socket", baseline=direct,
+            "gRPC unary via vsock splice: median",
+            "ms",
+            float(doc["spliced_median_ms"]),
+            baseline_name="direct on the private socket",
+            baseline=direct,
             note=f"{doc['calls']} calls; splice front on a unix socket (no vsock loopback here); "
             f"p99 {float(doc['spliced_p99_ms']):.3f} ms",
             group=GROUP,
@@ -45,7 +48,9 @@ def _ttrpc(grpc_direct_ms: float | None) -> list[Result]:
     doc = asyncio.run(mod.main())
     return [
         measured(
-            "ttRPC round trip: median", "ms", float(doc["latency_p50_us"]) / 1000,
+            "ttRPC round trip: median",
+            "ms",
+            float(doc["latency_p50_us"]) / 1000,
             baseline_name=None if grpc_direct_ms is None else "gRPC unary, same socket kind",
             baseline=grpc_direct_ms,
             note=f"{doc['calls']} calls, one in flight; p99 "
@@ -53,7 +58,9 @@ def _ttrpc(grpc_direct_ms: float | None) -> list[Result]:
             group=GROUP,
         ),
         measured(
-            "ttRPC pipelined throughput", "calls/s", float(doc["pipelined_calls_per_s"]),
+            "ttRPC pipelined throughput",
+            "calls/s",
+            float(doc["pipelined_calls_per_s"]),
             note="32 calls in flight on one connection",
             group=GROUP,
         ),

@@ -1,0 +1,381 @@
+"""Guest side of the storage benchmark (inside the qemu guest, as root, from /mnt/vmsrc).
+
+`python -m bench.guest_storage run PLAN.json OUT.json` measures, on the blank virtio disks the
+host attached (serials in the plan), for each size and integrity off/on:
+
+- time to a mounted volume, create path (blank disk -> mounted ext4) and reopen path (closed
+  volume -> mounted), for three ways of doing it:
+    cva      luks.volume.prepare_volume in a child process (the time inside prepare_volume: the
+             daemon is already running when PrepareVolumes arrives)
+    cdh      a shell script doing what CDH does with the cryptsetup CLI and its defaults
+             (argon2id keyslot; with integrity: --integrity hmac-sha256 and cryptsetup's full wipe)
+    profile  the same steps with cva's profile via the CLI (pbkdf2-1000, 4K sectors, 16 MiB
+             header, no_read/no_write_workqueue; with integrity: no-wipe + the same pre-writes
+             and mkfs options as cva)
+- peak memory (max RSS over the process and the tools it waited for, from wait4);
+- I/O on the 1 GiB disks: sequential (dd, O_DIRECT, 1 MiB) and 4K random (O_DIRECT, Python
+  pread/pwrite; no fio in the guest image) read/write on a raw LV, dm-crypt with cva's flags,
+  dm-crypt with cryptsetup's defaults, and cva's mapping with integrity.
+
+Every item is recorded as it finishes (OUT.json is rewritten each time), so a timeout still
+leaves what was measured; a failing item records its error and the run goes on.
+`python -m bench.guest_storage child prepare|release NAME SERIAL INTEGRITY` is the cva child.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+PASSPHRASE = "bench-passphrase-0123456789abcdef0123456789abcdef"
+SECRET = bytes(range(1, 65))
+RUN = Path("/run/cva-bench")
+CLI_MNT = RUN / "cli"
+CMD_TIMEOUT = 900.0
+
+PROFILE = (
+    "--type luks2 --cipher aes-xts-plain64 --key-size 512 --sector-size 4096 --pbkdf pbkdf2 "
+    "--pbkdf-force-iterations 1000 --hash sha256 --luks2-metadata-size 16k "
+    "--luks2-keyslots-size 16352k"
+)
+FLAGS = "--perf-no_read_workqueue --perf-no_write_workqueue"
+
+
+def by_id(serial: str) -> str:
+    return f"/dev/disk/by-id/virtio-{serial}"
+
+
+# --- measuring ----------------------------------------------------------------------------
+def spawn_wait4(argv: list[str], *, stdin: bytes | None = None) -> tuple[float, float, bytes]:
+    """Run argv; (seconds, peak RSS MiB of it and its waited-for descendants, stdout)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    if stdin is not None:
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    assert proc.stdout is not None and proc.stderr is not None
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.monotonic() - start
+    raise_for(proc.returncode, argv, err)
+    return seconds, usage.ru_maxrss / 1024, out
+
+
+def raise_for(rc: int, argv: list[str], err: bytes) -> None:
+    if rc != 0:
+        text = err.decode(errors="replace").strip().replace("\n", " | ")[-300:]
+        raise RuntimeError(f"{' '.join(argv[:3])} failed (rc {rc}): {text}")
+
+
+def sh(script: str) -> tuple[float, float]:
+    seconds, rss, _ = spawn_wait4(["bash", "-euo", "pipefail", "-c", script])
+    return seconds, rss
+
+
+def quiet(argv: list[str], *, check: bool = True) -> None:
+    subprocess.run(argv, check=check, timeout=CMD_TIMEOUT, capture_output=True)
+
+
+# --- cva (child process) ------------------------------------------------------------------
+def _volume(name: str, serial: str, integrity: bool) -> Any:
+    from agent import contract
+
+    return contract.Volume(
+        name=name,
+        key=contract.KbsResourceUri("default", name, "luks"),
+        disk=contract.DiskRef("serial", serial),
+        lvm=None,
+        filesystem="ext4",
+        mount="/data",
+        containers=(),
+        create=True,
+        integrity=integrity,
+        read_only=False,
+    )
+
+
+def child(argv: list[str]) -> int:
+    """In the child: prepare or release one volume; prints the seconds spent in the call."""
+    action, name, serial, integrity = argv[0], argv[1], argv[2], argv[3] == "1"
+    from agent.secret import Secret
+    from luks import volume
+
+    vol = _volume(name, serial, integrity)
+    start = time.monotonic()
+    if action == "prepare":
+        volume.prepare_volume(
+            vol,
+            Secret(bytearray(SECRET)),
+            disk=Path(by_id(serial)),
+            runtime_dir=RUN / "run",
+            mount_base=RUN / "volumes",
+        )
+    else:
+        volume.release_volume(
+            vol, disk=Path(by_id(serial)), mount_base=RUN / "volumes", runtime_dir=RUN / "run"
+        )
+    print(json.dumps({"seconds": time.monotonic() - start}))
+    return 0
+
+
+def cva_call(action: str, name: str, serial: str, integrity: bool) -> tuple[float, float, float]:
+    """(seconds inside the call, wall seconds incl. interpreter start, peak RSS MiB)."""
+    argv = [sys.executable, "-m", "bench.guest_storage", "child", action, name, serial]
+    wall, rss, out = spawn_wait4([*argv, "1" if integrity else "0"])
+    inside = float(json.loads(out.decode().strip().splitlines()[-1])["seconds"])
+    return inside, wall, rss
+
+
+# --- the CLI scripts ----------------------------------------------------------------------
+def cli_steps(variant: str, dev: str, integrity: bool) -> tuple[list[str], list[str], str]:
+    """(format+open lines, mkfs+mount lines, reopen script) for `cdh` (the CLI's defaults) or
+    `profile` (cva's profile via the CLI)."""
+    key = f"printf %s '{PASSPHRASE}'"
+    if variant == "cdh":
+        fmt = "--type luks2" + (" --integrity hmac-sha256" if integrity else "")
+        opn, mkfs = "", "mkfs.ext4 -q -F"
+    else:
+        fmt = PROFILE + (" --integrity hmac-sha256 --integrity-no-wipe" if integrity else "")
+        opn = FLAGS
+        ext = "nodiscard" + (",lazy_itable_init=0,lazy_journal_init=0" if integrity else "")
+        mkfs = f"mkfs.ext4 -q -F -b 4096 -E {ext}"
+    mount = f"mkdir -p {CLI_MNT} && mount -o nodev,nosuid /dev/mapper/bench-cli {CLI_MNT}"
+    opn_line = f"{key} | cryptsetup open {opn} --key-file=- {dev} bench-cli"
+    head = [f"{key} | cryptsetup luksFormat --batch-mode {fmt} --key-file=- {dev}", opn_line]
+    return head, [f"{mkfs} /dev/mapper/bench-cli", mount], f"{opn_line}\n{mount}"
+
+
+def mapping_size(name: str) -> int:
+    out = subprocess.run(
+        ["blockdev", "--getsize64", f"/dev/mapper/{name}"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    return int(out.strip())
+
+
+def cli_close() -> None:
+    quiet(["umount", str(CLI_MNT)], check=False)
+    quiet(["cryptsetup", "close", "bench-cli"], check=False)
+
+
+def cli_create(variant: str, dev: str, integrity: bool) -> tuple[float, float]:
+    head, tail = cli_steps(variant, dev, integrity)[:2]
+    if not (variant == "profile" and integrity):
+        return sh("\n".join(head + tail))
+    # cva's integrity steps: no-wipe format, open, zero exactly the blocks mkfs reads (offsets
+    # from the live mapping's size, as luks.fs does), mkfs without lazy init
+    from luks.fs import prewrite_ranges
+
+    s1, r1 = sh("\n".join(head))
+    dd = [
+        f"dd if=/dev/zero of=/dev/mapper/bench-cli bs=4096 seek={off // 4096} "
+        f"count={length // 4096} oflag=direct conv=notrunc status=none"
+        for off, length in prewrite_ranges(mapping_size("bench-cli"))
+    ]
+    s2, r2 = sh("\n".join(dd + tail))
+    return s1 + s2, max(r1, r2)
+
+
+def cli_reopen(variant: str, dev: str, integrity: bool) -> tuple[float, float]:
+    return sh(cli_steps(variant, dev, integrity)[2])
+
+
+# --- I/O ----------------------------------------------------------------------------------
+def dd_rate(target: str, mib: int, *, write: bool) -> float:
+    if write:
+        argv = ["dd", "if=/dev/zero", f"of={target}", "oflag=direct", "conv=notrunc"]
+    else:
+        argv = ["dd", f"if={target}", "of=/dev/null", "iflag=direct"]
+    start = time.monotonic()
+    quiet([*argv, "bs=1M", f"count={mib}", "status=none"])
+    return mib / (time.monotonic() - start)
+
+
+def random_iops(target: str, region: int, ops: int, *, write: bool) -> float:
+    """4 KiB O_DIRECT reads or writes at random 4 KiB offsets inside the first `region` bytes."""
+    fd = os.open(target, (os.O_RDWR if write else os.O_RDONLY) | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)
+        buf.write(os.urandom(4096))
+        rng = random.Random(4096)
+        offsets = [rng.randrange(region // 4096) * 4096 for _ in range(ops)]
+        start = time.monotonic()
+        for off in offsets:
+            if write:
+                os.pwritev(fd, [buf], off)
+            else:
+                os.preadv(fd, [buf], off)
+        if write:
+            os.fsync(fd)
+        return ops / (time.monotonic() - start)
+    finally:
+        os.close(fd)
+
+
+def io_suite(target: str, mib: int, ops: int) -> dict[str, float]:
+    region = mib * MIB
+    return {
+        "seq_write_mib_s": dd_rate(target, mib, write=True),
+        "seq_read_mib_s": dd_rate(target, mib, write=False),
+        "rand_write_iops": random_iops(target, region, ops, write=True),
+        "rand_read_iops": random_iops(target, region, ops, write=False),
+    }
+
+
+# --- the run ------------------------------------------------------------------------------
+class Recorder:
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.doc: dict[str, Any] = {"items": {}, "errors": {}, "log": []}
+
+    def log(self, text: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {text}"
+        print(line, flush=True)
+        self.doc["log"].append(line)
+
+    def save(self) -> None:
+        tmp = self.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.doc, indent=2))
+        tmp.replace(self.out)
+
+    def item(self, key: str, fn: Any, *args: Any) -> Any:
+        start = time.monotonic()
+        try:
+            value = fn(*args)
+        except Exception as exc:  # record and go on: one broken variant must not stop the run
+            self.doc["errors"][key] = f"{type(exc).__name__}: {exc}"[:500]
+            self.log(f"{key}: FAILED {exc}")
+            traceback.print_exc()
+            self.save()
+            return None
+        self.doc["items"][key] = value
+        self.log(f"{key}: {value} ({time.monotonic() - start:.1f} s)")
+        self.save()
+        return value
+
+
+def run(plan: dict[str, Any], out: Path) -> int:
+    rec = Recorder(out)
+    rec.doc["plan"] = plan
+    (RUN / "run").mkdir(parents=True, exist_ok=True)
+    (RUN / "volumes").mkdir(parents=True, exist_ok=True)
+    rec.doc["guest"] = {
+        "kernel": os.uname().release,
+        "cpus": os.cpu_count(),
+        "mem_mib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MIB,
+        "cryptsetup": subprocess.run(
+            ["cryptsetup", "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
+    }
+    rec.save()
+    for case in plan["cases"]:
+        size_gib, integ = case["size_gib"], bool(case["integrity"])
+        tag = f"{size_gib}g-{'int' if integ else 'plain'}"
+        for variant in case["variants"]:
+            serial = case["disks"][variant]
+            dev = by_id(serial)
+            if variant == "cva":
+                name = f"b{size_gib}{'i' if integ else 'p'}"
+                rec.item(f"{tag}/cva/create", _cva_pair, "prepare", name, serial, integ)
+                rec.item(f"{tag}/cva/release1", _cva_pair, "release", name, serial, integ)
+                rec.item(f"{tag}/cva/reopen", _cva_pair, "prepare", name, serial, integ)
+                rec.item(f"{tag}/cva/release2", _cva_pair, "release", name, serial, integ)
+            else:
+                rec.item(f"{tag}/{variant}/create", _cli_pair, cli_create, variant, dev, integ)
+                cli_close()
+                rec.item(f"{tag}/{variant}/reopen", _cli_pair, cli_reopen, variant, dev, integ)
+                cli_close()
+    io = plan.get("io")
+    if io:
+        _io(rec, io)
+    rec.log("done")
+    rec.save()
+    return 0
+
+
+def _cva_pair(action: str, name: str, serial: str, integrity: bool) -> dict[str, float]:
+    inside, wall, rss = cva_call(action, name, serial, integrity)
+    return {"seconds": inside, "wall_seconds": wall, "rss_mib": rss}
+
+
+def _cli_pair(fn: Any, variant: str, dev: str, integrity: bool) -> dict[str, float]:
+    seconds, rss = fn(variant, dev, integrity)
+    return {"seconds": seconds, "rss_mib": rss}
+
+
+def _io(rec: Recorder, io: dict[str, Any]) -> None:
+    mib, ops = int(io["mib"]), int(io["ops"])
+
+    def raw_lv() -> dict[str, float]:
+        dev = by_id(io["raw_disk"])
+        quiet(["pvcreate", "-ff", "-y", dev])
+        quiet(["vgcreate", "benchvg", dev])
+        quiet(["lvcreate", "-y", "-n", "raw", "-L", f"{mib * 2}M", "benchvg"])
+        try:
+            return io_suite("/dev/benchvg/raw", mib, ops)
+        finally:
+            quiet(["vgchange", "-an", "benchvg"], check=False)
+
+    rec.item("io/raw-lv", raw_lv)
+    for label, serial, integ in (
+        ("cva", io["cva_disk"], False),
+        ("cva-integrity", io.get("cva_integrity_disk"), True),
+    ):
+        if not serial:
+            continue
+        name = f"b1{'i' if integ else 'p'}"
+
+        def cva_io(name: str = name, serial: str = serial, integ: bool = integ) -> Any:
+            cva_call("prepare", name, serial, integ)
+            quiet(["umount", str(RUN / "volumes" / name)])
+            try:
+                return io_suite(f"/dev/mapper/cva-{name}", mib, ops)
+            finally:
+                quiet(["cryptsetup", "close", f"cva-{name}"], check=False)
+
+        rec.item(f"io/{label}", cva_io)
+
+    def cdh_io() -> dict[str, float]:
+        dev = by_id(io["cdh_disk"])
+        key = f"printf %s '{PASSPHRASE}'"
+        sh(f"{key} | cryptsetup open --key-file=- {dev} bench-cli")
+        try:
+            return io_suite("/dev/mapper/bench-cli", mib, ops)
+        finally:
+            cli_close()
+
+    rec.item("io/cdh", cdh_io)
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "child":
+        return child(argv[1:])
+    if len(argv) != 3 or argv[0] != "run":
+        print(__doc__, file=sys.stderr)
+        return 2
+    plan = json.loads(Path(argv[1]).read_text())
+    return run(plan, Path(argv[2]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

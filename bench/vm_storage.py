@@ -1,0 +1,349 @@
+"""Storage benchmarks in the qemu guest (issue 8 #1 time to ready volume, #2 peak memory, #4 I/O).
+
+Host side: boots the VM suite's guest image once (`tests.vm.machine`, TCG, 2 vCPUs, 2 GiB) with
+one blank sparse virtio disk per (size, integrity, variant) plus one for the raw LV, runs
+`bench.guest_storage` inside (as root, the repo at /mnt/vmsrc) and turns the JSON it leaves in
+the job folder into results. Whatever cannot run here (no VM harness, no storage code, no qemu)
+becomes "not measured: <reason>".
+
+Knobs (environment): CVA_BENCH_VM_SIZES (GiB, default "1,8"), CVA_BENCH_VM_INTEGRITY_SIZES
+(default "1": the integrity cases, whose CLI-default baseline wipes the whole device under TCG),
+CVA_BENCH_IO_MIB (default 64), CVA_BENCH_IO_OPS (default 1000), CVA_BENCH_VM_TIMEOUT (s, 780).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.results import Result, Target, measured, not_measured
+
+REPO = Path(__file__).resolve().parents[1]
+GROUP_READY = "1. Time to ready volume (qemu guest)"
+GROUP_MEM = "2. Peak memory during format/open (qemu guest)"
+GROUP_IO = "4. I/O (qemu guest)"
+VARIANTS = ("cva", "profile", "cdh")
+VARIANT_NAMES = {
+    "cva": "cva prepare_volume",
+    "profile": "(b) CLI, cva's profile",
+    "cdh": "(a) CLI defaults (CDH)",
+}
+IO_COLUMNS = (
+    ("seq_write_mib_s", "sequential write", "MiB/s"),
+    ("seq_read_mib_s", "sequential read", "MiB/s"),
+    ("rand_write_iops", "4K random write", "IOPS"),
+    ("rand_read_iops", "4K random read", "IOPS"),
+)
+NOTES: list[str] = []
+
+
+def _env_list(name: str, default: str) -> list[int]:
+    return [int(x) for x in os.environ.get(name, default).split(",") if x.strip()]
+
+
+def cases() -> list[tuple[int, bool]]:
+    sizes = _env_list("CVA_BENCH_VM_SIZES", "1,8")
+    integ = set(_env_list("CVA_BENCH_VM_INTEGRITY_SIZES", "1"))
+    return [(s, i) for s in sizes for i in (False, True) if not i or s in integ]
+
+
+def _label(size: int, integrity: bool) -> str:
+    return f"{size} GiB, integrity {'on' if integrity else 'off'}"
+
+
+def planned(reason: str) -> list[Result]:
+    out: list[Result] = []
+    for size, integ in cases():
+        lab = _label(size, integ)
+        out += [
+            not_measured(
+                f"ready {lab}: create vs (b)",
+                reason,
+                unit="s",
+                group=GROUP_READY,
+                target=Target("ratio", "<=", 1.1, "cva ≤ 1.1x (b)"),
+            ),
+            not_measured(
+                f"ready {lab}: create vs (a)",
+                reason,
+                unit="s",
+                group=GROUP_READY,
+                target=Target("ratio", "<=", 1 / 3, "cva ≥ 3x faster than (a)"),
+            ),
+            not_measured(
+                f"ready {lab}: reopen vs (b)",
+                reason,
+                unit="s",
+                group=GROUP_READY,
+                target=Target("ratio", "<=", 1.1, "cva ≤ 1.1x (b)"),
+            ),
+            not_measured(
+                f"peak RSS {lab}: create",
+                reason,
+                unit="MiB",
+                group=GROUP_MEM,
+                target=Target("value", "<", 96, "cva under 96 MiB"),
+            ),
+        ]
+    for _, col, unit in IO_COLUMNS:
+        out.append(
+            not_measured(
+                f"I/O {col}: dm-crypt, cva's flags",
+                reason,
+                unit=unit,
+                group=GROUP_IO,
+                target=Target("ratio", ">=", 1.0, "cva's flags ≥ the defaults"),
+            )
+        )
+    return out
+
+
+def _plan(job: Path) -> tuple[dict[str, Any], list[Any]]:
+    from tests.vm.machine import Disk, make_sparse_disk
+
+    disks: list[Any] = []
+
+    def disk(serial: str, size: int) -> str:
+        disks.append(Disk(make_sparse_disk(job / "disks" / f"{serial}.img", size), serial))
+        return serial
+
+    plan_cases = []
+    for size, integ in cases():
+        serials = {v: disk(f"b{size}{'i' if integ else 'p'}{v[:3]}", size << 30) for v in VARIANTS}
+        plan_cases.append(
+            {"size_gib": size, "integrity": integ, "variants": list(VARIANTS), "disks": serials}
+        )
+    io: dict[str, Any] = {
+        "mib": int(os.environ.get("CVA_BENCH_IO_MIB", "64")),
+        "ops": int(os.environ.get("CVA_BENCH_IO_OPS", "1000")),
+        "raw_disk": disk("braw", 1 << 30),
+    }
+    for c in plan_cases:
+        if c["size_gib"] == min(s for s, _ in cases()):
+            if c["integrity"]:
+                io["cva_integrity_disk"] = c["disks"]["cva"]
+            else:
+                io["cva_disk"] = c["disks"]["cva"]
+                io["cdh_disk"] = c["disks"]["cdh"]
+    return {"cases": plan_cases, "io": io}, disks
+
+
+JOB = """#!/bin/bash
+export CVA_IN_GUEST=1 PYTHONPATH=/mnt/vmsrc PYTHONDONTWRITEBYTECODE=1 HOME=/root
+export PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+cd /mnt/vmsrc
+exec /opt/venv/bin/python -m bench.guest_storage run /mnt/vmjob/plan.json /mnt/vmjob/storage.json
+"""
+
+
+def collect() -> list[Result]:
+    missing = [
+        m
+        for m in ("tests.vm.machine", "tests.vm.build", "tests.vm.preflight", "luks.volume")
+        if importlib.util.find_spec(m) is None
+    ]
+    if missing:
+        return planned(f"{', '.join(missing)} not in this tree yet")
+    from tests.vm import preflight
+    from tests.vm.build import ensure_image
+    from tests.vm.machine import Machine, MachineSpec
+
+    tools = preflight.missing_tools()
+    if tools:
+        return planned(preflight.missing_message(tools))
+    image = ensure_image(log=lambda s: print(s, flush=True))
+    timeout = float(os.environ.get("CVA_BENCH_VM_TIMEOUT", "780"))
+    with tempfile.TemporaryDirectory(prefix="cva-bench-vm-", dir="/var/tmp") as d:
+        job = Path(d)
+        plan, disks = _plan(job)
+        (job / "plan.json").write_text(json.dumps(plan, indent=2))
+        (job / "run.sh").write_text(JOB)
+        print(f"vm_storage: job folder {job}; plan {json.dumps(plan)}", flush=True)
+        spec = MachineSpec(
+            image=image,
+            job_dir=job,
+            src_dir=REPO,
+            disks=tuple(disks),
+            timeout=timeout,
+            start_timeout=300.0,
+        )
+        result = Machine(spec).run()
+        output = job / "output.log"
+        if output.exists():
+            print(output.read_text(errors="replace"), flush=True)
+        doc_path = job / "storage.json"
+        doc = json.loads(doc_path.read_text()) if doc_path.exists() else None
+        problem = None if result.finished and result.job_rc == 0 else result.failure()
+    if problem:
+        print(f"vm_storage: {problem}", flush=True)
+    if doc is None:
+        reason = (problem or "the guest wrote no results").splitlines()[0]
+        return planned(f"guest run failed: {reason}")
+    guest = doc.get("guest", {})
+    NOTES.append(
+        f"Guest: qemu TCG (no KVM on this host), {guest.get('cpus')} vCPUs, "
+        f"{guest.get('mem_mib')} MiB, kernel {guest.get('kernel')}, {guest.get('cryptsetup')}; "
+        f"raw sparse disk images on the host. Absolute numbers are TCG numbers (crypto and "
+        f"argon2 are emulated, many times slower than on hardware); the ratios are the point."
+    )
+    if problem:
+        NOTES.append(f"The guest run did not finish: {problem.splitlines()[0]}")
+    return convert(doc, problem)
+
+
+def convert(doc: dict[str, Any], problem: str | None = None) -> list[Result]:
+    """Results from the guest's JSON (items keyed `<size>g-<plain|int>/<variant>/<step>`)."""
+    items: dict[str, Any] = doc.get("items", {})
+    errors: dict[str, str] = doc.get("errors", {})
+    plan = doc.get("plan", {})
+    fallback = (problem or "not reached").splitlines()[0]
+
+    def why(key: str) -> str:
+        return errors.get(key, fallback)
+
+    def get(key: str, field: str) -> float | None:
+        v = items.get(key)
+        return None if v is None else float(v[field])
+
+    out: list[Result] = []
+    for case in plan.get("cases", []):
+        size, integ = int(case["size_gib"]), bool(case["integrity"])
+        lab = _label(size, integ)
+        tag = f"{size}g-{'int' if integ else 'plain'}"
+        note_int = (
+            "(a) = cryptsetup defaults + --integrity hmac-sha256 (full-device wipe); "
+            "(b) and cva: no-wipe + pre-writes + mkfs without lazy init"
+            if integ
+            else ""
+        )
+        for step, targets in (
+            (
+                "create",
+                (
+                    ("profile", Target("ratio", "<=", 1.1, "cva ≤ 1.1x (b)")),
+                    ("cdh", Target("ratio", "<=", 1 / 3, "cva ≥ 3x faster than (a)")),
+                ),
+            ),
+            (
+                "reopen",
+                (
+                    ("profile", Target("ratio", "<=", 1.1, "cva ≤ 1.1x (b)")),
+                    ("cdh", None),
+                ),
+            ),
+        ):
+            cva_key = f"{tag}/cva/{step}"
+            for base, target in targets:
+                letter = "(b)" if base == "profile" else "(a)"
+                base_key = f"{tag}/{base}/{step}"
+                name = f"ready {lab}: {step} vs {letter}"
+                value, baseline = get(cva_key, "seconds"), get(base_key, "seconds")
+                if value is None or baseline is None:
+                    missing = cva_key if value is None else base_key
+                    out.append(
+                        not_measured(
+                            name,
+                            f"{missing}: {why(missing)}",
+                            unit="s",
+                            baseline_name=VARIANT_NAMES[base],
+                            target=target,
+                            group=GROUP_READY,
+                        )
+                    )
+                    continue
+                wall = get(cva_key, "wall_seconds")
+                note = f"cva child incl. interpreter start: {wall:.2f} s" if wall else ""
+                if note_int and base == "cdh":
+                    note = f"{note}; {note_int}" if note else note_int
+                out.append(
+                    measured(
+                        name,
+                        "s",
+                        value,
+                        baseline_name=VARIANT_NAMES[base],
+                        baseline=baseline,
+                        target=target,
+                        note=note,
+                        group=GROUP_READY,
+                    )
+                )
+        for step in ("create", "reopen"):
+            name = f"peak RSS {lab}: {step}"
+            target = Target("value", "<", 96, "cva under 96 MiB")
+            cva_key, base_key = f"{tag}/cva/{step}", f"{tag}/cdh/{step}"
+            value = get(cva_key, "rss_mib")
+            if value is None:
+                out.append(
+                    not_measured(
+                        name,
+                        f"{cva_key}: {why(cva_key)}",
+                        unit="MiB",
+                        target=target,
+                        group=GROUP_MEM,
+                    )
+                )
+                continue
+            out.append(
+                measured(
+                    name,
+                    "MiB",
+                    value,
+                    baseline_name=VARIANT_NAMES["cdh"],
+                    baseline=get(base_key, "rss_mib"),
+                    target=target,
+                    note="max RSS of the process and the tools it ran (wait4); "
+                    f"(b) CLI with cva's profile: {get(f'{tag}/profile/{step}', 'rss_mib') or 0:.1f}"
+                    " MiB",
+                    group=GROUP_MEM,
+                )
+            )
+    io = plan.get("io")
+    if io:
+        layouts = {
+            "cva": ("io/cva", "dm-crypt, cva's flags"),
+            "cdh": ("io/cdh", "dm-crypt, cryptsetup defaults"),
+            "raw": ("io/raw-lv", "raw LV"),
+            "int": ("io/cva-integrity", "dm-crypt + dm-integrity, cva's flags"),
+        }
+        note = f"{io['mib']} MiB sequential (dd O_DIRECT 1 MiB), {io['ops']} random 4K ops"
+        for field, col, unit in IO_COLUMNS:
+
+            def val(layout: str, field: str = field) -> float | None:
+                return get(layouts[layout][0], field)
+
+            rows = (
+                ("cva", "cdh", Target("ratio", ">=", 1.0, "cva's flags ≥ the defaults")),
+                ("cva", "raw", None),
+                ("cdh", "raw", None),
+                ("int", "cva", None),
+            )
+            for layout, base, target in rows:
+                name = f"I/O {col}: {layouts[layout][1]}"
+                if base != "cdh":
+                    name += f" vs {layouts[base][1]}"
+                value, baseline = val(layout), val(base)
+                if value is None:
+                    key = layouts[layout][0]
+                    out.append(
+                        not_measured(
+                            name, f"{key}: {why(key)}", unit=unit, target=target, group=GROUP_IO
+                        )
+                    )
+                    continue
+                out.append(
+                    measured(
+                        name,
+                        unit,
+                        value,
+                        baseline_name=layouts[base][1],
+                        baseline=baseline,
+                        target=target,
+                        note=note,
+                        group=GROUP_IO,
+                    )
+                )
+    return out
