@@ -52,8 +52,10 @@ proto: venv
 demo: venv
 	@echo "make demo: not yet available (issue 7)"
 
+# Benchmarks (not tests): host ones plus the storage ones in the qemu guest; ~10-15 min on 2 cores.
+# Writes bench/results.json and bench/REPORT.md (logs in bench/logs/).
 bench: venv
-	@echo "make bench: not yet available"
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -27,6 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 GROUP = "5. Agent footprint (host)"
 RUNS = 7
 IDLE_SECONDS = 1.0
+NOTES: list[str] = [
+    "Floor: `bench/floor_server.py`, a grpc.aio server with the health service that imports "
+    "grpc, grpc_health, structlog and cva's generated VolumeAgent protos, binds a unix socket "
+    "and sends READY=1; `cva serve` runs its real start path (config, initdata, contract, "
+    "sample-TEE binding check, gRPC on unix sockets, no vsock; the KBS is contacted lazily)."
+]
 READY_TIMEOUT = 60.0
 
 CONTRACT = """
@@ -119,6 +125,58 @@ def run_once(argv: list[str], tmp: Path) -> tuple[float, float]:
     return ready, rss
 
 
+def parse_importtime(stderr: str) -> dict[str, float]:
+    """Self import time in ms per top-level package from `python -X importtime` output."""
+    totals: dict[str, float] = {}
+    for line in stderr.splitlines():
+        if not line.startswith("import time:"):
+            continue
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) != 3 or not parts[0].strip().isdigit():
+            continue
+        top = parts[2].strip().split(".")[0]
+        totals[top] = totals.get(top, 0.0) + int(parts[0]) / 1000
+    return totals
+
+
+def import_costs(cva: list[str], floor: list[str], tmp: Path) -> str:
+    """One line naming what cva's start path imports beyond the floor, costliest first."""
+    got = {}
+    for label, argv in (("cva", cva), ("floor", floor)):
+        got[label] = _importtime_until_ready(argv, tmp)
+    extra = {k: v for k, v in got["cva"].items() if k not in got["floor"]}
+    top = sorted(extra.items(), key=lambda kv: -kv[1])[:8]
+    listed = ", ".join(f"{name} {ms:.0f} ms" for name, ms in top)
+    return (
+        f"Imported by `cva serve` before READY=1 but not by the floor (self import time, "
+        f"python -X importtime, one run): {listed or 'nothing'}."
+    )
+
+
+def _importtime_until_ready(argv: list[str], tmp: Path) -> dict[str, float]:
+    notify_path = tmp / "notify-it"
+    notify_path.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(str(notify_path))
+        rx.settimeout(READY_TIMEOUT)
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONPATH=str(REPO))
+        proc = subprocess.Popen(
+            [argv[0], "-X", "importtime", *argv[1:]],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            while "READY=1" not in rx.recv(4096).decode(errors="replace").split("\n"):
+                pass
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+    return parse_importtime(err)
+
+
 def collect() -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="cva-bench-fp-") as d:
         tmp = Path(d)
@@ -131,6 +189,10 @@ def collect() -> list[Result]:
         for _ in range(RUNS):
             cva_runs.append(run_once(cva, tmp))
             floor_runs.append(run_once(floor, tmp))
+        try:
+            NOTES.append(import_costs(cva, floor, tmp))
+        except (OSError, RuntimeError, subprocess.SubprocessError, TimeoutError) as exc:
+            NOTES.append(f"(import-time breakdown failed: {exc})")
     target = Target("ratio", "<=", 1.3, "≤ 1.3x the floor")
     note = f"median of {RUNS} interleaved runs"
     return [

@@ -28,6 +28,7 @@ import json
 import mmap
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -196,6 +197,20 @@ def cli_create(variant: str, dev: str, integrity: bool) -> tuple[float, float]:
     return s1 + s2, max(r1, r2)
 
 
+def luks_params(dev: str) -> dict[str, str]:
+    """The keyslot KDF and data segment parameters cryptsetup chose (from luksDump)."""
+    text = subprocess.run(
+        ["cryptsetup", "luksDump", dev], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    wanted = ("PBKDF", "Memory", "Time cost", "Threads", "Iterations", "sector", "cipher")
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition(":")
+        if sep and key in wanted and key not in found:
+            found[key] = value.strip()
+    return found
+
+
 def cli_reopen(variant: str, dev: str, integrity: bool) -> tuple[float, float]:
     return sh(cli_steps(variant, dev, integrity)[2])
 
@@ -288,7 +303,12 @@ def run(plan: dict[str, Any], out: Path) -> int:
         ).stdout.strip(),
     }
     rec.save()
-    for case in plan["cases"]:
+    io = plan.get("io")
+    smallest = min((c["size_gib"] for c in plan["cases"]), default=0)
+    last_small = max(
+        (i for i, c in enumerate(plan["cases"]) if c["size_gib"] == smallest), default=-1
+    )
+    for index, case in enumerate(plan["cases"]):
         size_gib, integ = case["size_gib"], bool(case["integrity"])
         tag = f"{size_gib}g-{'int' if integ else 'plain'}"
         for variant in case["variants"]:
@@ -303,11 +323,11 @@ def run(plan: dict[str, Any], out: Path) -> int:
             else:
                 rec.item(f"{tag}/{variant}/create", _cli_pair, cli_create, variant, dev, integ)
                 cli_close()
+                rec.item(f"{tag}/{variant}/header", luks_params, dev)
                 rec.item(f"{tag}/{variant}/reopen", _cli_pair, cli_reopen, variant, dev, integ)
                 cli_close()
-    io = plan.get("io")
-    if io:
-        _io(rec, io)
+        if io and index == last_small:
+            _io(rec, io)  # before the big disks: a run cut short still has the I/O numbers
     rec.log("done")
     rec.save()
     return 0
@@ -324,47 +344,53 @@ def _cli_pair(fn: Any, variant: str, dev: str, integrity: bool) -> dict[str, flo
 
 
 def _io(rec: Recorder, io: dict[str, Any]) -> None:
-    mib, ops = int(io["mib"]), int(io["ops"])
+    """Open every layout at once, then measure them in interleaved rounds (median per column)."""
+    mib, ops, rounds = int(io["mib"]), int(io["ops"]), int(io.get("rounds", 3))
+    targets: dict[str, str] = {}
 
-    def raw_lv() -> dict[str, float]:
+    def setup_raw() -> str:
         dev = by_id(io["raw_disk"])
         quiet(["pvcreate", "-ff", "-y", dev])
         quiet(["vgcreate", "benchvg", dev])
         quiet(["lvcreate", "-y", "-n", "raw", "-L", f"{mib * 2}M", "benchvg"])
-        try:
-            return io_suite("/dev/benchvg/raw", mib, ops)
-        finally:
-            quiet(["vgchange", "-an", "benchvg"], check=False)
+        return "/dev/benchvg/raw"
 
-    rec.item("io/raw-lv", raw_lv)
-    for label, serial, integ in (
-        ("cva", io["cva_disk"], False),
-        ("cva-integrity", io.get("cva_integrity_disk"), True),
-    ):
-        if not serial:
-            continue
-        name = f"b1{'i' if integ else 'p'}"
+    def setup_cva(name: str, serial: str, integ: bool) -> str:
+        cva_call("prepare", name, serial, integ)
+        quiet(["umount", str(RUN / "volumes" / name)])
+        return f"/dev/mapper/cva-{name}"
 
-        def cva_io(name: str = name, serial: str = serial, integ: bool = integ) -> Any:
-            cva_call("prepare", name, serial, integ)
-            quiet(["umount", str(RUN / "volumes" / name)])
-            try:
-                return io_suite(f"/dev/mapper/cva-{name}", mib, ops)
-            finally:
-                quiet(["cryptsetup", "close", f"cva-{name}"], check=False)
-
-        rec.item(f"io/{label}", cva_io)
-
-    def cdh_io() -> dict[str, float]:
-        dev = by_id(io["cdh_disk"])
+    def setup_cdh() -> str:
         key = f"printf %s '{PASSPHRASE}'"
-        sh(f"{key} | cryptsetup open --key-file=- {dev} bench-cli")
-        try:
-            return io_suite("/dev/mapper/bench-cli", mib, ops)
-        finally:
-            cli_close()
+        sh(f"{key} | cryptsetup open --key-file=- {by_id(io['cdh_disk'])} bench-cli")
+        return "/dev/mapper/bench-cli"
 
-    rec.item("io/cdh", cdh_io)
+    layouts: list[tuple[str, Any, tuple[Any, ...]]] = [("io/raw-lv", setup_raw, ())]
+    if io.get("cva_disk"):
+        layouts.append(("io/cva", setup_cva, ("b1p", io["cva_disk"], False)))
+    if io.get("cdh_disk"):
+        layouts.append(("io/cdh", setup_cdh, ()))
+    if io.get("cva_integrity_disk"):
+        layouts.append(("io/cva-integrity", setup_cva, ("b1i", io["cva_integrity_disk"], True)))
+    for key, fn, args in layouts:
+        path = rec.item(f"{key}/setup", fn, *args)
+        if path:
+            targets[key] = path
+    samples: dict[str, list[dict[str, float]]] = {k: [] for k in targets}
+    for n in range(rounds):
+        for key, path in targets.items():
+            got = rec.item(f"{key}/round{n}", io_suite, path, mib, ops)
+            if got:
+                samples[key].append(got)
+    for key, runs in samples.items():
+        if runs:
+            rec.item(
+                key, lambda runs=runs: {f: statistics.median(r[f] for r in runs) for f in runs[0]}
+            )
+    quiet(["vgchange", "-an", "benchvg"], check=False)
+    for name in ("cva-b1p", "cva-b1i"):
+        quiet(["cryptsetup", "close", name], check=False)
+    cli_close()
 
 
 def main(argv: list[str]) -> int:
