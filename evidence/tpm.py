@@ -19,6 +19,7 @@ from typing import Any
 
 from evidence.base import JSON
 from evidence.errors import AttesterUnavailable, EvidenceError
+from evidence.tpm_quote import parse_attest, pcr_digest
 
 # libtss2 logs errors straight to stderr; cva reports them itself as one line.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -29,6 +30,7 @@ INITDATA_PCR = 8
 REPORT_DATA_SIZE = 32
 MAX_REPORT_DATA = 64
 PCR_COUNT = 24
+QUOTE_ATTEMPTS = 3
 _ALL_PCRS = "sha256:" + ",".join(str(i) for i in range(PCR_COUNT))
 
 
@@ -129,16 +131,31 @@ class TpmAttester:
     # -- the Attester interface ---------------------------------------------------------------
 
     def evidence(self, report_data: bytes) -> JSON:
+        """Quote PCR 0-23 and read them; retried if a PCR moved between quote and read (the
+        quote's PCR digest must match the values sent, or the verifier would refuse them)."""
         tss = _tss()
         extra = qualifying_data(report_data)
         with self._esapi("quote") as ctx:
             ak = self._ak(ctx)
             pub, _name, _qname = ctx.read_public(ak)
-            attest, signature = ctx.quote(
-                ak, _ALL_PCRS, tss.TPM2B_DATA(extra), tss.TPMT_SIG_SCHEME(scheme=tss.TPM2_ALG.NULL)
-            )
-            pcrs = self._read_pcrs(ctx)
-        message = bytes(attest.marshal()[2:])  # TPM2B_ATTEST -> the TPMS_ATTEST inside
+            for _ in range(QUOTE_ATTEMPTS):
+                attest, signature = ctx.quote(
+                    ak,
+                    _ALL_PCRS,
+                    tss.TPM2B_DATA(extra),
+                    tss.TPMT_SIG_SCHEME(scheme=tss.TPM2_ALG.NULL),
+                )
+                pcrs = self._read_pcrs(ctx)
+                message = bytes(attest.marshal()[2:])  # TPM2B_ATTEST -> the TPMS_ATTEST inside
+                parsed = parse_attest(message)
+                if parsed.extra_data != extra:
+                    raise AttesterUnavailable("the TPM quote carries other qualifying data")
+                if pcr_digest(parsed, pcrs) == parsed.pcr_digest:
+                    break
+            else:
+                raise AttesterUnavailable(
+                    f"PCRs kept changing while quoting ({QUOTE_ATTEMPTS} attempts)"
+                )
         return {
             "tpm_quote": {
                 "signature": base64.b64encode(bytes(signature.marshal())).decode("ascii"),

@@ -159,3 +159,26 @@ def test_existing_non_restricted_key_at_ak_handle_is_refused(swtpm_tcti: str) ->
 def test_missing_tpm_is_a_clean_error() -> None:
     with pytest.raises(AttesterUnavailable, match="cannot open the TPM"):
         TpmAttester("device:/nonexistent/tpmrm0").evidence(b"")
+
+
+class _MovingPcrs(TpmAttester):
+    """PCR values read after the quote differ from the quoted ones `moves` times."""
+
+    def __init__(self, tcti: str, moves: int) -> None:
+        super().__init__(tcti)
+        self.moves = moves
+
+    def _read_pcrs(self, ctx: object) -> list[bytes]:
+        values = super()._read_pcrs(ctx)
+        if self.moves:
+            self.moves -= 1
+            values[10] = b"\x99" * 32
+        return values
+
+
+def test_pcr_moving_between_quote_and_read_is_retried(swtpm_tcti: str) -> None:
+    att = _MovingPcrs(swtpm_tcti, moves=1)
+    quote, ak = tpm_evidence_from_json(att.evidence(b"r"))
+    verify_quote(quote, ak)
+    with pytest.raises(AttesterUnavailable, match="kept changing"):
+        _MovingPcrs(swtpm_tcti, moves=10).evidence(b"r")
