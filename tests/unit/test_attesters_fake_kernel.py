@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import socket
@@ -11,6 +12,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.initdata import parse_initdata
 from evidence.binding import check_initdata_binding
@@ -395,3 +398,33 @@ def test_snp_garbage_from_the_kernel_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EvidenceError, match="expected 1184"):
         SnpAttester(tmp_path, fs=fake).evidence(b"")
     _no_leftovers(fake)
+
+
+# ---------------------------------------------------------------------------------------------
+# a hostile kernel / host: whatever bytes come back, the attester returns valid evidence for the
+# requested report data or raises a clean error
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(blob=st.binary(max_size=6000), aux=st.none() | st.binary(max_size=300))
+def test_property_hostile_configfs_output(tmp_path: Path, blob: bytes, aux: bytes | None) -> None:
+    for provider, cls in (("tdx_guest", TdxAttester), ("sev_guest", SnpAttester)):
+        fake = FakeTsm(tmp_path, provider, lambda p, i, lvl: (blob, aux))
+        with contextlib.suppress(EvidenceError, AttesterUnavailable):
+            cls(tmp_path, fs=fake).evidence(b"\x01" * 64)
+        _no_leftovers(fake)
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(certs=st.binary(max_size=5000))
+def test_property_hostile_snp_cert_table(tmp_path: Path, snp_report: bytes, certs: bytes) -> None:
+    dev_dir = tmp_path / "dev"
+    dev_dir.mkdir(exist_ok=True)
+    (dev_dir / "sev-guest").touch()
+    dev = FakeSevGuest(lambda ud, vmpl: _report_with(snp_report, ud), certs=certs)
+    with contextlib.suppress(EvidenceError, AttesterUnavailable):
+        SnpAttester(tmp_path, ioctl=dev).evidence(b"")
