@@ -136,3 +136,23 @@ def test_property_parse_any_json(doc: object) -> None:
         doc = {"x": doc}
     with contextlib.suppress(EvidenceError):
         parse_any(json.dumps(doc).encode())
+
+
+def test_real_configfs_operations_on_plain_files(tmp_path: Path) -> None:
+    import errno
+
+    from evidence.tsm import RealConfigFs
+
+    fs = RealConfigFs()
+    d = tmp_path / "cva-x"
+    fs.mkdir(d)
+    assert oct(d.stat().st_mode & 0o777) == "0o700"
+    (d / "inblob").touch()
+    fs.write(d / "inblob", b"\x01" * 64)
+    assert fs.read(d / "inblob", 64) == b"\x01" * 64
+    with pytest.raises(OSError) as info:
+        fs.read(d / "inblob", 63)
+    assert info.value.errno == errno.EFBIG
+    (d / "inblob").unlink()
+    fs.rmdir(d)
+    assert not d.exists()
