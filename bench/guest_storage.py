@@ -311,26 +311,58 @@ def run(plan: dict[str, Any], out: Path) -> int:
     for index, case in enumerate(plan["cases"]):
         size_gib, integ = case["size_gib"], bool(case["integrity"])
         tag = f"{size_gib}g-{'int' if integ else 'plain'}"
-        for variant in case["variants"]:
-            serial = case["disks"][variant]
-            dev = by_id(serial)
-            if variant == "cva":
-                name = f"b{size_gib}{'i' if integ else 'p'}"
-                rec.item(f"{tag}/cva/create", _cva_pair, "prepare", name, serial, integ)
-                rec.item(f"{tag}/cva/release1", _cva_pair, "release", name, serial, integ)
-                rec.item(f"{tag}/cva/reopen", _cva_pair, "prepare", name, serial, integ)
-                rec.item(f"{tag}/cva/release2", _cva_pair, "release", name, serial, integ)
-            else:
-                rec.item(f"{tag}/{variant}/create", _cli_pair, cli_create, variant, dev, integ)
-                cli_close()
-                rec.item(f"{tag}/{variant}/header", luks_params, dev)
-                rec.item(f"{tag}/{variant}/reopen", _cli_pair, cli_reopen, variant, dev, integ)
-                cli_close()
+        variants = list(case["variants"])
+        # create once per variant (a blank disk each), then reopen in interleaved rounds
+        for variant in variants:
+            step = _step(variant, tag, case, integ)
+            rec.item(f"{tag}/{variant}/create", step, "create")
+            _close(variant, size_gib, integ)
+            if variant != "cva":
+                rec.item(f"{tag}/{variant}/header", luks_params, by_id(case["disks"][variant]))
+        rounds: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+        for n in range(int(plan.get("reopen_rounds", 3))):
+            for variant in variants:
+                step = _step(variant, tag, case, integ)
+                got = rec.item(f"{tag}/{variant}/reopen{n}", step, "reopen")
+                _close(variant, size_gib, integ)
+                if got:
+                    rounds[variant].append(got)
+        for variant, runs in rounds.items():
+            if runs:
+                rec.item(f"{tag}/{variant}/reopen", _median_of, runs)
         if io and index == last_small:
             _io(rec, io)  # before the big disks: a run cut short still has the I/O numbers
     rec.log("done")
     rec.save()
     return 0
+
+
+def _step(variant: str, tag: str, case: dict[str, Any], integ: bool) -> Any:
+    """A callable doing `create` or `reopen` for this variant and case; returns its numbers."""
+    serial = case["disks"][variant]
+    if variant == "cva":
+        name = f"b{case['size_gib']}{'i' if integ else 'p'}"
+        return lambda _what: _cva_pair("prepare", name, serial, integ)
+    fns = {"create": cli_create, "reopen": cli_reopen}
+    return lambda what: _cli_pair(fns[what], variant, by_id(serial), integ)
+
+
+def _close(variant: str, size_gib: int, integ: bool) -> None:
+    """Unmount and close (not measured): what ReleaseVolumes / a CLI teardown does."""
+    if variant == "cva":
+        name = f"b{size_gib}{'i' if integ else 'p'}"
+        quiet(["umount", str(RUN / "volumes" / name)], check=False)
+        quiet(["cryptsetup", "close", f"cva-{name}"], check=False)
+    else:
+        cli_close()
+
+
+def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Median seconds over the rounds, max RSS, and how many rounds there were."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "rss_mib"}
+    out["rss_mib"] = max(r["rss_mib"] for r in runs)
+    out["rounds"] = len(runs)
+    return out
 
 
 def _cva_pair(action: str, name: str, serial: str, integrity: bool) -> dict[str, float]:
