@@ -142,7 +142,13 @@ def _plan(job: Path) -> tuple[dict[str, Any], list[Any]]:
             else:
                 io["cva_disk"] = c["disks"]["cva"]
                 io["cdh_disk"] = c["disks"]["cdh"]
-    return {"cases": plan_cases, "io": io, "reopen_rounds": 3}, disks
+    plan = {
+        "cases": plan_cases,
+        "io": io,
+        "reopen_rounds": 3,
+        "warmup_disk": disk("bwarm", 1 << 30),
+    }
+    return plan, disks
 
 
 JOB = """#!/bin/bash
@@ -318,6 +324,12 @@ def convert(doc: dict[str, Any], problem: str | None = None) -> list[Result]:
                 continue
             prof = get(f"{tag}/profile/{step}", "rss_mib")
             note = "max RSS of the process and the tools it waited for (wait4)"
+            own, imports = get(cva_key, "self_rss_mib"), get(cva_key, "imports_rss_mib")
+            if own is not None and imports is not None:
+                note += (
+                    f"; cva's own process: {imports:.1f} MiB after imports, {own:.1f} MiB "
+                    "after prepare_volume"
+                )
             if prof is not None:
                 note += f"; (b) CLI with cva's profile: {prof:.1f} MiB"
             kdf = items.get(f"{tag}/cdh/header")
