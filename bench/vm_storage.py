@@ -242,7 +242,8 @@ def convert(doc: dict[str, Any], problem: str | None = None) -> list[Result]:
 
     def get(key: str, field: str) -> float | None:
         v = items.get(key)
-        return None if v is None else float(v[field])
+        got = v.get(field) if isinstance(v, dict) else None
+        return None if got is None else float(got)
 
     out: list[Result] = []
     for case in plan.get("cases", []):
