@@ -128,7 +128,7 @@ def recipe_key(repo: Path = REPO) -> str:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     digest.update((repo / "constraints.txt").read_bytes())
     digest.update("\n".join(guest_python_packages(repo)).encode())
-    digest.update("\n".join(SOURCES + (KERNEL_PACKAGE,)).encode())
+    digest.update("\n".join((*SOURCES, KERNEL_PACKAGE)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -156,7 +156,9 @@ def _run(argv: list[str], log_file: Path, step: str, *, env: dict[str, str] | No
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
-            raise ImageBuildError(f"{step} timed out after {BUILD_TIMEOUT:.0f} s; see {log_file}") from exc
+            raise ImageBuildError(
+                f"{step} timed out after {BUILD_TIMEOUT:.0f} s; see {log_file}"
+            ) from exc
     if proc.returncode != 0:
         tail = log_file.read_text(errors="replace").splitlines()[-15:]
         raise ImageBuildError(
@@ -225,12 +227,12 @@ def _mmdebstrap(rootfs: Path, wheels: Path, debcache: Path, log_file: Path) -> N
         "--dpkgopt=path-exclude=/usr/share/locale/*",
         "--skip=essential/unlink",
         "--skip=download/empty",
-        "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
+        '--setup-hook=mkdir -p "$1"/var/cache/apt/archives/',
         f"--setup-hook=sync-in {debcache} /var/cache/apt/archives/",
         f"--customize-hook=sync-out /var/cache/apt/archives {debcache}",
-        "--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb",
-        "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/*",
-        f"--customize-hook=\"{RECIPE / 'customize.sh'}\" \"$1\"",
+        '--customize-hook=rm -f "$1"/var/cache/apt/archives/*.deb',
+        '--customize-hook=rm -rf "$1"/var/lib/apt/lists/*',
+        f'--customize-hook="{RECIPE / "customize.sh"}" "$1"',
         SUITE,
         str(rootfs),
         *SOURCES,

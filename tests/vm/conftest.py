@@ -41,7 +41,10 @@ def _vm_selected(config: pytest.Config) -> bool:
     try:
         from _pytest.mark.expression import Expression
 
-        return bool(Expression.compile(expr).evaluate(lambda name, **_: name == "vm"))
+        def is_vm(name: str, /, **_: str | int | bool | None) -> bool:
+            return name == "vm"
+
+        return bool(Expression.compile(expr).evaluate(is_vm))
     except Exception:  # an unknown pytest version: decide on the text
         return "not vm" not in expr
 

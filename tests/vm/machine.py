@@ -12,6 +12,7 @@ allows hot-plug. The serial console goes to a file; a hung or panicked guest end
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -129,16 +130,12 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=10)
     # socat children of guestfwd share qemu's process group; reap the group leftovers too.
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class Machine:
@@ -264,7 +261,9 @@ class Machine:
 
     def hotplug_disk(self, serial: str, size_bytes: int) -> Disk:
         """Create a sparse raw image and plug it into the running guest as virtio-SERIAL."""
-        disk = Disk(make_sparse_disk(self.spec.job_dir / "disks" / f"{serial}.img", size_bytes), serial)
+        disk = Disk(
+            make_sparse_disk(self.spec.job_dir / "disks" / f"{serial}.img", size_bytes), serial
+        )
         self.qmp().add_disk(f"hp-{serial}", disk.path, serial)
         self._hotplugged[serial] = disk
         return disk
@@ -376,4 +375,3 @@ class Machine:
 
 def boot(spec: MachineSpec) -> BootResult:
     return Machine(spec).run()
-

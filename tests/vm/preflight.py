@@ -1,6 +1,6 @@
 """Which host tools the VM suite needs, and what to install when one is missing.
 
-    python -m tests.vm.preflight    # exit 0: ready; 3: skip (not in CI); 1: missing in CI
+python -m tests.vm.preflight    # exit 0: ready; 3: skip (not in CI); 1: missing in CI
 """
 
 from __future__ import annotations

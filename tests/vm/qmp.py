@@ -72,7 +72,11 @@ class Qmp:
         """Hot-plug a raw image as a virtio disk: /dev/disk/by-id/virtio-SERIAL in the guest."""
         self.execute(
             "blockdev-add",
-            **{"driver": "raw", "node-name": node, "file": {"driver": "file", "filename": str(image)}},
+            **{
+                "driver": "raw",
+                "node-name": node,
+                "file": {"driver": "file", "filename": str(image)},
+            },
         )
         self.execute("device_add", driver="virtio-blk-pci", id=node, drive=node, serial=serial)
 

@@ -54,9 +54,7 @@ def _tail(path: Path) -> str:
 def start(service: HostService, index: int, repo: Path, job_dir: Path) -> RunningService:
     port = free_port()
     log = job_dir / f"service-{service.name}.log"
-    argv = [
-        arg.format(port=port, job=job_dir, python=sys.executable) for arg in service.argv
-    ]
+    argv = [arg.format(port=port, job=job_dir, python=sys.executable) for arg in service.argv]
     guest_port = FIRST_GUEST_PORT + index
     env = dict(os.environ, PYTHONPATH=str(repo))
     with log.open("wb") as out:

@@ -70,11 +70,12 @@ class DiskCheck:
     serial: str
     marker: bytes
     test: str
+    number: int = 0  # position in the guest's registration file
 
     @property
     def label(self) -> str:
         verb = "host_never_sees" if self.kind == "never" else "host_sees"
-        return f"{verb}[{self.serial}:{self.test}]"
+        return f"{verb}[{self.serial}:{self.test}#{self.number}]"
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def read_disk_checks(job_dir: Path) -> list[DiskCheck]:
     if not path.exists():
         return []
     checks = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
             continue
         item = json.loads(line)
@@ -177,6 +178,7 @@ def read_disk_checks(job_dir: Path) -> list[DiskCheck]:
                 serial=str(item["serial"]),
                 marker=bytes.fromhex(item["marker"]),
                 test=str(item["test"]),
+                number=number,
             )
         )
     return checks
@@ -270,9 +272,7 @@ def run_suite(run_dir: Path, *, settings: Settings | None = None, log: Log = pri
                 break
             junit = job / f"boot{number}.xml"
             junit.unlink(missing_ok=True)
-            (job / "run.sh").write_text(
-                job_script(number, env, settings.pytest_args, junit.name)
-            )
+            (job / "run.sh").write_text(job_script(number, env, settings.pytest_args, junit.name))
             log(f"vm: boot {number} (console: {job / f'console-boot{number}.log'})")
             result = boot(replace(spec, console_name=f"console-boot{number}.log"))
             output = job / f"boot{number}-output.log"
