@@ -54,6 +54,7 @@ WHEEL_PLATFORMS = (
 BUILT_ON_HOST = ("tpm2-pytss",)
 ROOT_LABEL = "cvavmroot"
 BUILD_TIMEOUT = 1800.0
+PRUNE_DAYS = 7
 
 Log = Callable[[str], None]
 
@@ -319,15 +320,27 @@ def ensure_image(repo: Path = REPO, *, log: Log = print) -> GuestImage:
     key = recipe_key(repo)
     root = cache_root()
     folder = root / key
-    if _is_complete(folder):
-        return GuestImage(folder, key)
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / f"{key}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _is_complete(folder):
-            shutil.rmtree(folder, ignore_errors=True)
-            _build(repo, key, folder, log)
+    if not _is_complete(folder):
+        root.mkdir(parents=True, exist_ok=True)
+        with (root / f"{key}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _is_complete(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+                _build(repo, key, folder, log)
+            _prune(root, keep=key)
+    os.utime(folder)  # last use, for pruning
     return GuestImage(folder, key)
+
+
+def _prune(root: Path, *, keep: str) -> None:
+    """Drop images of other recipes unused for PRUNE_DAYS (other branches may still use some)."""
+    cutoff = time.time() - PRUNE_DAYS * 86400
+    for folder in root.iterdir():
+        if folder.name == keep or not re.fullmatch(r"[0-9a-f]{16}(\.failed)?", folder.name):
+            continue
+        if folder.stat().st_mtime < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+            (root / f"{folder.name}.lock").unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:

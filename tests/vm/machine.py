@@ -76,7 +76,8 @@ class MachineSpec:
     start_timeout: float = 300.0
     memory_mb: int = 2048
     cpus: int = 2
-    keep: bool = False
+    keep: bool = False  # the guest stays up after its job (cva_vm.keep=1)
+    interactive: bool = False  # serial console on this terminal instead of a file
     extra_append: str = ""
     console_name: str = "console.log"
 
@@ -176,7 +177,7 @@ class Machine:
             "-smp", str(spec.cpus),
             "-m", str(spec.memory_mb),
             "-nodefaults", "-no-reboot", "-display", "none",
-            "-serial", f"file:{self.console}",
+            "-serial", "mon:stdio" if spec.interactive else f"file:{self.console}",
             "-kernel", str(spec.image.kernel),
             "-initrd", str(spec.image.initrd),
             "-append", append,
@@ -253,6 +254,16 @@ class Machine:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def interact(self) -> int:
+        """Run with the serial console on this terminal (spec.interactive); qemu's exit code."""
+        tpm_socket = self._start_swtpm() if self.spec.tpm_state is not None else None
+        self.spec.job_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._qemu = subprocess.Popen(self.qemu_argv(tpm_socket))
+            return self._qemu.wait()
+        finally:
+            self.stop()
 
     def qmp(self) -> Qmp:
         if self._qmp is None:

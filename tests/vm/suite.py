@@ -265,7 +265,6 @@ def run_suite(run_dir: Path, *, settings: Settings | None = None, log: Log = pri
             tpm_state=run_dir / "tpm",
             guest_forwards=tuple(i.forward for i in running if i.problem is None),
             timeout=settings.timeout,
-            keep=settings.keep,
         )
         for number in (1, 2):
             if number == 2 and not _wants_boot2(job):
