@@ -17,12 +17,14 @@ leaves a half cache. A lock file serialises concurrent builds of the same key.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -143,28 +145,75 @@ def _pins(repo: Path) -> dict[str, str]:
 
 
 def _run(argv: list[str], log_file: Path, step: str, *, env: dict[str, str] | None = None) -> None:
+    """Run one build step in its own process group; on timeout or interruption kill the group."""
     with log_file.open("ab") as out:
         out.write(f"\n$ {' '.join(argv)}\n".encode())
         out.flush()
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
         try:
-            proc = subprocess.run(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                timeout=BUILD_TIMEOUT,
-                check=False,
-            )
+            returncode = proc.wait(timeout=BUILD_TIMEOUT)
         except subprocess.TimeoutExpired as exc:
+            _kill_group(proc)
             raise ImageBuildError(
                 f"{step} timed out after {BUILD_TIMEOUT:.0f} s; see {log_file}"
             ) from exc
-    if proc.returncode != 0:
+        except BaseException:
+            _kill_group(proc)
+            raise
+    if returncode != 0:
         tail = log_file.read_text(errors="replace").splitlines()[-15:]
         raise ImageBuildError(
-            f"{step} failed (exit {proc.returncode}); see {log_file}\n" + "\n".join(tail)
+            f"{step} failed (exit {returncode}); see {log_file}\n" + "\n".join(tail)
         )
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a build step this module started, with everything it spawned (mmdebstrap forks)."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 30.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + grace
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.2)  # reaps the leader; the others keep the group alive
+        if not _group_alive(proc.pid):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _mounts_below(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point.startswith(prefix):
+            found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def _remove_tree(path: Path) -> None:
+    """rm -rf that never descends into a mount point (a killed mmdebstrap leaves /proc etc.)."""
+    if not path.exists():
+        return
+    for point in _mounts_below(path):
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=60, check=False)
+    if _mounts_below(path):
+        return  # still mounted: leave it rather than delete through a mount
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _fetch_wheels(repo: Path, dest: Path, log_file: Path) -> None:
@@ -278,7 +327,7 @@ def _make_disk(rootfs: Path, folder: Path, log_file: Path) -> None:
 
 def _build(repo: Path, key: str, final: Path, log: Log) -> None:
     work = final.parent / f"{key}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    _remove_tree(work)
     work.mkdir(parents=True)
     log_file = work / "build.log"
     started = time.monotonic()
@@ -287,8 +336,8 @@ def _build(repo: Path, key: str, final: Path, log: Log) -> None:
         _fetch_wheels(repo, work / "wheels", log_file)
         _mmdebstrap(work / "rootfs", work / "wheels", final.parent / "debs", log_file)
         _make_disk(work / "rootfs", work, log_file)
-        shutil.rmtree(work / "rootfs")
-        shutil.rmtree(work / "wheels")
+        _remove_tree(work / "rootfs")
+        _remove_tree(work / "wheels")
         manifest = {
             "key": key,
             "format": BUILD_FORMAT,
@@ -301,10 +350,10 @@ def _build(repo: Path, key: str, final: Path, log: Log) -> None:
         work.rename(final)
     except BaseException:
         # Keep the log for the failure message, drop the (large) half-built tree.
-        shutil.rmtree(work / "rootfs", ignore_errors=True)
-        shutil.rmtree(work / "wheels", ignore_errors=True)
+        _remove_tree(work / "rootfs")
+        _remove_tree(work / "wheels")
         failed = final.parent / f"{key}.failed"
-        shutil.rmtree(failed, ignore_errors=True)
+        _remove_tree(failed)
         if work.exists():
             work.rename(failed)
         raise
@@ -325,7 +374,7 @@ def ensure_image(repo: Path = REPO, *, log: Log = print) -> GuestImage:
         with (root / f"{key}.lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not _is_complete(folder):
-                shutil.rmtree(folder, ignore_errors=True)
+                _remove_tree(folder)
                 _build(repo, key, folder, log)
             _prune(root, keep=key)
     os.utime(folder)  # last use, for pruning
@@ -335,15 +384,24 @@ def ensure_image(repo: Path = REPO, *, log: Log = print) -> GuestImage:
 def _prune(root: Path, *, keep: str) -> None:
     """Drop images of other recipes unused for PRUNE_DAYS (other branches may still use some)."""
     cutoff = time.time() - PRUNE_DAYS * 86400
+    for folder in root.glob("*.tmp-*"):  # left by a build that was killed
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            _remove_tree(folder)
     for folder in root.iterdir():
         if folder.name == keep or not re.fullmatch(r"[0-9a-f]{16}(\.failed)?", folder.name):
             continue
         if folder.stat().st_mtime < cutoff:
-            shutil.rmtree(folder, ignore_errors=True)
+            _remove_tree(folder)
             (root / f"{folder.name}.lock").unlink(missing_ok=True)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _terminate)  # clean up the half-built tree on kill
     if "--key" in argv:
         print(recipe_key())
         return 0
