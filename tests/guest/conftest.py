@@ -16,6 +16,7 @@ boot 2 (CVA_VM_BOOT=2) runs the tests marked `boot2`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -43,6 +44,13 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "boot2: runs in the guest's second boot on the same disks (state via boot_state)",
     )
+    if IN_GUEST:
+        # /mnt/vmsrc is read-only: no example database for hypothesis in the guest
+        with contextlib.suppress(ImportError):
+            from hypothesis import settings
+
+            settings.register_profile("cva-guest", database=None)
+            settings.load_profile("cva-guest")
 
 
 @pytest.hookimpl(tryfirst=True)
