@@ -96,3 +96,18 @@ def test_recipe_key_is_stable_and_covers_the_deps() -> None:
     assert recipe_key() == recipe_key()
     names = {n.lower() for n in guest_python_packages()}
     assert {"tpm2-pytss", "cryptography", "pytest"} <= names
+
+
+def test_vm_suite_boots_only_when_vm_tests_are_selected() -> None:
+    from types import SimpleNamespace
+
+    from tests.vm.conftest import _vm_selected
+
+    def config(expr: str) -> object:
+        return SimpleNamespace(option=SimpleNamespace(markexpr=expr))
+
+    assert _vm_selected(config(""))  # type: ignore[arg-type]
+    assert _vm_selected(config("vm"))  # type: ignore[arg-type]
+    assert _vm_selected(config("vm and not slow"))  # type: ignore[arg-type]
+    assert not _vm_selected(config("not vm"))  # type: ignore[arg-type]
+    assert not _vm_selected(config("swtpm"))  # type: ignore[arg-type]
