@@ -121,7 +121,7 @@ def _plan(job: Path) -> tuple[dict[str, Any], list[Any]]:
         disks.append(Disk(make_sparse_disk(job / "disks" / f"{serial}.img", size), serial))
         return serial
 
-    plan_cases = []
+    plan_cases: list[dict[str, Any]] = []
     wipe_max = int(os.environ.get("CVA_BENCH_CDH_WIPE_MAX_GIB", "1"))
     for size, integ in sorted(cases()):
         variants = [v for v in VARIANTS if not (v == "cdh" and integ and size > wipe_max)]
