@@ -85,7 +85,9 @@ def prepare_module(module: Module, logs: Path) -> None:
             handle.write(b"prepare step timed out\n")
 
 
-def run_module(module: Module, work: Path, logs: Path) -> tuple[list[Result], list[str], float]:
+def run_module(
+    module: Module, work: Path, logs: Path
+) -> tuple[list[Result], list[tuple[str, str]], float]:
     out = work / f"{module.name}.json"
     out.unlink(missing_ok=True)
     log = logs / f"{module.name}.log"
@@ -124,7 +126,9 @@ def run_module(module: Module, work: Path, logs: Path) -> tuple[list[Result], li
         return _placeholders(module.name, reason), [], seconds
     doc = json.loads(out.read_text())
     results = [result_from_json(r) for r in doc["results"]]
-    return results, [str(n) for n in doc.get("notes", [])], seconds
+    first = results[0].group if results else module.name
+    notes = [(n.get("group") or first, str(n["text"])) for n in doc.get("notes", [])]
+    return results, notes, seconds
 
 
 def _git_head() -> str:
@@ -166,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         prepare_module(module, logs)
         got, notes, seconds = run_module(module, work, logs)
         results += got
-        if got and notes:
-            group_notes.setdefault(got[0].group or "other", []).extend(notes)
+        for group, text in notes:
+            group_notes.setdefault(group, []).append(text)
         timings.append(f"{module.name} {seconds:.0f} s")
         missing = sum(1 for r in got if not r.measured)
         print(

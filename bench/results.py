@@ -280,7 +280,7 @@ def render_report(
     groups: dict[str, list[Result]] = {}
     for r in results:
         groups.setdefault(r.group or "other", []).append(r)
-    for group, members in groups.items():
+    for group, members in sorted(groups.items()):  # groups are numbered "1. ...", "2. ..."
         lines += [f"## {group}", ""]
         for note in (group_notes or {}).get(group, ()):
             lines.append(note)

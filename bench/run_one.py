@@ -17,7 +17,11 @@ from bench.results import to_wire
 def main(argv: list[str]) -> int:
     module = importlib.import_module(argv[0])
     results = module.collect()
-    notes = list(getattr(module, "NOTES", ()))
+    # NOTES: strings (for the module's first group) or (group, text) pairs
+    notes = [
+        {"group": n[0], "text": n[1]} if isinstance(n, tuple) else {"group": "", "text": str(n)}
+        for n in getattr(module, "NOTES", ())
+    ]
     doc = {"results": [to_wire(r) for r in results], "notes": notes}
     tmp = Path(argv[1] + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2))

@@ -39,15 +39,24 @@ IO_COLUMNS = (
     ("rand_write_iops", "4K random write", "IOPS"),
     ("rand_read_iops", "4K random read", "IOPS"),
 )
-NOTES: list[str] = [
-    "Create = blank disk to mounted ext4; reopen = closed volume to mounted (median of the "
-    "interleaved reopen rounds). cva's time is the time inside luks.volume.prepare_volume (the "
-    "daemon is already running when PrepareVolumes arrives); the note gives the child's wall "
-    "time including interpreter start and imports. The CLI scripts pass the passphrase on "
-    "stdin, as CDH does with a key file.",
-    "(a)'s argon2id memory cost is what cryptsetup's own benchmark picked in this guest: on a "
-    "slow (emulated) CPU it lowers the memory to keep unlocking near 2 s; on hardware it "
-    "picks up to 1 GiB (at most half the RAM), so (a)'s peak RSS here is a lower bound.",
+NOTES: list[tuple[str, str]] = [
+    (
+        GROUP_READY,
+        "Create = blank disk to mounted ext4; reopen = closed volume to mounted (median of the "
+        "interleaved reopen rounds). cva's time is the time inside luks.volume.prepare_volume "
+        "(the daemon is already running when PrepareVolumes arrives); the note gives the "
+        "child's wall time including interpreter start and imports. Beyond (b)'s steps, cva "
+        "proves the disk blank (blkid, header region, sampled data blocks) before formatting, "
+        "copies and validates the header and opens from that copy, checks the live dm table "
+        "and writes/verifies its MAC'd state token. The CLI scripts pass the passphrase on "
+        "stdin, as CDH does with a key file.",
+    ),
+    (
+        GROUP_MEM,
+        "(a)'s argon2id memory cost is what cryptsetup's own benchmark picked in this guest: on a "
+        "slow (emulated) CPU it lowers the memory to keep unlocking near 2 s; on hardware it "
+        "picks up to 1 GiB (at most half the RAM), so (a)'s peak RSS here is a lower bound.",
+    ),
 ]
 
 
@@ -167,10 +176,9 @@ def collect() -> list[Result]:
     ]
     if missing:
         return planned(f"{', '.join(missing)} not in this tree yet")
+    from tests.vm import preflight
     from tests.vm.build import ensure_image
     from tests.vm.machine import Machine, MachineSpec
-
-    from tests.vm import preflight
 
     tools = preflight.missing_tools()
     if tools:
@@ -205,13 +213,17 @@ def collect() -> list[Result]:
         return planned(f"guest run failed: {reason}")
     guest = doc.get("guest", {})
     NOTES.append(
-        f"Guest: qemu TCG (no KVM on this host), {guest.get('cpus')} vCPUs, "
-        f"{guest.get('mem_mib')} MiB, kernel {guest.get('kernel')}, {guest.get('cryptsetup')}; "
-        f"raw sparse disk images on the host. Absolute numbers are TCG numbers (crypto and "
-        f"argon2 are emulated, many times slower than on hardware); the ratios are the point."
+        (
+            GROUP_READY,
+            f"Guest (sections 1, 2 and 4): qemu TCG (no KVM on this host), "
+            f"{guest.get('cpus')} vCPUs, {guest.get('mem_mib')} MiB, kernel {guest.get('kernel')}, "
+            f"{guest.get('cryptsetup')}; raw sparse disk images on the host. Absolute numbers "
+            "are TCG numbers (crypto and argon2 are emulated, many times slower than on "
+            "hardware), and other VMs may share the host's cores; the ratios are the point.",
+        )
     )
     if problem:
-        NOTES.append(f"The guest run did not finish: {problem.splitlines()[0]}")
+        NOTES.append((GROUP_READY, f"The guest run did not finish: {problem.splitlines()[0]}"))
     return convert(doc, problem)
 
 
@@ -360,13 +372,20 @@ def convert(doc: dict[str, Any], problem: str | None = None) -> list[Result]:
             "raw": ("io/raw-lv", "raw LV"),
             "int": ("io/cva-integrity", "dm-crypt + dm-integrity, cva's flags"),
         }
-        note = (
-            f"{io['mib']} MiB sequential (dd O_DIRECT 1 MiB), {io['ops']} random 4K ops "
-            f"(O_DIRECT, queue depth 1); median of {io.get('rounds', 1)} interleaved rounds"
+        io_note = (
+            f"{io['mib']} MiB sequential (dd, O_DIRECT, 1 MiB blocks) and {io['ops']} random 4K "
+            f"reads/writes (O_DIRECT, queue depth 1, no fio in the guest image) per layout; "
+            f"median of {io.get('rounds', 1)} interleaved rounds. Crypt layouts are whole virtio "
+            "disks; the raw LV is an LVM volume on its own virtio disk."
         )
+        note = ""
         cdh_hdr = next((v for k, v in items.items() if k.endswith("plain/cdh/header") and v), None)
         if cdh_hdr and cdh_hdr.get("sector"):
-            note += f"; cryptsetup's default data sector: {cdh_hdr['sector']}"
+            io_note += (
+                f" cryptsetup's defaults chose {cdh_hdr['sector']} data sectors (cva: 4096) and "
+                "the kcryptd workqueues (cva: no_read/no_write_workqueue)."
+            )
+        NOTES.append((GROUP_IO, io_note))
         for field, col, unit in IO_COLUMNS:
 
             def val(layout: str, field: str = field) -> float | None:

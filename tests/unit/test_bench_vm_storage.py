@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.vm_storage import convert
+from bench.vm_storage import NOTES, convert
 
 
 def _doc() -> dict[str, Any]:
@@ -23,7 +23,11 @@ def _doc() -> dict[str, Any]:
             "1g-plain/profile/create": {"seconds": 4.0, "rss_mib": 12.0},
             "1g-plain/profile/reopen": {"seconds": 2.0, "rss_mib": 12.0},
             "1g-plain/cdh/create": {"seconds": 30.0, "rss_mib": 1030.0},
-            "1g-plain/cdh/header": {"PBKDF": "argon2id", "Memory": "1048576", "sector": "512"},
+            "1g-plain/cdh/header": {
+                "PBKDF": "argon2id",
+                "Memory": "1048576",
+                "sector": "512 [bytes]",
+            },
             "8g-int/cva/create": {"seconds": 9.0, "wall_seconds": 12.0, "rss_mib": 95.0},
             "io/cva": io_cols,
             "io/cdh": {k: v / 2 for k, v in io_cols.items()},
@@ -57,7 +61,7 @@ def test_targets_values_and_reasons() -> None:
     seq = results["I/O sequential write: dm-crypt, cva's flags"]
     assert seq.ratio == 2.0
     assert seq.met is True
-    assert "512" in seq.note
+    assert any("512 data sectors" in text for _, text in NOTES)
     integrity_io = results[
         "I/O sequential write: dm-crypt + dm-integrity, cva's flags vs dm-crypt, cva's flags"
     ]
