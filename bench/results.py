@@ -156,6 +156,7 @@ def result_from_json(record: Mapping[str, Any], target: Target | None = None) ->
 def to_wire(result: Result) -> dict[str, Any]:
     """What a benchmark module hands the driver: the JSON record plus the target's parts."""
     record = result.to_json()
+    record["value"], record["baseline"] = result.value, result.baseline  # unrounded: same `met`
     if result.target is not None:
         t = result.target
         record["target_spec"] = {"on": t.on, "op": t.op, "bound": t.bound, "why": t.why}

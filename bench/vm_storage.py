@@ -382,7 +382,8 @@ def convert(doc: dict[str, Any], problem: str | None = None) -> list[Result]:
         cdh_hdr = next((v for k, v in items.items() if k.endswith("plain/cdh/header") and v), None)
         if cdh_hdr and cdh_hdr.get("sector"):
             io_note += (
-                f" cryptsetup's defaults chose {cdh_hdr['sector']} data sectors (cva: 4096) and "
+                f" cryptsetup's defaults chose {cdh_hdr['sector'].split()[0]}-byte data sectors "
+                "(cva: 4096) and "
                 "the kcryptd workqueues (cva: no_read/no_write_workqueue)."
             )
         NOTES.append((GROUP_IO, io_note))

@@ -61,7 +61,7 @@ def test_targets_values_and_reasons() -> None:
     seq = results["I/O sequential write: dm-crypt, cva's flags"]
     assert seq.ratio == 2.0
     assert seq.met is True
-    assert any("512 data sectors" in text for _, text in NOTES)
+    assert any("512-byte data sectors" in text for _, text in NOTES)
     integrity_io = results[
         "I/O sequential write: dm-crypt + dm-integrity, cva's flags vs dm-crypt, cva's flags"
     ]
