@@ -284,8 +284,6 @@ def render_report(
     for group, members in sorted(groups.items()):  # groups are numbered "1. ...", "2. ..."
         lines += [f"## {group}", ""]
         for note in (group_notes or {}).get(group, ()):
-            lines.append(note)
-        if (group_notes or {}).get(group):
-            lines.append("")
+            lines += [note, ""]  # one paragraph each
         lines += [*table_lines(members), ""]
     return "\n".join(lines).rstrip() + "\n"
