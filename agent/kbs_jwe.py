@@ -82,7 +82,9 @@ def tee_key_from_private(
     nums = private.public_key().public_numbers()
     n = nums.n.to_bytes((nums.n.bit_length() + 7) // 8, "big")
     e = nums.e.to_bytes((nums.e.bit_length() + 7) // 8, "big")
-    return TeeKey(algorithm, private, {"kty": "RSA", "alg": algorithm, "n": b64url(n), "e": b64url(e)})
+    return TeeKey(
+        algorithm, private, {"kty": "RSA", "alg": algorithm, "n": b64url(n), "e": b64url(e)}
+    )
 
 
 def generate_tee_key(algorithm: KeyAlgorithm = DEFAULT_KEY_ALGORITHM) -> TeeKey:

@@ -206,7 +206,11 @@ def parse_challenge(body: bytes) -> Challenge:
     if isinstance(extra, dict):
         selected = extra.get("selected-hash-algorithm")
         if selected is not None:
-            if not isinstance(selected, str) or selected.lower() not in ("sha256", "sha384", "sha512"):
+            if not isinstance(selected, str) or selected.lower() not in (
+                "sha256",
+                "sha384",
+                "sha512",
+            ):
                 shown = clean_text(str(selected), 20)
                 raise KbsProtocolError(f"KBS selected hash algorithm {shown!r} is not supported")
             algorithm = selected.lower()

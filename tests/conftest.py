@@ -46,3 +46,7 @@ def run_cva(
 @pytest.fixture
 def cva() -> object:
     return run_cva
+
+
+# the loopback Trustee KBS (tests/kbs/server.py) as a fixture for every suite
+from tests.kbs.fixtures import loopback_kbs  # noqa: E402, F401
