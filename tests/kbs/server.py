@@ -191,7 +191,7 @@ class LoopbackKbs:
     def expire_sessions(self) -> None:
         """Server-side expiry of every session and token issued so far (Trustee's timeout)."""
         with self._lock:
-            for sid, s in self._sessions.items():
+            for _sid, s in self._sessions.items():
                 s.expires = 0.0
                 if s.token:
                     self._revoked.add(s.token)
@@ -345,7 +345,7 @@ class LoopbackKbs:
             raise KbsProblem(401, "TokenNotFound", "Attestation Token not found")
         try:
             claims = dict(jwt.decode(token, self._signing_key, algorithms=["ES256"]).claims)
-        except Exception:  # noqa: BLE001 - any bad token is a TokenVerifierError
+        except Exception:
             raise KbsProblem(401, "TokenVerifierError", "Token Verifier error") from None
         if token in self._revoked or claims.get("exp", 0) <= time.time():
             raise KbsProblem(401, "TokenVerifierError", "Token Verifier error")
@@ -404,7 +404,7 @@ def _wrap(data: bytes, tee_pubkey: JSON) -> JSON:
 
 
 def _endpoint(path: str) -> str:
-    rest = path.split("?")[0].removeprefix("/kbs/v0/")
+    rest = path.split("?", maxsplit=1)[0].removeprefix("/kbs/v0/")
     head = rest.split("/")[0]
     return head if head in ("auth", "attest") else "resource"
 
@@ -413,7 +413,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "loopback-kbs"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         return  # quiet: the request log is `kbs.requests`
 
     @property
