@@ -81,7 +81,10 @@ def b64url_decode(text: object, what: str) -> bytes:
     """Strict base64url-no-pad decoding of a peer-supplied field."""
     if not isinstance(text, str) or not _B64URL.fullmatch(text) or len(text) % 4 == 1:
         raise KbsProtocolError(f"KBS answer field {what} is not base64url; refusing the answer")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url(raw) != text:  # non-canonical trailing bits: one value, one encoding
+        raise KbsProtocolError(f"KBS answer field {what} is not canonical base64url; refusing it")
+    return raw
 
 
 def b64std_decode(text: object, what: str) -> bytes:

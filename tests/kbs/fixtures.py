@@ -36,3 +36,22 @@ def loopback_kbs() -> Iterator[LoopbackKbs]:
     """A started loopback KBS on 127.0.0.1:<ephemeral> with no resources (add_resource them)."""
     with LoopbackKbs() as kbs:
         yield kbs
+
+
+class _Uri:
+    """Stand-in for agent.contract.KbsResourceUri until the foundation stream lands."""
+
+    def __init__(self, repo: str, type: str, tag: str, plugin: str | None = None) -> None:
+        self.repo, self.type, self.tag, self.plugin = repo, type, tag, plugin
+
+
+def kbs_uri(text: str) -> Any:
+    """A KbsResourceUri for `kbs:///r/t/g` / `kbs+plugin:///r/t/g` (the real parser when present)."""
+    try:
+        from agent.contract import parse_kbs_uri
+    except ImportError:
+        from tests.kbs.server import resource_key
+
+        plugin, repo, type_, tag = resource_key(text).split("/")
+        return _Uri(repo, type_, tag, None if plugin == "resource" else plugin)
+    return parse_kbs_uri(text)
