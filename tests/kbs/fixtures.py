@@ -46,7 +46,7 @@ class _Uri:
 
 
 def kbs_uri(text: str) -> Any:
-    """A KbsResourceUri for `kbs:///r/t/g` / `kbs+plugin:///r/t/g` (the real parser when present)."""
+    """A KbsResourceUri for `kbs:///r/t/g` / `kbs+plugin:///r/t/g` (the real parser if any)."""
     try:
         from agent.contract import parse_kbs_uri
     except ImportError:
