@@ -73,9 +73,10 @@ def _configure_logging(verbose: bool) -> None:
 
 def get_resource(args: argparse.Namespace) -> int:
     # lazy imports: agent.cli keeps `cva --help` and the daemon's start fast
+    from evidence.detect import attester_for  # noqa: PLC0415
+
     from agent.contract import parse_kbs_uri  # noqa: PLC0415
     from agent.kbs import KbsClient  # noqa: PLC0415
-    from evidence.detect import attester_for  # noqa: PLC0415
 
     _configure_logging(args.verbose)
     uri = parse_kbs_uri(args.uri)
