@@ -32,7 +32,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 import structlog
@@ -83,6 +83,17 @@ class InitDataText(Protocol):
     """What the client needs of `agent.initdata.InitData`: the exact TOML text."""
 
     def text(self) -> str: ...
+
+
+class KbsSettings(Protocol):
+    """What the client needs of `agent.contract.KbsConfig`."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def cert(self) -> str | None: ...
+    @property
+    def insecure_http(self) -> bool: ...
 
 
 class _Transient(Exception):
@@ -209,6 +220,25 @@ class KbsClient:
         )
         self._session: _Session | None = None
         self._attesting: asyncio.Task[_Session] | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        config: KbsSettings,
+        *,
+        attester: Attester,
+        initdata: InitDataText | None = None,
+        **options: Any,
+    ) -> KbsClient:
+        """A client for the contract's `[kbs]` table (url, cert, insecure_http)."""
+        return cls(
+            config.url,
+            attester=attester,
+            initdata=initdata,
+            cacert_pem=config.cert,
+            allow_http=config.insecure_http,
+            **options,
+        )
 
     async def __aenter__(self) -> KbsClient:
         return self

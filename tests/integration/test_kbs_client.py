@@ -545,3 +545,19 @@ async def test_resource_never_in_logs(
     assert "kbs resource fetched" in logged  # the log is captured at all
     for form in (SECRET.decode(), SECRET.hex(), base64.b64encode(SECRET).decode(), "S3CR3T"):
         assert form not in logged
+
+
+async def test_from_config(kbs: LoopbackKbs) -> None:
+    class Config:
+        url = kbs.url
+        cert = None
+        insecure_http = False
+
+    async with KbsClient.from_config(Config(), attester=sample_attester(), deadline=5) as c:
+        with await c.get_resource(kbs_uri(KEY)) as s:
+            assert s.equals(SECRET)
+    Config.url = "http://kbs.example:8080"
+    with pytest.raises(KbsError, match="plain http"):
+        KbsClient.from_config(Config(), attester=sample_attester())
+    Config.insecure_http = True
+    KbsClient.from_config(Config(), attester=sample_attester())
