@@ -296,12 +296,7 @@ async def test_unsupported_tee(kbs: LoopbackKbs) -> None:
 
 
 async def test_corrupted_jwe(kbs: LoopbackKbs) -> None:
-    def flip(jwe: dict[str, Any]) -> dict[str, Any]:
-        ct = bytearray(base64.urlsafe_b64decode(jwe["ciphertext"] + "=="))
-        ct[0] ^= 1
-        return {**jwe, "ciphertext": b64url(bytes(ct))}
-
-    kbs.inject(Fault("resource", "jwe", mutate=flip))
+    kbs.inject(Fault.corrupt_jwe())
     with pytest.raises(JweError, match="tag mismatch"):
         await fetch(kbs)
 

@@ -79,6 +79,18 @@ class Fault:
     delay: float = 0.0
     mutate: Callable[[JSON], JSON] | None = None
 
+    @classmethod
+    def corrupt_jwe(cls, times: int = 1) -> Fault:
+        """Flip one ciphertext bit of the next resource answer(s): the GCM tag must fail."""
+
+        def flip(jwe_obj: JSON) -> JSON:
+            raw = bytearray(base64.urlsafe_b64decode(jwe_obj["ciphertext"] + "=="))
+            raw[0] ^= 1
+            text = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+            return {**jwe_obj, "ciphertext": text}
+
+        return cls("resource", "jwe", times=times, mutate=flip)
+
 
 @dataclass(frozen=True)
 class RequestRecord:
