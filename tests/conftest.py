@@ -49,4 +49,4 @@ def cva() -> object:
 
 
 # the loopback Trustee KBS (tests/kbs/server.py) as a fixture for every suite
-from tests.kbs.fixtures import loopback_kbs  # noqa: E402, F401
+from tests.kbs.fixtures import loopback_kbs, tools_tpm_attester  # noqa: E402, F401

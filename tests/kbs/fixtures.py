@@ -9,6 +9,9 @@ from typing import Any
 import pytest
 
 from tests.kbs.server import LoopbackKbs
+from tests.kbs.swtpm import tools_tpm_attester
+
+__all__ = ["FakeSampleAttester", "kbs_uri", "loopback_kbs", "sample_attester", "tools_tpm_attester"]
 
 
 class FakeSampleAttester:
