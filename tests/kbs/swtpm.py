@@ -81,14 +81,13 @@ class ToolsTpmAttester:
     def __init__(self, tpm: Swtpm, workdir: Path) -> None:
         self.tpm, self.dir = tpm, workdir
         self.ak_ctx = str(workdir / "ak.ctx")
+        attributes = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign|noda"
         tpm.tool(
-            "tpm2_createprimary", "-Q", "-C", "e", "-g", "sha256", "-G", "rsa2048:rsassa-sha256:null",
-            "-a", "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign|noda",
-            "-c", self.ak_ctx,
+            "tpm2_createprimary", "-Q", "-C", "e", "-g", "sha256",
+            "-G", "rsa2048:rsassa-sha256:null", "-a", attributes, "-c", self.ak_ctx,
         )  # fmt: skip
-        tpm.tool(
-            "tpm2_readpublic", "-Q", "-c", self.ak_ctx, "-f", "der", "-o", str(workdir / "ak.der")
-        )
+        der = workdir / "ak.der"
+        tpm.tool("tpm2_readpublic", "-Q", "-c", self.ak_ctx, "-f", "der", "-o", str(der))
         self.ak_der = der.read_bytes()
 
     def extend_pcr8(self, initdata_digest: bytes) -> None:
