@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
@@ -61,14 +60,10 @@ def _read_small(path: str, what: str) -> bytes:
 
 
 def _configure_logging(verbose: bool) -> None:
-    import structlog  # noqa: PLC0415 - handlers import lazily (agent.cli keeps --help fast)
+    from agent.log import configure_logging  # noqa: PLC0415 - lazy, as all handler imports
 
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.INFO if verbose else logging.CRITICAL
-        ),
-    )
+    # stdout carries the resource bytes only; progress (--verbose) and nothing else on stderr
+    configure_logging("info" if verbose else "critical", stream=sys.stderr)
 
 
 def get_resource(args: argparse.Namespace) -> int:

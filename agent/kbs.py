@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
-import structlog
 
 from agent import kbs_wire as wire
 from agent.kbs_errors import (
@@ -57,6 +56,7 @@ from agent.kbs_jwe import (
     generate_tee_key,
 )
 from agent.kbs_wire import ResourceRef
+from agent.log import get_logger
 from agent.secret import Secret
 from evidence.base import Attester
 
@@ -73,7 +73,7 @@ __all__ = [
     "ResourceNotFound",
 ]
 
-log = structlog.get_logger("agent.kbs")
+log = get_logger("agent.kbs")
 
 MAX_RESOURCE_BYTES = 1024 * 1024  # the JWE of one resource (volume keys are 32..64 bytes)
 DEFAULT_TOKEN_LIFETIME = 300.0  # when a token carries no exp (Trustee's default is 5 min)
@@ -350,7 +350,7 @@ class KbsClient:
             tee=tee,
             key_algorithm=self._key_algorithm,
             hash=challenge.hash_algorithm,
-            token_exp=token.exp,
+            valid_until=token.exp,
         )
         session = _Session(key=key, cookie=cookie, token=token, issued=now)
         if not self._usable(session):
