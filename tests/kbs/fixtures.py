@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from agent.contract import KbsResourceUri, parse_kbs_uri
 from tests.kbs.server import LoopbackKbs
 from tests.kbs.swtpm import tools_tpm_attester
 
@@ -41,20 +42,5 @@ def loopback_kbs() -> Iterator[LoopbackKbs]:
         yield kbs
 
 
-class _Uri:
-    """Stand-in for agent.contract.KbsResourceUri until the foundation stream lands."""
-
-    def __init__(self, repo: str, type: str, tag: str, plugin: str | None = None) -> None:
-        self.repo, self.type, self.tag, self.plugin = repo, type, tag, plugin
-
-
-def kbs_uri(text: str) -> Any:
-    """A KbsResourceUri for `kbs:///r/t/g` / `kbs+plugin:///r/t/g` (the real parser if any)."""
-    try:
-        from agent.contract import parse_kbs_uri
-    except ImportError:
-        from tests.kbs.server import resource_key
-
-        plugin, repo, type_, tag = resource_key(text).split("/")
-        return _Uri(repo, type_, tag, None if plugin == "resource" else plugin)
+def kbs_uri(text: str) -> KbsResourceUri:
     return parse_kbs_uri(text)
