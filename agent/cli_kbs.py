@@ -67,6 +67,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def get_resource(args: argparse.Namespace) -> int:
+    _configure_logging(args.verbose)  # before anything that might log
     # lazy imports: agent.cli keeps `cva --help` and the daemon's start fast
     from evidence.detect import attester_for  # noqa: PLC0415
 

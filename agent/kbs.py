@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
+from structlog.typing import FilteringBoundLogger
 
 from agent import kbs_wire as wire
 from agent.kbs_errors import (
@@ -73,7 +74,12 @@ __all__ = [
     "ResourceNotFound",
 ]
 
-log = get_logger("agent.kbs")
+
+def _log() -> FilteringBoundLogger:
+    """The module's logger, fetched per use: `agent.log.get_logger` binds the configuration
+    current at call time, and the CLI/daemon configure logging after importing this module."""
+    return get_logger("agent.kbs")
+
 
 MAX_RESOURCE_BYTES = 1024 * 1024  # the JWE of one resource (volume keys are 32..64 bytes)
 DEFAULT_TOKEN_LIFETIME = 300.0  # when a token carries no exp (Trustee's default is 5 min)
@@ -272,7 +278,7 @@ class KbsClient:
             if answer.status == 200:
                 jwe = wire.parse_json_object(answer.body, "resource answer", self._max_resource)
                 secret = decrypt_resource(jwe, session.key)
-                log.info("kbs resource fetched", uri=what, size=len(secret))
+                _log().info("kbs resource fetched", uri=what, size=len(secret))
                 return secret
             err = wire.parse_error_body(answer.status, answer.body)
             if wire.is_transient_status(answer.status):
@@ -282,7 +288,7 @@ class KbsClient:
                 continue
             if wire.should_reattest(err) and not reattested:
                 reattested = True
-                log.info("kbs re-attesting after 401", uri=what, variant=err.variant)
+                _log().info("kbs re-attesting after 401", uri=what, variant=err.variant)
                 session = await self._current_session(deadline_at, stale=session)
                 continue
             raise wire.failure("resource", err, what)
@@ -345,10 +351,10 @@ class KbsClient:
         token = wire.parse_attest_response(attest.body)
         cookie = wire.session_cookie(attest.set_cookie) or cookie
         now = self._clock()
-        log.info(
+        _log().info(
             "kbs attested",
             tee=tee,
-            key_algorithm=self._key_algorithm,
+            wrap_alg=self._key_algorithm,
             hash=challenge.hash_algorithm,
             valid_until=token.exp,
         )
@@ -377,7 +383,7 @@ class KbsClient:
                 f"KBS unavailable while {doing} (gave up after {attempt} attempts within the "
                 f"{self._deadline:g}s deadline); last cause: {cause}"
             )
-        log.warning("kbs transient fault, retrying", doing=doing, attempt=attempt, cause=cause)
+        _log().warning("kbs transient fault, retrying", doing=doing, attempt=attempt, cause=cause)
         await asyncio.sleep(delay)
 
     async def _send(

@@ -81,3 +81,36 @@ async def test_tpm_wrong_report_data_is_refused(
 
     with pytest.raises(AttestationFailed, match="extraData"):
         await fetch(kbs, Stale())
+
+
+# -- the real attester (evidence.tpm.TpmAttester) on the evidence stream's swtpm fixture ------
+
+
+@pytest.fixture
+def tpm_attester(request: pytest.FixtureRequest) -> Any:
+    tpm = pytest.importorskip("evidence.tpm")
+    return tpm.TpmAttester(request.getfixturevalue("swtpm_tcti"))
+
+
+@pytest.mark.parametrize("alg", KEY_ALGORITHMS)
+async def test_round_trip_every_key_type_real_tpm_attester(
+    kbs: LoopbackKbs, tpm_attester: Any, alg: str
+) -> None:
+    assert await fetch(kbs, tpm_attester, key_algorithm=alg) == SECRET
+    assert len(kbs.requests) == 3
+
+
+async def test_real_tpm_attester_with_initdata_in_pcr8(kbs: LoopbackKbs, tpm_attester: Any) -> None:
+    digest = hashlib.sha256(INITDATA.encode()).digest()
+    tpm_attester.extend_initdata(digest)
+    assert tpm_attester.initdata_binding() == pcr8_after_extend(digest)
+    kbs.expected_initdata_digest = digest
+    assert await fetch(kbs, tpm_attester, initdata=Init()) == SECRET
+    kbs.expected_initdata_digest = None
+    with pytest.raises(AttestationFailed, match="PCR8"):
+
+        class Other:
+            def text(self) -> str:
+                return INITDATA + "# another document\n"
+
+        await fetch(kbs, tpm_attester, initdata=Other())

@@ -160,7 +160,7 @@ class LoopbackKbs:
         return f"{scheme}://{self.host}:{self._server.server_address[1]}"
 
     def start(self) -> LoopbackKbs:
-        server = ThreadingHTTPServer((self.host, self.port), _Handler)
+        server = _Server((self.host, self.port), _Handler)
         server.daemon_threads = True
         server.kbs = self  # type: ignore[attr-defined]
         if self.tls:
@@ -421,6 +421,16 @@ def _endpoint(path: str) -> str:
     rest = path.split("?", maxsplit=1)[0].removeprefix("/kbs/v0/")
     head = rest.split("/")[0]
     return head if head in ("auth", "attest") else "resource"
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Peers that hang up (resets, TLS refusals, timeouts) are normal here: stay quiet."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
