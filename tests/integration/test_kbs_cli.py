@@ -14,9 +14,6 @@ import pytest
 from tests.conftest import REPO, run_cva
 from tests.kbs.server import LoopbackKbs
 
-pytest.importorskip("agent.contract")
-pytest.importorskip("evidence.detect")
-
 KEY = "kbs:///default/pgdata/luks"
 SECRET = bytes(range(200, 232)) + b"tail-bytes"
 

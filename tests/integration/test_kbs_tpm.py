@@ -9,6 +9,7 @@ import pytest
 
 from agent.kbs import AttestationFailed, KbsClient
 from agent.kbs_jwe import KEY_ALGORITHMS
+from evidence.tpm import TpmAttester
 from tests.kbs.fixtures import kbs_uri
 from tests.kbs.server import LoopbackKbs
 from tests.kbs.swtpm import ToolsTpmAttester, pcr8_after_extend
@@ -87,20 +88,21 @@ async def test_tpm_wrong_report_data_is_refused(
 
 
 @pytest.fixture
-def tpm_attester(request: pytest.FixtureRequest) -> Any:
-    tpm = pytest.importorskip("evidence.tpm")
-    return tpm.TpmAttester(request.getfixturevalue("swtpm_tcti"))
+def tpm_attester(swtpm_tcti: str) -> TpmAttester:
+    return TpmAttester(swtpm_tcti)
 
 
 @pytest.mark.parametrize("alg", KEY_ALGORITHMS)
 async def test_round_trip_every_key_type_real_tpm_attester(
-    kbs: LoopbackKbs, tpm_attester: Any, alg: str
+    kbs: LoopbackKbs, tpm_attester: TpmAttester, alg: str
 ) -> None:
     assert await fetch(kbs, tpm_attester, key_algorithm=alg) == SECRET
     assert len(kbs.requests) == 3
 
 
-async def test_real_tpm_attester_with_initdata_in_pcr8(kbs: LoopbackKbs, tpm_attester: Any) -> None:
+async def test_real_tpm_attester_with_initdata_in_pcr8(
+    kbs: LoopbackKbs, tpm_attester: TpmAttester
+) -> None:
     digest = hashlib.sha256(INITDATA.encode()).digest()
     tpm_attester.extend_initdata(digest)
     assert tpm_attester.initdata_binding() == pcr8_after_extend(digest)
