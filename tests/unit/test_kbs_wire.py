@@ -257,3 +257,12 @@ def test_any_json_parses_to_value_or_clean_error(value: object) -> None:
         for parse in (wire.parse_challenge, wire.parse_attest_response):
             with contextlib.suppress(KbsError):
                 parse(data)
+
+
+@given(st.lists(st.text(max_size=80), max_size=4))
+def test_any_set_cookie_headers_give_value_none_or_clean_error(headers: list[str]) -> None:
+    try:
+        value = wire.session_cookie(headers)
+    except KbsProtocolError:
+        return
+    assert value is None or (value.isascii() and " " not in value and len(value) <= 128)
