@@ -29,7 +29,7 @@ SIZES = (1, 8, 64)
 
 
 async def shared(url: str, uris: list[str], concurrent: bool, alg: str) -> None:
-    async with KbsClient(url, attester=sample_attester(), key_algorithm=alg) as c:  # type: ignore[arg-type]
+    async with KbsClient(url, attester=sample_attester(), key_algorithm=alg) as c:
         if concurrent:
             for s in await asyncio.gather(*(c.get_resource(kbs_uri(u)) for u in uris)):
                 s.wipe()
@@ -39,7 +39,7 @@ async def shared(url: str, uris: list[str], concurrent: bool, alg: str) -> None:
 
 
 async def naive_one(url: str, uri: str, alg: str) -> None:
-    async with KbsClient(url, attester=sample_attester(), key_algorithm=alg) as c:  # type: ignore[arg-type]
+    async with KbsClient(url, attester=sample_attester(), key_algorithm=alg) as c:
         (await c.get_resource(kbs_uri(uri))).wipe()
 
 
