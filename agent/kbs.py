@@ -306,11 +306,13 @@ class KbsClient:
             task = asyncio.get_running_loop().create_task(self._attest(deadline_at))
             self._attesting = task
             task.add_done_callback(self._attest_done)
-        remaining = deadline_at - time.monotonic()
+        waiting = asyncio.timeout(max(deadline_at - time.monotonic(), 0.0))
         try:
-            async with asyncio.timeout(max(remaining, 0.0)):
+            async with waiting:
                 return await asyncio.shield(self._attesting)
         except TimeoutError:
+            if not waiting.expired():
+                raise  # not our deadline: an error of the attestation itself
             raise KbsUnavailable(
                 f"KBS attestation did not finish within the {self._deadline:g}s deadline"
             ) from None
