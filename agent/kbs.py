@@ -82,6 +82,7 @@ def _log() -> FilteringBoundLogger:
 
 
 MAX_RESOURCE_BYTES = 1024 * 1024  # the JWE of one resource (volume keys are 32..64 bytes)
+_WAIT_GRACE = 1.0  # seconds a caller waits past its deadline for a shared handshake
 DEFAULT_TOKEN_LIFETIME = 300.0  # when a token carries no exp (Trustee's default is 5 min)
 
 
@@ -306,7 +307,9 @@ class KbsClient:
             task = asyncio.get_running_loop().create_task(self._attest(deadline_at))
             self._attesting = task
             task.add_done_callback(self._attest_done)
-        waiting = asyncio.timeout(max(deadline_at - time.monotonic(), 0.0))
+        # a little grace: the handshake enforces the same deadline itself and then fails with
+        # the more useful last cause; this only catches a handshake stuck outside the network
+        waiting = asyncio.timeout(max(deadline_at - time.monotonic(), 0.0) + _WAIT_GRACE)
         try:
             async with waiting:
                 return await asyncio.shield(self._attesting)
