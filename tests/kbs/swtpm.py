@@ -1,11 +1,11 @@
-"""A swtpm TPM and a tpm2-tools based `tpm` attester: the KBS tests' own TPM evidence source.
+"""A tpm2-tools based `tpm` attester on swtpm: the KBS tests' second, independent TPM evidence.
 
 `ToolsTpmAttester` produces guest-components' `tpm` evidence (SPEC §c.5) with tpm2-tools against
-a swtpm: an RSA-2048 restricted signing AK (RSASSA-SHA256) made as a primary key, a TPM2_Quote
-over all 24 SHA-256 PCRs with the report data as qualifying data, the PCR values, and the AK as
-DER SubjectPublicKeyInfo. It exercises the loopback KBS's TPM verifier with quotes from a real
-TPM implementation, independently of `evidence.tpm` (which the round-trip tests also use once
-it is available). Every tool runs through `luks.run.run` with a timeout.
+a swtpm (`swtpm_tcti`, tests/swtpm.py): an RSA-2048 restricted signing AK (RSASSA-SHA256) made as
+a primary key, a TPM2_Quote over all 24 SHA-256 PCRs with the report data as qualifying data, the
+PCR values, and the AK as DER SubjectPublicKeyInfo. It checks the loopback KBS's TPM verifier
+against quotes made by other code than `evidence.tpm` (which the round trips use as well).
+Every tool runs through `luks.run.run` with a timeout.
 """
 
 from __future__ import annotations
@@ -13,11 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,51 +21,14 @@ import pytest
 from luks.run import run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Tpm:
+    """tpm2-tools against one TPM, addressed by its TCTI (e.g. the `swtpm_tcti` fixture)."""
 
-
-class Swtpm:
-    """A fresh swtpm (TPM 2.0, started and cleared) on loopback TCP; `tcti` for tpm2-tools."""
-
-    def __init__(self, state: Path) -> None:
-        self.state = state
-        self.port = _free_port()
-        ctrl = self.port + 1  # the swtpm TCTI always uses the next port for control
-        self.proc = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
-             "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-             "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
-             "--flags", "not-need-init,startup-clear"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            self.stop()
-            raise RuntimeError("swtpm did not start")
-
-    @property
-    def tcti(self) -> str:
-        return f"swtpm:host=127.0.0.1,port={self.port}"
+    def __init__(self, tcti: str) -> None:
+        self.tcti = tcti
 
     def tool(self, *argv: str) -> bytes:
         return run(argv, timeout=30, env={"TPM2TOOLS_TCTI": self.tcti}).stdout
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class ToolsTpmAttester:
@@ -78,7 +36,7 @@ class ToolsTpmAttester:
 
     tee = "tpm"
 
-    def __init__(self, tpm: Swtpm, workdir: Path) -> None:
+    def __init__(self, tpm: Tpm, workdir: Path) -> None:
         self.tpm, self.dir = tpm, workdir
         self.ak_ctx = str(workdir / "ak.ctx")
         attributes = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign|noda"
@@ -121,17 +79,9 @@ def pcr8_after_extend(initdata_digest: bytes) -> bytes:
 
 
 @pytest.fixture
-def tools_tpm_attester() -> Iterator[ToolsTpmAttester]:
-    """A fresh swtpm and a tpm2-tools attester on it (skips when swtpm/tpm2-tools are absent)."""
-    for tool in ("swtpm", "tpm2_quote", "tpm2_createprimary"):
+def tools_tpm_attester(swtpm_tcti: str, tmp_path: Path) -> ToolsTpmAttester:
+    """A tpm2-tools attester on a fresh swtpm (tests/swtpm.py); skips without tpm2-tools."""
+    for tool in ("tpm2_quote", "tpm2_createprimary", "tpm2_pcrread", "tpm2_pcrextend"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed")
-    with tempfile.TemporaryDirectory(prefix="cva-swtpm-") as tmp:
-        state, work = Path(tmp) / "state", Path(tmp) / "work"
-        state.mkdir()
-        work.mkdir()
-        tpm = Swtpm(state)
-        try:
-            yield ToolsTpmAttester(tpm, work)
-        finally:
-            tpm.stop()
+    return ToolsTpmAttester(Tpm(swtpm_tcti), tmp_path)
