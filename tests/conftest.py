@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 VECTORS = REPO.parent / "shared" / "vectors"
 IN_CI = os.environ.get("CI") == "true"
 
+# tests/guest runs only inside the qemu guest (the VM suite, `make vm-test`), never on the host.
+if os.environ.get("CVA_IN_GUEST") != "1":
+    collect_ignore = ["guest"]
+
 
 @pytest.fixture(scope="session")
 def vectors() -> Path:
