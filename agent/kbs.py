@@ -104,11 +104,30 @@ class KbsSettings(Protocol):
 
 
 class _Transient(Exception):
-    """A fault worth retrying; `cause` is the one-line reason shown if retries run out."""
+    """A fault worth retrying; `cause` is the one-line reason shown if retries run out.
 
-    def __init__(self, cause: str) -> None:
+    `cause` is None when the only problem is that the deadline passed: the error then names the
+    last real cause seen before, not the deadline itself.
+    """
+
+    def __init__(self, cause: str | None) -> None:
         super().__init__(cause)
         self.cause = cause
+
+
+@dataclass
+class _Retries:
+    """Attempts of one retried operation and the last real cause of failure."""
+
+    doing: str
+    deadline_at: float
+    attempt: int = 0
+    last_cause: str = "the deadline passed before the KBS answered"
+
+    def failed(self, cause: str | None) -> None:
+        self.attempt += 1
+        if cause is not None:
+            self.last_cause = cause
 
 
 @dataclass(frozen=True)
@@ -266,15 +285,15 @@ class KbsClient:
         deadline_at = time.monotonic() + self._deadline
         session = await self._current_session(deadline_at)
         reattested = False
-        attempt = 0
+        retries = _Retries(f"fetching {what}", deadline_at)
         while True:
             try:
                 answer = await self._send(
                     "GET", path, deadline_at, session=session, limit=self._max_resource
                 )
             except _Transient as t:
-                attempt += 1
-                await self._backoff(attempt, deadline_at, f"fetching {what}", t.cause)
+                retries.failed(t.cause)
+                await self._backoff(retries)
                 continue
             if answer.status == 200:
                 jwe = wire.parse_json_object(answer.body, "resource answer", self._max_resource)
@@ -283,9 +302,8 @@ class KbsClient:
                 return secret
             err = wire.parse_error_body(answer.status, answer.body)
             if wire.is_transient_status(answer.status):
-                attempt += 1
-                cause = wire.failure("resource", err, what).message
-                await self._backoff(attempt, deadline_at, f"fetching {what}", cause)
+                retries.failed(wire.failure("resource", err, what).message)
+                await self._backoff(retries)
                 continue
             if wire.should_reattest(err) and not reattested:
                 reattested = True
@@ -327,13 +345,13 @@ class KbsClient:
             self._session = task.result()
 
     async def _attest(self, deadline_at: float) -> _Session:
-        attempt = 0
+        retries = _Retries("attesting", deadline_at)
         while True:
             try:
                 return await self._rcar(deadline_at)
             except _Transient as t:
-                attempt += 1
-                await self._backoff(attempt, deadline_at, "attesting", t.cause)
+                retries.failed(t.cause)
+                await self._backoff(retries)
 
     async def _rcar(self, deadline_at: float) -> _Session:
         tee = self._attester.tee
@@ -381,14 +399,18 @@ class KbsClient:
 
     # -- transport ----------------------------------------------------------------------------
 
-    async def _backoff(self, attempt: int, deadline_at: float, doing: str, cause: str) -> None:
-        delay = random.uniform(0, min(self._backoff_cap, self._backoff_base * 2**attempt))  # noqa: S311 - jitter, not crypto
-        if time.monotonic() + delay >= deadline_at:
+    async def _backoff(self, r: _Retries) -> None:
+        """Sleep a full-jitter exponential delay, or give up if it would cross the deadline."""
+        ceiling = min(self._backoff_cap, self._backoff_base * 2**r.attempt)
+        delay = random.uniform(0, ceiling)  # noqa: S311 - jitter, not crypto
+        if time.monotonic() + delay >= r.deadline_at:
             raise KbsUnavailable(
-                f"KBS unavailable while {doing} (gave up after {attempt} attempts within the "
-                f"{self._deadline:g}s deadline); last cause: {cause}"
+                f"KBS unavailable while {r.doing} (gave up after {r.attempt} attempts within "
+                f"the {self._deadline:g}s deadline); last cause: {r.last_cause}"
             )
-        _log().warning("kbs transient fault, retrying", doing=doing, attempt=attempt, cause=cause)
+        _log().warning(
+            "kbs transient fault, retrying", doing=r.doing, attempt=r.attempt, cause=r.last_cause
+        )
         await asyncio.sleep(delay)
 
     async def _send(
@@ -404,7 +426,7 @@ class KbsClient:
     ) -> _Answer:
         remaining = deadline_at - time.monotonic()
         if remaining <= 0:
-            raise _Transient("the overall deadline passed")
+            raise _Transient(None)
         headers: dict[str, str] = {}
         if body is not None:
             headers["content-type"] = "application/json"

@@ -561,4 +561,4 @@ async def test_from_config(kbs: LoopbackKbs) -> None:
 async def test_slow_kbs_until_the_deadline_names_the_timeout(kbs: LoopbackKbs) -> None:
     kbs.inject(Fault("auth", "slow", times=100, delay=0.5))
     with pytest.raises(KbsUnavailable, match=r"attesting .* last cause: ReadTimeout"):
-        await fetch(kbs, deadline=1.2, read_timeout=0.2)
+        await fetch(kbs, deadline=2.0, read_timeout=0.2)
