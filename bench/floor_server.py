@@ -17,9 +17,10 @@ import sys
 
 import grpc
 import structlog
-from agent._proto.cva.v1 import agent_pb2, agent_pb2_grpc  # noqa: F401 - the same protos
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+
+from agent._proto.cva.v1 import agent_pb2, agent_pb2_grpc  # noqa: F401 - the same protos
 
 FLOOR_IMPORTS = (
     "grpc",
