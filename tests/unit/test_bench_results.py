@@ -139,3 +139,15 @@ def test_report_states_met_not_met_and_not_measured() -> None:
     assert "| reopen 1 GiB | 2 s | (b): 1 s | 2.000\u00d7 | ratio <= 1.1" in text
     assert "**NOT met**" in text
     assert "| splice |" in text
+
+
+def test_driver_placeholders_name_every_planned_target() -> None:
+    from bench.__main__ import _placeholders
+
+    rs = _placeholders("kbs_roundtrips", "boom")
+    assert rs
+    assert all(not r.measured and r.note == "not measured: boom" for r in rs)
+    assert any(r.target is not None for r in rs)
+    # a module that does not exist still yields one honest entry, not a crash
+    (only,) = _placeholders("no_such_module", "gone")
+    assert only.note == "not measured: gone"
