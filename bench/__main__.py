@@ -131,6 +131,20 @@ def run_module(
     return results, notes, seconds
 
 
+def _line(r: Result) -> str:
+    """One console line: the value with its baseline beside it."""
+    if not r.measured:
+        return f"{r.name}: {r.note}"
+    text = f"{r.name}: {r.value:.4g} {r.unit}"
+    if r.baseline is not None:
+        text += f" | {r.baseline_name}: {r.baseline:.4g} {r.unit}"
+    if r.ratio is not None:
+        text += f" | ratio {r.ratio:.3f}"
+    if r.target is not None:
+        text += f" | {r.target.describe()}: {'met' if r.met else 'NOT met'}"
+    return text
+
+
 def _git_head() -> str:
     try:
         return (
@@ -173,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         for group, text in notes:
             group_notes.setdefault(group, []).append(text)
         timings.append(f"{module.name} {seconds:.0f} s")
+        for r in got:
+            print(f"  {_line(r)}", flush=True)
         missing = sum(1 for r in got if not r.measured)
         print(
             f"bench: {module.name}: {len(got)} results ({missing} not measured), {seconds:.0f} s",
