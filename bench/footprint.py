@@ -196,6 +196,10 @@ def planned(reason: str) -> list[Result]:
 
 
 def collect() -> list[Result]:
+    import importlib.util
+
+    if importlib.util.find_spec("agent.startup") is None:
+        return planned("`cva serve` (agent/startup.py, daemon stream) is not in this tree yet")
     with tempfile.TemporaryDirectory(prefix="cva-bench-fp-") as d:
         tmp = Path(d)
         config = _write_cva_files(tmp)
