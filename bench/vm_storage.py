@@ -405,11 +405,10 @@ def convert(doc: dict[str, Any], problem: str | None = None) -> list[Result]:
                 value, baseline = val(layout), val(base)
                 if value is None:
                     key = layouts[layout][0]
-                    out.append(
-                        not_measured(
-                            name, f"{key}: {why(key)}", unit=unit, target=target, group=GROUP_IO
-                        )
-                    )
+                    reason = f"{key}: {why(key)}"
+                    if layout == "int" and not io.get("cva_integrity_disk"):
+                        reason = "no integrity volume in this run (CVA_BENCH_VM_INTEGRITY_SIZES)"
+                    out.append(not_measured(name, reason, unit=unit, target=target, group=GROUP_IO))
                     continue
                 out.append(
                     measured(
