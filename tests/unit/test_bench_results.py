@@ -151,3 +151,16 @@ def test_driver_placeholders_name_every_planned_target() -> None:
     # a module that does not exist still yields one honest entry, not a crash
     (only,) = _placeholders("no_such_module", "gone")
     assert only.note == "not measured: gone"
+
+
+def test_importtime_is_summed_per_top_level_package() -> None:
+    from bench.footprint import parse_importtime
+
+    text = (
+        "import time: self [us] | cumulative | imported package\n"
+        "import time:      1500 |       1500 |   httpx._models\n"
+        "import time:       500 |       2000 | httpx\n"
+        "import time:      3000 |       3000 | luks.volume\n"
+        "garbage line\n"
+    )
+    assert parse_importtime(text) == {"httpx": 2.0, "luks": 3.0}
