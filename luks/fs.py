@@ -4,7 +4,7 @@
   `-K`): discards on dm-crypt leak the used-block map to the host.
 - Integrity volumes are formatted without a wipe (a full wipe writes every tag and takes
   minutes). Reading a block that was never written then fails with EILSEQ, so cva pre-writes the
-  blocks mkfs (and a later grow) reads — the first and last MiB of the mapped device — and turns
+  blocks mkfs (and a later grow) reads — the first and last 2 MiB of the mapped device — and turns
   ext4's lazy inode-table/journal init off so the kernel never reads an unwritten table later.
 - Probing is `blkid -p -o export` parsed as KEY=VALUE lines.
 
@@ -24,7 +24,7 @@ from luks.run import run
 
 FsKind = Literal["ext4", "xfs"]
 MIB = 1024 * 1024
-PREWRITE_EDGE = MIB
+PREWRITE_EDGE = 2 * MIB  # covers every probe offset of libblkid near the start and end
 MKFS_TIMEOUT = 600.0
 PROBE_TIMEOUT = 30.0
 XFS_MIN_BYTES = 300 * MIB
@@ -75,7 +75,7 @@ def parse_blkid_export(text: str) -> FsProbe:
 
 
 def prewrite_ranges(size_bytes: int) -> tuple[tuple[int, int], ...]:
-    """(offset, length) ranges to zero on a new integrity device before mkfs: first/last MiB."""
+    """(offset, length) ranges to zero on a new integrity device before mkfs: both edges."""
     if size_bytes <= 0 or size_bytes % 4096:
         raise FsError(f"device size {size_bytes} is not a positive multiple of 4096")
     if size_bytes <= 2 * PREWRITE_EDGE:
@@ -84,7 +84,7 @@ def prewrite_ranges(size_bytes: int) -> tuple[tuple[int, int], ...]:
 
 
 def grow_prewrite_ranges(old_size: int, new_size: int) -> tuple[tuple[int, int], ...]:
-    """Ranges to zero after an integrity device grew: the new last MiB (the grow reads it)."""
+    """Ranges to zero after an integrity device grew: the new tail (the grow reads it)."""
     if new_size <= old_size:
         return ()
     start = max(old_size, new_size - PREWRITE_EDGE)
