@@ -141,20 +141,21 @@ def fs_size_bytes(kind: str, superblock_area: bytes) -> int | None:
         sb = superblock_area[1024:2048]
         if sb[56:58] != b"\x53\xef":
             return None
-        blocks_lo, log_bs = struct.unpack_from("<I", sb, 4)[0], struct.unpack_from("<I", sb, 24)[0]
-        incompat = struct.unpack_from("<I", sb, 0x60)[0]
-        blocks_hi = struct.unpack_from("<I", sb, 0x150)[0] if incompat & 0x80 else 0
+        blocks_lo = int(struct.unpack_from("<I", sb, 4)[0])
+        log_bs = int(struct.unpack_from("<I", sb, 24)[0])
+        incompat = int(struct.unpack_from("<I", sb, 0x60)[0])
+        blocks_hi = int(struct.unpack_from("<I", sb, 0x150)[0]) if incompat & 0x80 else 0
         if log_bs > 6:
             return None
         return ((blocks_hi << 32) | blocks_lo) * (1024 << log_bs)
     if kind == "xfs" and len(superblock_area) >= 16:
         if superblock_area[:4] != b"XFSB":
             return None
-        block_size = struct.unpack_from(">I", superblock_area, 4)[0]
-        dblocks = struct.unpack_from(">Q", superblock_area, 8)[0]
+        block_size = int(struct.unpack_from(">I", superblock_area, 4)[0])
+        dblocks = int(struct.unpack_from(">Q", superblock_area, 8)[0])
         if block_size not in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
             return None
-        return int(block_size * dblocks)
+        return block_size * dblocks
     return None
 
 

@@ -58,7 +58,7 @@ def _raise(msg: str) -> object:
 
 
 def test_classify_paths() -> None:
-    ok = dict(parse=lambda a: "hdr", allow_reasons=lambda h: [], verify=lambda h: "ready")
+    ok = {"parse": lambda a: "hdr", "allow_reasons": lambda h: [], "verify": lambda h: "ready"}
     assert classify(bytes(4096), **ok).kind == "zero"  # type: ignore[arg-type]
     assert classify(b"\x01" + bytes(10), **ok) == HeaderObservation("cva", token_state="ready")  # type: ignore[arg-type]
     bad_parse = dict(ok, parse=lambda a: _raise("bad magic"))
