@@ -32,7 +32,10 @@ process via `crash_hook`, and what the next run does):
     KEYSLOT_ADDED        keyslot, no cva token            -> REFUSE, same reason
     INITIALIZING_WRITTEN token "initializing" on disk     -> open, mkfs, ready (recovery)
     OPENED_INITIALIZING  mapping active, no filesystem    -> reuse mapping, mkfs, ready
-    MKFS_DONE            filesystem made, still "initializing" -> mkfs again (never held data)
+    MKFS_DONE            filesystem made, still "initializing" -> complete fs found: no mkfs,
+                                                             only mark ready (a replayed old
+                                                             "initializing" header cannot make
+                                                             cva format over data either)
     READY_WRITTEN        "ready" written, not mounted     -> open/reuse, mount
     MOUNTED              mounted, grow pending            -> mount is reused, grow checked again
     LV_EXTENDED          lvextend done, fs not grown      -> crypt resize + fs grow next run
@@ -44,6 +47,7 @@ what a hostile host could plant, so cva cannot tell "my interrupted format" from
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -55,9 +59,15 @@ from agent.contract import Volume
 from agent.secret import Secret
 from luks import blank, dmtable, fs, lvm, mount
 from luks.header import allow_list_reasons, parse_luks2, read_header_area
-from luks.libcryptsetup import CryptDevice, WrongPassphrase, active_status
-from luks.run import run, secret_fd
-from luks.token import derive_keys, make_token, verify_token
+from luks.libcryptsetup import (
+    METADATA_BYTES,
+    CryptDevice,
+    WrongPassphrase,
+    active_status,
+    deactivate_by_name,
+    header_copy,
+)
+from luks.token import derive_keys, make_token, token_json, verify_token
 from luks.volume_plan import (
     INITIALIZING,
     READY,
@@ -69,12 +79,13 @@ from luks.volume_plan import (
     classify,
     decide,
     expected_table,
+    fs_complete,
     fs_size_bytes,
+    initializing_action,
     mapper_name,
     needs_grow,
 )
 
-CRYPT_TIMEOUT = 120.0
 TOKEN_SCAN = 32
 
 
@@ -101,115 +112,101 @@ class PreparedVolume:
 
 
 def _observe(area: bytes, vol: Volume, mac_key: Secret) -> HeaderObservation:
-
     return classify(
         area,
         parse=parse_luks2,
-        allow_reasons=lambda h: allow_list_reasons(h, integrity=vol.integrity),  # type: ignore[arg-type]
-        verify=lambda h: verify_token(h, vol.name, mac_key),  # type: ignore[arg-type]
+        allow_reasons=lambda h: allow_list_reasons(h, integrity=vol.integrity),
+        verify=lambda h: verify_token(h, vol.name, mac_key),
     )
 
 
 def _read_area(device: Path) -> bytes:
-
     return read_header_area(str(device))
 
 
 @contextlib.contextmanager
-def _header_copy(area: bytes, runtime_dir: Path, name: str) -> Iterator[Path]:
-    """The validated header area as a 0600 file under cva's tmpfs runtime dir."""
+def _volume_lock(runtime_dir: Path, name: str) -> Iterator[None]:
+    """One prepare/release of a volume at a time (the daemon may get concurrent requests)."""
     runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = runtime_dir / f"{name}.luks-header"
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(
+        runtime_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+    )
     try:
-        view = memoryview(area)
-        while view:
-            view = view[os.write(fd, view) :]
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
         os.close(fd)
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def _cva_token_id(cd: CryptDevice) -> int | None:
-    for token in range(TOKEN_SCAN):
-        text = cd.token_json_get(token)
-        if text is None:
-            continue
-        with contextlib.suppress(ValueError, RecursionError):
-            if json.loads(text).get("type") == "cva":
-                return token
-    return None
 
 
 def _format(device: Path, vol: Volume, passphrase: Secret, mac_key: Secret) -> None:
     """ABSENT -> INITIALIZING on a device proved blank just before."""
-
     with CryptDevice.open(str(device)) as cd:
         cd.format_luks2(integrity=vol.integrity)
         _window(CrashWindow.LUKS_FORMATTED)
         cd.keyslot_add_by_volume_key(passphrase, keyslot=0)
         _window(CrashWindow.KEYSLOT_ADDED)
         hdr = parse_luks2(_read_area(device))
-        token = make_token(hdr, INITIALIZING, vol.name, mac_key)
-        cd.token_json_set(0, json.dumps(token, sort_keys=True, separators=(",", ":")))
+        cd.token_json_set(0, token_json(make_token(hdr, INITIALIZING, vol.name, mac_key)))
     _window(CrashWindow.INITIALIZING_WRITTEN)
 
 
-def _mark_ready(device: Path, copy: Path, area: bytes, vol: Volume, mac_key: Secret) -> None:
+def _mark_ready(device: Path, copy: str, area: bytes, vol: Volume, mac_key: Secret) -> bytes:
     """INITIALIZING -> READY: update the token in the copy, then write the copy's metadata back.
 
     The disk is only written with bytes derived from cva's validated copy, and only if the
-    disk's header region still equals that copy (a swap in between is refused).
+    disk's header region still equals that copy (a swap in between is refused). Returns the
+    new header area.
     """
-
-    hdr = parse_luks2(area)
-    token = make_token(hdr, READY, vol.name, mac_key)
-    with CryptDevice.open(str(device), header=str(copy)) as cd:
+    token = token_json(make_token(parse_luks2(area), READY, vol.name, mac_key))
+    with CryptDevice.open(str(device), header=copy) as cd:
         cd.load()
-        token_id = _cva_token_id(cd)
-        cd.token_json_set(
-            0 if token_id is None else token_id,
-            json.dumps(token, sort_keys=True, separators=(",", ":")),
-        )
-    metadata = copy.read_bytes()[: 2 * _metadata_size(area)]
+        cd.token_json_set(_cva_token_id(cd), token)
+    updated = Path(copy).read_bytes()[: len(area)]
+    metadata = updated[: 2 * _metadata_size(area)]
     fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     try:
-        now = blank.read_range(fd, 0, len(area))
-        if now != area:
+        if blank.read_range(fd, 0, len(area)) != area:
             raise VolumeRefused(
                 f"volume {vol.name}: the on-disk LUKS header changed while cva was using its "
                 "copy; refusing to write the ready state (check who writes to the disk)"
             )
         half = len(metadata) // 2
         # secondary copy first, then the primary: a crash in between leaves two valid copies
-        # that disagree, which the next run refuses (named window: never a format)
+        # that disagree, which the next run refuses (never a format)
         os.pwrite(fd, metadata[half:], half)
         os.fsync(fd)
         os.pwrite(fd, metadata[:half], 0)
         os.fsync(fd)
     finally:
         os.close(fd)
+    return updated
+
+
+def _cva_token_id(cd: CryptDevice) -> int:
+    for token in range(TOKEN_SCAN):
+        text = cd.token_json_get(token)
+        if text is None:
+            continue
+        with contextlib.suppress(ValueError, RecursionError, AttributeError):
+            if json.loads(text).get("type") == "cva":
+                return token
+    return 0
 
 
 def _metadata_size(area: bytes) -> int:
-    # LUKS2 binary header: hdr_size (u64 big-endian) at offset 8
+    # LUKS2 binary header: hdr_size (u64 big-endian) at offset 8 (validated by the allow-list)
     size = int.from_bytes(area[8:16], "big")
-    if size not in (16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304):
-        raise VolumeRefused(f"LUKS2 header size {size} is not a valid metadata size")
+    if size != METADATA_BYTES:
+        raise VolumeRefused(f"LUKS2 header size {size} is not cva's {METADATA_BYTES}")
     return size
 
 
 def _activate(
-    device: Path, copy: Path, mapper: str, passphrase: Secret, *, read_only: bool, name: str
+    device: Path, area: bytes, mapper: str, passphrase: Secret, *, read_only: bool, name: str
 ) -> None:
+    """Activate from the validated copy (a memfd), never from the disk."""
     try:
-        with CryptDevice.open(str(device), header=str(copy)) as cd:
+        with header_copy(area) as copy, CryptDevice.open(str(device), header=copy) as cd:
             cd.load()
             cd.activate_by_passphrase(mapper, passphrase, read_only=read_only)
     except WrongPassphrase:
@@ -219,9 +216,13 @@ def _activate(
         ) from None
 
 
+def _is_active(mapper: str) -> bool:
+    return active_status(mapper) in ("active", "busy")
+
+
 def _deactivate(mapper: str) -> None:
-    if active_status(mapper) != "inactive":
-        run(["cryptsetup", "close", "--", mapper], timeout=CRYPT_TIMEOUT)
+    if _is_active(mapper):
+        deactivate_by_name(mapper)
 
 
 def _check_table(mapper: str, vol: Volume, device: Path) -> None:
@@ -233,29 +234,19 @@ def _check_table(mapper: str, vol: Volume, device: Path) -> None:
         raise
 
 
-def _crypt_resize(mapper: str, copy: Path, passphrase: Secret) -> None:
-    with secret_fd(passphrase) as key_path:
-        fd = int(key_path.rsplit("/", 1)[1])
-        run(
-            [
-                "cryptsetup",
-                "resize",
-                "--header",
-                str(copy),
-                "--key-file",
-                key_path,
-                "--",
-                mapper,
-            ],
-            timeout=CRYPT_TIMEOUT,
-            pass_fds=(fd,),
-        )
+def _crypt_resize(device: Path, area: bytes, mapper: str, passphrase: Secret) -> None:
+    """Grow the active mapping to the whole (grown) LV; the key goes through the keyring."""
+    with header_copy(area) as copy, CryptDevice.open(str(device), header=copy) as cd:
+        cd.load()
+        cd.activate_by_passphrase(None, passphrase, keyring=True)
+        cd.resize(mapper, 0)
 
 
-def _ensure_lvm(vol: Volume, disk: Path) -> tuple[Path, bool]:
-    """Bring up vol.lvm on `disk`; returns (LV device, whether the LV was extended now)."""
+def _ensure_lvm(vol: Volume, disk: Path) -> Path:
+    """Bring up vol.lvm on `disk` (create/activate/extend as planned); returns the LV device."""
     spec = vol.lvm
-    assert spec is not None
+    if spec is None:
+        return disk
     disk_s = str(disk.resolve())
     state = lvm.read_state(disk_s)
     plan = lvm.plan(state, disk_s, spec.vg, spec.lv, spec.size_bytes, create=vol.create)
@@ -268,7 +259,6 @@ def _ensure_lvm(vol: Volume, disk: Path) -> tuple[Path, bool]:
                 f"volume {vol.name}: disk {disk} has no LVM PV and is not blank "
                 f"({verdict.reason}); " + REINIT_HINT
             )
-    extended = False
     for step in plan.steps:
         if step == "pvcreate":
             lvm.pvcreate(disk_s)
@@ -283,9 +273,17 @@ def _ensure_lvm(vol: Volume, disk: Path) -> tuple[Path, bool]:
             lvm.activate(disk_s, spec.vg, spec.lv)
         elif step == "extend":
             lvm.extend(disk_s, spec.vg, spec.lv, spec.size_bytes)
-            extended = True
             _window(CrashWindow.LV_EXTENDED)
-    return lvm.dm_path(spec.vg, spec.lv), extended
+    return lvm.dm_path(spec.vg, spec.lv)
+
+
+def _superblock(mapper_dev: Path) -> tuple[bytes, int]:
+    """(first 64 KiB, device size) of the opened volume (pre-written even with integrity)."""
+    fd = os.open(mapper_dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return blank.read_range(fd, 0, 65536), os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def prepare_volume(
@@ -296,16 +294,24 @@ def prepare_volume(
     runtime_dir: Path,
     mount_base: Path,
 ) -> PreparedVolume:
-    """Open (or create, when allowed and provably blank) and mount one volume; idempotent."""
+    """Open (or create, when allowed and provably blank) and mount one volume; idempotent.
 
-    device, _extended = _ensure_lvm(vol, disk) if vol.lvm is not None else (disk, False)
+    `disk` is the contract's disk (luks.disk.wait_for_disk); `runtime_dir` holds the per-volume
+    lock (tmpfs, e.g. /run/cva); the filesystem is mounted at `mount_base/<name>`.
+    """
+    with _volume_lock(runtime_dir, vol.name):
+        return _prepare(vol, secret, disk=disk, mount_base=mount_base)
+
+
+def _prepare(vol: Volume, secret: Secret, *, disk: Path, mount_base: Path) -> PreparedVolume:
+    device = _ensure_lvm(vol, disk)
     mapper = mapper_name(vol.name)
     mapper_dev = Path("/dev/mapper") / mapper
     target = mount_base / vol.name
     created = False
     passphrase, mac_key = derive_keys(secret, vol.name)
     with passphrase, mac_key:
-        area = _read_area(device)
+        area = _read_area(device)  # step 1: the copy; everything below uses these bytes
         obs = _observe(area, vol, mac_key)
         verdict = blank.probe_blank(device) if obs.kind == "zero" else None
         decision = decide(obs, verdict, create=vol.create)
@@ -321,46 +327,40 @@ def prepare_volume(
                     f"volume {vol.name}: the header cva just wrote does not validate "
                     f"({'; '.join(obs.reasons)}); nothing was mounted"
                 )
+        was_active = _is_active(mapper)
         initializing = obs.token_state == INITIALIZING
-        with _header_copy(area, runtime_dir, vol.name) as copy:
-            was_active = active_status(mapper) != "inactive"
-            if not was_active:
-                _activate(
-                    device,
-                    copy,
-                    mapper,
-                    passphrase,
-                    read_only=vol.read_only and not initializing,
-                    name=vol.name,
+        if not was_active:
+            ro = vol.read_only and not initializing
+            _activate(device, area, mapper, passphrase, read_only=ro, name=vol.name)
+        _check_table(mapper, vol, device)
+        if initializing:
+            _window(CrashWindow.OPENED_INITIALIZING)
+            if mount.is_mounted(target):
+                raise VolumeRefused(
+                    f"volume {vol.name}: {target} is mounted while the volume is still "
+                    "initializing; unmount it and prepare again"
                 )
-            _check_table(mapper, vol, device)
-            if initializing:
-                _window(CrashWindow.OPENED_INITIALIZING)
-                if mount.is_mounted(target):
-                    raise VolumeRefused(
-                        f"volume {vol.name}: {target} is mounted while the volume is still "
-                        "initializing; unmount it and prepare again"
-                    )
+            head, _ = _superblock(mapper_dev)
+            if initializing_action(fs_complete(vol.filesystem, head)) == "mkfs":
                 fs.make_fs(mapper_dev, vol.filesystem, integrity=vol.integrity)
                 _window(CrashWindow.MKFS_DONE)
-                _mark_ready(device, copy, area, vol, mac_key)
-                _window(CrashWindow.READY_WRITTEN)
-                if vol.read_only:
-                    _deactivate(mapper)
-                    area = _read_area(device)
-                    with _header_copy(area, runtime_dir, vol.name + ".ro") as ro_copy:
-                        _activate(
-                            device, ro_copy, mapper, passphrase, read_only=True, name=vol.name
-                        )
-                    _check_table(mapper, vol, device)
-            elif was_active and vol.lvm is not None:
-                # the LV may have grown while the mapping stayed up (crash window LV_EXTENDED)
-                _crypt_resize(mapper, copy, passphrase)
+            with header_copy(area) as copy:
+                area = _mark_ready(device, copy, area, vol, mac_key)
+            _window(CrashWindow.READY_WRITTEN)
+            if vol.read_only:
+                _deactivate(mapper)
+                _activate(device, area, mapper, passphrase, read_only=True, name=vol.name)
                 _check_table(mapper, vol, device)
-        if _fs_bytes(vol, mapper_dev)[0] is None:
-            _deactivate_if_unmounted(mapper, target)
+        elif was_active and vol.lvm is not None and not vol.read_only:
+            # the LV may have grown while the mapping stayed up (crash window LV_EXTENDED)
+            _crypt_resize(device, area, mapper, passphrase)
+            _check_table(mapper, vol, device)
+        head, _size = _superblock(mapper_dev)
+        if not fs_complete(vol.filesystem, head):
+            if not mount.is_mounted(target):
+                _deactivate(mapper)
             raise VolumeRefused(
-                f"volume {vol.name}: no {vol.filesystem} superblock inside the volume; "
+                f"volume {vol.name}: no complete {vol.filesystem} filesystem inside the volume; "
                 "refusing to mount (the contract's filesystem must match the volume's)"
             )
         mount.mount_volume(mapper_dev, target, fs=vol.filesystem, read_only=vol.read_only)
@@ -370,24 +370,9 @@ def prepare_volume(
     return PreparedVolume(vol.name, State.MOUNTED, target, mapper_dev, mapper, created)
 
 
-def _deactivate_if_unmounted(mapper: str, target: Path) -> None:
-    if not mount.is_mounted(target):
-        _deactivate(mapper)
-
-
-def _fs_bytes(vol: Volume, mapper_dev: Path) -> tuple[int | None, int]:
-    """(filesystem size from its superblock, device size); reads only the first 64 KiB."""
-    fd = os.open(mapper_dev, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        head = blank.read_range(fd, 0, 65536)
-        size = os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-    return fs_size_bytes(vol.filesystem, head), size
-
-
 def _grow_if_needed(vol: Volume, mapper_dev: Path, target: Path) -> None:
-    current, size = _fs_bytes(vol, mapper_dev)
+    head, size = _superblock(mapper_dev)
+    current = fs_size_bytes(vol.filesystem, head)
     if not needs_grow(current, size):
         return
     if vol.integrity and current is not None:
@@ -405,15 +390,20 @@ def release_volume(
     *,
     disk: Path,
     mount_base: Path,
+    runtime_dir: Path | None = None,
     binds: Iterable[tuple[Path, str]] = (),
 ) -> None:
     """BOUND/MOUNTED/OPEN -> READY: unbind, unmount, close the mapping, deactivate the LV."""
-    target = mount_base / vol.name
-    if target.is_dir():
-        for rootfs, in_container in binds:
-            with contextlib.suppress(mount.MountError, FileNotFoundError):
-                mount.unbind_from_rootfs(target, rootfs, in_container)
-    mount.unmount(target)
-    _deactivate(mapper_name(vol.name))
-    if vol.lvm is not None:
-        lvm.deactivate_lv(str(disk.resolve()), vol.lvm.vg, vol.lvm.lv)
+    lock = (
+        _volume_lock(runtime_dir, vol.name) if runtime_dir is not None else contextlib.nullcontext()
+    )
+    with lock:
+        target = mount_base / vol.name
+        if target.is_dir():
+            for rootfs, in_container in binds:
+                with contextlib.suppress(mount.MountError, FileNotFoundError):
+                    mount.unbind_from_rootfs(target, rootfs, in_container)
+        mount.unmount(target)
+        _deactivate(mapper_name(vol.name))
+        if vol.lvm is not None:
+            lvm.deactivate_lv(str(disk.resolve()), vol.lvm.vg, vol.lvm.lv)

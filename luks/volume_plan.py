@@ -10,7 +10,7 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from agent.errors import CvaError
 from luks import blank, dmtable
@@ -101,12 +101,15 @@ def decide(
     return Decision("create")
 
 
+H = TypeVar("H")
+
+
 def classify(
     area: bytes,
     *,
-    parse: Callable[[bytes], object],
-    allow_reasons: Callable[[object], list[str]],
-    verify: Callable[[object], str],
+    parse: Callable[[bytes], H],
+    allow_reasons: Callable[[H], list[str]],
+    verify: Callable[[H], str],
 ) -> HeaderObservation:
     """Zero region, a MAC-verified cva header, or invalid with every reason (pure)."""
     if blank.is_zero(area):
@@ -157,6 +160,26 @@ def fs_size_bytes(kind: str, superblock_area: bytes) -> int | None:
             return None
         return block_size * dblocks
     return None
+
+
+def fs_complete(kind: str, superblock_area: bytes) -> bool:
+    """A finished filesystem of `kind` is there: ext4 magic (mke2fs writes the primary
+    superblock last), or xfs magic with sb_inprogress (byte 126) cleared (mkfs.xfs clears it
+    last)."""
+    if fs_size_bytes(kind, superblock_area) is None:
+        return False
+    return kind != "xfs" or (len(superblock_area) > 126 and superblock_area[126] == 0)
+
+
+def initializing_action(filesystem_complete: bool) -> Literal["mkfs", "mark-ready"]:
+    """What to do with an opened INITIALIZING volume.
+
+    The host can replay an older genuine header of this volume still saying "initializing"
+    (the MAC does not cover the seqid), so "initializing" alone never justifies mkfs: if a
+    complete filesystem is already inside (a crash after mkfs, or a replay over data), keep it
+    and only mark the volume ready.
+    """
+    return "mark-ready" if filesystem_complete else "mkfs"
 
 
 def needs_grow(fs_bytes: int | None, device_bytes: int) -> bool:
