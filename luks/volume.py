@@ -88,6 +88,18 @@ from luks.volume_plan import (
 
 TOKEN_SCAN = 32
 
+__all__ = [
+    "CrashWindow",
+    "PreparedVolume",
+    "State",
+    "VolumeRefused",
+    "bind_volume",
+    "crash_hook",
+    "mapper_name",
+    "prepare_volume",
+    "release_volume",
+]
+
 
 # Tests set this (inside the guest) to SIGKILL the process at a named window. Never set by cva.
 crash_hook: Callable[[CrashWindow], None] | None = None
