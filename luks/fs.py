@@ -74,13 +74,40 @@ def parse_blkid_export(text: str) -> FsProbe:
     return FsProbe(fields.get("TYPE", ""), fields.get("UUID", ""), fields.get("USAGE", ""))
 
 
-def prewrite_ranges(size_bytes: int) -> tuple[tuple[int, int], ...]:
-    """(offset, length) ranges to zero on a new integrity device before mkfs: both edges."""
+EXT4_BLOCK = 4096
+EXT4_BLOCKS_PER_GROUP = 8 * EXT4_BLOCK  # one block bitmap block covers 32768 blocks
+
+
+def ext4_backup_groups(group_count: int) -> tuple[int, ...]:
+    """Groups holding a superblock copy with sparse_super: 0, 1 and the powers of 3, 5, 7."""
+    groups = {0, 1} if group_count > 1 else {0}
+    for base in (3, 5, 7):
+        g = base
+        while g < group_count:
+            groups.add(g)
+            g *= base
+    return tuple(sorted(groups))
+
+
+def prewrite_ranges(size_bytes: int, kind: FsKind = "ext4") -> tuple[tuple[int, int], ...]:
+    """(offset, length) ranges to zero on a new integrity device before mkfs.
+
+    Both 2 MiB edges (libblkid's probes, mke2fs' and mkfs.xfs' signature wipes and sector
+    reads) and, for ext4, the first block of every group holding a backup superblock: mke2fs
+    writes those 1 KiB superblocks into 4 KiB blocks, which the kernel reads first.
+    """
     if size_bytes <= 0 or size_bytes % 4096:
         raise FsError(f"device size {size_bytes} is not a positive multiple of 4096")
     if size_bytes <= 2 * PREWRITE_EDGE:
         return ((0, size_bytes),)
-    return ((0, PREWRITE_EDGE), (size_bytes - PREWRITE_EDGE, PREWRITE_EDGE))
+    ranges = [(0, PREWRITE_EDGE), (size_bytes - PREWRITE_EDGE, PREWRITE_EDGE)]
+    if kind == "ext4":
+        groups = -(-size_bytes // (EXT4_BLOCKS_PER_GROUP * EXT4_BLOCK))
+        for g in ext4_backup_groups(groups):
+            off = g * EXT4_BLOCKS_PER_GROUP * EXT4_BLOCK
+            if PREWRITE_EDGE <= off < size_bytes - PREWRITE_EDGE:
+                ranges.append((off, EXT4_BLOCK))
+    return tuple(sorted(ranges))
 
 
 def grow_prewrite_ranges(old_size: int, new_size: int) -> tuple[tuple[int, int], ...]:
@@ -140,7 +167,7 @@ def make_fs(device: Path, kind: FsKind, *, integrity: bool, timeout: float = MKF
     size = device_size(device)
     check_size(kind, size)
     if integrity:
-        write_zeros(device, prewrite_ranges(size))
+        write_zeros(device, prewrite_ranges(size, kind))
     run(mkfs_argv(kind, str(device), integrity=integrity), timeout=timeout)
 
 

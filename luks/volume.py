@@ -47,8 +47,10 @@ what a hostile host could plant, so cva cannot tell "my interrupted format" from
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -87,6 +89,7 @@ from luks.volume_plan import (
 )
 
 TOKEN_SCAN = 32
+_log = logging.getLogger("cva.luks.volume")
 
 __all__ = [
     "CrashWindow",
@@ -284,16 +287,39 @@ def _ensure_lvm(vol: Volume, disk: Path) -> Path:
         elif step == "activate":
             lvm.activate(disk_s, spec.vg, spec.lv)
         elif step == "extend":
+            if vol.integrity:
+                # libcryptsetup 2.6 cannot resize a LUKS2 mapping with dm-integrity (ENOTSUP):
+                # keep the volume at its size rather than extend an LV that cannot be used
+                _log.warning(
+                    "volume %s: the contract grows an integrity volume to %d bytes; "
+                    "libcryptsetup cannot resize dm-integrity, keeping the current size",
+                    vol.name,
+                    spec.size_bytes,
+                )
+                continue
             lvm.extend(disk_s, spec.vg, spec.lv, spec.size_bytes)
             _window(CrashWindow.LV_EXTENDED)
     return lvm.dm_path(spec.vg, spec.lv)
 
 
 def _superblock(mapper_dev: Path) -> tuple[bytes, int]:
-    """(first 64 KiB, device size) of the opened volume (pre-written even with integrity)."""
+    """(first 64 KiB, device size) of the opened volume.
+
+    On a fresh integrity volume those blocks were never written and read as EIO/EILSEQ: that
+    is reported as zeros (no filesystem), which is the truth for a block never written.
+    """
     fd = os.open(mapper_dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return blank.read_range(fd, 0, 65536), os.lseek(fd, 0, os.SEEK_END)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        # the mounted filesystem writes its superblock through its own cache: drop ours
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            head = blank.read_range(fd, 0, 65536)
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EILSEQ):
+                raise
+            head = bytes(65536)
+        return head, size
     finally:
         os.close(fd)
 
@@ -363,7 +389,7 @@ def _prepare(vol: Volume, secret: Secret, *, disk: Path, mount_base: Path) -> Pr
                 _deactivate(mapper)
                 _activate(device, area, mapper, passphrase, read_only=True, name=vol.name)
                 _check_table(mapper, vol, device)
-        elif was_active and vol.lvm is not None and not vol.read_only:
+        elif was_active and vol.lvm is not None and not vol.read_only and not vol.integrity:
             # the LV may have grown while the mapping stayed up (crash window LV_EXTENDED)
             _crypt_resize(device, area, mapper, passphrase)
             _check_table(mapper, vol, device)

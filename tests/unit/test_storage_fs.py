@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,7 +47,13 @@ def test_blkid_any_text(text: str) -> None:
 
 
 def test_prewrite_plans() -> None:
-    assert fs.prewrite_ranges(1024 * MIB) == ((0, 2 * MIB), (1022 * MIB, 2 * MIB))
+    assert fs.prewrite_ranges(1024 * MIB, "xfs") == ((0, 2 * MIB), (1022 * MIB, 2 * MIB))
+    ext = fs.prewrite_ranges(1024 * MIB, "ext4")  # 8 groups of 128 MiB: backups in 1, 3, 5, 7
+    assert ext == (
+        (0, 2 * MIB), (128 * MIB, 4096), (384 * MIB, 4096), (640 * MIB, 4096),
+        (896 * MIB, 4096), (1022 * MIB, 2 * MIB),
+    )  # fmt: skip
+    assert fs.ext4_backup_groups(50) == (0, 1, 3, 5, 7, 9, 25, 27, 49)
     assert fs.prewrite_ranges(3 * MIB) == ((0, 3 * MIB),)
     assert fs.grow_prewrite_ranges(100 * MIB, 200 * MIB) == ((198 * MIB, 2 * MIB),)
     assert fs.grow_prewrite_ranges(200 * MIB, 201 * MIB) == ((200 * MIB, MIB),)
@@ -92,3 +100,16 @@ def test_superblock_parser_any_bytes(data: bytes) -> None:
     for kind in ("ext4", "xfs", "other"):
         v = fs_size_bytes(kind, data)
         assert v is None or v >= 0
+
+
+@pytest.mark.parametrize("size_mib", [240, 1000, 5000])
+def test_prewrite_covers_every_superblock_mke2fs_writes(tmp_path: Path, size_mib: int) -> None:
+    img = _img(tmp_path, size_mib * MIB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(img)], check=True)
+    out = subprocess.run(["dumpe2fs", str(img)], capture_output=True, text=True, check=True).stdout
+    blocks = [int(m) for m in re.findall(r"superblock at (\d+)", out)]
+    assert len(blocks) > 1 or size_mib < 200
+    ranges = fs.prewrite_ranges(size_mib * MIB, "ext4")
+    for b in blocks:
+        off = b * 4096
+        assert any(o <= off and off + 4096 <= o + n for o, n in ranges), b
