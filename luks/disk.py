@@ -8,7 +8,7 @@ links (those need udevd, which a CoCo guest may not run):
 
 - `serial:NAME`: `/sys/block/X/serial` (virtio-blk) or `/sys/block/X/device/serial` (NVMe);
 - `pci:DDDD:BB:DD.F` (or `BB:DD.F`): the last PCI address in the disk's sysfs device path;
-- `scsi:H:C:T:L`: the SCSI address in the disk's sysfs device path.
+- `scsi:H:C:T:L` (or kata's `T:L`): the SCSI address in the disk's sysfs device path.
 
 Partitions are never matched (only /sys/block entries, which are whole disks).
 """
@@ -27,6 +27,7 @@ from agent.errors import CvaError
 
 PCI_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 SCSI_RE = re.compile(r"^\d+:\d+:\d+:\d+$")
+SCSI_TL_RE = re.compile(r"^\d+:\d+$")
 SERIAL_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_SERIAL_BYTES = 256
 
@@ -72,7 +73,11 @@ def matches(kind: str, value: str, info: BlockInfo) -> bool:
         pci = [s for s in segments if PCI_RE.fullmatch(s)]
         return bool(pci) and pci[-1] == normalize_pci(value)
     if kind == "scsi":
-        return value in segments and SCSI_RE.fullmatch(value) is not None
+        if SCSI_RE.fullmatch(value):
+            return value in segments
+        if SCSI_TL_RE.fullmatch(value):  # kata's "target:lun" form
+            return any(SCSI_RE.fullmatch(s) and s.split(":", 2)[2] == value for s in segments)
+        raise CvaError(f"disk scsi address {value!r} is not H:C:T:L or T:L; fix the contract")
     raise CvaError(f"disk kind {kind!r} is not serial, pci or scsi; fix the contract")
 
 

@@ -36,6 +36,9 @@ def test_matches() -> None:
     assert disk.matches("pci", "0000:00:03.0", SDA)
     assert not disk.matches("pci", "0000:00:05.0", SDA)
     assert disk.matches("scsi", "0:0:1:0", SDA) and not disk.matches("scsi", "0:0:1:1", SDA)
+    assert disk.matches("scsi", "1:0", SDA) and not disk.matches("scsi", "0:1", SDA)
+    with pytest.raises(CvaError):
+        disk.matches("scsi", "1", SDA)
     with pytest.raises(CvaError):
         disk.matches("nvme", "x", VDB)
     with pytest.raises(CvaError):
