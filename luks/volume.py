@@ -36,12 +36,18 @@ process via `crash_hook`, and what the next run does):
                                                              only mark ready (a replayed old
                                                              "initializing" header cannot make
                                                              cva format over data either)
+    READY_HALF_WRITTEN   secondary copy says "ready", primary still "initializing"
+                                                          -> REFUSE: the copies disagree (no
+                                                             user data yet: zero and redo)
     READY_WRITTEN        "ready" written, not mounted     -> open/reuse, mount
     MOUNTED              mounted, grow pending            -> mount is reused, grow checked again
     LV_EXTENDED          lvextend done, fs not grown      -> crypt resize + fs grow next run
 
 The two format windows refuse rather than guess: a header without a MAC'd token is exactly
 what a hostile host could plant, so cva cannot tell "my interrupted format" from "forgery".
+READY_HALF_WRITTEN refuses for the same reason (cva never accepts disagreeing header copies,
+the CVE-2025-59054 class); it lies between two pwrite+fsync calls of 16 KiB each, and the
+volume holds no user data yet. All three leave the disk untouched for inspection.
 """
 
 from __future__ import annotations
@@ -190,6 +196,7 @@ def _mark_ready(device: Path, copy: str, area: bytes, vol: Volume, mac_key: Secr
         # that disagree, which the next run refuses (never a format)
         os.pwrite(fd, metadata[half:], half)
         os.fsync(fd)
+        _window(CrashWindow.READY_HALF_WRITTEN)
         os.pwrite(fd, metadata[:half], 0)
         os.fsync(fd)
     finally:

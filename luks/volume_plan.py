@@ -45,6 +45,7 @@ class CrashWindow(enum.Enum):
     INITIALIZING_WRITTEN = "initializing-written"
     OPENED_INITIALIZING = "opened-initializing"
     MKFS_DONE = "mkfs-done"
+    READY_HALF_WRITTEN = "ready-half-written"
     READY_WRITTEN = "ready-written"
     MOUNTED = "mounted"
     LV_EXTENDED = "lv-extended"

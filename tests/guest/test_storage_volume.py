@@ -259,10 +259,15 @@ CREATE_WINDOWS = [
     CrashWindow.INITIALIZING_WRITTEN,
     CrashWindow.OPENED_INITIALIZING,
     CrashWindow.MKFS_DONE,
+    CrashWindow.READY_HALF_WRITTEN,
     CrashWindow.READY_WRITTEN,
     CrashWindow.MOUNTED,
 ]
-REFUSING_WINDOWS = {CrashWindow.LUKS_FORMATTED, CrashWindow.KEYSLOT_ADDED}
+REFUSING_WINDOWS = {
+    CrashWindow.LUKS_FORMATTED,
+    CrashWindow.KEYSLOT_ADDED,
+    CrashWindow.READY_HALF_WRITTEN,
+}
 
 
 @pytest.mark.parametrize("window", CREATE_WINDOWS, ids=[w.value for w in CREATE_WINDOWS])
