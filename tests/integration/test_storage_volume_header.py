@@ -142,3 +142,24 @@ def test_initializing_window_recovers(img: Path, monkeypatch: pytest.MonkeyPatch
         volume._format(img, vol, passphrase, mac_key)
     obs = volume._observe(volume._read_area(img), vol, mac_key)
     assert decide(obs, None, create=False).action == "finish"
+
+
+def test_torn_ready_write_is_refused_not_reformatted(
+    img: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    volume._format(img, vol, passphrase, mac_key)
+    area = volume._read_area(img)
+
+    def hook(w: CrashWindow) -> None:
+        if w == CrashWindow.READY_HALF_WRITTEN:
+            raise Crash
+
+    monkeypatch.setattr(volume, "crash_hook", hook)
+    with header_copy(area) as copy, pytest.raises(Crash):
+        volume._mark_ready(img, copy, area, vol, mac_key)
+    torn = volume._read_area(img)
+    obs = volume._observe(torn, vol, mac_key)
+    assert obs.kind == "invalid" and any("cop" in r for r in obs.reasons), obs
+    assert decide(obs, None, create=True).action == "refuse"
