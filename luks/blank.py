@@ -140,8 +140,19 @@ def verdict(evidence: BlankEvidence) -> BlankVerdict:
 
 
 def is_zero(buf: bytes | bytearray | memoryview) -> bool:
-    data = bytes(buf)
+    data = buf if isinstance(buf, bytes) else bytes(buf)
     return data.count(0) == len(data)
+
+
+def range_is_zero(fd: int, offset: int, length: int) -> bool:
+    """Read `length` bytes at `offset` chunk by chunk; False at the first non-zero or short read."""
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(READ_CHUNK, length - done), offset + done)
+        if not chunk or not is_zero(chunk):
+            return False
+        done += len(chunk)
+    return True
 
 
 def device_size(path: Path) -> int:
@@ -173,11 +184,9 @@ def probe_blank(device: Path, *, timeout: float = 30.0) -> BlankVerdict:
     signatures: list[str] = []
     fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        signatures.extend(magics_in(os.pread(fd, 8192, 0)))
         for s in plan:
-            data = read_range(fd, s.offset, s.length)
-            if s.offset == 0:
-                signatures.extend(magics_in(data[:8192]))
-            if len(data) != s.length or not is_zero(data):
+            if not range_is_zero(fd, s.offset, s.length):
                 nonzero.append(s)
     finally:
         os.close(fd)
