@@ -46,3 +46,16 @@ def run_cva(
 @pytest.fixture
 def cva() -> object:
     return run_cva
+
+
+@pytest.fixture(scope="session")
+def go_ttrpc_client() -> Path:
+    """containerd's Go ttrpc client as a test peer (built once, cached; tests/ttrpc_peer.py)."""
+    from tests.ttrpc_peer import GoClientUnavailable, go_client
+
+    try:
+        return go_client()
+    except GoClientUnavailable as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
