@@ -56,14 +56,12 @@ import contextlib
 import errno
 import fcntl
 import json
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.contract import Volume
-
 from agent.secret import Secret
 from luks import blank, dmtable, fs, lvm, mount
 from luks.header import allow_list_reasons, parse_luks2, read_header_area
@@ -95,7 +93,7 @@ from luks.volume_plan import (
 )
 
 TOKEN_SCAN = 32
-_log = logging.getLogger("cva.luks.volume")
+_log = get_logger("cva.luks.volume")
 
 __all__ = [
     "CrashWindow",
@@ -298,10 +296,9 @@ def _ensure_lvm(vol: Volume, disk: Path) -> Path:
                 # libcryptsetup 2.6 cannot resize a LUKS2 mapping with dm-integrity (ENOTSUP):
                 # keep the volume at its size rather than extend an LV that cannot be used
                 _log.warning(
-                    "volume %s: the contract grows an integrity volume to %d bytes; "
-                    "libcryptsetup cannot resize dm-integrity, keeping the current size",
-                    vol.name,
-                    spec.size_bytes,
+                    "integrity volume not grown: libcryptsetup cannot resize dm-integrity",
+                    volume=vol.name,
+                    contract_size=spec.size_bytes,
                 )
                 continue
             lvm.extend(disk_s, spec.vg, spec.lv, spec.size_bytes)

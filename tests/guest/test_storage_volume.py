@@ -10,19 +10,17 @@ container rootfs cannot redirect the bind.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-pytest.importorskip("agent.contract")  # TEMP until the foundation stream lands
-
 from agent.contract import DiskRef
-
 from agent.secret import Secret
 from luks import disk as disk_mod
 from luks import lvm, mount, volume
@@ -46,14 +44,15 @@ from tests.guest.storage_support import (
     write_marker,
 )
 
+if os.environ.get("CVA_IN_GUEST") != "1":  # before any guest-only mark is looked up
+    pytest.skip("runs inside the qemu guest (make vm-test)", allow_module_level=True)
+
 pytestmark = [
     pytest.mark.vm,
     pytest.mark.skipif(os.environ.get("CVA_IN_GUEST") != "1", reason="runs inside the guest"),
 ]
 
 BOOT = os.environ.get("CVA_VM_BOOT", "1")
-JOB = Path("/mnt/vmjob")
-BOOT1_STATE = JOB / "storage-boot1.json"
 
 
 @pytest.fixture
@@ -416,25 +415,28 @@ def test_symlink_in_container_rootfs_does_not_redirect_bind(env: Env, tmp_path: 
 
 
 @pytest.mark.skipif(BOOT != "1", reason="first boot only")
-def test_virtio_disk_create_boot1(env: Env, blank_disk: Path, host_never_sees: object) -> None:
+def test_virtio_disk_create_boot1(
+    env: Env, blank_disk: Path, host_never_sees: Callable[[Path | str, bytes], None],
+    boot_state: Any,
+) -> None:  # fmt: skip
     serial = blank_disk.name.removeprefix("virtio-")
     dev = disk_mod.wait_for_disk(DiskRef("serial", serial), 30)
     assert dev.resolve() == blank_disk.resolve()
-    marker = b"cva-reboot-plaintext-marker-6f1c"
+    marker = f"cva-reboot-plaintext-{uuid.uuid4().hex}".encode()
+    host_never_sees(serial, marker)
     vol = make_volume("reboot", lvm=("cvareboot", "data", 128 * MIB))
     p = env.prepare(vol, dev)
     try:
         write_marker(p, marker)
     finally:
         env.release(vol, dev)
-    host_never_sees(serial, marker)  # type: ignore[operator]
-    BOOT1_STATE.write_text(json.dumps({"serial": serial, "marker": marker.decode()}))
+    boot_state.save("storage-reboot", {"serial": serial, "marker": marker.decode()})
 
 
 @pytest.mark.boot2
 @pytest.mark.skipif(BOOT != "2", reason="second boot only")
-def test_virtio_disk_reopen_boot2(env: Env) -> None:
-    state = json.loads(BOOT1_STATE.read_text())
+def test_virtio_disk_reopen_boot2(env: Env, boot_state: Any) -> None:
+    state = boot_state.load("storage-reboot")
     dev = disk_mod.wait_for_disk(DiskRef("serial", state["serial"]), 30)
     vol = make_volume("reboot", lvm=("cvareboot", "data", 128 * MIB), create=False)
     p = env.prepare(vol, dev)
