@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.contract import Volume
+from agent.log import get_logger
 from agent.secret import Secret
 from luks import blank, dmtable, fs, lvm, mount
 from luks.header import allow_list_reasons, parse_luks2, read_header_area
