@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.swtpm import swtpm_tcti  # noqa: F401 - shared fixture: a fresh swtpm per test
+
 REPO = Path(__file__).resolve().parents[1]
 VECTORS = REPO.parent / "shared" / "vectors"
 IN_CI = os.environ.get("CI") == "true"
+
+# tests/guest runs only inside the qemu guest (the VM suite, `make vm-test`), never on the host.
+if os.environ.get("CVA_IN_GUEST") != "1":
+    collect_ignore = ["guest"]
 
 
 @pytest.fixture(scope="session")
