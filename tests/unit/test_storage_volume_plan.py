@@ -12,6 +12,9 @@ from luks.volume_plan import (
     classify,
     decide,
     expected_table,
+    fs_complete,
+    fs_size_bytes,
+    initializing_action,
     mapper_name,
 )
 
@@ -86,3 +89,25 @@ def test_expected_table_and_names() -> None:
     assert e.offset_sectors == 32768 and e.sector_size == 4096 and e.integrity
     assert mapper_name("pgdata") == "cva-pgdata"
     assert len({w.value for w in CrashWindow}) == len(CrashWindow)
+
+
+def test_initializing_never_formats_over_a_complete_filesystem() -> None:
+    assert initializing_action(True) == "mark-ready"
+    assert initializing_action(False) == "mkfs"
+
+
+def test_fs_complete_needs_magic_and_xfs_not_in_progress() -> None:
+    ext = bytearray(4096)
+    ext[1024 + 56 : 1024 + 58] = b"\x53\xef"
+    ext[1024 + 4 : 1024 + 8] = (1000).to_bytes(4, "little")
+    ext[1024 + 24 : 1024 + 28] = (2).to_bytes(4, "little")
+    assert fs_complete("ext4", bytes(ext)) and not fs_complete("xfs", bytes(ext))
+    assert fs_size_bytes("ext4", bytes(ext)) == 1000 * 4096
+    xfs = bytearray(4096)
+    xfs[0:4] = b"XFSB"
+    xfs[4:8] = (4096).to_bytes(4, "big")
+    xfs[8:16] = (77824).to_bytes(8, "big")
+    assert fs_complete("xfs", bytes(xfs))
+    xfs[126] = 1  # sb_inprogress: mkfs.xfs was interrupted
+    assert not fs_complete("xfs", bytes(xfs))
+    assert not fs_complete("ext4", bytes(4096))
