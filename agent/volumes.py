@@ -93,7 +93,7 @@ class VolumeBackend(Protocol):
     """The storage layer, synchronous and idempotent per step (run in worker threads)."""
 
     def current(self, vol: Volume) -> OpenedVolume | None:
-        """The volume if it is already mounted at its guest path (needs no key)."""
+        """The volume if already mounted at its guest path (needs no key; `created` False)."""
 
     def open(self, vol: Volume, secret: Secret) -> OpenedVolume:
         """Disk -> LVM -> LUKS -> filesystem -> mounted at the guest path (formats if allowed)."""
