@@ -167,7 +167,7 @@ def _denied_handler(message: str) -> grpc.RpcMethodHandler[Any, Any]:
     return grpc.unary_unary_rpc_method_handler(deny)
 
 
-class PolicyInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+class PolicyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Checks every RPC against the contract's allow list before any handler or decoder runs."""
 
     def __init__(self, api: Any) -> None:
