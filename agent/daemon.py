@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import Callable
 
 import structlog
@@ -134,10 +135,29 @@ class Daemon:
 def run_daemon(
     config: DaemonConfig, make_manager: ManagerFactory, notifier: Notifier | None = None
 ) -> int:
-    """Run the service until SIGTERM/SIGINT; returns the exit code."""
+    """Run the service until SIGTERM/SIGINT; returns the exit code (0 = clean stop).
+
+    When storage work is still stuck in a worker thread after the grace period, the process
+    exits right away (`os._exit`) instead of waiting for the thread: every storage step is
+    crash-safe, and the next PrepareVolumes finishes what was cut off.
+    """
     os.umask(0o077)
     daemon = Daemon(config, make_manager, notifier or Notifier.from_env())
-    return asyncio.run(daemon.run())
+    loop = asyncio.new_event_loop()
+    rc = 1
+    try:
+        rc = loop.run_until_complete(daemon.run())
+    finally:
+        if rc == 0:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+    if rc != 0:
+        log.warning("exiting_with_work_in_flight")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 __all__ = ["Daemon", "ManagerFactory", "StartupError", "run_daemon"]
