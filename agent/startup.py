@@ -67,7 +67,7 @@ def production_manager(trusted: Trusted) -> ManagerFactory:
                 deadline=config.timeouts.kbs,
             )
 
-        keys = LazyKbsKeySource(kbs_client, deadline=config.timeouts.kbs, on_retry=on_status)
+        keys = LazyKbsKeySource(kbs_client)
         return VolumeManager(
             trusted.contract,
             LuksBackend(config),

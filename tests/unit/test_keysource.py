@@ -1,4 +1,4 @@
-"""The lazy, shared KBS session: made on first use, retried only on outages, closed once."""
+"""The lazy, shared KBS session (made on first use, closed once) and the status mapping."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from agent.service import status_for
 from agent.volumes import ShuttingDown
 
 
-class KbsError(CvaError):  # same names as agent.kbs's hierarchy
+class KbsError(CvaError):  # same names as agent.kbs_errors's hierarchy
     pass
 
 
@@ -21,7 +21,11 @@ class PolicyDenied(KbsError):
     pass
 
 
-class ResourceNotFound(KbsError):
+class KbsUnavailable(KbsError):
+    pass
+
+
+class KbsProtocolError(KbsError):
     pass
 
 
@@ -42,9 +46,9 @@ class FakeClient:
 
 
 def test_transient_classification() -> None:
-    assert is_transient(KbsError("connection refused"))
+    assert is_transient(KbsUnavailable("connection refused until the deadline"))
     assert not is_transient(PolicyDenied("denied"))
-    assert not is_transient(ResourceNotFound("no such resource"))
+    assert not is_transient(KbsProtocolError("not trustee"))
     assert not is_transient(CvaError("other"))
     assert not is_transient(OSError("x"))
 
@@ -56,7 +60,7 @@ async def test_client_is_made_lazily_once_and_shared() -> None:
         made.append(FakeClient([]))
         return made[-1]
 
-    src = LazyKbsKeySource(factory, deadline=5)  # type: ignore[arg-type]
+    src = LazyKbsKeySource(factory)  # type: ignore[arg-type]
     assert made == []
     with await src.get_resource("kbs:///a/b/c") as s1, await src.get_resource("kbs:///a/b/d") as s2:
         assert len(s1) == len(s2) == 32
@@ -64,35 +68,6 @@ async def test_client_is_made_lazily_once_and_shared() -> None:
     await src.aclose()
     await src.aclose()
     assert made[0].closed == 1
-
-
-async def test_outage_is_retried_until_it_ends() -> None:
-    client = FakeClient([KbsError("connection refused"), KbsError("503")])
-    retries: list[str] = []
-    src = LazyKbsKeySource(
-        lambda: client,  # type: ignore[arg-type,return-value]
-        deadline=10,
-        first_backoff=0.01,
-        on_retry=retries.append,
-    )
-    with await src.get_resource("kbs:///a/b/c") as s:
-        assert len(s) == 32
-    assert client.calls == 3 and len(retries) == 2
-
-
-async def test_refusal_is_not_retried() -> None:
-    client = FakeClient([PolicyDenied("the KBS policy denied the resource")])
-    src = LazyKbsKeySource(lambda: client, deadline=10, first_backoff=0.01)  # type: ignore[arg-type,return-value]
-    with pytest.raises(PolicyDenied):
-        await src.get_resource("kbs:///a/b/c")
-    assert client.calls == 1
-
-
-async def test_outage_gives_up_at_the_deadline() -> None:
-    client = FakeClient([KbsError("down")] * 1000)
-    src = LazyKbsKeySource(lambda: client, deadline=0.05, first_backoff=0.01)  # type: ignore[arg-type,return-value]
-    with pytest.raises(KbsError):
-        await src.get_resource("kbs:///a/b/c")
 
 
 @pytest.mark.parametrize(
@@ -103,7 +78,8 @@ async def test_outage_gives_up_at_the_deadline() -> None:
         (policy.ContainerNotFound("x"), grpc.StatusCode.NOT_FOUND),
         (policy.BundleError("x"), grpc.StatusCode.FAILED_PRECONDITION),
         (ShuttingDown("x"), grpc.StatusCode.UNAVAILABLE),
-        (KbsError("down"), grpc.StatusCode.UNAVAILABLE),
+        (KbsUnavailable("down"), grpc.StatusCode.UNAVAILABLE),
+        (KbsError("tls"), grpc.StatusCode.FAILED_PRECONDITION),
         (PolicyDenied("kbs said no"), grpc.StatusCode.FAILED_PRECONDITION),
         (CvaError("header refused"), grpc.StatusCode.FAILED_PRECONDITION),
         (ValueError("bug"), grpc.StatusCode.INTERNAL),
