@@ -52,6 +52,7 @@ _STATE = {
     VolumeState.OPEN: agent_pb2.VOLUME_STATE_OPEN,
     VolumeState.MOUNTED: agent_pb2.VOLUME_STATE_MOUNTED,
     VolumeState.BOUND: agent_pb2.VOLUME_STATE_BOUND,
+    VolumeState.CLOSED: agent_pb2.VOLUME_STATE_CLOSED,
 }
 
 

@@ -36,8 +36,10 @@ T = TypeVar("T")
 
 
 class VolumeState(enum.Enum):
-    """DESIGN §4, plus BOUND (bind-mounted into at least one container)."""
+    """DESIGN §4, plus BOUND (bind-mounted into at least one container) and CLOSED (not open
+    here; its on-disk state is not inspected without the key)."""
 
+    CLOSED = "closed"
     ABSENT = "absent"
     INITIALIZING = "initializing"
     READY = "ready"

@@ -36,9 +36,12 @@ class _VolumeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VolumeSta
     VOLUME_STATE_OPEN: _VolumeState.ValueType  # 4
     VOLUME_STATE_MOUNTED: _VolumeState.ValueType  # 5
     VOLUME_STATE_BOUND: _VolumeState.ValueType  # 6
+    VOLUME_STATE_CLOSED: _VolumeState.ValueType  # 7
 
 class VolumeState(_VolumeState, metaclass=_VolumeStateEnumTypeWrapper):
-    """DESIGN.md section 4: the per-volume state machine, plus BOUND (bind-mounted into a container)."""
+    """DESIGN.md section 4: the per-volume state machine, plus BOUND (bind-mounted into a container)
+    and CLOSED (not open in this guest; its on-disk state is not inspected without the key).
+    """
 
 VOLUME_STATE_UNSPECIFIED: VolumeState.ValueType  # 0
 VOLUME_STATE_ABSENT: VolumeState.ValueType  # 1
@@ -47,6 +50,7 @@ VOLUME_STATE_READY: VolumeState.ValueType  # 3
 VOLUME_STATE_OPEN: VolumeState.ValueType  # 4
 VOLUME_STATE_MOUNTED: VolumeState.ValueType  # 5
 VOLUME_STATE_BOUND: VolumeState.ValueType  # 6
+VOLUME_STATE_CLOSED: VolumeState.ValueType  # 7
 Global___VolumeState: _TypeAlias = VolumeState  # noqa: Y015
 
 @_typing.final
