@@ -7,7 +7,7 @@ from agent.mountinfo import MOUNTINFO, mount_source
 SAMPLE = """\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
 90 22 253:0 / /run/cva/volumes/pg rw,nosuid,nodev shared:40 - ext4 /dev/mapper/cva-pg rw
-91 22 253:0 / /run/kata-containers/c1/rootfs/var/lib/with\\040space rw shared:41 - ext4 /dev/mapper/cva-pg rw
+91 22 253:0 / /run/kata/c1/rootfs/with\\040space rw shared:41 - ext4 /dev/mapper/cva-pg rw
 92 22 0:50 / /run/cva/volumes/pg rw - tmpfs tmp\\134fs rw
 garbage line
 """
@@ -19,7 +19,7 @@ def test_topmost_mount_wins() -> None:
 
 
 def test_escaped_mountpoint() -> None:
-    p = Path("/run/kata-containers/c1/rootfs/var/lib/with space")
+    p = Path("/run/kata/c1/rootfs/with space")
     assert mount_source(SAMPLE, p) == "/dev/mapper/cva-pg"
 
 
