@@ -36,9 +36,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from agent.config import load_config  # noqa: PLC0415 - lazy: keeps `cva --help` fast
+
+    config = load_config(args.config)  # a bad config is refused before anything else loads
     from agent.startup import serve  # noqa: PLC0415 - lazy: keeps `cva --help` fast
 
-    return serve(load_config(args.config))
+    return serve(config)
 
 
 def _print(doc: dict[str, Any]) -> int:

@@ -83,6 +83,10 @@ class SpliceListener:
                     return
                 try:
                     await _pump_both(reader, writer, up_r, up_w)
+                except asyncio.CancelledError:
+                    # close() cut this connection: end the handler normally (asyncio's stream
+                    # callback would otherwise report the cancellation as an error)
+                    pass
                 finally:
                     await _close(up_w)
         finally:
