@@ -1,0 +1,539 @@
+"""A typed ctypes binding to the system's libcryptsetup (Debian's libcryptsetup12).
+
+Only the calls cva needs, with the layouts of libcryptsetup 2.6's public header. Rules:
+
+- libcryptsetup is not thread-safe: every call runs under one process-wide lock (`_LOCK`).
+- Keys and passphrases go in as ctypes arrays made with `from_buffer` over a `Secret`'s own
+  bytearray: no `bytes`/`str` copy is ever made on the Python side. The caller's `Secret` stays
+  the owner and wipes it; this module never keeps a reference after the call.
+- Errors become `CryptError` carrying the negative errno and libcryptsetup's own last log line
+  (captured through `crypt_set_log_callback`); a wrong passphrase (-EPERM, which libcryptsetup
+  does not log) becomes `WrongPassphrase`. Messages never contain key material.
+- Reading can write (DESIGN §7): `load()` lets libcryptsetup "repair" a header copy it deems
+  stale. Never call it on an on-disk header cva has not validated itself; the open path loads a
+  validated in-memory copy (`header_copy()` here, passed as `CryptDevice.open(..., header=...)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno as errno_mod
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Final
+
+from agent.errors import CvaError
+from agent.secret import Secret
+
+LIBRARY_NAME: Final = "libcryptsetup.so.12"
+
+# --- the on-disk profile cva formats with (DESIGN §5) -------------------------------------
+CIPHER: Final = "aes"
+CIPHER_MODE: Final = "xts-plain64"
+VOLUME_KEY_BYTES: Final = 64  # aes-xts-plain64 with a 512-bit key
+INTEGRITY_ALGORITHM: Final = "hmac(sha256)"
+INTEGRITY_KEY_BYTES: Final = 32  # libcryptsetup appends the hmac key to the volume key
+METADATA_BYTES: Final = 16 * 1024  # per binary header + JSON copy
+KEYSLOTS_BYTES: Final = 16352 * 1024
+DATA_OFFSET_BYTES: Final = 16 * 1024 * 1024  # = 2 * METADATA_BYTES + KEYSLOTS_BYTES
+SECTOR_SIZE: Final = 4096
+PBKDF_TYPE: Final = "pbkdf2"
+PBKDF_HASH: Final = "sha256"
+PBKDF_ITERATIONS: Final = 1000  # the minimum libcryptsetup accepts for pbkdf2
+
+# --- constants from libcryptsetup.h -------------------------------------------------------
+CRYPT_LUKS2: Final = b"LUKS2"
+CRYPT_ANY_SLOT: Final = -1
+CRYPT_ANY_TOKEN: Final = -1
+CRYPT_PBKDF_NO_BENCHMARK: Final = 1 << 1
+CRYPT_ACTIVATE_READONLY: Final = 1 << 0
+CRYPT_ACTIVATE_KEYRING_KEY: Final = 1 << 11
+CRYPT_ACTIVATE_NO_READ_WORKQUEUE: Final = 1 << 24
+CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE: Final = 1 << 25
+CRYPT_DEACTIVATE_DEFERRED: Final = 1 << 0
+CRYPT_LOG_NORMAL: Final = 0
+CRYPT_LOG_ERROR: Final = 1
+CRYPT_DEBUG_NONE: Final = 0
+_STATUS_NAMES: Final = {0: "invalid", 1: "inactive", 2: "active", 3: "busy"}
+
+_MAX_LOG_LINE = 300
+
+
+class CryptError(CvaError):
+    """A libcryptsetup call failed; `errno` is the positive errno value."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class WrongPassphrase(CryptError):
+    """The passphrase does not open the keyslot (libcryptsetup returned -EPERM)."""
+
+
+class _PbkdfType(ctypes.Structure):
+    _fields_ = (
+        ("type", ctypes.c_char_p),
+        ("hash", ctypes.c_char_p),
+        ("time_ms", ctypes.c_uint32),
+        ("iterations", ctypes.c_uint32),
+        ("max_memory_kb", ctypes.c_uint32),
+        ("parallel_threads", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    )
+
+
+class _ParamsLuks2(ctypes.Structure):
+    _fields_ = (
+        ("pbkdf", ctypes.POINTER(_PbkdfType)),
+        ("integrity", ctypes.c_char_p),
+        ("integrity_params", ctypes.c_void_p),
+        ("data_alignment", ctypes.c_size_t),
+        ("data_device", ctypes.c_char_p),
+        ("sector_size", ctypes.c_uint32),
+        ("label", ctypes.c_char_p),
+        ("subsystem", ctypes.c_char_p),
+    )
+
+
+_LogFunc = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+# One lock for every call into the library (it is not thread-safe), re-entrant so a method can
+# call another. The log lines the callback collects belong to the call holding the lock.
+_LOCK = threading.RLock()
+_log_lines: list[tuple[int, str]] = []
+_lib: ctypes.CDLL | None = None
+
+
+def _sanitize(text: str) -> str:
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return " ".join(text.split())[:_MAX_LOG_LINE]
+
+
+def _on_log(level: int, msg: bytes | None, _usrptr: int | None) -> None:
+    if msg is None:
+        return
+    line = _sanitize(msg.decode("utf-8", errors="replace"))
+    if line:
+        del _log_lines[:-20]
+        _log_lines.append((level, line))
+
+
+_LOG_CALLBACK = _LogFunc(_on_log)  # kept alive for the process' lifetime
+
+
+def _c(func: str, restype: object, *argtypes: object) -> None:
+    assert _lib is not None
+    f = getattr(_lib, func)
+    f.restype = restype
+    f.argtypes = list(argtypes)
+
+
+def _library() -> ctypes.CDLL:
+    """Load libcryptsetup once, declare the prototypes, route its log lines to us."""
+    global _lib  # noqa: PLW0603 - the library is loaded once per process
+    with _LOCK:
+        if _lib is not None:
+            return _lib
+        try:
+            _lib = ctypes.CDLL(LIBRARY_NAME, use_errno=True)
+        except OSError:
+            raise CryptError(
+                f"{LIBRARY_NAME} not found; install Debian's libcryptsetup12", errno_mod.ENOENT
+            ) from None
+        vp, cp, i, u32, u64, sz = (
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.c_uint32,
+            ctypes.c_uint64,
+            ctypes.c_size_t,
+        )
+        pp = ctypes.POINTER(ctypes.c_void_p)
+        ccp = ctypes.POINTER(ctypes.c_char_p)
+        _c("crypt_init", i, pp, cp)
+        _c("crypt_init_data_device", i, pp, cp, cp)
+        _c("crypt_free", None, vp)
+        _c("crypt_set_log_callback", None, vp, _LogFunc, vp)
+        _c("crypt_set_debug_level", None, i)
+        _c("crypt_set_pbkdf_type", i, vp, ctypes.POINTER(_PbkdfType))
+        _c("crypt_set_metadata_size", i, vp, u64, u64)
+        _c("crypt_set_data_offset", i, vp, u64)
+        _c("crypt_format", i, vp, cp, cp, cp, cp, vp, sz, vp)
+        _c("crypt_load", i, vp, cp, vp)
+        _c("crypt_keyslot_add_by_volume_key", i, vp, i, vp, sz, vp, sz)
+        _c("crypt_activate_by_passphrase", i, vp, cp, i, vp, sz, u32)
+        _c("crypt_deactivate_by_name", i, vp, cp, u32)
+        _c("crypt_status", i, vp, cp)
+        _c("crypt_token_json_get", i, vp, i, ccp)
+        _c("crypt_token_json_set", i, vp, i, cp)
+        _c("crypt_resize", i, vp, cp, u64)
+        _c("crypt_get_uuid", cp, vp)
+        _c("crypt_get_type", cp, vp)
+        _c("crypt_dump_json", i, vp, ccp, u32)
+        _c("crypt_metadata_locking", i, vp, i)
+        _lib.crypt_set_debug_level(CRYPT_DEBUG_NONE)
+        _lib.crypt_set_log_callback(None, _LOG_CALLBACK, None)
+        return _lib
+
+
+def _error(call: str, rc: int, what: str) -> CryptError:
+    err = -rc if rc < 0 else errno_mod.EINVAL
+    errors = [line for level, line in _log_lines if level == CRYPT_LOG_ERROR]
+    detail = errors[-1] if errors else (_log_lines[-1][1] if _log_lines else "")
+    name = errno_mod.errorcode.get(err, str(err))
+    msg = f"{what}: libcryptsetup {call} failed ({name})"
+    if detail:
+        msg += f": {detail}"
+    cls = WrongPassphrase if err == errno_mod.EPERM and "passphrase" in call else CryptError
+    if cls is WrongPassphrase:
+        msg = f"{what}: wrong passphrase: it opens no keyslot of this header; nothing was changed"
+    return cls(msg, err)
+
+
+def _encode(text: str) -> bytes:
+    if "\x00" in text:
+        raise CryptError(f"NUL byte in argument {text!r}", errno_mod.EINVAL)
+    return text.encode("utf-8")
+
+
+@contextmanager
+def _key_buffer(secret: Secret | None, what: str) -> Iterator[ctypes.Array[ctypes.c_char] | None]:
+    """A ctypes view over the Secret's own bytearray (no copy); released after the call."""
+    if secret is None:
+        yield None
+        return
+    if not len(secret):
+        raise CryptError(f"empty {what}", errno_mod.EINVAL)
+    arr: ctypes.Array[ctypes.c_char] | None = (ctypes.c_char * len(secret)).from_buffer(secret.data)
+    try:
+        yield arr
+    finally:
+        # drop the buffer export so the Secret can be wiped (a live export pins the bytearray)
+        arr = None
+        del arr
+
+
+class CryptDevice:
+    """One libcryptsetup context (`struct crypt_device *`). Use as a context manager."""
+
+    def __init__(self, handle: int, device: str, header: str | None) -> None:
+        self._handle: int | None = handle
+        self.device = device
+        self.header = header
+
+    # --- life cycle -----------------------------------------------------------------------
+    @classmethod
+    def open(cls, device: str, *, header: str | None = None) -> CryptDevice:
+        """Initialise a context on `device` (data device); `header` = detached header path.
+
+        Touches nothing on disk: `load()` or `format_luks2()` come next.
+        """
+        lib = _library()
+        handle = ctypes.c_void_p()
+        with _LOCK:
+            _log_lines.clear()
+            if header is None:
+                rc = lib.crypt_init(ctypes.byref(handle), _encode(device))
+                call = "crypt_init"
+            else:
+                rc = lib.crypt_init_data_device(
+                    ctypes.byref(handle), _encode(header), _encode(device)
+                )
+                call = "crypt_init_data_device"
+            if rc < 0 or not handle.value:
+                raise _error(call, rc, device)
+            return cls(handle.value, device, header)
+
+    def close(self) -> None:
+        with _LOCK:
+            if self._handle is not None:
+                _library().crypt_free(self._handle)
+                self._handle = None
+
+    def __enter__(self) -> CryptDevice:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # at interpreter shutdown ctypes may already be gone: nothing left to free then
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _cd(self) -> int:
+        if self._handle is None:
+            raise CryptError(f"{self.device}: crypt device context already closed", errno_mod.EBADF)
+        return self._handle
+
+    def _check(self, call: str, rc: int) -> int:
+        if rc < 0:
+            raise _error(call, rc, self.device)
+        return rc
+
+    # --- format / load --------------------------------------------------------------------
+    def format_luks2(self, *, integrity: bool, volume_key: Secret | None = None) -> None:
+        """Write a fresh LUKS2 header with cva's profile (DESIGN §5); no keyslot yet.
+
+        `volume_key` None = libcryptsetup makes a random one (kept in this context for
+        `keyslot_add_by_volume_key`). With `integrity` the volume key is 64 + 32 bytes (the
+        hmac(sha256) key is appended) and libcryptsetup writes the dm-integrity superblock,
+        which needs device-mapper.
+        """
+        lib = _library()
+        key_bytes = VOLUME_KEY_BYTES + (INTEGRITY_KEY_BYTES if integrity else 0)
+        if volume_key is not None and len(volume_key) != key_bytes:
+            raise CryptError(
+                f"{self.device}: volume key must be {key_bytes} bytes, got {len(volume_key)}",
+                errno_mod.EINVAL,
+            )
+        pbkdf = _PbkdfType(
+            type=PBKDF_TYPE.encode(),
+            hash=PBKDF_HASH.encode(),
+            time_ms=0,
+            iterations=PBKDF_ITERATIONS,
+            max_memory_kb=0,
+            parallel_threads=0,
+            flags=CRYPT_PBKDF_NO_BENCHMARK,
+        )
+        params = _ParamsLuks2(
+            pbkdf=ctypes.pointer(pbkdf),
+            integrity=INTEGRITY_ALGORITHM.encode() if integrity else None,
+            integrity_params=None,
+            data_alignment=0,
+            data_device=None,
+            sector_size=SECTOR_SIZE,
+            label=None,
+            subsystem=None,
+        )
+        with _LOCK:
+            _log_lines.clear()
+            cd = self._cd()
+            # the PBKDF must be set before crypt_format, or format benchmarks (DEPENDENCIES.md)
+            self._check("crypt_set_pbkdf_type", lib.crypt_set_pbkdf_type(cd, ctypes.byref(pbkdf)))
+            self._check(
+                "crypt_set_metadata_size",
+                lib.crypt_set_metadata_size(cd, METADATA_BYTES, KEYSLOTS_BYTES),
+            )
+            self._check(
+                "crypt_set_data_offset", lib.crypt_set_data_offset(cd, DATA_OFFSET_BYTES // 512)
+            )
+            with _key_buffer(volume_key, "volume key") as vk:
+                rc = lib.crypt_format(
+                    cd,
+                    CRYPT_LUKS2,
+                    CIPHER.encode(),
+                    CIPHER_MODE.encode(),
+                    None,
+                    vk,
+                    key_bytes,
+                    ctypes.byref(params),
+                )
+                del vk
+            self._check("crypt_format", rc)
+
+    def load(self) -> None:
+        """Load the LUKS2 header (of the detached `header` when given). See the module note."""
+        lib = _library()
+        with _LOCK:
+            _log_lines.clear()
+            self._check("crypt_load", lib.crypt_load(self._cd(), CRYPT_LUKS2, None))
+
+    # --- keyslots / activation ------------------------------------------------------------
+    def keyslot_add_by_volume_key(
+        self, passphrase: Secret, *, keyslot: int = 0, volume_key: Secret | None = None
+    ) -> int:
+        """Add a keyslot (PBKDF2 as set by `format_luks2`) for `passphrase`; returns its number.
+
+        `volume_key` None = the key made by `format_luks2` in this same context.
+        """
+        lib = _library()
+        with _LOCK:
+            _log_lines.clear()
+            cd = self._cd()
+            # a loaded (not freshly formatted) context needs the profile's PBKDF again
+            pbkdf = _PbkdfType(
+                type=PBKDF_TYPE.encode(),
+                hash=PBKDF_HASH.encode(),
+                iterations=PBKDF_ITERATIONS,
+                flags=CRYPT_PBKDF_NO_BENCHMARK,
+            )
+            self._check("crypt_set_pbkdf_type", lib.crypt_set_pbkdf_type(cd, ctypes.byref(pbkdf)))
+            with (
+                _key_buffer(volume_key, "volume key") as vk,
+                _key_buffer(passphrase, "passphrase") as pw,
+            ):
+                rc = lib.crypt_keyslot_add_by_volume_key(
+                    cd,
+                    keyslot,
+                    vk,
+                    len(volume_key) if volume_key is not None else 0,
+                    pw,
+                    len(passphrase),
+                )
+                del vk, pw
+            return self._check("crypt_keyslot_add_by_volume_key", rc)
+
+    def activate_by_passphrase(
+        self,
+        name: str | None,
+        passphrase: Secret,
+        *,
+        read_only: bool = False,
+        keyslot: int = 0,
+        keyring: bool = False,
+    ) -> int:
+        """Activate `/dev/mapper/<name>` (no_read/no_write_workqueue); `name=None` only checks
+        the passphrase. Returns the keyslot that opened. Raises WrongPassphrase on -EPERM.
+
+        `keyring=True` with `name=None` loads the volume key into the kernel keyring for a later
+        `resize` of a device whose key lives there.
+        """
+        lib = _library()
+        flags = CRYPT_ACTIVATE_NO_READ_WORKQUEUE | CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE
+        if read_only:
+            flags |= CRYPT_ACTIVATE_READONLY
+        if keyring:
+            flags |= CRYPT_ACTIVATE_KEYRING_KEY
+        c_name = _encode(name) if name is not None else None
+        with _LOCK:
+            _log_lines.clear()
+            cd = self._cd()
+            with _key_buffer(passphrase, "passphrase") as pw:
+                rc = lib.crypt_activate_by_passphrase(
+                    cd, c_name, keyslot, pw, len(passphrase), flags
+                )
+                del pw
+            return self._check("crypt_activate_by_passphrase", rc)
+
+    def deactivate(self, name: str) -> None:
+        lib = _library()
+        with _LOCK:
+            _log_lines.clear()
+            self._check(
+                "crypt_deactivate_by_name",
+                lib.crypt_deactivate_by_name(self._cd(), _encode(name), 0),
+            )
+
+    def resize(self, name: str, size_sectors: int = 0) -> None:
+        """Resize the active mapping to `size_sectors` (512-byte units), 0 = the whole device.
+
+        If the volume key lives in the kernel keyring, first call
+        `activate_by_passphrase(None, passphrase, keyring=True)` on this context.
+        """
+        lib = _library()
+        with _LOCK:
+            _log_lines.clear()
+            self._check("crypt_resize", lib.crypt_resize(self._cd(), _encode(name), size_sectors))
+
+    # --- tokens / metadata ----------------------------------------------------------------
+    def token_json_get(self, token: int) -> str | None:
+        """The token's JSON text, or None when that token id is empty."""
+        lib = _library()
+        out = ctypes.c_char_p()
+        with _LOCK:
+            _log_lines.clear()
+            rc = lib.crypt_token_json_get(self._cd(), token, ctypes.byref(out))
+            if rc in (-errno_mod.EINVAL, -errno_mod.ENOENT) and out.value is None:
+                return None
+            self._check("crypt_token_json_get", rc)
+            return out.value.decode("utf-8") if out.value is not None else None
+
+    def token_json_set(self, token: int, json_text: str | None) -> int:
+        """Store (or with None, remove) a token; returns its id. Writes both header copies."""
+        lib = _library()
+        with _LOCK:
+            _log_lines.clear()
+            rc = lib.crypt_token_json_set(
+                self._cd(), token, _encode(json_text) if json_text is not None else None
+            )
+            return self._check("crypt_token_json_set", rc)
+
+    @property
+    def uuid(self) -> str:
+        with _LOCK:
+            raw = _library().crypt_get_uuid(self._cd())
+        if not raw:
+            raise CryptError(f"{self.device}: no LUKS header loaded (no UUID)", errno_mod.EINVAL)
+        return str(raw.decode("ascii"))
+
+    @property
+    def type(self) -> str | None:
+        with _LOCK:
+            raw = _library().crypt_get_type(self._cd())
+        return raw.decode("ascii") if raw else None
+
+    def dump_json(self) -> str:
+        """libcryptsetup's JSON dump of the loaded LUKS2 metadata."""
+        lib = _library()
+        out = ctypes.c_char_p()
+        with _LOCK:
+            _log_lines.clear()
+            self._check("crypt_dump_json", lib.crypt_dump_json(self._cd(), ctypes.byref(out), 0))
+            if out.value is None:
+                raise CryptError(f"{self.device}: crypt_dump_json returned nothing", errno_mod.EIO)
+            return out.value.decode("utf-8")
+
+
+def active_status(name: str) -> str:
+    """ "inactive" | "active" | "busy" | "invalid" for `/dev/mapper/<name>`."""
+    lib = _library()
+    with _LOCK:
+        _log_lines.clear()
+        rc = lib.crypt_status(None, _encode(name))
+    return _STATUS_NAMES.get(rc, "invalid")
+
+
+def deactivate_by_name(name: str, *, deferred: bool = False) -> None:
+    """Remove `/dev/mapper/<name>` without a header context."""
+    lib = _library()
+    with _LOCK:
+        _log_lines.clear()
+        rc = lib.crypt_deactivate_by_name(
+            None, _encode(name), CRYPT_DEACTIVATE_DEFERRED if deferred else 0
+        )
+        if rc < 0:
+            raise _error("crypt_deactivate_by_name", rc, name)
+
+
+def disable_metadata_locking() -> None:
+    """Turn off libcryptsetup's file-based metadata locks for this process (global, one way).
+
+    Useful when every header cva hands the library is its own private in-memory copy.
+    """
+    lib = _library()
+    with _LOCK:
+        _log_lines.clear()
+        rc = lib.crypt_metadata_locking(None, 0)
+        if rc < 0:
+            raise _error("crypt_metadata_locking", rc, "libcryptsetup")
+
+
+@contextmanager
+def header_copy(
+    area: bytes | bytearray | memoryview, name: str = "cva-luks-header"
+) -> Iterator[str]:
+    """Put a (validated) header area in an anonymous memfd; yield a path libcryptsetup can open.
+
+    The memfd lives in guest memory only and is freed when the block ends. Whatever the
+    library writes goes to this copy, never to the disk.
+    """
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(area).cast("B")
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
+        yield f"/proc/{os.getpid()}/fd/{fd}"
+    finally:
+        os.close(fd)
