@@ -216,6 +216,7 @@ class VolumeManager:
         task: asyncio.Task[T] = asyncio.create_task(locked(), name=f"cva-volume-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve)  # a caller that gave up must not leave it unread
         return await asyncio.shield(task)
 
     async def drain(self, timeout: float) -> bool:
@@ -341,3 +342,8 @@ class VolumeManager:
                 )
             )
         return tuple(out)
+
+
+def _retrieve(task: asyncio.Task[object]) -> None:
+    if not task.cancelled():
+        task.exception()
