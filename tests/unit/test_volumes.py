@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent import policy
 from agent.errors import CvaError
@@ -211,3 +214,21 @@ async def test_drain_times_out_on_stuck_work(tmp_path: Path) -> None:
     assert await m.drain(0.05) is False
     gate.set()
     await task
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cid=st.text(max_size=300))
+def test_any_container_id_gets_a_clean_answer(tmp_path: Path, cid: str) -> None:
+    make_bundle(tmp_path / "kata", "c1", "postgres")
+    m, backend, _ = _manager(tmp_path)
+
+    async def go() -> None:
+        with contextlib.suppress(policy.RequestError, policy.ContainerNotFound, policy.BundleError):
+            await m.prepare(cid)
+        with contextlib.suppress(policy.RequestError):
+            await m.release(cid)
+
+    asyncio.run(go())
+    assert all(name == "pg" for _op, name in backend.calls)
