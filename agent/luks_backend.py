@@ -55,9 +55,9 @@ class LuksBackend:
         luks_mount.bind_into_rootfs(opened.guest_path, rootfs, vol.mount, read_only=vol.read_only)
 
     def unbind(self, vol: Volume, rootfs: Path) -> None:
-        target = rootfs / vol.mount.lstrip("/")
-        if mount_source(MOUNTINFO.read_text(), target) is not None:
-            luks_mount.unmount(target)
+        guest = self._guest_path(vol)
+        if rootfs.is_dir() and guest.is_dir():
+            luks_mount.unbind_from_rootfs(guest, rootfs, vol.mount)
 
     def close(self, vol: Volume) -> None:
         luks_volume.release_volume(vol, runtime_dir=self._runtime_dir, mount_base=self._mount_base)
