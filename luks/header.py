@@ -14,7 +14,19 @@ The JSON area follows (hdr_size - 4096 bytes, NUL-terminated, zero padded). The 
 copy starts at offset hdr_size with magic "SKUL\\xba\\xbe". The checksum is sha256 over the
 hdr_size bytes of a copy with the csum field zeroed.
 
-Reasons are "<rule>: <what is wrong>", the rule being a stable name tests and users can grep.
+Reasons are "<rule>: <what is wrong>", the rule being a stable name tests and users can grep:
+  header-copies    the secondary copy is broken, or differs (seqid, uuid, JSON, ...)
+  metadata-size, config, header-area, uuid, label, json-padding   binary/config profile
+  json-fields      an unknown or missing field anywhere (top level, keyslot, segment, ...)
+  keyslot-count/-type/-key-size/-cipher/-af/-kdf/-area   exactly keyslot 0, luks2, pbkdf2
+                   sha256 1000..10000 iterations, AF luks1/sha256/4000, raw aes-xts-plain64
+                   64-byte area inside the keyslots region (not the JSON, not the data)
+  segment-count/-type/-cipher/-offset/-size/-iv-tweak, sector-size, segment-integrity
+  digest-count/-binding/-kdf   exactly digest 0 binding keyslot 0 to segment 0
+  token-count/-type/-fields    at most token 0, of type cva, with exactly cva's fields
+  requirements, config-flags   none; only no-read/no-write-workqueue
+Any JSON parser differential with libcryptsetup's json-c (duplicate keys, NUL inside strings,
+numbers as strings, trailing data) ends in a refusal here: every value must equal cva's.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import hmac
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -265,6 +278,9 @@ def read_header_area(device: str) -> bytes:
     except OSError as exc:
         raise InputError(f"{device}: cannot open ({exc.strerror}); check the path") from None
     try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):
+            raise InputError(f"{device}: not a block device or image file")
         chunks: list[bytes] = []
         got = 0
         while got < HEADER_AREA_BYTES:
@@ -457,10 +473,12 @@ def _check_keyslots(hdr: LuksHeader, key_bytes: int, r: _Reasons) -> None:
             _check_kdf(f"{where}.kdf", kdf, r, "keyslot-kdf")
         area = _obj(r, "keyslot-area", f"{where}.area", ks.get("area", {}))
         if area is not None:
-            _check_area(where, area, key_bytes, r)
+            _check_area(where, area, key_bytes, hdr.primary.hdr_size, r)
 
 
-def _check_area(where: str, area: Mapping[str, Json], key_bytes: int, r: _Reasons) -> None:
+def _check_area(
+    where: str, area: Mapping[str, Json], key_bytes: int, hdr_size: int, r: _Reasons
+) -> None:
     r.fields(
         "json-fields", f"{where}.area", area, {"type", "offset", "size", "encryption", "key_size"}
     )
@@ -471,7 +489,7 @@ def _check_area(where: str, area: Mapping[str, Json], key_bytes: int, r: _Reason
     if offset is None or size is None:
         r.add("keyslot-area", f"{where}.area offset/size are not LUKS2 uint64 strings")
         return
-    region_start = 2 * PROFILE_HDR_SIZE
+    region_start = 2 * max(hdr_size, PROFILE_HDR_SIZE)  # after both header + JSON copies
     region_end = region_start + PROFILE_KEYSLOTS_SIZE
     if offset < region_start:
         r.add(

@@ -1,0 +1,171 @@
+"""Per-volume keys (DESIGN §3) and the `cva` LUKS2 token that records a volume's state (§4).
+
+Keys: from the KBS resource bytes `secret` (>= 32 bytes), HKDF-SHA256 (no salt, 32-byte
+output) derives
+    passphrase = HKDF(secret, info="cva/v1/luks-passphrase/" + name)
+    mac_key    = HKDF(secret, info="cva/v1/header-mac/" + name)
+
+Token: `{"type": "cva", "keyslots": [], "state": S, "volume": NAME, "mac": HEX}` stored as
+LUKS2 token 0. `keyslots` stays empty so no libcryptsetup token plugin is ever tried for it.
+
+    mac = HMAC-SHA256(mac_key, "cva/v1/token-mac" 0x00 || lp(M) || lp(S) || lp(NAME) || lp(UUID))
+
+where lp(x) = 8-byte big-endian length of x || x, every string UTF-8, UUID the binary header's
+UUID, and M the **canonical header metadata without tokens**:
+
+    M = json.dumps(
+            {"luks2": <the primary copy's JSON object without its "tokens" member>,
+             "hdr_size": <binary header hdr_size>, "checksum_alg": <binary header checksum_alg>,
+             "label": <binary header label>, "subsystem": <binary header subsystem>},
+            sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+i.e. JSON with keys sorted at every level, no whitespace, only ASCII (other characters as
+\\uXXXX escapes). It covers keyslots, segments, digests and config (every field libcryptsetup
+uses to unlock and map the volume) but not the tokens (so changing the state keeps M) nor the
+seqid/salt/checksum (which every header write changes). The host cannot forge a MAC without
+the KBS secret. NOTE: it can replay an older, genuine header of the same volume (e.g. one
+still in state `initializing`); the state machine must not trust `initializing` alone to
+reformat a volume (check the opened device for a filesystem first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from typing import Final
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from agent.errors import InputError
+from agent.secret import Secret
+from luks.header import (
+    TOKEN_STATES,
+    TOKEN_TYPE,
+    VOLUME_NAME_RE,
+    Json,
+    LuksHeader,
+    token_shape_reasons,
+)
+
+MIN_SECRET_BYTES: Final = 32
+DERIVED_KEY_BYTES: Final = 32
+PASSPHRASE_INFO: Final = "cva/v1/luks-passphrase/"  # noqa: S105 - an HKDF label
+MAC_KEY_INFO: Final = "cva/v1/header-mac/"
+MAC_DOMAIN: Final = b"cva/v1/token-mac\x00"
+STATE_INITIALIZING: Final = "initializing"
+STATE_READY: Final = "ready"
+
+
+class TokenError(InputError):
+    """The `cva` token is missing, malformed, for another volume, or its MAC does not match."""
+
+
+def _check_name(volume_name: str) -> None:
+    if not VOLUME_NAME_RE.fullmatch(volume_name):
+        raise TokenError(f"volume name {volume_name!r} is not [a-z0-9][a-z0-9-]{{0,30}}")
+
+
+def _hkdf(secret: Secret, info: str) -> Secret:
+    kdf = HKDF(algorithm=hashes.SHA256(), length=DERIVED_KEY_BYTES, salt=None, info=info.encode())
+    # cryptography returns immutable bytes: copy them into a wipeable Secret at once
+    return Secret(kdf.derive(secret.data))
+
+
+def derive_keys(secret: Secret, volume_name: str) -> tuple[Secret, Secret]:
+    """(passphrase, mac_key) for one volume, from the KBS resource bytes (DESIGN §3)."""
+    _check_name(volume_name)
+    if len(secret) < MIN_SECRET_BYTES:
+        raise TokenError(
+            f"the KBS resource for volume {volume_name!r} has {len(secret)} bytes; at least "
+            f"{MIN_SECRET_BYTES} random bytes are required (store a longer key in the KBS)"
+        )
+    return _hkdf(secret, PASSPHRASE_INFO + volume_name), _hkdf(secret, MAC_KEY_INFO + volume_name)
+
+
+def canonical_metadata(hdr: LuksHeader) -> bytes:
+    """M of the module docstring: the header metadata the MAC covers (tokens excluded)."""
+    luks2 = {k: v for k, v in hdr.metadata.items() if k != "tokens"}
+    doc: dict[str, Json] = {
+        "luks2": luks2,
+        "hdr_size": hdr.primary.hdr_size,
+        "checksum_alg": hdr.primary.checksum_alg,
+        "label": hdr.primary.label,
+        "subsystem": hdr.primary.subsystem,
+    }
+    try:
+        text = json.dumps(
+            doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        )
+    except (ValueError, TypeError, RecursionError):
+        raise TokenError("header metadata cannot be canonicalised") from None
+    return text.encode("ascii")
+
+
+def _lp(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "big") + data
+
+
+def token_mac(hdr: LuksHeader, state: str, volume_name: str, mac_key: Secret) -> str:
+    """The hex MAC binding state and volume name to this header (see the module docstring)."""
+    message = (
+        MAC_DOMAIN
+        + _lp(canonical_metadata(hdr))
+        + _lp(state.encode("utf-8"))
+        + _lp(volume_name.encode("utf-8"))
+        + _lp(hdr.uuid.encode("utf-8"))
+    )
+    return hmac.new(mac_key.data, message, hashlib.sha256).hexdigest()
+
+
+def make_token(hdr: LuksHeader, state: str, volume_name: str, mac_key: Secret) -> dict[str, Json]:
+    """The token object for `state` (store it with `token_json(...)` as LUKS2 token 0)."""
+    if state not in TOKEN_STATES:
+        raise TokenError(f"token state {state!r} is not one of {TOKEN_STATES}")
+    _check_name(volume_name)
+    return {
+        "type": TOKEN_TYPE,
+        "keyslots": [],
+        "state": state,
+        "volume": volume_name,
+        "mac": token_mac(hdr, state, volume_name, mac_key),
+    }
+
+
+def token_json(token: Mapping[str, Json]) -> str:
+    """Compact JSON text of a token, for `CryptDevice.token_json_set`."""
+    return json.dumps(dict(token), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def verify_token(hdr: LuksHeader, volume_name: str, mac_key: Secret) -> str:
+    """The volume's state from its `cva` token; TokenError unless the MAC proves it is ours."""
+    _check_name(volume_name)
+    tokens = hdr.cva_tokens()
+    if not tokens:
+        raise TokenError(
+            f"volume {volume_name!r}: the header has no cva token (never marked by cva, or "
+            "stripped); refusing to open or format it"
+        )
+    if len(tokens) > 1:
+        raise TokenError(f"volume {volume_name!r}: the header has {len(tokens)} cva tokens")
+    tok_id, tok = tokens[0]
+    problems: list[str] = []
+    token_shape_reasons(f"token {tok_id}", tok, lambda rule, text: problems.append(text))
+    if problems:
+        raise TokenError(f"volume {volume_name!r}: malformed cva token: {problems[0]}")
+    state, volume, mac = tok["state"], tok["volume"], tok["mac"]
+    assert isinstance(state, str) and isinstance(volume, str) and isinstance(mac, str)
+    if volume != volume_name:
+        raise TokenError(
+            f"volume {volume_name!r}: the header belongs to volume {volume!r} (wrong disk "
+            "attached?); refusing it"
+        )
+    expected = token_mac(hdr, state, volume_name, mac_key)
+    if not hmac.compare_digest(expected, mac):
+        raise TokenError(
+            f"volume {volume_name!r}: the cva token's MAC does not match (header changed by "
+            "someone without this volume's key, or a different key); refusing it"
+        )
+    return state
