@@ -47,14 +47,22 @@ class Proc:
         return out.decode() + err.decode()
 
 
-def _start(tmp_path: Path, spec: dict[str, object], *, grace: float = 20) -> Proc:
+def _start(
+    tmp_path: Path,
+    spec: dict[str, object],
+    *,
+    grace: float = 20,
+    listen_extra: str = "",
+    vsock_port: int = 0,
+) -> Proc:
     kata, state = tmp_path / "kata", tmp_path / "state"
     cfg = tmp_path / "config.toml"
     cfg.write_text(
         f"""
 [listen]
-vsock_port = 0
+vsock_port = {vsock_port}
 unix = "{tmp_path}/cva.sock"
+{listen_extra}
 [paths]
 rootfs_base = "{kata}"
 state_dir = "{state}"
@@ -192,6 +200,45 @@ def test_sigterm_with_stuck_work_exits_after_the_grace(tmp_path: Path) -> None:
         assert client.returncode != 0
         assert b"Traceback" not in err
         _assert_no_key(log)
+    finally:
+        if p.proc.poll() is None:
+            p.proc.kill()
+        p.notify.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _vsock_available() -> bool:
+    try:
+        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_loopback_tcp_and_vsock_listeners(tmp_path: Path) -> None:
+    port = _free_port()
+    vport = 0xFFFF_0000 + os.getpid() % 0xFFFF if _vsock_available() else 0
+    p = _start(
+        tmp_path,
+        {"volumes": [{"name": "pg"}]},
+        listen_extra=f'tcp = "127.0.0.1:{port}"',
+        vsock_port=vport,
+    )
+    try:
+        p.messages("READY=1")
+        r = _cva("list", "--address", f"127.0.0.1:{port}")
+        assert r.returncode == 0, r.stderr
+        p.proc.send_signal(signal.SIGTERM)
+        log = p.output()
+        assert p.proc.returncode == 0, log
+        ready = next(json.loads(x) for x in log.splitlines() if '"ready"' in x)
+        assert f"127.0.0.1:{port}" in ready["addresses"]
+        assert ready["vsock_port"] == (vport or None)
     finally:
         if p.proc.poll() is None:
             p.proc.kill()
