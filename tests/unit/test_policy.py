@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import policy
+from agent.errors import CvaError
 from tests.daemon_support import C, contract, make_bundle, volume
 
 ALL = C.ApiPolicy(frozenset({"PrepareVolumes", "ReleaseVolumes", "ListVolumes"}))
@@ -40,7 +41,10 @@ def test_default_deny(method: str) -> None:
 
 
 def test_allow_list_cannot_admit_unknown_names() -> None:
-    api = C.ApiPolicy(frozenset({"Format", "PrepareVolumes"}))
+    try:
+        api = C.ApiPolicy(frozenset({"Format", "PrepareVolumes"}))
+    except CvaError:
+        return  # the contract refuses unknown names itself: fine too
     with pytest.raises(policy.PolicyDenied):
         policy.check_rpc_allowed("/cva.v1.VolumeAgent/Format", api)
 
