@@ -60,7 +60,11 @@ class LuksBackend:
             luks_mount.unbind_from_rootfs(guest, rootfs, vol.mount)
 
     def close(self, vol: Volume) -> None:
-        luks_volume.release_volume(vol, runtime_dir=self._runtime_dir, mount_base=self._mount_base)
+        # the disk is needed only to deactivate the LV; a disk already gone fails that last step
+        disk = luks_disk.find(vol.disk) or Path("/dev/null")
+        luks_volume.release_volume(
+            vol, disk=disk, mount_base=self._mount_base, runtime_dir=self._runtime_dir
+        )
 
     def state(self, vol: Volume) -> VolumeState:
         # without the key the on-disk state is not inspected (the token MAC needs it)
