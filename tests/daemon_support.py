@@ -1,94 +1,19 @@
 """Test support for the daemon: contracts, guest-side bundles, an in-memory storage backend and
 a fake key source (the only fakes: storage and KBS are real in their own suites and in the VM).
-
-`agent.contract` is the foundation stream's module; until it is merged, a stand-in with exactly
-the INTERFACES.md constructor signatures is installed so these tests build the same objects.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
-import sys
 import threading
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from agent import contract as C
 from agent.secret import Secret
 from agent.volumes import OpenedVolume, VolumeState
-
-
-def _install_contract_standin() -> None:
-    try:
-        importlib.import_module("agent.contract")
-        return
-    except ImportError:
-        pass
-    mod = types.ModuleType("agent.contract")
-
-    @dataclass(frozen=True)
-    class KbsResourceUri:
-        repo: str
-        type: str
-        tag: str
-        plugin: str | None = None
-
-        def __str__(self) -> str:
-            return f"kbs:///{self.repo}/{self.type}/{self.tag}"
-
-    @dataclass(frozen=True)
-    class KbsConfig:
-        url: str
-        cert: str | None
-        tee: str
-        insecure_http: bool
-
-    @dataclass(frozen=True)
-    class ApiPolicy:
-        allow: frozenset[str] = frozenset({"PrepareVolumes", "ReleaseVolumes", "ListVolumes"})
-
-    @dataclass(frozen=True)
-    class LvmSpec:
-        vg: str
-        lv: str
-        size_bytes: int
-
-    @dataclass(frozen=True)
-    class DiskRef:
-        kind: Literal["serial", "pci", "scsi"]
-        value: str
-
-    @dataclass(frozen=True)
-    class Volume:
-        name: str
-        key: KbsResourceUri
-        disk: DiskRef
-        lvm: LvmSpec | None
-        filesystem: Literal["ext4", "xfs"]
-        mount: str
-        containers: tuple[str, ...]
-        create: bool
-        integrity: bool
-        read_only: bool
-
-    @dataclass(frozen=True)
-    class Contract:
-        version: int
-        kbs: KbsConfig
-        api: ApiPolicy
-        volumes: tuple[Volume, ...]
-
-    for cls in (KbsResourceUri, KbsConfig, ApiPolicy, LvmSpec, DiskRef, Volume, Contract):
-        cls.__module__ = "agent.contract"
-        setattr(mod, cls.__name__, cls)
-    sys.modules["agent.contract"] = mod
-
-
-_install_contract_standin()
-from agent import contract as C  # noqa: E402
 
 KEY_MARKER = b"CVA-TEST-KEY-MATERIAL-DO-NOT-LOG!"  # 33 bytes: any leak is greppable
 
@@ -99,7 +24,7 @@ def volume(
     containers: tuple[str, ...] = (),
     mount: str | None = None,
     read_only: bool = False,
-) -> Any:
+) -> C.Volume:
     return C.Volume(
         name=name,
         key=C.KbsResourceUri("default", name, "luks"),
@@ -114,7 +39,7 @@ def volume(
     )
 
 
-def contract(*volumes: Any, allow: tuple[str, ...] | None = None) -> Any:
+def contract(*volumes: C.Volume, allow: tuple[str, ...] | None = None) -> C.Contract:
     api = (
         C.ApiPolicy(frozenset(allow))
         if allow is not None
@@ -124,7 +49,7 @@ def contract(*volumes: Any, allow: tuple[str, ...] | None = None) -> Any:
     return C.Contract(version=1, kbs=kbs, api=api, volumes=tuple(volumes))
 
 
-def contract_from_spec(spec: dict[str, Any]) -> Any:
+def contract_from_spec(spec: dict[str, Any]) -> C.Contract:
     """{"allow": [...], "volumes": [{"name":..., "containers": [...]}, ...]} -> Contract."""
     vols = [
         volume(v["name"], containers=tuple(v.get("containers", ())), mount=v.get("mount"))
@@ -166,12 +91,12 @@ class MemoryBackend:
         with self._lock:
             self.calls.append((op, name))
 
-    def current(self, vol: Any) -> OpenedVolume | None:
+    def current(self, vol: C.Volume) -> OpenedVolume | None:
         self._record("current", vol.name)
         found = self.mounted.get(vol.name)
         return dataclasses.replace(found, created=False) if found else None
 
-    def open(self, vol: Any, secret: Secret) -> OpenedVolume:
+    def open(self, vol: C.Volume, secret: Secret) -> OpenedVolume:
         self._record("open", vol.name)
         if len(secret) < 32:
             raise AssertionError("backend got a short key")
@@ -192,21 +117,21 @@ class MemoryBackend:
         self.mounted[vol.name] = opened
         return opened
 
-    def bind(self, vol: Any, opened: OpenedVolume, rootfs: Path) -> None:
+    def bind(self, vol: C.Volume, opened: OpenedVolume, rootfs: Path) -> None:
         self._record("bind", vol.name)
         assert vol.name in self.mounted
         self.bound.add((vol.name, str(rootfs)))
 
-    def unbind(self, vol: Any, rootfs: Path) -> None:
+    def unbind(self, vol: C.Volume, rootfs: Path) -> None:
         self._record("unbind", vol.name)
         self.bound.discard((vol.name, str(rootfs)))
 
-    def close(self, vol: Any) -> None:
+    def close(self, vol: C.Volume) -> None:
         self._record("close", vol.name)
         assert not any(n == vol.name for n, _ in self.bound), "close while bound"
         self.mounted.pop(vol.name, None)
 
-    def state(self, vol: Any) -> VolumeState:
+    def state(self, vol: C.Volume) -> VolumeState:
         if vol.name in self.mounted:
             return VolumeState.MOUNTED
         return VolumeState.READY if vol.name in self.formatted else VolumeState.ABSENT
@@ -221,7 +146,7 @@ class FakeKeySource:
         self.fail = fail
         self.closed = False
 
-    async def get_resource(self, uri: Any) -> Secret:
+    async def get_resource(self, uri: C.KbsResourceUri) -> Secret:
         self.requests.append(str(uri))
         if self.fail is not None:
             raise self.fail

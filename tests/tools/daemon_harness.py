@@ -13,37 +13,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import structlog
-
 from agent.config import DaemonConfig, load_config
 from agent.daemon import run_daemon
+from agent.log import configure_logging
 from agent.volumes import BindingStore, VolumeManager
 from tests.daemon_support import FakeKeySource, MemoryBackend, contract_from_spec
-
-
-def _configure_logging(level: str) -> None:
-    try:
-        from agent.log import configure_logging
-    except ImportError:  # foundation's agent.log not merged yet: same JSON-lines shape
-        import logging
-
-        structlog.configure(
-            processors=[
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-                structlog.processors.JSONRenderer(),
-            ],
-            wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-            logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        )
-        return
-    configure_logging(level)
 
 
 def main(argv: list[str]) -> int:
     config = load_config(Path(argv[0]))
     spec = json.loads(Path(argv[1]).read_text())
-    _configure_logging(config.log_level)
+    configure_logging(config.log_level)
     backend = MemoryBackend(open_delay=float(spec.get("open_delay", 0.0)))
 
     def make(cfg: DaemonConfig, on_status: Callable[[str], None]) -> VolumeManager:
