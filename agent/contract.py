@@ -25,7 +25,12 @@ CONTRACT_VERSION = 1
 TEES = ("auto", "tdx", "snp", "tpm", "az-snp-vtpm", "az-tdx-vtpm", "sample")
 FILESYSTEMS = ("ext4", "xfs")
 DISK_KINDS = ("serial", "pci", "scsi")
-API_METHODS = frozenset({"PrepareVolumes", "ReleaseVolumes", "ListVolumes"})
+# Host-callable RPCs the contract can allow. `SecureMount` lets CDH's SecureMount interface
+# (ttRPC) open contract volumes; `SecureMountEphemeral` lets it create ephemeral encrypted
+# volumes (random key, never a contract disk). Neither is allowed by default.
+API_METHODS = frozenset(
+    {"PrepareVolumes", "ReleaseVolumes", "ListVolumes", "SecureMount", "SecureMountEphemeral"}
+)
 DEFAULT_API_ALLOW = frozenset({"PrepareVolumes", "ReleaseVolumes", "ListVolumes"})
 
 MAX_VOLUMES = 64
@@ -55,10 +60,10 @@ PEM_CERT = "-----BEGIN CERTIFICATE-----"
 class ContractError(InputError):
     """A contract field broke a rule; the message names both."""
 
-    def __init__(self, field: str, rule: str) -> None:
+    def __init__(self, field: str, rule: str | None = None) -> None:
         self.field = field
-        self.rule = rule
-        super().__init__(f"contract {field}: {rule}")
+        self.rule = rule or ""
+        super().__init__(f"contract {field}: {rule}" if rule else f"contract: {field}")
 
 
 @dataclass(frozen=True)
@@ -201,7 +206,7 @@ def parse_kbs_uri(text: str, field: str = "key") -> KbsResourceUri:
     if scheme == "kbs":
         plugin = None
     elif scheme.startswith("kbs+") and PLUGIN_RE.fullmatch(scheme[4:]):
-        plugin = scheme[4:]
+        plugin = None if scheme == "kbs+resource" else scheme[4:]  # the same plugin as plain kbs
     else:
         raise ContractError(field, f"{_show(text)}: scheme must be kbs or kbs+PLUGIN")
     if "?" in rest or "#" in rest or "%" in rest:
@@ -487,8 +492,9 @@ def parse_contract(text: str) -> Contract:
         raise ContractError("cva.toml", f"must be a string, got {type(text).__name__}")
     try:
         doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ContractError("cva.toml", f"is not valid TOML ({exc})") from None
+    except ValueError as exc:  # TOMLDecodeError, or int() refusing a 5000-digit number
+        detail = str(exc).split("\n", 1)[0][:120]
+        raise ContractError("cva.toml", f"is not valid TOML ({detail})") from None
     except RecursionError:
         raise ContractError("cva.toml", "is not valid TOML (nested too deeply)") from None
     return contract_from_mapping(doc)

@@ -86,8 +86,8 @@ def parse_initdata(raw: bytes) -> InitData:
         ) from None
     try:
         doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise InitDataError(f"initdata is not a TOML document ({exc})") from None
+    except ValueError as exc:  # TOMLDecodeError, or int() refusing a 5000-digit number
+        raise InitDataError(f"initdata is not a TOML document ({_first_line(exc)})") from None
     except RecursionError:
         raise InitDataError("initdata is not a TOML document (nested too deeply)") from None
     for key in doc:
@@ -122,6 +122,11 @@ def load_contract(initdata: InitData) -> Contract:
             f'initdata data."{CONTRACT_KEY}"', "is missing; the initdata carries no cva contract"
         )
     return parse_contract(text)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).split("\n", 1)[0]
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _show(value: object) -> str:
@@ -350,13 +355,14 @@ _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz
 
 
 def detect_format(blob: bytes) -> str:
-    """image (magic), gzip (1f 8b), annotation (only base64 text) or toml."""
+    """image (magic), gzip (1f 8b), annotation (base64 text of a gzip stream: `H4sI...`), or
+    toml."""
     if blob.startswith(MAGIC):
         return "image"
     if blob.startswith(b"\x1f\x8b"):
         return "gzip"
     stripped = blob.strip()
-    if stripped and len(stripped) % 4 == 0 and set(stripped) <= _B64_ALPHABET:
+    if stripped.startswith(b"H4sI") and set(stripped) <= _B64_ALPHABET:
         return "annotation"
     return "toml"
 

@@ -275,5 +275,8 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
 
 
 def get_logger(name: str) -> FilteringBoundLogger:
-    """A logger bound to `logger=name`."""
+    """A logger bound to `logger=name` (configures the defaults first if nobody has, so a
+    line logged before `configure_logging` still goes through the redaction)."""
+    if not structlog.is_configured():
+        configure_logging()
     return cast(FilteringBoundLogger, structlog.get_logger().bind(logger=name))

@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.swtpm import swtpm_tcti  # noqa: F401 - shared fixture: a fresh swtpm per test
+
 REPO = Path(__file__).resolve().parents[1]
 VECTORS = REPO.parent / "shared" / "vectors"
 IN_CI = os.environ.get("CI") == "true"
+
+# tests/guest runs only inside the qemu guest (the VM suite, `make vm-test`), never on the host.
+if os.environ.get("CVA_IN_GUEST") != "1":
+    collect_ignore = ["guest"]
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +52,16 @@ def run_cva(
 @pytest.fixture
 def cva() -> object:
     return run_cva
+
+
+@pytest.fixture(scope="session")
+def go_ttrpc_client() -> Path:
+    """containerd's Go ttrpc client as a test peer (built once, cached; tests/ttrpc_peer.py)."""
+    from tests.ttrpc_peer import GoClientUnavailable, go_client
+
+    try:
+        return go_client()
+    except GoClientUnavailable as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))

@@ -18,7 +18,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "protos"
-PROTO_FILES = ("cva/v1/agent.proto",)
+# every .proto under protos/ (cva's API, the ttRPC envelope, CDH's SecureMount API)
+PROTO_FILES = tuple(
+    sorted(p.relative_to(PROTO_ROOT).as_posix() for p in PROTO_ROOT.rglob("*.proto"))
+)
 PACKAGE = "agent._proto"  # the Python package the proto root maps to
 OUT_DIR = REPO / "agent" / "_proto"
 _INIT = '"""Generated code (make proto); do not edit."""\n'

@@ -134,7 +134,11 @@ def test_data_is_read_only() -> None:
         (b"\xff\xfe", "not UTF-8"),
         (b"version = ", "not a TOML document"),
         (b'version = "0.1.0"\nversion = "0.1.0"\n', "not a TOML document"),  # duplicate key
-        (b"a = " + b"[" * 5000, "not a TOML document"),  # nested deeper than the recursion limit
+        (b"a = " + b"[" * 5000, "not a TOML document"),
+        (
+            b"a = " + b"1" * 5000,
+            "not a TOML document",
+        ),  # int() digit limit (a ValueError)  # nested deeper than the recursion limit
         (b'algorithm = "sha256"\n[data]\n', 'version must be "0.1.0"'),
         (doc().replace(b'"0.1.0"', b'"0.2.0"'), 'version must be "0.1.0"'),
         (doc().replace(b'"0.1.0"', b"1"), 'version must be "0.1.0"'),
@@ -410,6 +414,11 @@ def test_detect_and_unwrap_every_shape(vectors: Path) -> None:
         assert detect_format(blob) == fmt
         assert unwrap_document(blob) == raw
         assert unwrap_document(blob, fmt) == raw
+
+
+@pytest.mark.parametrize("blob", [b"nonsense", b"QUJD", b"abcd" * 10, b"H4sI\xff"])
+def test_base64_looking_text_that_is_not_gzip_is_toml(blob: bytes) -> None:
+    assert detect_format(blob) == "toml"
 
 
 def test_unwrap_refuses_unknown_format_and_non_ascii_annotation() -> None:

@@ -256,3 +256,17 @@ def test_a_key_never_appears_in_output_even_inside_an_exception() -> None:
     assert len(out.splitlines()) == 6
     assert_no_key(out, key)
     assert REDACTED in out
+
+
+def test_get_logger_before_configure_still_redacts() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from agent.log import get_logger\n"
+        f"get_logger('early').info('e', data={KEY!r}, volume_key='x')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, timeout=60)
+    line = json.loads(proc.stdout)
+    assert line["data"] == REDACTED and line["volume_key"] == REDACTED
+    assert_no_key(proc.stdout.decode())

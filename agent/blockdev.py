@@ -1,0 +1,94 @@
+"""Identify the guest block device a SecureMount request names, through sysfs.
+
+`deviceId` ("MAJ:MIN") is looked up as `/sys/dev/block/MAJ:MIN` (its `uevent` gives `DEVNAME`, as
+CDH does); `devicePath` is stat()ed for its device number and then looked up the same way. The
+result carries what `agent.securemount` matches against the contract's disks: the virtio serial,
+and the resolved sysfs path (whose components hold the PCI address / SCSI H:C:T:L). A device that
+is not a whole disk, is a device-mapper node, or has holders (LVM, dm-crypt on top) is refused:
+SecureMount must never format something already in use.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+from agent.errors import CvaError, InputError
+from agent.securemount import DeviceIdentity, DeviceSelector
+from agent.ttrpc import Code
+
+_DEVNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}(/[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}){0,3}")
+_SERIAL = re.compile(r"[\x21-\x7e]{1,64}")
+MAX_SYSFS_READ = 4096
+
+
+class DeviceNotFound(CvaError):
+    """The requested block device does not exist in this guest."""
+
+    rpc_code = Code.NOT_FOUND
+
+
+class DeviceRefused(InputError):
+    """The requested device exists but must not be used."""
+
+    rpc_code = Code.FAILED_PRECONDITION
+
+
+def _read_small(path: Path) -> str | None:
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_SYSFS_READ + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > MAX_SYSFS_READ:
+        raise DeviceRefused(f"{path} is larger than {MAX_SYSFS_READ} bytes")
+    return data.decode("utf-8", "replace")
+
+
+def identify_block_device(
+    selector: DeviceSelector, *, sys_root: Path = Path("/sys"), dev_root: Path = Path("/dev")
+) -> DeviceIdentity:
+    """The `DeviceIdentity` of the selected device; raises DeviceNotFound / DeviceRefused."""
+    if selector.device_id is not None:
+        major, minor = selector.device_id
+    elif selector.device_path is not None:
+        try:
+            st = Path(selector.device_path).stat()
+        except FileNotFoundError as exc:
+            raise DeviceNotFound(f"devicePath {selector.device_path} does not exist") from exc
+        except OSError as exc:
+            raise DeviceRefused(f"devicePath {selector.device_path}: {exc.strerror}") from exc
+        if not stat.S_ISBLK(st.st_mode):
+            raise DeviceRefused(f"devicePath {selector.device_path} is not a block device")
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    else:
+        raise DeviceRefused("no device given (deviceId or devicePath)")
+    sysdir = sys_root / "dev" / "block" / f"{major}:{minor}"
+    uevent = _read_small(sysdir / "uevent")
+    if uevent is None:
+        raise DeviceNotFound(f"no block device {major}:{minor} in this guest")
+    fields = dict(line.split("=", 1) for line in uevent.splitlines() if "=" in line)
+    devname = fields.get("DEVNAME", "")
+    if _DEVNAME.fullmatch(devname) is None or ".." in devname.split("/"):
+        raise DeviceRefused(f"block device {major}:{minor} has an unusable DEVNAME")
+    if fields.get("DEVTYPE") != "disk":
+        raise DeviceRefused(f"block device {devname} is not a whole disk")
+    if devname.startswith("dm-") or (sysdir / "dm").exists():
+        raise DeviceRefused(f"block device {devname} is a device-mapper node")
+    holders = sysdir / "holders"
+    if holders.is_dir() and any(holders.iterdir()):
+        raise DeviceRefused(f"block device {devname} is in use (it has holders)")
+    serial_text = _read_small(sysdir / "serial")
+    serial = serial_text.strip() if serial_text is not None else None
+    if serial is not None and _SERIAL.fullmatch(serial) is None:
+        serial = None  # empty or unprintable: matches no contract disk
+    sysfs_path = os.path.realpath(sysdir)
+    return DeviceIdentity(
+        path=str(dev_root / devname),
+        major=major,
+        minor=minor,
+        serial=serial,
+        sysfs_path=sysfs_path,
+    )
