@@ -60,7 +60,7 @@ demo: venv
 	@echo "make demo: not yet available (issue 7)"
 
 bench: venv
-	@echo "make bench: not yet available"
+	$(PY) bench/kbs_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

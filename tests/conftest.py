@@ -65,3 +65,7 @@ def go_ttrpc_client() -> Path:
         if IN_CI:
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+
+
+# the loopback Trustee KBS (tests/kbs/server.py) as a fixture for every suite
+from tests.kbs.fixtures import loopback_kbs, tools_tpm_attester  # noqa: E402, F401
