@@ -19,16 +19,15 @@ import signal
 import sys
 from collections.abc import Callable
 
-import structlog
-
 from agent.config import DaemonConfig
 from agent.errors import CvaError
+from agent.log import get_logger
 from agent.sdnotify import Notifier
 from agent.service import AgentServer
 from agent.volumes import VolumeManager
 from agent.vsock import SpliceListener, vsock_listen_socket
 
-log = structlog.get_logger("cva.daemon")
+log = get_logger("cva.daemon")
 
 ManagerFactory = Callable[[DaemonConfig, Callable[[str], None]], VolumeManager]
 

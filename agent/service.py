@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 
@@ -29,10 +28,11 @@ from agent import policy
 from agent._proto.cva.v1 import agent_pb2, agent_pb2_grpc
 from agent.errors import CvaError, InputError
 from agent.keysource import is_transient
+from agent.log import get_logger
 from agent.volumes import BoundVolume, ShuttingDown, VolumeManager, VolumeState, VolumeStatus
 
 T = TypeVar("T")
-log = structlog.get_logger("cva.service")
+log = get_logger("cva.service")
 
 MAX_RECEIVE_BYTES = 16 * 1024  # requests carry one container id
 MAX_SEND_BYTES = 4 * 1024 * 1024

@@ -10,20 +10,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-import structlog
-
 from agent.config import DaemonConfig
 from agent.daemon import ManagerFactory, run_daemon
 from agent.errors import CvaError
 from agent.kbs import KbsClient
 from agent.keysource import LazyKbsKeySource
-from agent.log import configure_logging
+from agent.log import configure_logging, get_logger
 from agent.luks_backend import LuksBackend
 from agent.sdnotify import Notifier
 from agent.trust import Trusted, establish_trust
 from agent.volumes import BindingStore, VolumeManager
 
-log = structlog.get_logger("cva.startup")
+log = get_logger("cva.startup")
 
 
 def production_manager(trusted: Trusted) -> ManagerFactory:
