@@ -259,6 +259,14 @@ class VolumeManager:
         self._on_status(f"ready; {len(self._opened)} volume(s) open")
         return tuple(r for r in results if isinstance(r, BoundVolume))
 
+    async def open_volume(self, name: str) -> OpenedVolume:
+        """Open (fetch key, open/create, mount at its guest path) contract volume `name`, with no
+        container binding (CDH SecureMount: the caller mounts it where it wants)."""
+        vol = self._volumes.get(name)
+        if vol is None:
+            raise policy.RequestError(f"no contract volume named {name[:64]!r}")
+        return await self._job(name, lambda: self._ensure_open(vol))
+
     async def _prepare_one(self, vol: Volume, cid: str) -> BoundVolume:
         rootfs = self._rootfs(cid)
 
