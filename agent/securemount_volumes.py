@@ -12,7 +12,6 @@ UNIMPLEMENTED naming what is missing; nothing is touched.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,21 +19,16 @@ from agent.blockdev import identify_block_device
 from agent.securemount import DeviceIdentity, DeviceSelector, EphemeralMount, PersistentMount
 from agent.ttrpc import Code, RpcError
 from agent.volumes import VolumeManager
-from luks.run import run
+from luks.mount import bind_into_rootfs
 
 BindMount = Callable[[Path, Path, bool], None]  # (source, target, read_only)
 ResolveDevice = Callable[[DeviceSelector], DeviceIdentity]
-MOUNT_TIMEOUT = 30.0
 
 
 def bind_mount(source: Path, target: Path, read_only: bool) -> None:
-    """`mount --bind source target` (target created; a mount point already there is kept)."""
-    target.mkdir(mode=0o755, parents=True, exist_ok=True)
-    if os.path.ismount(target):
-        return
-    run(["mount", "--bind", "--", str(source), str(target)], timeout=MOUNT_TIMEOUT)
-    if read_only:
-        run(["mount", "-o", "remount,bind,ro", "--", str(target)], timeout=MOUNT_TIMEOUT)
+    """Bind `source` at guest path `target` with the storage layer's bind (luks.mount: missing
+    directories created, symlinks resolved without escaping `/`, idempotent)."""
+    bind_into_rootfs(source, Path("/"), str(target), read_only=read_only)
 
 
 class ManagerSecureMountBackend:
