@@ -1,7 +1,8 @@
 """The daemon's SecureMountBackend: CDH SecureMount requests served by the VolumeManager.
 
 Persistent (a contract volume named by its key): the VolumeManager opens the volume exactly as
-PrepareVolumes does (KBS key, open or create with cva's profile, mounted at its guest path), then
+PrepareVolumes does (KBS key, open -- or create with cva's profile, only for `sourceType=empty`
+and a contract volume with create = true -- mounted at its guest path), then
 the guest path is bind-mounted at the request's `mount_point` (read-only when asked).
 
 Ephemeral (no key: kata-agent's encrypted emptyDir): the storage layer has no ephemeral path yet
@@ -49,7 +50,7 @@ class ManagerSecureMountBackend:
         return await asyncio.to_thread(self._resolve, selector)
 
     async def mount_persistent(self, plan: PersistentMount) -> str:
-        opened = await self._manager.open_volume(plan.volume.name)
+        opened = await self._manager.open_volume(plan.volume.name, allow_create=plan.allow_create)
         target = Path(plan.mount_point)
         await asyncio.to_thread(self._bind, opened.guest_path, target, plan.read_only)
         return plan.mount_point

@@ -13,11 +13,12 @@ import pytest
 from agent import contract as C
 from agent._proto.cdh import api_pb2
 from agent._proto.cva.v1 import agent_pb2
+from agent.secret import Secret
 from agent.securemount import DeviceIdentity, DeviceSelector
 from agent.securemount_volumes import ManagerSecureMountBackend
 from agent.ttrpc import Code, TtrpcServer
 from agent.ttrpc_service import build_ttrpc_server
-from agent.volumes import VolumeManager
+from agent.volumes import OpenedVolume, VolumeManager
 from tests.daemon_support import FakeKeySource, MemoryBackend, contract, make_bundle, volume
 from tests.ttrpc_peer import GoCall, GoResult, go_calls
 
@@ -45,9 +46,20 @@ class Devices:
 
 
 @dataclass
+class CreateRecordingBackend(MemoryBackend):
+    """MemoryBackend that records the contract's `create` each open saw."""
+
+    create_flags: list[bool] = field(default_factory=list)
+
+    def open(self, vol: C.Volume, secret: Secret) -> OpenedVolume:
+        self.create_flags.append(vol.create)
+        return super().open(vol, secret)
+
+
+@dataclass
 class Running:
     sock: Path
-    backend: MemoryBackend
+    backend: CreateRecordingBackend
     keys: FakeKeySource
     devices: Devices
     kata: Path
@@ -61,7 +73,7 @@ def allow() -> tuple[str, ...]:
 
 @pytest.fixture
 async def running(tmp_path: Path, allow: tuple[str, ...]) -> AsyncIterator[Running]:
-    backend, keys = MemoryBackend(), FakeKeySource()
+    backend, keys = CreateRecordingBackend(), FakeKeySource()
     kata = tmp_path / "kata"
     manager = VolumeManager(contract(PG, WEB, allow=allow), backend, keys, rootfs_base=kata)
     devices = Devices({(252, 16): PG_DEVICE, (252, 32): OTHER_DEVICE, (252, 48): WEB_DEVICE})
@@ -154,6 +166,7 @@ async def test_secure_mount_persistent(running: Running, go_ttrpc_client: Path) 
     assert resp.mount_path == "/run/kata-containers/sandbox/pg"
     assert results[1].code == Code.INVALID_ARGUMENT
     assert running.keys.requests == [str(PG.key)]
+    assert running.backend.create_flags == [True]  # sourceType=empty: may create
     assert running.backend.mounted["pg"].guest_path == Path("/run/cva/volumes/pg")
     assert running.devices.binds == [
         (Path("/run/cva/volumes/pg"), Path("/run/kata-containers/sandbox/pg"), False)
@@ -195,6 +208,15 @@ async def test_secure_mount_not_served_unless_allowed(
     [res] = await calls(go_ttrpc_client, running, secure_mount(options))
     assert res.code == Code.UNIMPLEMENTED
     assert running.keys.requests == []
+
+
+async def test_secure_mount_encrypted_source_never_creates(
+    running: Running, go_ttrpc_client: Path
+) -> None:
+    options = {"deviceId": "252:16", "sourceType": "encrypted", "key": str(PG.key)}
+    [res] = await calls(go_ttrpc_client, running, secure_mount(options))
+    assert res.code == 0, res.message
+    assert running.backend.create_flags == [False]  # an existing volume only
 
 
 def test_contract_accepts_the_securemount_names() -> None:
