@@ -50,7 +50,7 @@ proto: venv
 	$(PY) -m tests.tools.gen_proto
 
 demo: venv
-	@echo "make demo: not yet available (issue 7)"
+	$(PY) -m tests.vm.demo
 
 bench: venv
 	@echo "make bench: not yet available"
