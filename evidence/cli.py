@@ -1,9 +1,100 @@
-"""CLI commands of this area (registered by agent.cli); filled in by its issue."""
+"""`cva evidence parse FILE` and `cva evidence collect --report-data HEX [--tee T]`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+from agent.errors import InputError
+
+MAX_FILE = 4 * 1024 * 1024
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_FILE + 1)
+        else:
+            with Path(path).open("rb") as f:
+                data = f.read(MAX_FILE + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE:
+        raise InputError(f"{what} {path} is larger than {MAX_FILE} bytes")
+    return data
+
+
+def _parse(args: argparse.Namespace) -> int:
+    from cryptography import x509  # noqa: PLC0415 - handlers import lazily (fast `cva --help`)
+
+    from evidence.errors import EvidenceError  # noqa: PLC0415
+    from evidence.inspect import parse_any  # noqa: PLC0415
+    from evidence.snp_report import load_certificate  # noqa: PLC0415
+
+    signer = load_certificate(_read(args.vcek, "VCEK"), "--vcek") if args.vcek else None
+    chain = None
+    if args.chain:
+        try:
+            chain = x509.load_pem_x509_certificates(_read(args.chain, "chain"))
+        except ValueError as exc:
+            raise EvidenceError(f"--chain is not a PEM certificate bundle: {exc}") from None
+    claims = parse_any(_read(args.file, "evidence file"), signer=signer, chain=chain)
+    json.dump(claims, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from evidence.base import Attester  # noqa: PLC0415
+    from evidence.detect import attester_for  # noqa: PLC0415
+    from evidence.tpm import TpmAttester  # noqa: PLC0415
+
+    text = args.report_data.strip()
+    if text.startswith(("0x", "0X")):
+        text = text[2:]
+    try:
+        report_data = bytes.fromhex(text)
+    except ValueError:
+        raise InputError("--report-data must be hex (at most 64 bytes)") from None
+    if len(report_data) > 64:
+        raise InputError(f"--report-data is {len(report_data)} bytes; at most 64 are allowed")
+    attester: Attester
+    if args.tcti:
+        if args.tee not in ("tpm", "auto"):
+            raise InputError("--tcti only applies to --tee tpm")
+        attester = TpmAttester(args.tcti)
+    else:
+        attester = attester_for(args.tee)
+    evidence = attester.evidence(report_data)
+    json.dump({"tee": attester.tee, "evidence": evidence}, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this area's subcommands to `cva`."""
+    """Add `cva evidence parse|collect`."""
+    group = sub.add_parser("evidence", help="TEE evidence: parse quotes/reports, collect evidence")
+    cmds = group.add_subparsers(dest="evidence_command", metavar="COMMAND")
+    cmds.required = True
+
+    p = cmds.add_parser(
+        "parse",
+        help="print a TDX quote / TDREPORT / SNP report / evidence JSON as Trustee-named claims",
+    )
+    p.add_argument("file", metavar="FILE", help="the quote, report or evidence JSON ('-' = stdin)")
+    p.add_argument("--vcek", metavar="FILE", help="VCEK/VLEK certificate (DER/PEM) for SNP")
+    p.add_argument("--chain", metavar="PEM", help="ASK/ASVK + ARK bundle to check the VCEK/VLEK")
+    p.set_defaults(func=_parse)
+
+    c = cmds.add_parser("collect", help="collect this TEE's evidence for the given report data")
+    c.add_argument("--report-data", required=True, metavar="HEX", help="up to 64 bytes, hex")
+    c.add_argument(
+        "--tee",
+        default="auto",
+        choices=("auto", "tdx", "snp", "tpm", "sample"),
+        help="which TEE (default: detect; sample only by name)",
+    )
+    c.add_argument("--tcti", metavar="TCTI", help="TPM TCTI (default device:/dev/tpmrm0)")
+    c.set_defaults(func=_collect)

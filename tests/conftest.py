@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.swtpm import swtpm_tcti  # noqa: F401 - shared fixture: a fresh swtpm per test
+
 REPO = Path(__file__).resolve().parents[1]
 VECTORS = REPO.parent / "shared" / "vectors"
 IN_CI = os.environ.get("CI") == "true"
