@@ -38,7 +38,7 @@ lint: venv
 	$(BIN)/mypy --strict $(PKGS)
 
 # Every suite: unit, integration (swtpm, libcryptsetup on image files, loopback KBS), the VM suite.
-test: test-host vm-test
+test: setup test-host vm-test
 
 test-host: venv
 	$(BIN)/pytest -q -m 'not vm' tests
@@ -49,7 +49,7 @@ vm-test: venv
 proto: venv
 	$(PY) -m tests.tools.gen_proto
 
-demo: venv
+demo: setup
 	$(PY) -m tests.vm.demo
 
 bench: venv
