@@ -222,8 +222,11 @@ def oci_config(container_name: str) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-def job_script(s: Scenario, boot_number: int) -> str:
-    """The guest's run.sh: install cva as a service, make the bundle, serve the host's commands."""
+def job_script(s: Scenario, boot_number: int, pre_start: str = "") -> str:
+    """The guest's run.sh: install cva as a service, make the bundle, serve the host's commands.
+
+    `pre_start`: shell run just before cva.service starts (e.g. to tamper with PCR8).
+    """
     bundle = f"/run/kata-containers/{s.container_id}"
     q = shlex.quote
     return f"""#!/bin/bash
@@ -239,6 +242,7 @@ mkdir -p {q(bundle)}/rootfs
 install -m 0644 /mnt/vmjob/config.json {q(bundle)}/config.json
 /lib/systemd/systemd-networkd-wait-online --timeout=60 || echo "e2e: no network yet"
 systemctl daemon-reload
+{pre_start}
 systemctl start cva.service || echo "e2e: cva.service did not start"
 systemctl --no-pager status cva.service | head -5
 cd /mnt/vmsrc
@@ -391,12 +395,12 @@ class World:
         self.kbs = None
 
     # --- boots -----------------------------------------------------------------------------
-    def boot(self, *, log: Log = print, timeout: float = 900.0) -> Guest:
+    def boot(self, *, log: Log = print, timeout: float = 900.0, pre_start: str = "") -> Guest:
         self.boots += 1
         job = self.run_dir / "job"
         job.mkdir(parents=True, exist_ok=True)
         s = self.scenario
-        (job / "run.sh").write_text(job_script(s, self.boots))
+        (job / "run.sh").write_text(job_script(s, self.boots, pre_start))
         (job / "cva-e2e.conf").write_text(DROP_IN)
         (job / "config.toml").write_text(DAEMON_CONFIG.format(kbs_deadline=s.kbs_deadline))
         (job / "config.json").write_text(oci_config(s.container_name))
@@ -507,6 +511,9 @@ class Guest:
                 self.machine.stop()
                 raise self.fail(f"the guest's control channel did not answer within {timeout} s")
             time.sleep(0.5)
+
+    def cva_state(self) -> str:
+        return self.control.run(["systemctl", "is-active", "cva.service"]).stdout.strip()
 
     def wait_cva(self, timeout: float = 120.0) -> None:
         """Until cva.service is active and its gRPC health answers SERVING."""
