@@ -49,7 +49,7 @@ vm-test: venv
 proto: venv
 	$(PY) -m tests.tools.gen_proto
 
-demo: setup
+demo: venv
 	$(PY) -m tests.vm.demo
 
 bench: venv
