@@ -93,7 +93,8 @@ def _list(guest: Guest) -> str:
 def _state(value: int) -> str:
     from agent._proto.cva.v1 import agent_pb2
 
-    return str(agent_pb2.VolumeState.Name(value)).removeprefix("VOLUME_STATE_").lower()
+    name = agent_pb2.VolumeState.Name(value)  # type: ignore[arg-type]
+    return str(name).removeprefix("VOLUME_STATE_").lower()
 
 
 def _sample_hex(path: Path, offset: int, length: int = 32) -> str:
