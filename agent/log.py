@@ -276,7 +276,28 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
 
 def get_logger(name: str) -> FilteringBoundLogger:
     """A logger bound to `logger=name` (configures the defaults first if nobody has, so a
-    line logged before `configure_logging` still goes through the redaction)."""
+    line logged before `configure_logging` still goes through the redaction).
+
+    The logger is a lazy proxy: it resolves the configuration on every use, so a module-level
+    logger made at import time follows a later `configure_logging` (level and stream)."""
     if not structlog.is_configured():
         configure_logging()
-    return cast(FilteringBoundLogger, structlog.get_logger().bind(logger=name))
+    return cast(FilteringBoundLogger, _LazyLogger(name))
+
+
+class _LazyLogger:
+    """Resolves structlog's current configuration on every call (structlog's own lazy proxy
+    freezes it at the first `bind`)."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, name: str, **context: object) -> None:
+        self._context = {"logger": name, **context}
+
+    def bind(self, **values: object) -> _LazyLogger:
+        merged = {**self._context, **values}
+        name = str(merged.pop("logger"))
+        return _LazyLogger(name, **merged)
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(structlog.get_logger().bind(**self._context), attr)

@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 VECTORS = REPO.parent / "shared" / "vectors"
 IN_CI = os.environ.get("CI") == "true"
 
+# tests/guest runs only inside the qemu guest (the VM suite, `make vm-test`), never on the host.
+if os.environ.get("CVA_IN_GUEST") != "1":
+    collect_ignore = ["guest"]
+
 
 @pytest.fixture(scope="session")
 def vectors() -> Path:
@@ -61,3 +65,7 @@ def go_ttrpc_client() -> Path:
         if IN_CI:
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+
+
+# the loopback Trustee KBS (tests/kbs/server.py) as a fixture for every suite
+from tests.kbs.fixtures import loopback_kbs, tools_tpm_attester  # noqa: E402, F401

@@ -270,3 +270,20 @@ def test_get_logger_before_configure_still_redacts() -> None:
     line = json.loads(proc.stdout)
     assert line["data"] == REDACTED and line["volume_key"] == REDACTED
     assert_no_key(proc.stdout.decode())
+
+
+def test_module_level_logger_follows_later_configuration() -> None:
+    import io
+
+    from agent.log import configure_logging, get_logger
+
+    early = get_logger("made-at-import")
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("info", stream=first)
+    early.info("one")
+    configure_logging("warning", stream=second)
+    early.info("filtered")
+    early.warning("two")
+    assert '"event": "one"' in first.getvalue() or '"event":"one"' in first.getvalue()
+    assert "filtered" not in second.getvalue() and "two" in second.getvalue()
+    assert "made-at-import" in second.getvalue()

@@ -1,0 +1,1 @@
+"""A loopback Trustee KBS (test peer) and the fixtures around it."""
