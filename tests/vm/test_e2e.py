@@ -121,6 +121,7 @@ def test_cva_runs_as_a_notify_service_and_serves_health(guest: Guest) -> None:
 
 def test_rpc_not_allowed_by_the_contract_gets_permission_denied(guest: Guest) -> None:
     import grpc
+
     from agent.client import RpcFailed
 
     with guest.client(timeout=30) as client, pytest.raises(RpcFailed) as caught:
@@ -133,6 +134,7 @@ def test_kbs_denying_the_key_is_a_clean_error_and_formats_nothing(
     world: World, guest: Guest
 ) -> None:
     import grpc
+
     from agent.client import RpcFailed
 
     world.kbs_up(deny=True)
