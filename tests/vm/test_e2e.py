@@ -192,13 +192,15 @@ def test_kill_9_mid_prepare_systemd_restarts_cva_and_the_next_call_completes(
     restarts = guest.restarts()
     pid = guest.main_pid()
     # In the guest: wait for cva to have its key (storage work starts), then SIGKILL it.
+    # --since (guest clock, taken now) makes the watcher see the line even if it starts late.
+    since = guest.control.run(["date", "+%s"]).check().stdout.strip()
     killer = Background(
         guest.control.sh,
         "grep -m1 -q 'kbs resource fetched' "
-        "< <(timeout 240 journalctl -u cva.service -f -n 0 -o cat) "
+        f"< <(timeout 240 journalctl -u cva.service -f --since @{since} -o cat) "
         "&& kill -9 $(systemctl show -p MainPID --value cva.service) && echo killed",
     )
-    time.sleep(2)  # the watcher is following the journal
+    time.sleep(1.5)  # let the watcher attach, so the kill lands early in the storage work
     first = Background(_prepare, guest)
     assert "killed" in killer.result().stdout
     with pytest.raises(RpcFailed):
