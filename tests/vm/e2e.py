@@ -56,6 +56,7 @@ GUEST_GRPC_PORT = 50051  # tests.tools.tcp_forward in the guest
 GUEST_CONTROL_PORT = 7000  # tests.vm.guest_control in the guest
 INITDATA_SERIAL = "cvainitdata"
 GUEST_SOCKET = "/run/cva/grpc.sock"  # cva's private gRPC socket (what vsock splices into)
+JOB_SHARE_RACE = "the vmjob share could not be mounted"  # tests/vm/recipe/cva-vm-job
 
 Log = Callable[[str], None]
 
@@ -420,10 +421,19 @@ class World:
             console_name=f"console-boot{self.boots}.log",
         )
         log(f"e2e: boot {self.boots} (console: {job / spec.console_name})")
-        guest = Guest(
-            self, QuietForwardMachine(spec), grpc_port, GuestControl(control_port), self.boots
-        )
-        guest.start()
+        for attempt in (1, 2):
+            guest = Guest(
+                self, QuietForwardMachine(spec), grpc_port, GuestControl(control_port), self.boots
+            )
+            try:
+                guest.start()
+                break
+            except GuestFailed as exc:
+                # The guest's job runner mounts its 9p share before udev has probed the
+                # virtio-9p device now and then; nothing ran, so booting again is safe.
+                if attempt == 2 or JOB_SHARE_RACE not in str(exc):
+                    raise
+                log(f"e2e: boot {self.boots}: the job share was not there yet; booting again")
         return guest
 
     def disk_is_all_zero(self) -> bool:
