@@ -300,4 +300,6 @@ class _LazyLogger:
         return _LazyLogger(name, **merged)
 
     def __getattr__(self, attr: str) -> object:
+        if not structlog.is_configured():
+            configure_logging()
         return getattr(structlog.get_logger().bind(**self._context), attr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,14 @@ def go_ttrpc_client() -> Path:
 
 # the loopback Trustee KBS (tests/kbs/server.py) as a fixture for every suite
 from tests.kbs.fixtures import loopback_kbs, tools_tpm_attester  # noqa: E402, F401
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging_config() -> Iterator[None]:
+    """Each test starts with structlog unconfigured, so cva's loggers write to that test's
+    (captured) stdout rather than to a stream an earlier test configured."""
+    import structlog
+
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
