@@ -53,6 +53,9 @@ vm-test: venv
 proto: venv
 	$(PY) -m tests.tools.gen_proto
 
+proto-check: venv
+	$(PY) -m tests.tools.gen_proto --check
+
 demo: venv
 	$(PY) -m tests.vm.demo
 

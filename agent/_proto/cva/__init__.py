@@ -1,0 +1,1 @@
+"""Generated code (make proto); do not edit."""

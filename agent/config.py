@@ -1,0 +1,236 @@
+"""The daemon's own configuration, `/etc/cva/config.toml` (part of the trusted image).
+
+Every key is optional (the defaults below are what the image runs with); unknown keys, wrong
+types and out-of-range values are errors that name the key and the rule, like the contract.
+
+```toml
+[listen]
+vsock_port = 1040                  # AF_VSOCK, CID any; 0 = no vsock listener
+unix = "/run/cva/cva.sock"         # optional extra unix socket (operators, tests)
+tcp = "127.0.0.1:50051"            # optional, loopback only (tests, port forwarding)
+
+[initdata]
+devices = []                       # block devices to look for the initdata magic; [] = scan
+toml = "/run/confidential-containers/initdata/initdata.toml"
+
+[paths]
+rootfs_base = "/run/kata-containers"   # guest-side OCI bundles: <base>/<cid>/{config.json,rootfs}
+state_dir = "/run/cva"                 # tmpfs: header copies, private gRPC socket, bindings
+mount_base = "/run/cva/volumes"        # where volumes are mounted before the bind
+
+[timeouts]                         # seconds
+call = 300.0                       # per-RPC deadline (the client's own may be shorter)
+disk_wait = 60.0                   # hot-plugged disk to appear
+kbs = 60.0                         # the whole KBS exchange for one resource
+shutdown_grace = 30.0              # SIGTERM: time in-flight work gets to finish
+
+[log]
+level = "info"                     # debug | info | warning | error
+```
+Port 1040: kata uses vsock 1024 (agent), 1025 (agent logs) and 1026 (debug console).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from agent.errors import InputError
+
+DEFAULT_CONFIG_PATH = Path("/etc/cva/config.toml")
+DEFAULT_VSOCK_PORT = 1040
+MAX_CONFIG_BYTES = 64 * 1024
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(InputError):
+    """The daemon configuration is malformed; the message names the key and the rule."""
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    vsock_port: int = DEFAULT_VSOCK_PORT
+    unix: Path | None = None
+    tcp: tuple[str, int] | None = None  # (loopback host, port)
+
+
+@dataclass(frozen=True)
+class InitdataSources:
+    devices: tuple[Path, ...] = ()
+    toml: Path = Path("/run/confidential-containers/initdata/initdata.toml")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    rootfs_base: Path = Path("/run/kata-containers")
+    state_dir: Path = Path("/run/cva")
+    mount_base: Path = Path("/run/cva/volumes")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    call: float = 300.0
+    disk_wait: float = 60.0
+    kbs: float = 60.0
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    initdata: InitdataSources = field(default_factory=InitdataSources)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    log_level: str = "info"
+
+    @property
+    def private_socket(self) -> Path:
+        """The unix socket grpc.aio serves on; the vsock listener splices into it."""
+        return self.paths.state_dir / "grpc.sock"
+
+
+_SECTIONS: dict[str, frozenset[str]] = {
+    "listen": frozenset({"vsock_port", "unix", "tcp"}),
+    "initdata": frozenset({"devices", "toml"}),
+    "paths": frozenset({"rootfs_base", "state_dir", "mount_base"}),
+    "timeouts": frozenset({"call", "disk_wait", "kbs", "shutdown_grace"}),
+    "log": frozenset({"level"}),
+}
+
+
+def _table(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"config: [{name}] must be a table")
+    unknown = sorted(set(value) - _SECTIONS[name])
+    if unknown:
+        raise ConfigError(f"config: unknown key {name}.{unknown[0]}")
+    return value
+
+
+def _abs_path(value: object, key: str) -> Path:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ConfigError(f"config: {key} must be an absolute path")
+    if ".." in PurePosixPath(value).parts or len(value) > 4096:
+        raise ConfigError(f"config: {key} must be an absolute path without '..'")
+    return Path(value)
+
+
+def _seconds(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"config: {key} must be a number of seconds")
+    if not 0 < float(value) <= 86400:
+        raise ConfigError(f"config: {key} must be > 0 and <= 86400 seconds")
+    return float(value)
+
+
+def _vsock_port(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config: {key} must be an integer port")
+    if not 0 <= value < 0xFFFFFFFF:  # 0xFFFFFFFF is VMADDR_PORT_ANY
+        raise ConfigError(f"config: {key} must be 0 (off) or a vsock port below 4294967295")
+    return value
+
+
+def parse_tcp_address(text: str, key: str = "listen.tcp") -> tuple[str, int]:
+    """`127.0.0.1:PORT` or `[::1]:PORT`; only loopback addresses are accepted."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(f"config: {key} must be HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"config: {key} host must be a loopback IP address") from None
+    if not addr.is_loopback:
+        raise ConfigError(
+            f"config: {key} must be a loopback address (the host reaches cva by vsock)"
+        )
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"config: {key} port out of range")
+    return str(addr), port
+
+
+def parse_config(text: str) -> DaemonConfig:
+    """Parse and validate a config document (strict: unknown keys are errors)."""
+    if len(text.encode()) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: not valid TOML ({exc})") from None
+    unknown = sorted(set(doc) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"config: unknown section or key {unknown[0]}")
+
+    lt = _table(doc, "listen")
+    listen = ListenConfig(
+        vsock_port=_vsock_port(lt.get("vsock_port", DEFAULT_VSOCK_PORT), "listen.vsock_port"),
+        unix=_abs_path(lt["unix"], "listen.unix") if "unix" in lt else None,
+        tcp=None,
+    )
+    if "tcp" in lt:
+        if not isinstance(lt["tcp"], str):
+            raise ConfigError("config: listen.tcp must be a string HOST:PORT")
+        listen = ListenConfig(listen.vsock_port, listen.unix, parse_tcp_address(lt["tcp"]))
+
+    it = _table(doc, "initdata")
+    devices = it.get("devices", [])
+    if not isinstance(devices, list) or len(devices) > 64:
+        raise ConfigError("config: initdata.devices must be a list of at most 64 paths")
+    initdata = InitdataSources(
+        devices=tuple(_abs_path(d, "initdata.devices[]") for d in devices),
+        toml=_abs_path(it.get("toml", str(InitdataSources.toml)), "initdata.toml"),
+    )
+
+    pt = _table(doc, "paths")
+    defaults = PathsConfig()
+    paths = PathsConfig(
+        rootfs_base=_abs_path(
+            pt.get("rootfs_base", str(defaults.rootfs_base)), "paths.rootfs_base"
+        ),
+        state_dir=_abs_path(pt.get("state_dir", str(defaults.state_dir)), "paths.state_dir"),
+        mount_base=_abs_path(pt.get("mount_base", str(defaults.mount_base)), "paths.mount_base"),
+    )
+
+    tt = _table(doc, "timeouts")
+    td = Timeouts()
+    timeouts = Timeouts(
+        **{
+            name: _seconds(tt.get(name, getattr(td, name)), f"timeouts.{name}")
+            for name in _SECTIONS["timeouts"]
+        }
+    )
+
+    level = _table(doc, "log").get("level", "info")
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"config: log.level must be one of {', '.join(LOG_LEVELS)}")
+    if listen.vsock_port == 0 and listen.unix is None and listen.tcp is None:
+        raise ConfigError(
+            "config: no listen address (set listen.vsock_port, listen.unix or listen.tcp)"
+        )
+    return DaemonConfig(listen, initdata, paths, timeouts, str(level))
+
+
+def load_config(path: Path | None) -> DaemonConfig:
+    """Read the config: a missing default file means defaults; a missing named one is an error."""
+    target = path or DEFAULT_CONFIG_PATH
+    try:
+        data = target.read_bytes()[: MAX_CONFIG_BYTES + 1]
+    except FileNotFoundError:
+        if path is None:
+            return DaemonConfig()
+        raise ConfigError(
+            f"config: {target} does not exist; pass an existing --config file"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {target} ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {target} is not UTF-8") from None
+    return parse_config(text)

@@ -1,0 +1,162 @@
+"""`cva serve`: establish trust, serve the VolumeAgent API, shut down cleanly.
+
+Start (agent/startup.py establishes trust first, then calls `run_daemon`): build the service,
+listen (private unix socket for grpc.aio, the vsock splice in front
+of it, optional unix/loopback-TCP extras) and send READY=1.
+
+SIGTERM/SIGINT: STOPPING=1; close the vsock listener; gRPC stops taking calls and gives running
+ones `timeouts.shutdown_grace`; storage jobs still running get the same grace again (every step
+is idempotent and crash-safe, so a job cut off by the process exit is finished by the next
+PrepareVolumes). Mounted volumes stay mounted: containers are using them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from agent.config import DaemonConfig
+from agent.errors import CvaError
+from agent.log import get_logger
+from agent.sdnotify import Notifier
+from agent.service import AgentServer
+from agent.volumes import VolumeManager
+from agent.vsock import SpliceListener, vsock_listen_socket
+
+log = get_logger("cva.daemon")
+
+ManagerFactory = Callable[[DaemonConfig, Callable[[str], None]], VolumeManager]
+
+
+class StartupError(CvaError):
+    """cva cannot start: the message names the step that failed."""
+
+
+def _prepare_state_dir(config: DaemonConfig) -> None:
+    state = config.paths.state_dir
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.chmod(0o700)
+    with contextlib.suppress(FileNotFoundError):
+        config.private_socket.unlink()
+    if config.listen.unix is not None:
+        config.listen.unix.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            config.listen.unix.unlink()
+
+
+class Daemon:
+    def __init__(
+        self, config: DaemonConfig, make_manager: ManagerFactory, notifier: Notifier
+    ) -> None:
+        self.config = config
+        self._make_manager = make_manager
+        self._notifier = notifier
+        self.stop_event = asyncio.Event()
+
+    def _status(self, text: str) -> None:
+        try:
+            self._notifier.status(text)
+        except OSError as exc:
+            log.warning("sd_notify_failed", error=exc.strerror)
+
+    async def run(self) -> int:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        _prepare_state_dir(config)
+        manager = self._make_manager(config, self._status)
+        server = AgentServer(manager, call_timeout=config.timeouts.call)
+        addresses = [f"unix:{config.private_socket}"]
+        if config.listen.unix is not None:
+            addresses.append(f"unix:{config.listen.unix}")
+        if config.listen.tcp is not None:
+            host, port = config.listen.tcp
+            addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        for address in addresses:
+            try:
+                server.add_address(address)
+            except RuntimeError as exc:
+                raise StartupError(f"cannot listen on {address} ({exc})") from None
+        await server.start()
+        splicer: SpliceListener | None = None
+        if config.listen.vsock_port:
+            try:
+                sock = vsock_listen_socket(config.listen.vsock_port)
+            except OSError as exc:
+                await server.stop(0)
+                raise StartupError(
+                    f"cannot listen on vsock port {config.listen.vsock_port} ({exc.strerror});"
+                    " is the vsock transport loaded?"
+                ) from None
+            splicer = SpliceListener(sock, config.private_socket, log=log.info)
+            await splicer.start()
+        volumes = len(manager.contract.volumes)
+        log.info(
+            "ready",
+            addresses=addresses,
+            vsock_port=config.listen.vsock_port or None,
+            volumes=volumes,
+            api_allow=sorted(manager.contract.api.allow),
+        )
+        try:
+            self._notifier.ready(f"serving {volumes} volume(s)")
+        except OSError as exc:
+            log.error("sd_notify_failed", error=exc.strerror)  # noqa: TRY400
+
+        await self.stop_event.wait()
+
+        log.info("stopping", in_flight=manager.busy)
+        try:
+            self._notifier.stopping("stopping: finishing in-flight work")
+        except OSError as exc:
+            log.warning("sd_notify_failed", error=exc.strerror)
+        grace = config.timeouts.shutdown_grace
+        if splicer is not None:
+            await splicer.stop_accepting()
+        await server.stop(grace)
+        finished = await manager.drain(grace)
+        if splicer is not None:
+            await splicer.close()
+        await manager.aclose()
+        for sock_path in (config.private_socket, config.listen.unix):
+            if sock_path is not None:
+                with contextlib.suppress(OSError):
+                    sock_path.unlink()
+        log.info("stopped", clean=finished)
+        return 0 if finished else 1
+
+
+def run_daemon(
+    config: DaemonConfig, make_manager: ManagerFactory, notifier: Notifier | None = None
+) -> int:
+    """Run the service until SIGTERM/SIGINT; returns the exit code (0 = clean stop).
+
+    When storage work is still stuck in a worker thread after the grace period, the process
+    exits right away (`os._exit`) instead of waiting for the thread: every storage step is
+    crash-safe, and the next PrepareVolumes finishes what was cut off.
+    """
+    os.umask(0o077)
+    daemon = Daemon(config, make_manager, notifier or Notifier.from_env())
+    loop = asyncio.new_event_loop()
+    rc = 1
+    try:
+        rc = loop.run_until_complete(daemon.run())
+    finally:
+        if rc == 0:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+    if rc != 0:
+        log.warning("exiting_with_work_in_flight")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+__all__ = ["Daemon", "ManagerFactory", "StartupError", "run_daemon"]

@@ -1,0 +1,71 @@
+"""The production `VolumeBackend`: the storage stream's luks.* modules, one call per step.
+
+Thin on purpose: the per-volume state machine (DESIGN §4), header validation (§6) and mounts
+(§7) live in luks.volume / luks.mount / luks.disk; this adapter only wires them to the
+orchestrator's protocol and reads the guest's own mount table (trusted) to find volumes that
+are already mounted after a daemon restart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.config import DaemonConfig
+from agent.mountinfo import MOUNTINFO, mount_source
+from agent.secret import Secret
+from agent.volumes import OpenedVolume, VolumeState
+from luks import disk as luks_disk
+from luks import mount as luks_mount
+from luks import volume as luks_volume
+
+if TYPE_CHECKING:
+    from agent.contract import Volume
+
+
+class LuksBackend:
+    def __init__(self, config: DaemonConfig) -> None:
+        self._config = config
+        self._runtime_dir = config.paths.state_dir
+        self._mount_base = config.paths.mount_base
+
+    def _guest_path(self, vol: Volume) -> Path:
+        return self._mount_base / vol.name
+
+    def current(self, vol: Volume) -> OpenedVolume | None:
+        source = mount_source(MOUNTINFO.read_text(), self._guest_path(vol))
+        if not source or not source.startswith("/dev/mapper/"):
+            return None
+        return OpenedVolume(vol.name, self._guest_path(vol), source, created=False)
+
+    def open(self, vol: Volume, secret: Secret) -> OpenedVolume:
+        device = luks_disk.wait_for_disk(vol.disk, timeout=self._config.timeouts.disk_wait)
+        prepared = luks_volume.prepare_volume(
+            vol,
+            secret,
+            disk=device,
+            runtime_dir=self._runtime_dir,
+            mount_base=self._mount_base,
+        )
+        return OpenedVolume(
+            vol.name, Path(prepared.guest_path), str(prepared.device), bool(prepared.created)
+        )
+
+    def bind(self, vol: Volume, opened: OpenedVolume, rootfs: Path) -> None:
+        luks_mount.bind_into_rootfs(opened.guest_path, rootfs, vol.mount, read_only=vol.read_only)
+
+    def unbind(self, vol: Volume, rootfs: Path) -> None:
+        guest = self._guest_path(vol)
+        if rootfs.is_dir() and guest.is_dir():
+            luks_mount.unbind_from_rootfs(guest, rootfs, vol.mount)
+
+    def close(self, vol: Volume) -> None:
+        # the disk is needed only to deactivate the LV; a disk already gone fails that last step
+        disk = luks_disk.find(vol.disk) or Path("/dev/null")
+        luks_volume.release_volume(
+            vol, disk=disk, mount_base=self._mount_base, runtime_dir=self._runtime_dir
+        )
+
+    def state(self, vol: Volume) -> VolumeState:
+        # without the key the on-disk state is not inspected (the token MAC needs it)
+        return VolumeState.MOUNTED if self.current(vol) is not None else VolumeState.CLOSED

@@ -1,0 +1,73 @@
+"""What `cva serve` does before it serves: establish trust in the measured configuration.
+
+Order: read the config; establish trust (agent/trust.py: initdata, contract, binding check);
+only then build the VolumeManager (luks.volume backend, lazily attested KBS session) and serve.
+A refusal is one line in the journal and in STATUS=, and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from agent.config import DaemonConfig
+from agent.daemon import ManagerFactory, run_daemon
+from agent.errors import CvaError
+from agent.kbs import KbsClient
+from agent.keysource import LazyKbsKeySource
+from agent.log import configure_logging, get_logger
+from agent.luks_backend import LuksBackend
+from agent.sdnotify import Notifier
+from agent.trust import Trusted, establish_trust
+from agent.volumes import BindingStore, VolumeManager
+
+log = get_logger("cva.startup")
+
+
+def production_manager(trusted: Trusted) -> ManagerFactory:
+    """The VolumeManager over luks.volume and the lazily attested KBS session."""
+
+    def make(config: DaemonConfig, on_status: Callable[[str], None]) -> VolumeManager:
+        def kbs_client() -> KbsClient:
+            k = trusted.contract.kbs
+            on_status("attesting to the KBS")
+            return KbsClient(
+                k.url,
+                attester=trusted.attester,
+                initdata=trusted.initdata,
+                cacert_pem=k.cert,
+                allow_http=k.insecure_http,
+                deadline=config.timeouts.kbs,
+            )
+
+        keys = LazyKbsKeySource(kbs_client)
+        return VolumeManager(
+            trusted.contract,
+            LuksBackend(config),
+            keys,
+            rootfs_base=config.paths.rootfs_base,
+            bindings=BindingStore(config.paths.state_dir / "bindings.json"),
+            on_status=on_status,
+        )
+
+    return make
+
+
+def serve(config: DaemonConfig) -> int:
+    """`cva serve`: establish trust, then serve. Startup refusals are one line and exit 1."""
+    configure_logging(config.log_level)
+    notifier = Notifier.from_env()
+    try:
+        trusted = establish_trust(config)
+    except CvaError as exc:
+        log.error("startup_refused", error=exc.message)  # noqa: TRY400
+        with contextlib.suppress(OSError):
+            notifier.status(f"refused to start: {exc.message}")
+        raise
+    log.info(
+        "trust_established",
+        tee=trusted.attester.tee,
+        initdata_digest=trusted.initdata.digest().hex(),
+        volumes=[v.name for v in trusted.contract.volumes],
+    )
+    return run_daemon(config, production_manager(trusted), notifier)

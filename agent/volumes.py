@@ -1,0 +1,349 @@
+"""Volume orchestration: which volume to open, bind or close for a container, and when.
+
+The storage work itself (disk, LVM, LUKS, filesystem, mounts) sits behind `VolumeBackend`, a
+small synchronous protocol: production uses `luks.volume` (agent/luks_backend.py), unit tests an
+in-memory backend. This module decides and sequences:
+
+- one asyncio lock per volume: prepare/release of the same volume never overlap;
+- the volumes of one container are prepared in parallel;
+- the key is fetched (lazily attesting, through one shared KBS session) only when a volume is
+  not already open, and wiped as soon as the backend has used it;
+- a second PrepareVolumes for the same container returns the same answer (idempotent);
+- storage work runs as tracked tasks shielded from RPC cancellation: a call that hits its
+  deadline leaves the work to finish (every backend step is idempotent and crash-safe), and the
+  next call or shutdown waits for it instead of starting a second one on the same volume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from agent import policy
+from agent.errors import CvaError
+from agent.secret import Secret
+
+if TYPE_CHECKING:
+    from agent.contract import Contract, KbsResourceUri, Volume
+
+T = TypeVar("T")
+
+
+class VolumeState(enum.Enum):
+    """DESIGN §4, plus BOUND (bind-mounted into at least one container) and CLOSED (not open
+    here; its on-disk state is not inspected without the key)."""
+
+    CLOSED = "closed"
+    ABSENT = "absent"
+    INITIALIZING = "initializing"
+    READY = "ready"
+    OPEN = "open"
+    MOUNTED = "mounted"
+    BOUND = "bound"
+
+
+class ShuttingDown(CvaError):
+    """The daemon is stopping and takes no new work (gRPC UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class OpenedVolume:
+    """A volume mounted at its guest path (state MOUNTED)."""
+
+    name: str
+    guest_path: Path
+    device: str
+    created: bool  # formatted by this daemon run (False: an existing volume was opened)
+
+
+@dataclass(frozen=True)
+class BoundVolume:
+    """A volume bound into a container: one entry of the PrepareVolumes answer."""
+
+    name: str
+    state: VolumeState
+    guest_path: Path
+    container_path: str
+    created: bool
+    device: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class Released:
+    released: tuple[str, ...]  # unbound from the container
+    closed: tuple[str, ...]  # of those, unmounted and closed (no other container uses them)
+
+
+@dataclass(frozen=True)
+class VolumeStatus:
+    name: str
+    state: VolumeState
+    guest_path: Path | None
+    device: str | None
+    container_ids: tuple[str, ...]
+    containers: tuple[str, ...]
+
+
+class VolumeBackend(Protocol):
+    """The storage layer, synchronous and idempotent per step (run in worker threads)."""
+
+    def current(self, vol: Volume) -> OpenedVolume | None:
+        """The volume if already mounted at its guest path (needs no key; `created` False)."""
+
+    def open(self, vol: Volume, secret: Secret) -> OpenedVolume:
+        """Disk -> LVM -> LUKS -> filesystem -> mounted at the guest path (formats if allowed)."""
+
+    def bind(self, vol: Volume, opened: OpenedVolume, rootfs: Path) -> None:
+        """Bind the guest mount to `vol.mount` inside the container rootfs (idempotent)."""
+
+    def unbind(self, vol: Volume, rootfs: Path) -> None:
+        """Undo `bind`; a rootfs already gone is fine (idempotent)."""
+
+    def close(self, vol: Volume) -> None:
+        """Unmount the guest mount and close the LUKS/LVM devices (idempotent)."""
+
+    def state(self, vol: Volume) -> VolumeState:
+        """The volume's state as far as it can be seen without a key."""
+
+
+class KeySource(Protocol):
+    """Where volume keys come from: the shared, lazily attested KBS session."""
+
+    async def get_resource(self, uri: KbsResourceUri) -> Secret: ...
+
+    async def aclose(self) -> None: ...
+
+
+class BindingStore:
+    """Which containers each volume is bound into; persisted in the (tmpfs) state dir so a
+    restarted daemon still knows what to release."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._by_container: dict[str, tuple[str, ...]] = {}
+        if path is not None:
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, RecursionError):
+            return  # our own tmpfs file; unreadable = start empty (binds are idempotent)
+        if isinstance(doc, dict):
+            for cid, names in doc.items():
+                if isinstance(cid, str) and isinstance(names, list):
+                    self._by_container[cid] = tuple(n for n in names if isinstance(n, str))
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self._by_container, fh, sort_keys=True)
+        tmp.replace(self._path)
+
+    def add(self, cid: str, name: str) -> None:
+        names = self._by_container.get(cid, ())
+        if name not in names:
+            self._by_container[cid] = (*names, name)
+            self._save()
+
+    def remove(self, cid: str, name: str) -> None:
+        names = tuple(n for n in self._by_container.get(cid, ()) if n != name)
+        if names:
+            self._by_container[cid] = names
+        else:
+            self._by_container.pop(cid, None)
+        self._save()
+
+    def volumes_of(self, cid: str) -> tuple[str, ...]:
+        return self._by_container.get(cid, ())
+
+    def containers_of(self, name: str) -> tuple[str, ...]:
+        return tuple(sorted(c for c, names in self._by_container.items() if name in names))
+
+
+class VolumeManager:
+    """Orchestrates PrepareVolumes / ReleaseVolumes / ListVolumes for one contract."""
+
+    def __init__(
+        self,
+        contract: Contract,
+        backend: VolumeBackend,
+        keys: KeySource,
+        *,
+        rootfs_base: Path,
+        bindings: BindingStore | None = None,
+        on_status: Callable[[str], None] | None = None,
+    ) -> None:
+        self._contract = contract
+        self._backend = backend
+        self._keys = keys
+        self._rootfs_base = rootfs_base
+        self._bindings = bindings or BindingStore(None)
+        self._on_status = on_status or (lambda _text: None)
+        self._volumes = {v.name: v for v in contract.volumes}
+        self._locks = {name: asyncio.Lock() for name in self._volumes}
+        self._opened: dict[str, OpenedVolume] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._closing = False
+
+    @property
+    def contract(self) -> Contract:
+        return self._contract
+
+    # -- tracked, shielded storage jobs -------------------------------------------------------
+
+    async def _job(self, name: str, work: Callable[[], Awaitable[T]]) -> T:
+        """Run `work` under the volume's lock as a task the caller's cancellation cannot stop."""
+        if self._closing:
+            raise ShuttingDown("cva is shutting down; retry after it restarts")
+
+        async def locked() -> T:
+            async with self._locks[name]:
+                return await work()
+
+        task: asyncio.Task[T] = asyncio.create_task(locked(), name=f"cva-volume-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve)  # a caller that gave up must not leave it unread
+        return await asyncio.shield(task)
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new work and wait up to `timeout` for in-flight jobs; True if all finished."""
+        self._closing = True
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            _done, still = await asyncio.wait(pending, timeout=timeout)
+            if still:
+                return False
+        return True
+
+    async def aclose(self) -> None:
+        await self._keys.aclose()
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for t in self._tasks if not t.done())
+
+    # -- RPC operations -----------------------------------------------------------------------
+
+    def _rootfs(self, cid: str) -> Path:
+        return policy.bundle_dir(self._rootfs_base, cid) / "rootfs"
+
+    async def prepare(self, cid: str) -> tuple[BoundVolume, ...]:
+        policy.validate_container_id(cid)
+        if self._closing:
+            raise ShuttingDown("cva is shutting down; retry after it restarts")
+        name = await asyncio.to_thread(policy.read_container_name, self._rootfs_base, cid)
+        vols = policy.volumes_for_container(self._contract, name)
+        if not vols:
+            return ()
+        self._on_status(f"preparing {len(vols)} volume(s) for container {name}")
+        results = await asyncio.gather(
+            *(self._prepare_one(v, cid) for v in vols), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        self._on_status(f"ready; {len(self._opened)} volume(s) open")
+        return tuple(r for r in results if isinstance(r, BoundVolume))
+
+    async def _prepare_one(self, vol: Volume, cid: str) -> BoundVolume:
+        rootfs = self._rootfs(cid)
+
+        async def work() -> OpenedVolume:
+            opened = await self._ensure_open(vol)
+            await asyncio.to_thread(self._backend.bind, vol, opened, rootfs)
+            self._bindings.add(cid, vol.name)
+            return opened
+
+        opened = await self._job(vol.name, work)
+        return BoundVolume(
+            name=vol.name,
+            state=VolumeState.BOUND,
+            guest_path=opened.guest_path,
+            container_path=vol.mount,
+            created=opened.created,
+            device=opened.device,
+            read_only=vol.read_only,
+        )
+
+    async def _ensure_open(self, vol: Volume) -> OpenedVolume:
+        """Called with the volume's lock held."""
+        known = self._opened.get(vol.name)
+        if known is not None:
+            return known
+        opened = await asyncio.to_thread(self._backend.current, vol)
+        if opened is None:
+            secret = await self._keys.get_resource(vol.key)
+            try:
+                opened = await asyncio.to_thread(self._backend.open, vol, secret)
+            finally:
+                secret.wipe()
+        self._opened[vol.name] = opened
+        return opened
+
+    async def release(self, cid: str) -> Released:
+        policy.validate_container_id(cid)
+        names = self._bindings.volumes_of(cid)
+        if not names:
+            return Released((), ())
+        rootfs = self._rootfs(cid)
+        closed: list[str] = []
+
+        async def release_one(vol: Volume) -> None:
+            async def work() -> None:
+                await asyncio.to_thread(self._backend.unbind, vol, rootfs)
+                self._bindings.remove(cid, vol.name)
+                if not self._bindings.containers_of(vol.name):
+                    await asyncio.to_thread(self._backend.close, vol)
+                    self._opened.pop(vol.name, None)
+                    closed.append(vol.name)
+
+            await self._job(vol.name, work)
+
+        vols = [self._volumes[n] for n in names if n in self._volumes]
+        results = await asyncio.gather(*(release_one(v) for v in vols), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return Released(tuple(v.name for v in vols), tuple(sorted(closed)))
+
+    async def list(self) -> tuple[VolumeStatus, ...]:
+        out: list[VolumeStatus] = []
+        for vol in self._contract.volumes:
+            cids = self._bindings.containers_of(vol.name)
+            opened = self._opened.get(vol.name)
+            if cids:
+                state = VolumeState.BOUND
+            elif opened is not None:
+                state = VolumeState.MOUNTED
+            else:
+                state = await asyncio.to_thread(self._backend.state, vol)
+            out.append(
+                VolumeStatus(
+                    name=vol.name,
+                    state=state,
+                    guest_path=opened.guest_path if opened else None,
+                    device=opened.device if opened else None,
+                    container_ids=cids,
+                    containers=tuple(vol.containers),
+                )
+            )
+        return tuple(out)
+
+
+def _retrieve(task: asyncio.Task[object]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,214 @@
+"""Is a device provably blank? (DESIGN §4)
+
+Blank means all three of:
+1. no signature of any kind: `blkid -p` finds nothing, and none of the magics cva knows
+   (LUKS, LVM2 label, ext2/3/4, xfs) is present;
+2. the whole header region (the first 16 MiB, where a LUKS2 header and its keyslots live) reads
+   as zeros;
+3. sampled blocks of the data area read as zeros: the first and last MiB after the header region
+   plus evenly spread samples in between.
+
+Anything cva ever wrote through dm-crypt is ciphertext and never reads back as a zero block, so
+a header wiped over old data is *not* blank. The plan of what to read and the verdict are pure
+functions; `probe_blank` is the thin shell that reads the device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import CvaError
+from luks.run import run
+
+HEADER_REGION_BYTES = 16 * 1024 * 1024
+MIB = 1024 * 1024
+EDGE_SAMPLE_BYTES = MIB
+SPREAD_SAMPLE_BYTES = 64 * 1024
+SPREAD_SAMPLES = 32
+MIN_DEVICE_BYTES = HEADER_REGION_BYTES + 2 * MIB
+READ_CHUNK = MIB
+
+# (offset, magic, what) for the signatures cva checks itself, whatever blkid says
+KNOWN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"LUKS\xba\xbe", "LUKS header"),
+    (0x4000, b"SKUL\xba\xbe", "LUKS2 secondary header"),
+    (0, b"XFSB", "xfs superblock"),
+    (1024 + 56, b"\x53\xef", "ext2/3/4 superblock"),
+    (512, b"LABELONE", "LVM2 physical volume label"),
+    (0, b"LABELONE", "LVM2 physical volume label"),
+    (1024, b"LABELONE", "LVM2 physical volume label"),
+    (1536, b"LABELONE", "LVM2 physical volume label"),
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A byte range of the device to read and require zero."""
+
+    offset: int
+    length: int
+    what: str
+
+
+@dataclass(frozen=True)
+class BlankEvidence:
+    """What was observed on a device; `verdict` turns it into a decision."""
+
+    size_bytes: int
+    signatures: tuple[str, ...]  # blkid TYPE values and known magics found
+    nonzero_samples: tuple[Sample, ...]  # samples (header region included) that held data
+
+
+@dataclass(frozen=True)
+class BlankVerdict:
+    blank: bool
+    reason: str  # why not blank ("" when blank)
+
+
+def sample_plan(size_bytes: int) -> tuple[Sample, ...]:
+    """The ranges to read: the whole header region, first/last MiB of data, spread samples."""
+    if size_bytes < MIN_DEVICE_BYTES:
+        raise CvaError(
+            f"device is {size_bytes} bytes, smaller than the {MIN_DEVICE_BYTES} bytes a cva volume "
+            "needs; give the volume a bigger disk or LV"
+        )
+    plan = [
+        Sample(0, HEADER_REGION_BYTES, "header region"),
+        Sample(HEADER_REGION_BYTES, EDGE_SAMPLE_BYTES, "first MiB of the data area"),
+    ]
+    last = _align_down(size_bytes - EDGE_SAMPLE_BYTES, 4096)
+    plan.append(Sample(last, size_bytes - last, "last MiB of the data area"))
+    data_start = HEADER_REGION_BYTES + EDGE_SAMPLE_BYTES
+    span = last - data_start
+    if span > SPREAD_SAMPLE_BYTES:
+        step = span // (SPREAD_SAMPLES + 1)
+        for i in range(1, SPREAD_SAMPLES + 1):
+            off = _align_down(data_start + i * step, 4096)
+            if off + SPREAD_SAMPLE_BYTES <= last and off >= data_start:
+                plan.append(Sample(off, SPREAD_SAMPLE_BYTES, f"data sample at {off}"))
+    return tuple(_dedupe(plan))
+
+
+def _dedupe(plan: list[Sample]) -> list[Sample]:
+    seen: set[int] = set()
+    out = []
+    for s in plan:
+        if s.offset not in seen:
+            seen.add(s.offset)
+            out.append(s)
+    return out
+
+
+def _align_down(value: int, unit: int) -> int:
+    return value - value % unit
+
+
+def magics_in(head: bytes) -> tuple[str, ...]:
+    """Names of the known signatures present in the first bytes of a device."""
+    found = []
+    for offset, magic, what in KNOWN_MAGICS:
+        if head[offset : offset + len(magic)] == magic and what not in found:
+            found.append(what)
+    return tuple(found)
+
+
+def parse_blkid_types(export_text: str) -> tuple[str, ...]:
+    """TYPE/PTTYPE values from `blkid -p -o export` output (KEY=VALUE lines)."""
+    types = []
+    for line in export_text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key in ("TYPE", "PTTYPE", "SEC_TYPE") and value:
+            types.append(f"{key.lower()} {value}")
+    return tuple(types)
+
+
+def verdict(evidence: BlankEvidence) -> BlankVerdict:
+    """The decision: blank only if no signature and every sample is zeros."""
+    reasons = []
+    if evidence.signatures:
+        reasons.append("signature found: " + ", ".join(evidence.signatures))
+    if evidence.nonzero_samples:
+        where = ", ".join(s.what for s in evidence.nonzero_samples[:3])
+        more = len(evidence.nonzero_samples) - 3
+        reasons.append("non-zero data in " + where + (f" and {more} more" if more > 0 else ""))
+    if reasons:
+        return BlankVerdict(False, "; ".join(reasons))
+    return BlankVerdict(True, "")
+
+
+def is_zero(buf: bytes | bytearray | memoryview) -> bool:
+    data = buf if isinstance(buf, bytes) else bytes(buf)
+    return data.count(0) == len(data)
+
+
+def range_is_zero(fd: int, offset: int, length: int) -> bool:
+    """Read `length` bytes at `offset` chunk by chunk; False at the first non-zero or short read."""
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(READ_CHUNK, length - done), offset + done)
+        if not chunk or not is_zero(chunk):
+            return False
+        done += len(chunk)
+    return True
+
+
+def device_size(path: Path) -> int:
+    """Size of a block device or a regular file, in bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def read_range(fd: int, offset: int, length: int) -> bytes:
+    chunks = []
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(READ_CHUNK, length - done), offset + done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
+
+
+def probe_blank(device: Path, *, timeout: float = 30.0) -> BlankVerdict:
+    """Read the device per `sample_plan`, run blkid, and decide."""
+    size = device_size(device)
+    plan = sample_plan(size)
+    nonzero: list[Sample] = []
+    signatures: list[str] = []
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        signatures.extend(magics_in(os.pread(fd, 8192, 0)))
+        for s in plan:
+            if not range_is_zero(fd, s.offset, s.length):
+                nonzero.append(s)
+    finally:
+        os.close(fd)
+    signatures.extend(blkid_signatures(device, timeout=timeout))
+    return verdict(BlankEvidence(size, tuple(dict.fromkeys(signatures)), tuple(nonzero)))
+
+
+def blkid_signatures(device: Path, *, timeout: float) -> tuple[str, ...]:
+    """Signatures libblkid's low-level probe finds (exit 2 = none)."""
+    result = run(["blkid", "-p", "-o", "export", "--", str(device)], timeout=timeout, check=False)
+    if result.returncode == 2:
+        return ()
+    if result.returncode != 0:
+        # ambivalent probes (two signatures) exit 8; anything else is a failure to look
+        if result.returncode == 8:
+            return ("ambivalent signatures (blkid exit 8)",)
+        raise CvaError(
+            f"blkid could not probe {device} (exit {result.returncode}); check the device"
+        )
+    return parse_blkid_types(result.text)
+
+
+def zero_samples_required(plan: Sequence[Sample]) -> int:
+    """Total bytes a blank check reads (for logs and the benchmark)."""
+    return sum(s.length for s in plan)

@@ -1,0 +1,346 @@
+"""LVM for one cva volume: PV/VG/LV create-if-absent, activate, deactivate, extend (DESIGN §7).
+
+Every `lvm` call carries a `--config` that accepts only the contract's disk (nothing else the
+host attached is even scanned), turns auto-activation and event activation off, skips the
+devices file and metadata backups (the guest root is not ours to litter), and lets LVM create
+device nodes itself (no udev needed). Reports are JSON (`--reportformat json`), never text.
+
+Pure parts: `lvm_config`, `parse_report`, the argv builders and `plan`; the shell runs them.
+Nothing here formats or wipes: `pvcreate` runs only after the caller proved the disk blank, and
+`lvcreate` never zeroes or wipes signatures (`-Zn -Wn`), so a host that hid an LV from the
+metadata cannot make cva overwrite its data — the volume layer's blank check then refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from agent.errors import CvaError
+from luks.run import run
+
+TIMEOUT = 60.0
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class LvmError(CvaError):
+    """LVM state cva cannot use, or an lvm command that failed."""
+
+
+@dataclass(frozen=True)
+class PhysicalVolume:
+    name: str
+    vg: str  # "" = PV not in any VG
+    size: int
+
+
+@dataclass(frozen=True)
+class VolumeGroup:
+    name: str
+    size: int
+    free: int
+    extent_size: int
+    pv_count: int
+
+
+@dataclass(frozen=True)
+class LogicalVolume:
+    name: str
+    vg: str
+    size: int
+    active: bool
+    dm_path: str
+
+
+@dataclass(frozen=True)
+class LvmState:
+    """What LVM sees on the contract's disk (and only there)."""
+
+    pvs: tuple[PhysicalVolume, ...]
+    vgs: tuple[VolumeGroup, ...]
+    lvs: tuple[LogicalVolume, ...]
+
+
+Step = Literal["pvcreate", "vgcreate", "lvcreate", "activate", "extend"]
+
+
+@dataclass(frozen=True)
+class LvmPlan:
+    steps: tuple[Step, ...]
+    needs_blank_disk: bool  # pvcreate will write to the disk: the caller must prove it blank
+    refusal: str | None = None
+
+
+def check_name(name: str, what: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise LvmError(f"LVM {what} name {name!r} is invalid; use [a-z0-9][a-z0-9_-]*")
+    return name
+
+
+def _quote(text: str) -> str:
+    if any(c in text for c in '"\\|\n'):
+        raise LvmError(f"disk path {text!r} cannot be put in an LVM filter")
+    return text
+
+
+_REGEX_SPECIAL = frozenset(".^$*+?()[]{}")
+
+
+def lvm_config(disk: str) -> str:
+    """The `--config` string: scan only `disk`, no auto-activation, no devices file, no backups."""
+    path = "".join("\\" + c if c in _REGEX_SPECIAL else c for c in _quote(disk))
+    filt = f'["a|^{path}$|", "r|.*|"]'
+    return (
+        "devices { "
+        "use_devicesfile=0 "
+        f"filter={filt} global_filter={filt} "
+        "obtain_device_list_from_udev=0 scan_lvs=0 multipath_component_detection=0 "
+        "md_component_detection=0 fw_raid_component_detection=0 "
+        "} "
+        "activation { auto_activation_volume_list=[] udev_sync=0 udev_rules=0 "
+        "verify_udev_operations=1 monitoring=0 } "
+        "global { event_activation=0 use_lvmpolld=0 } "
+        "backup { backup=0 archive=0 }"
+    )
+
+
+def _base(cmd: str, disk: str) -> list[str]:
+    return ["lvm", cmd, "--config", lvm_config(disk)]
+
+
+_REPORT_UNITS = ["--reportformat", "json", "--units", "b", "--nosuffix"]
+
+
+def pvs_argv(disk: str) -> list[str]:
+    return [*_base("pvs", disk), *_REPORT_UNITS, "-o", "pv_name,vg_name,pv_size"]
+
+
+def vgs_argv(disk: str) -> list[str]:
+    return [
+        *_base("vgs", disk),
+        *_REPORT_UNITS,
+        "-o",
+        "vg_name,vg_size,vg_free,vg_extent_size,pv_count",
+    ]
+
+
+def lvs_argv(disk: str) -> list[str]:
+    return [
+        *_base("lvs", disk),
+        *_REPORT_UNITS,
+        "-o",
+        "lv_name,vg_name,lv_size,lv_active,lv_dm_path",
+    ]
+
+
+def pvcreate_argv(disk: str) -> list[str]:
+    return [*_base("pvcreate", disk), "--", disk]
+
+
+def vgcreate_argv(disk: str, vg: str) -> list[str]:
+    return [*_base("vgcreate", disk), "--setautoactivation", "n", "--", check_name(vg, "VG"), disk]
+
+
+def lvcreate_argv(disk: str, vg: str, lv: str, size_bytes: int) -> list[str]:
+    return [
+        *_base("lvcreate", disk),
+        "--activate",
+        "y",
+        "--zero",
+        "n",
+        "--wipesignatures",
+        "n",
+        "--setactivationskip",
+        "n",
+        "--name",
+        check_name(lv, "LV"),
+        "--size",
+        f"{_positive(size_bytes)}b",
+        "--",
+        check_name(vg, "VG"),
+    ]
+
+
+def lvchange_argv(disk: str, vg: str, lv: str, *, active: bool) -> list[str]:
+    return [
+        *_base("lvchange", disk),
+        "--activate",
+        "y" if active else "n",
+        "--",
+        f"{check_name(vg, 'VG')}/{check_name(lv, 'LV')}",
+    ]
+
+
+def vgchange_off_argv(disk: str, vg: str) -> list[str]:
+    return [*_base("vgchange", disk), "--activate", "n", "--", check_name(vg, "VG")]
+
+
+def lvextend_argv(disk: str, vg: str, lv: str, size_bytes: int) -> list[str]:
+    return [
+        *_base("lvextend", disk),
+        "--size",
+        f"{_positive(size_bytes)}b",
+        "--",
+        f"{check_name(vg, 'VG')}/{check_name(lv, 'LV')}",
+    ]
+
+
+def _positive(n: int) -> int:
+    if n <= 0:
+        raise LvmError(f"LVM size {n} must be positive")
+    return n
+
+
+def _rows(text: str, kind: str) -> list[dict[str, str]]:
+    try:
+        doc = json.loads(text) if text.strip() else {"report": [{kind: []}]}
+    except (ValueError, RecursionError) as exc:
+        raise LvmError(f"lvm {kind} report is not JSON: {exc}") from None
+    try:
+        rows = [row for part in doc["report"] for row in part.get(kind, [])]
+    except (TypeError, KeyError, AttributeError):
+        raise LvmError(f"lvm {kind} report has an unexpected shape") from None
+    for row in rows:
+        if not isinstance(row, dict) or not all(isinstance(v, str) for v in row.values()):
+            raise LvmError(f"lvm {kind} report row has an unexpected shape")
+    return rows
+
+
+def _num(row: dict[str, str], key: str) -> int:
+    value = row.get(key, "")
+    if not value.isdigit():
+        raise LvmError(f"lvm report field {key} is not a number: {value[:40]!r}")
+    return int(value)
+
+
+def parse_pvs(text: str) -> tuple[PhysicalVolume, ...]:
+    return tuple(
+        PhysicalVolume(r.get("pv_name", ""), r.get("vg_name", ""), _num(r, "pv_size"))
+        for r in _rows(text, "pv")
+    )
+
+
+def parse_vgs(text: str) -> tuple[VolumeGroup, ...]:
+    return tuple(
+        VolumeGroup(
+            r.get("vg_name", ""),
+            _num(r, "vg_size"),
+            _num(r, "vg_free"),
+            _num(r, "vg_extent_size"),
+            _num(r, "pv_count"),
+        )
+        for r in _rows(text, "vg")
+    )
+
+
+def parse_lvs(text: str) -> tuple[LogicalVolume, ...]:
+    return tuple(
+        LogicalVolume(
+            r.get("lv_name", ""),
+            r.get("vg_name", ""),
+            _num(r, "lv_size"),
+            r.get("lv_active", "") == "active",
+            r.get("lv_dm_path", ""),
+        )
+        for r in _rows(text, "lv")
+    )
+
+
+def plan(state: LvmState, disk: str, vg: str, lv: str, size_bytes: int, *, create: bool) -> LvmPlan:
+    """Which LVM steps bring the disk to `vg/lv` of at least `size_bytes` (pure)."""
+    pv = next((p for p in state.pvs if p.name == disk), None)
+    foreign = sorted({p.vg for p in state.pvs if p.vg and p.vg != vg})
+    if foreign:
+        return LvmPlan((), False, f"disk {disk} belongs to volume group {foreign[0]!r}, not {vg!r}")
+    steps: list[Step] = []
+    needs_blank = False
+    if pv is None:
+        if state.pvs:
+            return LvmPlan((), False, f"LVM sees {state.pvs[0].name}, not the disk {disk}")
+        if not create:
+            return LvmPlan((), False, f"disk {disk} has no LVM physical volume and create = false")
+        steps += ["pvcreate", "vgcreate"]
+        needs_blank = True
+    elif not pv.vg:
+        if not create:
+            return LvmPlan(
+                (), False, f"disk {disk} is a PV without volume group and create = false"
+            )
+        steps.append("vgcreate")
+    vg_row = next((g for g in state.vgs if g.name == vg), None)
+    if vg_row is not None and vg_row.pv_count != 1:
+        return LvmPlan((), False, f"volume group {vg!r} spans {vg_row.pv_count} disks, expected 1")
+    lv_row = next((v for v in state.lvs if v.vg == vg and v.name == lv), None)
+    if lv_row is None:
+        if not create:
+            return LvmPlan((), False, f"logical volume {vg}/{lv} is absent and create = false")
+        steps.append("lvcreate")
+    else:
+        if not lv_row.active:
+            steps.append("activate")
+        if lv_row.size < size_bytes:
+            steps.append("extend")
+    return LvmPlan(tuple(steps), needs_blank)
+
+
+def dm_path(vg: str, lv: str) -> Path:
+    """/dev/mapper name LVM gives vg/lv (dashes doubled)."""
+    return Path("/dev/mapper") / (
+        f"{check_name(vg, 'VG').replace('-', '--')}-{check_name(lv, 'LV').replace('-', '--')}"
+    )
+
+
+def _run(argv: Sequence[str], what: str, timeout: float) -> str:
+    result = run(argv, timeout=timeout, check=False)
+    if result.returncode != 0:
+        last = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        msg = last[-1].strip()[:200] if last else f"exit {result.returncode}"
+        raise LvmError(f"lvm {what} failed: {msg}")
+    return result.text
+
+
+def read_state(disk: str, *, timeout: float = TIMEOUT) -> LvmState:
+    """PVs, VGs and LVs LVM sees when it may only look at `disk`."""
+    pvs = parse_pvs(_run(pvs_argv(disk), "pvs", timeout))
+    vgs = parse_vgs(_run(vgs_argv(disk), "vgs", timeout)) if any(p.vg for p in pvs) else ()
+    lvs = parse_lvs(_run(lvs_argv(disk), "lvs", timeout)) if vgs else ()
+    return LvmState(pvs, vgs, lvs)
+
+
+def pvcreate(disk: str, *, timeout: float = TIMEOUT) -> None:
+    _run(pvcreate_argv(disk), "pvcreate", timeout)
+
+
+def vgcreate(disk: str, vg: str, *, timeout: float = TIMEOUT) -> None:
+    _run(vgcreate_argv(disk, vg), "vgcreate", timeout)
+
+
+def lvcreate(disk: str, vg: str, lv: str, size_bytes: int, *, timeout: float = TIMEOUT) -> None:
+    _run(lvcreate_argv(disk, vg, lv, size_bytes), "lvcreate", timeout)
+
+
+def activate(disk: str, vg: str, lv: str, *, timeout: float = TIMEOUT) -> None:
+    _run(lvchange_argv(disk, vg, lv, active=True), "lvchange -ay", timeout)
+
+
+def deactivate_lv(disk: str, vg: str, lv: str, *, timeout: float = TIMEOUT) -> None:
+    _run(lvchange_argv(disk, vg, lv, active=False), "lvchange -an", timeout)
+
+
+def deactivate_vg(disk: str, vg: str, *, timeout: float = TIMEOUT) -> None:
+    _run(vgchange_off_argv(disk, vg), "vgchange -an", timeout)
+
+
+def extend(disk: str, vg: str, lv: str, size_bytes: int, *, timeout: float = TIMEOUT) -> None:
+    _run(lvextend_argv(disk, vg, lv, size_bytes), "lvextend", timeout)
+
+
+def lv_size(disk: str, vg: str, lv: str, *, timeout: float = TIMEOUT) -> int:
+    for row in read_state(disk, timeout=timeout).lvs:
+        if row.vg == vg and row.name == lv:
+            return row.size
+    raise LvmError(f"logical volume {vg}/{lv} not found on {disk}")

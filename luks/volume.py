@@ -1,0 +1,452 @@
+"""The per-volume state machine: a disk and a key in, a mounted encrypted volume out.
+
+States (DESIGN §4; the durable ones live in the LUKS2 `cva` token, MAC'd with a key only the
+attested guest can derive, so the host cannot forge or roll them forward):
+
+    ABSENT        no cva header: the LV/disk is provably blank (blank.py) or something else
+    INITIALIZING  LUKS2 header + keyslot + token state "initializing"; the filesystem may be
+                  missing or half made; never held user data (it is never mounted in this state)
+    READY         token state "ready": filesystem complete; the only state that is mounted
+    OPEN          dm-crypt mapping `cva-<name>` active, built from the validated in-memory
+                  header copy and checked against the contract in the live dm table
+    MOUNTED       filesystem mounted at /run/cva/volumes/<name> (nodev,nosuid[,ro])
+    BOUND         bind-mounted into container root filesystems (luks.mount.bind_into_rootfs)
+
+    ABSENT --create & blank--> INITIALIZING --mkfs ok--> READY --open--> OPEN --mount-->
+    MOUNTED --bind--> BOUND.   Release walks back: BOUND -> MOUNTED -> OPEN -> READY.
+
+Decisions are pure (`classify`, `decide`, `expected_table`): the shell observes, asks, acts.
+Rules that hold on every path: format only when the header region *and* sampled data are zero
+and the contract says `create = true`; never format after a failed open, a wrong key or a bad
+MAC (a run that tried to open never reaches the create branch, and a refused volume is left
+byte-for-byte untouched); activate only from the validated copy, never from the disk.
+
+Crash windows (a SIGKILL can land anywhere; each named point below is where tests kill the
+process via `crash_hook`, and what the next run does):
+
+    PV_CREATED           PV label on the disk, no VG      -> vgcreate, continue (LVM only)
+    VG_CREATED           VG, no LV                        -> lvcreate, continue
+    LV_CREATED           LV exists, still zeros           -> blank -> create, continue
+    LUKS_FORMATTED       header without keyslot/token     -> REFUSE: not a complete cva header
+                                                             (zero the LV to start over)
+    KEYSLOT_ADDED        keyslot, no cva token            -> REFUSE, same reason
+    INITIALIZING_WRITTEN token "initializing" on disk     -> open, mkfs, ready (recovery)
+    OPENED_INITIALIZING  mapping active, no filesystem    -> reuse mapping, mkfs, ready
+    MKFS_DONE            filesystem made, still "initializing" -> complete fs found: no mkfs,
+                                                             only mark ready (a replayed old
+                                                             "initializing" header cannot make
+                                                             cva format over data either)
+    READY_HALF_WRITTEN   secondary copy says "ready", primary still "initializing"
+                                                          -> REFUSE: the copies disagree (no
+                                                             user data yet: zero and redo)
+    READY_WRITTEN        "ready" written, not mounted     -> open/reuse, mount
+    MOUNTED              mounted, grow pending            -> mount is reused, grow checked again
+    LV_EXTENDED          lvextend done, fs not grown      -> crypt resize + fs grow next run
+
+The two format windows refuse rather than guess: a header without a MAC'd token is exactly
+what a hostile host could plant, so cva cannot tell "my interrupted format" from "forgery".
+READY_HALF_WRITTEN refuses for the same reason (cva never accepts disagreeing header copies,
+the CVE-2025-59054 class); it lies between two pwrite+fsync calls of 16 KiB each, and the
+volume holds no user data yet. All three leave the disk untouched for inspection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.contract import Volume
+from agent.log import get_logger
+from agent.secret import Secret
+from luks import blank, dmtable, fs, lvm, mount
+from luks.header import allow_list_reasons, parse_luks2, read_header_area
+from luks.libcryptsetup import (
+    METADATA_BYTES,
+    CryptDevice,
+    WrongPassphrase,
+    active_status,
+    deactivate_by_name,
+    header_copy,
+)
+from luks.token import derive_keys, make_token, token_json, verify_token
+from luks.volume_plan import (
+    INITIALIZING,
+    READY,
+    REINIT_HINT,
+    CrashWindow,
+    HeaderObservation,
+    State,
+    VolumeRefused,
+    classify,
+    decide,
+    expected_table,
+    fs_complete,
+    fs_size_bytes,
+    initializing_action,
+    mapper_name,
+    needs_grow,
+)
+
+TOKEN_SCAN = 32
+_log = get_logger("cva.luks.volume")
+
+__all__ = [
+    "CrashWindow",
+    "PreparedVolume",
+    "State",
+    "VolumeRefused",
+    "bind_volume",
+    "crash_hook",
+    "mapper_name",
+    "prepare_volume",
+    "release_volume",
+]
+
+
+# Tests set this (inside the guest) to SIGKILL the process at a named window. Never set by cva.
+crash_hook: Callable[[CrashWindow], None] | None = None
+
+
+def _window(window: CrashWindow) -> None:
+    if crash_hook is not None:
+        crash_hook(window)
+
+
+@dataclass(frozen=True)
+class PreparedVolume:
+    name: str
+    state: State
+    guest_path: Path  # where the filesystem is mounted in the guest
+    device: Path  # the opened mapper device
+    mapper_name: str
+    created: bool  # this run formatted the volume
+
+
+# ---- the shell ----------------------------------------------------------------------------
+
+
+def _observe(area: bytes, vol: Volume, mac_key: Secret) -> HeaderObservation:
+    return classify(
+        area,
+        parse=parse_luks2,
+        allow_reasons=lambda h: allow_list_reasons(h, integrity=vol.integrity),
+        verify=lambda h: verify_token(h, vol.name, mac_key),
+    )
+
+
+def _read_area(device: Path) -> bytes:
+    return read_header_area(str(device))
+
+
+@contextlib.contextmanager
+def _volume_lock(runtime_dir: Path, name: str) -> Iterator[None]:
+    """One prepare/release of a volume at a time (the daemon may get concurrent requests)."""
+    runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(
+        runtime_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _format(device: Path, vol: Volume, passphrase: Secret, mac_key: Secret) -> None:
+    """ABSENT -> INITIALIZING on a device proved blank just before."""
+    with CryptDevice.open(str(device)) as cd:
+        cd.format_luks2(integrity=vol.integrity)
+        _window(CrashWindow.LUKS_FORMATTED)
+        cd.keyslot_add_by_volume_key(passphrase, keyslot=0)
+        _window(CrashWindow.KEYSLOT_ADDED)
+        hdr = parse_luks2(_read_area(device))
+        cd.token_json_set(0, token_json(make_token(hdr, INITIALIZING, vol.name, mac_key)))
+    _window(CrashWindow.INITIALIZING_WRITTEN)
+
+
+def _mark_ready(device: Path, copy: str, area: bytes, vol: Volume, mac_key: Secret) -> bytes:
+    """INITIALIZING -> READY: update the token in the copy, then write the copy's metadata back.
+
+    The disk is only written with bytes derived from cva's validated copy, and only if the
+    disk's header region still equals that copy (a swap in between is refused). Returns the
+    new header area.
+    """
+    token = token_json(make_token(parse_luks2(area), READY, vol.name, mac_key))
+    with CryptDevice.open(str(device), header=copy) as cd:
+        cd.load()
+        cd.token_json_set(_cva_token_id(cd), token)
+    updated = Path(copy).read_bytes()[: len(area)]
+    metadata = updated[: 2 * _metadata_size(area)]
+    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if blank.read_range(fd, 0, len(area)) != area:
+            raise VolumeRefused(
+                f"volume {vol.name}: the on-disk LUKS header changed while cva was using its "
+                "copy; refusing to write the ready state (check who writes to the disk)"
+            )
+        half = len(metadata) // 2
+        # secondary copy first, then the primary: a crash in between leaves two valid copies
+        # that disagree, which the next run refuses (never a format)
+        os.pwrite(fd, metadata[half:], half)
+        os.fsync(fd)
+        _window(CrashWindow.READY_HALF_WRITTEN)
+        os.pwrite(fd, metadata[:half], 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return updated
+
+
+def _cva_token_id(cd: CryptDevice) -> int:
+    for token in range(TOKEN_SCAN):
+        text = cd.token_json_get(token)
+        if text is None:
+            continue
+        with contextlib.suppress(ValueError, RecursionError, AttributeError):
+            if json.loads(text).get("type") == "cva":
+                return token
+    return 0
+
+
+def _metadata_size(area: bytes) -> int:
+    # LUKS2 binary header: hdr_size (u64 big-endian) at offset 8 (validated by the allow-list)
+    size = int.from_bytes(area[8:16], "big")
+    if size != METADATA_BYTES:
+        raise VolumeRefused(f"LUKS2 header size {size} is not cva's {METADATA_BYTES}")
+    return size
+
+
+def _activate(
+    device: Path, area: bytes, mapper: str, passphrase: Secret, *, read_only: bool, name: str
+) -> None:
+    """Activate from the validated copy (a memfd), never from the disk."""
+    try:
+        with header_copy(area) as copy, CryptDevice.open(str(device), header=copy) as cd:
+            cd.load()
+            cd.activate_by_passphrase(mapper, passphrase, read_only=read_only)
+    except WrongPassphrase:
+        raise VolumeRefused(
+            f"volume {name}: the key from the KBS does not open this volume; nothing was changed "
+            "(check the key resource in the contract)"
+        ) from None
+
+
+def _is_active(mapper: str) -> bool:
+    return active_status(mapper) in ("active", "busy")
+
+
+def _deactivate(mapper: str) -> None:
+    if _is_active(mapper):
+        deactivate_by_name(mapper)
+
+
+def _check_table(mapper: str, vol: Volume, device: Path) -> None:
+    expected = expected_table(integrity=vol.integrity, backing_devno=dmtable.device_number(device))
+    try:
+        dmtable.check_live(mapper, expected)
+    except dmtable.DmTableError:
+        _deactivate(mapper)
+        raise
+
+
+def _crypt_resize(device: Path, area: bytes, mapper: str, passphrase: Secret) -> None:
+    """Grow the active mapping to the whole (grown) LV; the key goes through the keyring."""
+    with header_copy(area) as copy, CryptDevice.open(str(device), header=copy) as cd:
+        cd.load()
+        cd.activate_by_passphrase(None, passphrase, keyring=True)
+        cd.resize(mapper, 0)
+
+
+def _ensure_lvm(vol: Volume, disk: Path) -> Path:
+    """Bring up vol.lvm on `disk` (create/activate/extend as planned); returns the LV device."""
+    spec = vol.lvm
+    if spec is None:
+        return disk
+    disk_s = str(disk.resolve())
+    state = lvm.read_state(disk_s)
+    plan = lvm.plan(state, disk_s, spec.vg, spec.lv, spec.size_bytes, create=vol.create)
+    if plan.refusal:
+        raise VolumeRefused(f"volume {vol.name}: {plan.refusal}")
+    if plan.needs_blank_disk:
+        verdict = blank.probe_blank(Path(disk_s))
+        if not verdict.blank:
+            raise VolumeRefused(
+                f"volume {vol.name}: disk {disk} has no LVM PV and is not blank "
+                f"({verdict.reason}); " + REINIT_HINT
+            )
+    for step in plan.steps:
+        if step == "pvcreate":
+            lvm.pvcreate(disk_s)
+            _window(CrashWindow.PV_CREATED)
+        elif step == "vgcreate":
+            lvm.vgcreate(disk_s, spec.vg)
+            _window(CrashWindow.VG_CREATED)
+        elif step == "lvcreate":
+            lvm.lvcreate(disk_s, spec.vg, spec.lv, spec.size_bytes)
+            _window(CrashWindow.LV_CREATED)
+        elif step == "activate":
+            lvm.activate(disk_s, spec.vg, spec.lv)
+        elif step == "extend":
+            if vol.integrity:
+                # libcryptsetup 2.6 cannot resize a LUKS2 mapping with dm-integrity (ENOTSUP):
+                # keep the volume at its size rather than extend an LV that cannot be used
+                _log.warning(
+                    "integrity volume not grown: libcryptsetup cannot resize dm-integrity",
+                    volume=vol.name,
+                    contract_size=spec.size_bytes,
+                )
+                continue
+            lvm.extend(disk_s, spec.vg, spec.lv, spec.size_bytes)
+            _window(CrashWindow.LV_EXTENDED)
+    return lvm.dm_path(spec.vg, spec.lv)
+
+
+def _superblock(mapper_dev: Path) -> tuple[bytes, int]:
+    """(first 64 KiB, device size) of the opened volume.
+
+    On a fresh integrity volume those blocks were never written and read as EIO/EILSEQ: that
+    is reported as zeros (no filesystem), which is the truth for a block never written.
+    """
+    fd = os.open(mapper_dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        # the mounted filesystem writes its superblock through its own cache: drop ours
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            head = blank.read_range(fd, 0, 65536)
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EILSEQ):
+                raise
+            head = bytes(65536)
+        return head, size
+    finally:
+        os.close(fd)
+
+
+def prepare_volume(
+    vol: Volume,
+    secret: Secret,
+    *,
+    disk: Path,
+    runtime_dir: Path,
+    mount_base: Path,
+) -> PreparedVolume:
+    """Open (or create, when allowed and provably blank) and mount one volume; idempotent.
+
+    `disk` is the contract's disk (luks.disk.wait_for_disk); `runtime_dir` holds the per-volume
+    lock (tmpfs, e.g. /run/cva); the filesystem is mounted at `mount_base/<name>`.
+    """
+    with _volume_lock(runtime_dir, vol.name):
+        return _prepare(vol, secret, disk=disk, mount_base=mount_base)
+
+
+def _prepare(vol: Volume, secret: Secret, *, disk: Path, mount_base: Path) -> PreparedVolume:
+    device = _ensure_lvm(vol, disk)
+    mapper = mapper_name(vol.name)
+    mapper_dev = Path("/dev/mapper") / mapper
+    target = mount_base / vol.name
+    created = False
+    passphrase, mac_key = derive_keys(secret, vol.name)
+    with passphrase, mac_key:
+        area = _read_area(device)  # step 1: the copy; everything below uses these bytes
+        obs = _observe(area, vol, mac_key)
+        verdict = blank.probe_blank(device) if obs.kind == "zero" else None
+        decision = decide(obs, verdict, create=vol.create)
+        if decision.action == "refuse":
+            raise VolumeRefused(f"volume {vol.name}: {decision.reason}")
+        if decision.action == "create":
+            _format(device, vol, passphrase, mac_key)
+            created = True
+            area = _read_area(device)
+            obs = _observe(area, vol, mac_key)
+            if obs.kind != "cva" or obs.token_state != INITIALIZING:
+                raise VolumeRefused(
+                    f"volume {vol.name}: the header cva just wrote does not validate "
+                    f"({'; '.join(obs.reasons)}); nothing was mounted"
+                )
+        was_active = _is_active(mapper)
+        initializing = obs.token_state == INITIALIZING
+        if not was_active:
+            ro = vol.read_only and not initializing
+            _activate(device, area, mapper, passphrase, read_only=ro, name=vol.name)
+        _check_table(mapper, vol, device)
+        if initializing:
+            _window(CrashWindow.OPENED_INITIALIZING)
+            if mount.is_mounted(target):
+                raise VolumeRefused(
+                    f"volume {vol.name}: {target} is mounted while the volume is still "
+                    "initializing; unmount it and prepare again"
+                )
+            head, _ = _superblock(mapper_dev)
+            if initializing_action(fs_complete(vol.filesystem, head)) == "mkfs":
+                fs.make_fs(mapper_dev, vol.filesystem, integrity=vol.integrity)
+                _window(CrashWindow.MKFS_DONE)
+            with header_copy(area) as copy:
+                area = _mark_ready(device, copy, area, vol, mac_key)
+            _window(CrashWindow.READY_WRITTEN)
+            if vol.read_only:
+                _deactivate(mapper)
+                _activate(device, area, mapper, passphrase, read_only=True, name=vol.name)
+                _check_table(mapper, vol, device)
+        elif was_active and vol.lvm is not None and not vol.read_only and not vol.integrity:
+            # the LV may have grown while the mapping stayed up (crash window LV_EXTENDED)
+            _crypt_resize(device, area, mapper, passphrase)
+            _check_table(mapper, vol, device)
+        head, _size = _superblock(mapper_dev)
+        if not fs_complete(vol.filesystem, head):
+            if not mount.is_mounted(target):
+                _deactivate(mapper)
+            raise VolumeRefused(
+                f"volume {vol.name}: no complete {vol.filesystem} filesystem inside the volume; "
+                "refusing to mount (the contract's filesystem must match the volume's)"
+            )
+        mount.mount_volume(mapper_dev, target, fs=vol.filesystem, read_only=vol.read_only)
+        _window(CrashWindow.MOUNTED)
+        if not vol.read_only:
+            _grow_if_needed(vol, mapper_dev, target)
+    return PreparedVolume(vol.name, State.MOUNTED, target, mapper_dev, mapper, created)
+
+
+def _grow_if_needed(vol: Volume, mapper_dev: Path, target: Path) -> None:
+    head, size = _superblock(mapper_dev)
+    current = fs_size_bytes(vol.filesystem, head)
+    if not needs_grow(current, size):
+        return
+    if vol.integrity and current is not None:
+        fs.write_zeros(mapper_dev, fs.grow_prewrite_ranges(current, size))
+    fs.grow_fs(vol.filesystem, mapper_dev, target)
+
+
+def bind_volume(prepared: PreparedVolume, rootfs: Path, target: str, *, read_only: bool) -> Path:
+    """MOUNTED -> BOUND for one container: bind the volume at `target` inside `rootfs`."""
+    return mount.bind_into_rootfs(prepared.guest_path, rootfs, target, read_only=read_only)
+
+
+def release_volume(
+    vol: Volume,
+    *,
+    disk: Path,
+    mount_base: Path,
+    runtime_dir: Path | None = None,
+    binds: Iterable[tuple[Path, str]] = (),
+) -> None:
+    """BOUND/MOUNTED/OPEN -> READY: unbind, unmount, close the mapping, deactivate the LV."""
+    lock = (
+        _volume_lock(runtime_dir, vol.name) if runtime_dir is not None else contextlib.nullcontext()
+    )
+    with lock:
+        target = mount_base / vol.name
+        if target.is_dir():
+            for rootfs, in_container in binds:
+                with contextlib.suppress(mount.MountError, FileNotFoundError):
+                    mount.unbind_from_rootfs(target, rootfs, in_container)
+        mount.unmount(target)
+        _deactivate(mapper_name(vol.name))
+        if vol.lvm is not None:
+            lvm.deactivate_lv(str(disk.resolve()), vol.lvm.vg, vol.lvm.lv)

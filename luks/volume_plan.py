@@ -1,0 +1,187 @@
+"""Pure decisions of the volume state machine (see luks.volume for the states and windows).
+
+Everything here is a function of observed facts: no device, process or file is touched, so
+each rule is unit-tested on the host.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from agent.errors import CvaError
+from luks import blank, dmtable
+
+DATA_OFFSET_BYTES = 16 * 1024 * 1024
+DATA_OFFSET_SECTORS = DATA_OFFSET_BYTES // 512
+MAPPER_PREFIX = "cva-"
+GROW_SLACK = 4 * 1024 * 1024
+INITIALIZING = "initializing"  # the cva token states (luks.token)
+READY = "ready"
+
+
+class VolumeRefused(CvaError):
+    """cva will not open or create this volume; the message names the rule and the next step."""
+
+
+class State(enum.Enum):
+    ABSENT = "absent"
+    INITIALIZING = "initializing"
+    READY = "ready"
+    OPEN = "open"
+    MOUNTED = "mounted"
+    BOUND = "bound"
+
+
+class CrashWindow(enum.Enum):
+    PV_CREATED = "pv-created"
+    VG_CREATED = "vg-created"
+    LV_CREATED = "lv-created"
+    LUKS_FORMATTED = "luks-formatted"
+    KEYSLOT_ADDED = "keyslot-added"
+    INITIALIZING_WRITTEN = "initializing-written"
+    OPENED_INITIALIZING = "opened-initializing"
+    MKFS_DONE = "mkfs-done"
+    READY_HALF_WRITTEN = "ready-half-written"
+    READY_WRITTEN = "ready-written"
+    MOUNTED = "mounted"
+    LV_EXTENDED = "lv-extended"
+
+
+# ---- pure decisions -----------------------------------------------------------------------
+
+HeaderKind = Literal["zero", "cva", "invalid"]
+
+
+@dataclass(frozen=True)
+class HeaderObservation:
+    """What the copied header region turned out to be."""
+
+    kind: HeaderKind
+    reasons: tuple[str, ...] = ()  # invalid: why (parser / allow-list / token / MAC)
+    token_state: str | None = None  # cva: the MAC-verified state
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Literal["create", "finish", "open", "refuse"]
+    reason: str = ""
+
+
+REINIT_HINT = (
+    "cva never formats a disk that is not provably blank; to reinitialise on purpose, zero the "
+    "disk or LV (e.g. blkdiscard -z) and prepare again"
+)
+
+
+def decide(
+    header: HeaderObservation, blank_verdict: blank.BlankVerdict | None, *, create: bool
+) -> Decision:
+    """What to do with a volume given what its header region and data samples showed."""
+    if header.kind == "invalid":
+        return Decision("refuse", "not a usable cva volume: " + "; ".join(header.reasons))
+    if header.kind == "cva":
+        if header.token_state == INITIALIZING:
+            return Decision("finish")
+        if header.token_state == READY:
+            return Decision("open")
+        return Decision("refuse", f"cva token state {header.token_state!r} is unknown")
+    if blank_verdict is None:
+        raise ValueError("a zero header region needs a blank verdict")
+    if not blank_verdict.blank:
+        return Decision(
+            "refuse",
+            f"the header region is zero but the volume is not blank ({blank_verdict.reason}); "
+            + REINIT_HINT,
+        )
+    if not create:
+        return Decision("refuse", "the volume is blank and the contract says create = false")
+    return Decision("create")
+
+
+H = TypeVar("H")
+
+
+def classify(
+    area: bytes,
+    *,
+    parse: Callable[[bytes], H],
+    allow_reasons: Callable[[H], list[str]],
+    verify: Callable[[H], str],
+) -> HeaderObservation:
+    """Zero region, a MAC-verified cva header, or invalid with every reason (pure)."""
+    if blank.is_zero(area):
+        return HeaderObservation("zero")
+    try:
+        hdr = parse(area)
+    except CvaError as exc:
+        return HeaderObservation("invalid", (exc.message,))
+    reasons = allow_reasons(hdr)
+    if reasons:
+        return HeaderObservation("invalid", tuple(reasons))
+    try:
+        state = verify(hdr)
+    except CvaError as exc:
+        return HeaderObservation("invalid", (f"cva token: {exc.message}",))
+    return HeaderObservation("cva", token_state=state)
+
+
+def expected_table(*, integrity: bool, backing_devno: str) -> dmtable.Expected:
+    return dmtable.Expected(
+        integrity=integrity, device=backing_devno, offset_sectors=DATA_OFFSET_SECTORS
+    )
+
+
+def mapper_name(volume_name: str) -> str:
+    return MAPPER_PREFIX + volume_name
+
+
+def fs_size_bytes(kind: str, superblock_area: bytes) -> int | None:
+    """Filesystem size from its superblock (first 64 KiB of the device); None if unknown."""
+    if kind == "ext4" and len(superblock_area) >= 2048:
+        sb = superblock_area[1024:2048]
+        if sb[56:58] != b"\x53\xef":
+            return None
+        blocks_lo = int(struct.unpack_from("<I", sb, 4)[0])
+        log_bs = int(struct.unpack_from("<I", sb, 24)[0])
+        incompat = int(struct.unpack_from("<I", sb, 0x60)[0])
+        blocks_hi = int(struct.unpack_from("<I", sb, 0x150)[0]) if incompat & 0x80 else 0
+        if log_bs > 6:
+            return None
+        return ((blocks_hi << 32) | blocks_lo) * (1024 << log_bs)
+    if kind == "xfs" and len(superblock_area) >= 16:
+        if superblock_area[:4] != b"XFSB":
+            return None
+        block_size = int(struct.unpack_from(">I", superblock_area, 4)[0])
+        dblocks = int(struct.unpack_from(">Q", superblock_area, 8)[0])
+        if block_size not in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+            return None
+        return block_size * dblocks
+    return None
+
+
+def fs_complete(kind: str, superblock_area: bytes) -> bool:
+    """A finished filesystem of `kind` is there: ext4 magic (mke2fs writes the primary
+    superblock last), or xfs magic with sb_inprogress (byte 126) cleared (mkfs.xfs clears it
+    last)."""
+    if fs_size_bytes(kind, superblock_area) is None:
+        return False
+    return kind != "xfs" or (len(superblock_area) > 126 and superblock_area[126] == 0)
+
+
+def initializing_action(filesystem_complete: bool) -> Literal["mkfs", "mark-ready"]:
+    """What to do with an opened INITIALIZING volume.
+
+    The host can replay an older genuine header of this volume still saying "initializing"
+    (the MAC does not cover the seqid), so "initializing" alone never justifies mkfs: if a
+    complete filesystem is already inside (a crash after mkfs, or a replay over data), keep it
+    and only mark the volume ready.
+    """
+    return "mark-ready" if filesystem_complete else "mkfs"
+
+
+def needs_grow(fs_bytes: int | None, device_bytes: int) -> bool:
+    return fs_bytes is not None and device_bytes - fs_bytes >= GROW_SLACK

@@ -1,0 +1,158 @@
+"""Test support for the daemon: contracts, guest-side bundles, an in-memory storage backend and
+a fake key source (the only fakes: storage and KBS are real in their own suites and in the VM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import contract as C
+from agent.secret import Secret
+from agent.volumes import OpenedVolume, VolumeState
+
+KEY_MARKER = b"CVA-TEST-KEY-MATERIAL-DO-NOT-LOG!"  # 33 bytes: any leak is greppable
+
+
+def volume(
+    name: str,
+    *,
+    containers: tuple[str, ...] = (),
+    mount: str | None = None,
+    read_only: bool = False,
+) -> C.Volume:
+    return C.Volume(
+        name=name,
+        key=C.KbsResourceUri("default", name, "luks"),
+        disk=C.DiskRef("serial", name),
+        lvm=None,
+        filesystem="ext4",
+        mount=mount or f"/data/{name}",
+        containers=containers,
+        create=True,
+        integrity=False,
+        read_only=read_only,
+    )
+
+
+def contract(*volumes: C.Volume, allow: tuple[str, ...] | None = None) -> C.Contract:
+    api = (
+        C.ApiPolicy(frozenset(allow))
+        if allow is not None
+        else C.ApiPolicy(frozenset({"PrepareVolumes", "ReleaseVolumes", "ListVolumes"}))
+    )
+    kbs = C.KbsConfig(url="http://127.0.0.1:1", cert=None, tee="sample", insecure_http=False)
+    return C.Contract(version=1, kbs=kbs, api=api, volumes=tuple(volumes))
+
+
+def contract_from_spec(spec: dict[str, Any]) -> C.Contract:
+    """{"allow": [...], "volumes": [{"name":..., "containers": [...]}, ...]} -> Contract."""
+    vols = [
+        volume(v["name"], containers=tuple(v.get("containers", ())), mount=v.get("mount"))
+        for v in spec["volumes"]
+    ]
+    allow = spec.get("allow")
+    return contract(*vols, allow=tuple(allow) if allow is not None else None)
+
+
+def make_bundle(rootfs_base: Path, cid: str, container_name: str | None) -> Path:
+    """A guest-side OCI bundle `<base>/<cid>/{config.json,rootfs}` like kata-agent writes."""
+    bundle = rootfs_base / cid
+    (bundle / "rootfs").mkdir(parents=True, exist_ok=True)
+    annotations = {"io.kubernetes.cri.container-type": "container"}
+    if container_name is not None:
+        annotations["io.kubernetes.cri.container-name"] = container_name
+    (bundle / "config.json").write_text(
+        json.dumps({"ociVersion": "1.1.0", "annotations": annotations})
+    )
+    return bundle
+
+
+@dataclass
+class MemoryBackend:
+    """The storage layer as state in memory: what is formatted, mounted and bound where."""
+
+    formatted: set[str] = field(default_factory=set)
+    mounted: dict[str, OpenedVolume] = field(default_factory=dict)
+    bound: set[tuple[str, str]] = field(default_factory=set)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    keys_seen: dict[str, int] = field(default_factory=dict)  # volume -> key length
+    fail_open: dict[str, Exception] = field(default_factory=dict)
+    open_barrier: threading.Barrier | None = None  # proves parallel opens
+    open_gate: threading.Event | None = None  # holds opens until set
+    open_delay: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _record(self, op: str, name: str) -> None:
+        with self._lock:
+            self.calls.append((op, name))
+
+    def current(self, vol: C.Volume) -> OpenedVolume | None:
+        self._record("current", vol.name)
+        found = self.mounted.get(vol.name)
+        return dataclasses.replace(found, created=False) if found else None
+
+    def open(self, vol: C.Volume, secret: Secret) -> OpenedVolume:
+        self._record("open", vol.name)
+        if len(secret) < 32:
+            raise AssertionError("backend got a short key")
+        self.keys_seen[vol.name] = len(secret)
+        if self.open_barrier is not None:
+            self.open_barrier.wait()
+        if self.open_gate is not None:
+            self.open_gate.wait(30)
+        if self.open_delay:
+            threading.Event().wait(self.open_delay)
+        if vol.name in self.fail_open:
+            raise self.fail_open[vol.name]
+        created = vol.name not in self.formatted
+        self.formatted.add(vol.name)
+        opened = OpenedVolume(
+            vol.name, Path(f"/run/cva/volumes/{vol.name}"), f"/dev/mapper/cva-{vol.name}", created
+        )
+        self.mounted[vol.name] = opened
+        return opened
+
+    def bind(self, vol: C.Volume, opened: OpenedVolume, rootfs: Path) -> None:
+        self._record("bind", vol.name)
+        assert vol.name in self.mounted
+        self.bound.add((vol.name, str(rootfs)))
+
+    def unbind(self, vol: C.Volume, rootfs: Path) -> None:
+        self._record("unbind", vol.name)
+        self.bound.discard((vol.name, str(rootfs)))
+
+    def close(self, vol: C.Volume) -> None:
+        self._record("close", vol.name)
+        assert not any(n == vol.name for n, _ in self.bound), "close while bound"
+        self.mounted.pop(vol.name, None)
+
+    def state(self, vol: C.Volume) -> VolumeState:
+        if vol.name in self.mounted:
+            return VolumeState.MOUNTED
+        return VolumeState.READY if vol.name in self.formatted else VolumeState.ABSENT
+
+
+class FakeKeySource:
+    """Hands out KEY_MARKER-based keys and keeps every Secret it gave, to check they are wiped."""
+
+    def __init__(self, *, fail: Exception | None = None) -> None:
+        self.requests: list[str] = []
+        self.given: list[Secret] = []
+        self.fail = fail
+        self.closed = False
+
+    async def get_resource(self, uri: C.KbsResourceUri) -> Secret:
+        self.requests.append(str(uri))
+        if self.fail is not None:
+            raise self.fail
+        s = Secret(KEY_MARKER + str(uri).encode())
+        self.given.append(s)
+        return s
+
+    async def aclose(self) -> None:
+        self.closed = True

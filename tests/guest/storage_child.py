@@ -1,0 +1,49 @@
+"""Child process of the crash-window tests: prepare one volume, SIGKILL self at a window.
+
+Spec in $CVA_TEST_PREPARE_SPEC (JSON, no secret); the secret (hex) on stdin.
+Exit 0 = prepared; 3 = refused (message on stderr); killed by SIGKILL = crashed at the window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from agent.errors import CvaError
+from agent.secret import Secret
+from luks import volume
+from luks.volume_plan import CrashWindow
+from tests.guest.storage_support import volume_from_json
+
+
+def main() -> int:
+    spec = json.loads(os.environ["CVA_TEST_PREPARE_SPEC"])
+    secret = Secret(bytearray.fromhex(sys.stdin.read().strip()))
+    crash_at = spec["crash_at"]
+    if crash_at is not None:
+        target = CrashWindow(crash_at)
+
+        def hook(window: CrashWindow) -> None:
+            if window == target:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        volume.crash_hook = hook
+    try:
+        volume.prepare_volume(
+            volume_from_json(spec["volume"]),
+            secret,
+            disk=Path(spec["disk"]),
+            runtime_dir=Path(spec["runtime_dir"]),
+            mount_base=Path(spec["mount_base"]),
+        )
+    except CvaError as exc:
+        print(exc.message, file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""The storage stack end to end inside the qemu guest (root, real dm-crypt/LVM/ext4/xfs).
+
+Issue 6 items 3-7: create -> write -> release -> reopen (also across a reboot), no plaintext on
+the raw disk, wrong key refused without loss, hostile headers refused with the reason, a header
+swap between copy and open has no effect, every crash window -> recovery or refusal (never a
+format of a volume holding data), integrity on and off, LVM grow online, and a symlink in a
+container rootfs cannot redirect the bind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.contract import DiskRef
+from agent.secret import Secret
+from luks import disk as disk_mod
+from luks import lvm, mount, volume
+from luks.header import read_header_area
+from luks.libcryptsetup import active_status
+from luks.run import run, secret_fd
+from luks.token import derive_keys
+from luks.volume_plan import CrashWindow
+from tests.guest.storage_support import (
+    MIB,
+    SECRET,
+    WRONG_SECRET,
+    Env,
+    dm_table,
+    loop_disk,
+    make_volume,
+    raw_contains,
+    read_marker,
+    unique,
+    with_size,
+    write_marker,
+)
+
+if os.environ.get("CVA_IN_GUEST") != "1":  # before any guest-only mark is looked up
+    pytest.skip("runs inside the qemu guest (make vm-test)", allow_module_level=True)
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(os.environ.get("CVA_IN_GUEST") != "1", reason="runs inside the guest"),
+]
+
+BOOT = os.environ.get("CVA_VM_BOOT", "1")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path / "cva")
+
+
+def _area_hash(dev: Path) -> str:
+    return hashlib.sha256(read_header_area(str(dev))).hexdigest()
+
+
+def _mounted(path: Path) -> bool:
+    return mount.is_mounted(path)
+
+
+# ---- create / reopen ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("integrity", [False, True], ids=["plain", "integrity"])
+def test_create_write_release_reopen(env: Env, tmp_path: Path, integrity: bool) -> None:
+    marker = f"cva-plaintext-rt-{integrity}-".encode()
+    with loop_disk(tmp_path, 256 * MIB) as dev:
+        vol = make_volume(unique("rt"), integrity=integrity)
+        p = env.prepare(vol, dev)
+        try:
+            assert p.created and p.guest_path == env.mount_base / vol.name
+            table = dm_table(p.mapper_name)
+            assert "sector_size:4096" in table and "no_read_workqueue" in table
+            if integrity:
+                assert "integrity:32:aead" in table
+            else:
+                assert table[3] == "aes-xts-plain64"
+            info = [e for e in mount.parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+                    if e.mountpoint == str(p.guest_path)]  # fmt: skip
+            assert {"nodev", "nosuid"} <= set(info[0].options)
+            write_marker(p, marker)
+        finally:
+            env.release(vol, dev)
+        assert not _mounted(p.guest_path)
+        assert active_status(p.mapper_name) == "inactive"
+        assert not raw_contains(dev, marker)
+        p2 = env.prepare(replace(vol, create=False), dev)
+        try:
+            assert not p2.created
+            assert read_marker(p2) == marker * 64
+            # idempotent: a second prepare of a prepared volume changes nothing
+            assert env.prepare(vol, dev).guest_path == p2.guest_path
+        finally:
+            env.release(vol, dev)
+
+
+def test_read_only_volume(env: Env, tmp_path: Path) -> None:
+    with loop_disk(tmp_path, 128 * MIB) as dev:
+        vol = make_volume(unique("ro"))
+        write_marker(env.prepare(vol, dev), b"ro-data")
+        env.release(vol, dev)
+        ro = replace(vol, read_only=True, create=False)
+        p = env.prepare(ro, dev)
+        try:
+            assert read_marker(p) == b"ro-data" * 64
+            with pytest.raises(OSError):
+                (p.guest_path / "new").write_bytes(b"x")
+        finally:
+            env.release(ro, dev)
+
+
+def test_blank_with_create_false_refuses_and_writes_nothing(env: Env, tmp_path: Path) -> None:
+    with loop_disk(tmp_path, 64 * MIB) as dev:
+        vol = make_volume(unique("nocreate"), create=False)
+        with pytest.raises(volume.VolumeRefused, match="create = false"):
+            env.prepare(vol, dev)
+        assert read_header_area(str(dev)) == bytes(16 * MIB)
+
+
+def test_wiped_header_over_data_is_refused(env: Env, tmp_path: Path) -> None:
+    with loop_disk(tmp_path, 128 * MIB) as dev:
+        vol = make_volume(unique("wiped"))
+        write_marker(env.prepare(vol, dev), b"precious")
+        env.release(vol, dev)
+        with dev.open("r+b") as f:  # the host zeroes the header region
+            f.write(bytes(16 * MIB))
+            os.fsync(f.fileno())
+        before = hashlib.sha256(dev.read_bytes()).hexdigest()
+        with pytest.raises(volume.VolumeRefused, match="not blank"):
+            env.prepare(vol, dev)
+        assert hashlib.sha256(dev.read_bytes()).hexdigest() == before
+
+
+# ---- keys and hostile headers ------------------------------------------------------------
+
+
+def test_wrong_key_refused_then_right_key_opens(env: Env, tmp_path: Path) -> None:
+    with loop_disk(tmp_path, 128 * MIB) as dev:
+        vol = make_volume(unique("key"))
+        write_marker(env.prepare(vol, dev), b"keep-me")
+        env.release(vol, dev)
+        before = _area_hash(dev)
+        with pytest.raises(volume.VolumeRefused, match="MAC"):
+            env.prepare(vol, dev, secret=WRONG_SECRET)
+        assert _area_hash(dev) == before
+        assert active_status(volume.mapper_name(vol.name)) == "inactive"
+        p = env.prepare(vol, dev)
+        try:
+            assert read_marker(p) == b"keep-me" * 64
+        finally:
+            env.release(vol, dev)
+
+
+def _cryptsetup_format(dev: Path, *extra: str) -> None:
+    run(
+        ["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
+         "--pbkdf-force-iterations", "1000", "--key-file", "-", *extra, str(dev)],
+        timeout=120, stdin=b"host-chosen-passphrase",
+    )  # fmt: skip
+
+
+def _plant_cipher_null(dev: Path, vol: object) -> None:
+    _cryptsetup_format(dev, "--cipher", "cipher_null-ecb", "--key-size", "0")
+
+
+def _plant_profile_without_token(dev: Path, vol: object) -> None:
+    _cryptsetup_format(
+        dev, "--cipher", "aes-xts-plain64", "--key-size", "512", "--sector-size", "4096",
+        "--luks2-metadata-size", "16k", "--luks2-keyslots-size", "16352k",
+    )  # fmt: skip
+
+
+def _plant_second_keyslot(dev: Path, vol: object) -> None:
+    passphrase, _ = derive_keys(Secret(SECRET), vol.name)  # type: ignore[attr-defined]
+    with secret_fd(passphrase) as path:
+        fd = int(path.rsplit("/", 1)[1])
+        run(
+            ["cryptsetup", "luksAddKey", "--batch-mode", "--pbkdf", "pbkdf2",
+             "--pbkdf-force-iterations", "1000", "--key-file", path, str(dev), "-"],
+            timeout=120, stdin=b"host-second-passphrase", pass_fds=(fd,),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("plant", "reason"),
+    [
+        (_plant_cipher_null, "cipher"),
+        (_plant_profile_without_token, "token"),
+        (_plant_second_keyslot, "keyslot"),
+    ],
+    ids=["cipher-null", "no-cva-token", "second-keyslot"],
+)
+def test_hostile_header_planted_is_refused_with_reason(
+    env: Env, tmp_path: Path, plant: Callable[[Path, object], None], reason: str
+) -> None:
+    with loop_disk(tmp_path, 128 * MIB) as dev:
+        vol = make_volume(unique("hostile"))
+        write_marker(env.prepare(vol, dev), b"data")
+        env.release(vol, dev)
+        plant(dev, vol)
+        before = _area_hash(dev)
+        with pytest.raises(volume.VolumeRefused) as exc:
+            env.prepare(vol, dev)
+        assert "not a usable cva volume" in exc.value.message
+        assert reason in exc.value.message.lower()
+        assert _area_hash(dev) == before  # refused and untouched
+        assert active_status(volume.mapper_name(vol.name)) == "inactive"
+
+
+def test_header_swap_between_copy_and_open_has_no_effect(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with loop_disk(tmp_path, 128 * MIB) as dev, loop_disk(tmp_path, 64 * MIB) as evil:
+        vol = make_volume(unique("swap"))
+        write_marker(env.prepare(vol, dev), b"swap-data")
+        env.release(vol, dev)
+        _cryptsetup_format(evil, "--cipher", "cipher_null-ecb", "--key-size", "0")
+        hostile = read_header_area(str(evil))
+        real_activate = volume._activate
+
+        def swap_then_activate(*args: object, **kwargs: object) -> None:
+            with dev.open("r+b") as f:  # the host swaps the header after cva copied it
+                f.write(hostile)
+                os.fsync(f.fileno())
+            real_activate(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(volume, "_activate", swap_then_activate)
+        p = env.prepare(vol, dev)
+        monkeypatch.undo()
+        try:
+            assert dm_table(p.mapper_name)[3] == "aes-xts-plain64"  # from the copy
+            assert read_marker(p) == b"swap-data" * 64
+        finally:
+            env.release(vol, dev)
+        assert read_header_area(str(dev)) == hostile
+        with pytest.raises(volume.VolumeRefused, match="cipher"):
+            env.prepare(vol, dev)
+
+
+# ---- crash windows -----------------------------------------------------------------------
+
+CREATE_WINDOWS = [
+    CrashWindow.PV_CREATED,
+    CrashWindow.VG_CREATED,
+    CrashWindow.LV_CREATED,
+    CrashWindow.LUKS_FORMATTED,
+    CrashWindow.KEYSLOT_ADDED,
+    CrashWindow.INITIALIZING_WRITTEN,
+    CrashWindow.OPENED_INITIALIZING,
+    CrashWindow.MKFS_DONE,
+    CrashWindow.READY_HALF_WRITTEN,
+    CrashWindow.READY_WRITTEN,
+    CrashWindow.MOUNTED,
+]
+REFUSING_WINDOWS = {
+    CrashWindow.LUKS_FORMATTED,
+    CrashWindow.KEYSLOT_ADDED,
+    CrashWindow.READY_HALF_WRITTEN,
+}
+
+
+@pytest.mark.parametrize("window", CREATE_WINDOWS, ids=[w.value for w in CREATE_WINDOWS])
+def test_crash_in_create_path(env: Env, tmp_path: Path, window: CrashWindow) -> None:
+    with loop_disk(tmp_path, 256 * MIB) as dev:
+        vol = make_volume(unique("crash"), lvm=(unique("vg"), "data", 128 * MIB))
+        assert vol.lvm is not None
+        child = env.prepare_in_child(vol, dev, window.value)
+        assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+        try:
+            lv = lvm.dm_path(vol.lvm.vg, vol.lvm.lv)
+            if window in REFUSING_WINDOWS:
+                before = _area_hash(lv)
+                with pytest.raises(volume.VolumeRefused, match="not a usable cva volume"):
+                    env.prepare(vol, dev)
+                assert _area_hash(lv) == before
+                return
+            p = env.prepare(vol, dev)
+            write_marker(p, b"after-crash")
+            env.release(vol, dev)
+            p = env.prepare(replace(vol, create=False), dev)
+            assert read_marker(p) == b"after-crash" * 64
+        finally:
+            env.release(vol, dev)
+
+
+def test_crash_windows_all_covered() -> None:
+    tested = set(CREATE_WINDOWS) | {CrashWindow.LV_EXTENDED}
+    assert tested == set(CrashWindow)
+
+
+def test_crash_while_reopening_or_growing_keeps_data(env: Env, tmp_path: Path) -> None:
+    with loop_disk(tmp_path, 512 * MIB) as dev:
+        vol = make_volume(unique("regrow"), lvm=(unique("vg"), "data", 128 * MIB))
+        write_marker(env.prepare(vol, dev), b"old-data")
+        env.release(vol, dev)
+        try:
+            child = env.prepare_in_child(vol, dev, CrashWindow.MOUNTED.value)
+            assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+            bigger = with_size(vol, 256 * MIB)
+            child = env.prepare_in_child(bigger, dev, CrashWindow.LV_EXTENDED.value)
+            assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+            p = env.prepare(bigger, dev)
+            assert read_marker(p) == b"old-data" * 64
+            st = os.statvfs(p.guest_path)
+            assert st.f_blocks * st.f_frsize > 200 * MIB
+        finally:
+            env.release(vol, dev)
+
+
+def test_replayed_initializing_header_does_not_reformat(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MAC does not cover the seqid: the host can put back a genuine older header that
+    still says "initializing". cva must find the filesystem and keep the data."""
+    with loop_disk(tmp_path, 128 * MIB) as dev:
+        vol = make_volume(unique("replay"))
+        captured: list[bytes] = []
+
+        def hook(window: CrashWindow) -> None:
+            if window == CrashWindow.INITIALIZING_WRITTEN:
+                captured.append(read_header_area(str(dev)))
+
+        monkeypatch.setattr(volume, "crash_hook", hook)
+        p = env.prepare(vol, dev)
+        monkeypatch.setattr(volume, "crash_hook", None)
+        write_marker(p, b"not-to-be-formatted")
+        env.release(vol, dev)
+        with dev.open("r+b") as f:
+            f.write(captured[0])
+            os.fsync(f.fileno())
+        p = env.prepare(vol, dev)
+        try:
+            assert read_marker(p) == b"not-to-be-formatted" * 64
+        finally:
+            env.release(vol, dev)
+
+
+# ---- LVM grow ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filesystem", "integrity", "small", "big"),
+    [("ext4", False, 128, 256), ("xfs", False, 320, 480), ("ext4", True, 128, 256)],
+    ids=["ext4", "xfs", "ext4-integrity"],
+)
+def test_lvm_grow_online(
+    env: Env, tmp_path: Path, filesystem: str, integrity: bool, small: int, big: int
+) -> None:
+    with loop_disk(tmp_path, 1024 * MIB) as dev:
+        vol = make_volume(
+            unique("grow"),
+            lvm=(unique("vg"), "data", small * MIB),
+            filesystem=filesystem,
+            integrity=integrity,
+        )
+        p = env.prepare(vol, dev)
+        try:
+            write_marker(p, b"grow-data")
+            before = os.statvfs(p.guest_path)
+            p2 = env.prepare(with_size(vol, big * MIB), dev)  # while mounted: online
+            after = os.statvfs(p2.guest_path)
+            grown = (after.f_blocks - before.f_blocks) * after.f_frsize
+            if integrity:  # libcryptsetup 2.6 cannot resize dm-integrity: size kept, no error
+                assert grown == 0
+            else:
+                assert grown >= (big - small - 24) * MIB
+            assert read_marker(p2) == b"grow-data" * 64
+            env.release(vol, dev)
+            p3 = env.prepare(with_size(vol, big * MIB), dev)  # reopen after the grow
+            assert read_marker(p3) == b"grow-data" * 64
+        finally:
+            env.release(vol, dev)
+
+
+# ---- binds into a container rootfs -------------------------------------------------------
+
+
+def test_symlink_in_container_rootfs_does_not_redirect_bind(env: Env, tmp_path: Path) -> None:
+    rootfs = tmp_path / "container-rootfs"
+    rootfs.mkdir()
+    (rootfs / "data").symlink_to("/etc")  # an image plants: /data -> /etc
+    (rootfs / "up").symlink_to("../../../../../../..")
+    with loop_disk(tmp_path, 64 * MIB) as dev:
+        vol = make_volume(unique("bind"))
+        p = env.prepare(vol, dev)
+        write_marker(p, b"bound")
+        binds = []
+        try:
+            where = volume.bind_volume(p, rootfs, "/data", read_only=False)
+            binds.append((rootfs, "/data"))
+            assert where == rootfs / "etc"
+            assert (rootfs / "etc" / "marker").read_bytes() == b"bound" * 64
+            assert not Path("/etc/marker").exists() and not mount.is_mounted(Path("/etc"))
+            where2 = volume.bind_volume(p, rootfs, "/up/srv/x", read_only=True)
+            binds.append((rootfs, "/up/srv/x"))
+            assert where2 == rootfs / "srv" / "x" and not Path("/srv/x").exists()
+        finally:
+            volume.release_volume(
+                vol, disk=dev, mount_base=env.mount_base, runtime_dir=env.runtime_dir, binds=binds
+            )
+        assert not mount.is_mounted(rootfs / "etc")
+
+
+# ---- the harness' virtio disks, across a reboot ------------------------------------------
+
+
+@pytest.mark.skipif(BOOT != "1", reason="first boot only")
+def test_virtio_disk_create_boot1(
+    env: Env, blank_disk: Path, host_never_sees: Callable[[Path | str, bytes], None],
+    boot_state: Any,
+) -> None:  # fmt: skip
+    serial = blank_disk.name.removeprefix("virtio-")
+    dev = disk_mod.wait_for_disk(DiskRef("serial", serial), 30)
+    assert dev.resolve() == blank_disk.resolve()
+    marker = f"cva-reboot-plaintext-{uuid.uuid4().hex}".encode()
+    host_never_sees(serial, marker)
+    vol = make_volume("reboot", lvm=("cvareboot", "data", 128 * MIB))
+    p = env.prepare(vol, dev)
+    try:
+        write_marker(p, marker)
+    finally:
+        env.release(vol, dev)
+    boot_state.save("storage-reboot", {"serial": serial, "marker": marker.decode()})
+
+
+@pytest.mark.boot2
+@pytest.mark.skipif(BOOT != "2", reason="second boot only")
+def test_virtio_disk_reopen_boot2(env: Env, boot_state: Any) -> None:
+    state = boot_state.load("storage-reboot")
+    dev = disk_mod.wait_for_disk(DiskRef("serial", state["serial"]), 30)
+    vol = make_volume("reboot", lvm=("cvareboot", "data", 128 * MIB), create=False)
+    p = env.prepare(vol, dev)
+    try:
+        assert read_marker(p) == state["marker"].encode() * 64
+    finally:
+        env.release(vol, dev)

@@ -1,0 +1,165 @@
+"""luks.volume's header steps on image files with the real libcryptsetup (no device-mapper):
+create decision, format -> INITIALIZING, the ready write-back from the copy, refusals, and
+the two format crash windows (which must refuse, never reformat)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+contract = pytest.importorskip("agent.contract")
+pytest.importorskip("luks.token")
+
+from agent.secret import Secret  # noqa: E402
+from luks import blank, volume  # noqa: E402
+from luks.libcryptsetup import header_copy  # noqa: E402
+from luks.token import derive_keys  # noqa: E402
+from luks.volume_plan import CrashWindow, decide  # noqa: E402
+
+MIB = 1 << 20
+SECRET = bytes(range(1, 65))
+
+
+def make_volume(name: str = "pgdata", *, create: bool = True) -> contract.Volume:
+    return contract.Volume(
+        name=name,
+        key=contract.KbsResourceUri("default", name, "luks"),
+        disk=contract.DiskRef("serial", "pgdisk"),
+        lvm=None,
+        filesystem="ext4",
+        mount="/var/lib/data",
+        containers=(),
+        create=create,
+        integrity=False,
+        read_only=False,
+    )
+
+
+@pytest.fixture
+def img(tmp_path: Path) -> Path:
+    p = tmp_path / "disk.img"
+    with p.open("wb") as f:
+        f.truncate(64 * MIB)
+    return p
+
+
+def keys(name: str = "pgdata", secret: bytes = SECRET) -> tuple[Secret, Secret]:
+    return derive_keys(Secret(secret), name)
+
+
+def test_blank_image_decides_create_then_format_gives_initializing(img: Path) -> None:
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    area = volume._read_area(img)
+    obs = volume._observe(area, vol, mac_key)
+    assert obs.kind == "zero"
+    assert decide(obs, blank.probe_blank(img), create=True).action == "create"
+    volume._format(img, vol, passphrase, mac_key)
+    area = volume._read_area(img)
+    obs = volume._observe(area, vol, mac_key)
+    assert (obs.kind, obs.token_state) == ("cva", "initializing")
+    # a blank check now fails: a header is there
+    assert not blank.probe_blank(img).blank
+
+
+def test_ready_written_back_from_the_copy(img: Path) -> None:
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    volume._format(img, vol, passphrase, mac_key)
+    area = volume._read_area(img)
+    with header_copy(area) as copy:
+        new = volume._mark_ready(img, copy, area, vol, mac_key)
+    disk_now = volume._read_area(img)
+    assert disk_now == new
+    assert disk_now[32 * 1024 :] == area[32 * 1024 :]  # the keyslot area never changes
+    obs = volume._observe(disk_now, vol, mac_key)
+    assert (obs.kind, obs.token_state) == ("cva", "ready")
+    assert decide(obs, None, create=True).action == "open"
+
+
+def test_header_swapped_before_ready_write_is_refused(img: Path) -> None:
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    volume._format(img, vol, passphrase, mac_key)
+    area = volume._read_area(img)
+    with img.open("r+b") as f:  # the host edits the on-disk header after cva copied it
+        f.seek(4096 + 10)
+        f.write(b" ")
+    with header_copy(area) as copy, pytest.raises(volume.VolumeRefused, match="changed"):
+        volume._mark_ready(img, copy, area, vol, mac_key)
+
+
+def test_wrong_key_or_other_volume_is_refused_even_with_create(img: Path) -> None:
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    volume._format(img, vol, passphrase, mac_key)
+    area = volume._read_area(img)
+    _, wrong_mac = keys(secret=bytes(64))
+    obs = volume._observe(area, vol, wrong_mac)
+    assert obs.kind == "invalid" and "MAC" in obs.reasons[0]
+    assert decide(obs, None, create=True).action == "refuse"
+    other = make_volume("other")
+    _, other_mac = keys("other")
+    assert volume._observe(area, other, other_mac).kind == "invalid"
+    assert volume._read_area(img) == area  # looking changed nothing
+
+
+class Crash(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("window", [CrashWindow.LUKS_FORMATTED, CrashWindow.KEYSLOT_ADDED])
+def test_format_crash_windows_refuse_and_never_reformat(
+    img: Path, window: CrashWindow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def hook(w: CrashWindow) -> None:
+        if w == window:
+            raise Crash
+
+    monkeypatch.setattr(volume, "crash_hook", hook)
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    with pytest.raises(Crash):
+        volume._format(img, vol, passphrase, mac_key)
+    monkeypatch.setattr(volume, "crash_hook", None)
+    area = volume._read_area(img)
+    obs = volume._observe(area, vol, mac_key)
+    assert obs.kind == "invalid", obs
+    d = decide(obs, None, create=True)
+    assert d.action == "refuse"
+
+
+def test_initializing_window_recovers(img: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def hook(w: CrashWindow) -> None:
+        if w == CrashWindow.INITIALIZING_WRITTEN:
+            raise Crash
+
+    monkeypatch.setattr(volume, "crash_hook", hook)
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    with pytest.raises(Crash):
+        volume._format(img, vol, passphrase, mac_key)
+    obs = volume._observe(volume._read_area(img), vol, mac_key)
+    assert decide(obs, None, create=False).action == "finish"
+
+
+def test_torn_ready_write_is_refused_not_reformatted(
+    img: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    volume._format(img, vol, passphrase, mac_key)
+    area = volume._read_area(img)
+
+    def hook(w: CrashWindow) -> None:
+        if w == CrashWindow.READY_HALF_WRITTEN:
+            raise Crash
+
+    monkeypatch.setattr(volume, "crash_hook", hook)
+    with header_copy(area) as copy, pytest.raises(Crash):
+        volume._mark_ready(img, copy, area, vol, mac_key)
+    torn = volume._read_area(img)
+    obs = volume._observe(torn, vol, mac_key)
+    assert obs.kind == "invalid" and any("cop" in r for r in obs.reasons), obs
+    assert decide(obs, None, create=True).action == "refuse"

@@ -1,0 +1,118 @@
+"""luks.blank: the sampling plan, the verdict, and the real probe on image files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.errors import CvaError
+from luks import blank
+
+MIB = 1024 * 1024
+
+
+def test_plan_covers_header_edges_and_spread() -> None:
+    size = 1024 * MIB
+    plan = blank.sample_plan(size)
+    assert plan[0] == blank.Sample(0, 16 * MIB, "header region")
+    assert plan[1].offset == 16 * MIB
+    assert any(s.offset + s.length == size for s in plan)
+    spread = [s for s in plan if s.what.startswith("data sample")]
+    assert len(spread) == blank.SPREAD_SAMPLES
+    for s in plan:
+        assert s.offset % 4096 == 0
+        assert s.offset >= 0 and s.offset + s.length <= size
+
+
+@given(st.integers(min_value=blank.MIN_DEVICE_BYTES, max_value=1 << 44))
+def test_plan_stays_inside_device(size: int) -> None:
+    size -= size % 512
+    if size < blank.MIN_DEVICE_BYTES:
+        return
+    plan = blank.sample_plan(size)
+    offsets = [s.offset for s in plan]
+    assert len(offsets) == len(set(offsets))
+    for s in plan:
+        assert s.length > 0 and s.offset + s.length <= size
+
+
+def test_too_small_device_is_refused() -> None:
+    with pytest.raises(CvaError, match="smaller than"):
+        blank.sample_plan(blank.MIN_DEVICE_BYTES - 1)
+
+
+def test_verdict_needs_no_signature_and_zero_samples() -> None:
+    assert blank.verdict(blank.BlankEvidence(100, (), ())).blank
+    v = blank.verdict(blank.BlankEvidence(100, ("type crypto_LUKS",), ()))
+    assert not v.blank and "crypto_LUKS" in v.reason
+    s = blank.Sample(16 * MIB, MIB, "first MiB of the data area")
+    v = blank.verdict(blank.BlankEvidence(100, (), (s,)))
+    assert not v.blank and "first MiB" in v.reason
+
+
+def test_magics_and_blkid_export() -> None:
+    head = bytearray(8192)
+    head[0:6] = b"LUKS\xba\xbe"
+    head[512:520] = b"LABELONE"
+    found = blank.magics_in(bytes(head))
+    assert "LUKS header" in found and "LVM2 physical volume label" in found
+    assert blank.magics_in(bytes(8192)) == ()
+    assert blank.parse_blkid_types("DEVNAME=x\nTYPE=ext4\nPTTYPE=gpt\n") == (
+        "type ext4",
+        "pttype gpt",
+    )
+
+
+def _image(tmp_path: Path, size: int = 64 * MIB) -> Path:
+    p = tmp_path / "disk.img"
+    with p.open("wb") as f:
+        f.truncate(size)
+    return p
+
+
+def test_probe_blank_sparse_image(tmp_path: Path) -> None:
+    assert blank.probe_blank(_image(tmp_path)).blank
+
+
+def test_wiped_header_over_ciphertext_is_not_blank(tmp_path: Path) -> None:
+    img = _image(tmp_path)
+    with img.open("r+b") as f:  # "old ciphertext" in the middle of the data area, header zeroed
+        f.seek(40 * MIB)
+        f.write(os.urandom(MIB))
+    v = blank.probe_blank(img)
+    assert not v.blank and "non-zero" in v.reason
+
+
+def test_data_in_last_mib_is_not_blank(tmp_path: Path) -> None:
+    img = _image(tmp_path)
+    with img.open("r+b") as f:
+        f.seek(64 * MIB - 4096)
+        f.write(b"\x01")
+    assert not blank.probe_blank(img).blank
+
+
+def test_luks_header_is_not_blank(tmp_path: Path) -> None:
+    img = _image(tmp_path)
+    subprocess.run(
+        [
+            "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
+            "--pbkdf-force-iterations", "1000", "--luks2-metadata-size", "16k",
+            "--luks2-keyslots-size", "16352k", "--key-file", "-", str(img),
+        ],
+        input=b"x" * 32, check=True, capture_output=True,
+    )  # fmt: skip
+    v = blank.probe_blank(img)
+    assert not v.blank
+    assert "crypto_LUKS" in v.reason or "LUKS header" in v.reason
+
+
+def test_ext4_signature_is_not_blank(tmp_path: Path) -> None:
+    img = _image(tmp_path)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True, capture_output=True)
+    v = blank.probe_blank(img)
+    assert not v.blank and "ext4" in v.reason

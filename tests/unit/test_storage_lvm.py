@@ -1,0 +1,115 @@
+"""luks.lvm: config string, argv, JSON reports (captured from lvm 2.03.16), the plan."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.errors import CvaError
+from luks import lvm
+
+DATA = Path(__file__).parent / "data" / "lvm"
+GIB = 1 << 30
+
+
+def test_config_accepts_only_the_disk() -> None:
+    cfg = lvm.lvm_config("/dev/vdb")
+    assert 'filter=["a|^/dev/vdb$|", "r|.*|"]' in cfg
+    assert "global_filter=" in cfg and "auto_activation_volume_list=[]" in cfg
+    assert "use_devicesfile=0" in cfg and "event_activation=0" in cfg
+    assert "a|^/dev/disk/by-id/virtio-a\\.b$|" in lvm.lvm_config("/dev/disk/by-id/virtio-a.b")
+    with pytest.raises(CvaError):
+        lvm.lvm_config('/dev/x"|')
+
+
+def test_every_argv_carries_the_config_and_json() -> None:
+    for argv in (lvm.pvs_argv("/dev/vdb"), lvm.vgs_argv("/dev/vdb"), lvm.lvs_argv("/dev/vdb")):
+        assert argv[:2] == ["lvm", argv[1]] and argv[2] == "--config"
+        assert "--reportformat" in argv and argv[argv.index("--reportformat") + 1] == "json"
+    create = lvm.lvcreate_argv("/dev/vdb", "cva", "pg", GIB)
+    assert create[create.index("--zero") + 1] == "n"
+    assert create[create.index("--wipesignatures") + 1] == "n"
+    assert create[-1] == "cva" and f"{GIB}b" in create
+    assert lvm.vgcreate_argv("/dev/vdb", "cva")[-2:] == ["cva", "/dev/vdb"]
+    with pytest.raises(CvaError):
+        lvm.lvcreate_argv("/dev/vdb", "cva", "-rf", GIB)
+    with pytest.raises(CvaError):
+        lvm.extend("/dev/vdb", "cva", "pg", 0)
+
+
+def test_real_reports_parse() -> None:
+    pvs = lvm.parse_pvs((DATA / "pvs_in_vg.json").read_text())
+    assert pvs == (lvm.PhysicalVolume("/dev/loop0", "cva", 205520896),)
+    assert lvm.parse_pvs((DATA / "pvs_none.json").read_text()) == ()
+    vgs = lvm.parse_vgs((DATA / "vgs.json").read_text())
+    assert vgs[0].name == "cva" and vgs[0].extent_size == 4 << 20 and vgs[0].pv_count == 1
+    assert lvm.parse_lvs((DATA / "lvs_empty.json").read_text()) == ()
+
+
+def test_lv_row_parses() -> None:
+    text = (
+        '{"report":[{"lv":[{"lv_name":"pg", "vg_name":"cva", "lv_size":"1073741824", '
+        '"lv_active":"active", "lv_dm_path":"/dev/mapper/cva-pg"}]}]}'
+    )
+    assert lvm.parse_lvs(text) == (lvm.LogicalVolume("pg", "cva", GIB, True, "/dev/mapper/cva-pg"),)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[", "{}", '{"report": 3}', '{"report":[{"pv":[{"pv_size":"x"}]}]}', '{"report":[{"pv":[1]}]}',
+     "[" * 100000],
+)  # fmt: skip
+def test_hostile_reports_fail_cleanly(text: str) -> None:
+    with pytest.raises(CvaError):
+        lvm.parse_pvs(text)
+
+
+@given(st.text(max_size=300))
+def test_any_report_parses_or_fails_cleanly(text: str) -> None:
+    for parse in (lvm.parse_pvs, lvm.parse_vgs, lvm.parse_lvs):
+        with contextlib.suppress(CvaError):
+            parse(text)
+
+
+PV = lvm.PhysicalVolume("/dev/vdb", "cva", 10 * GIB)
+VG = lvm.VolumeGroup("cva", 10 * GIB, 5 * GIB, 4 << 20, 1)
+LV = lvm.LogicalVolume("pg", "cva", GIB, True, "/dev/mapper/cva-pg")
+
+
+def plan(state: lvm.LvmState, size: int = GIB, create: bool = True) -> lvm.LvmPlan:
+    return lvm.plan(state, "/dev/vdb", "cva", "pg", size, create=create)
+
+
+def test_plan_fresh_disk_needs_blank_and_creates_all() -> None:
+    p = plan(lvm.LvmState((), (), ()))
+    assert p.steps == ("pvcreate", "vgcreate", "lvcreate") and p.needs_blank_disk
+    assert plan(lvm.LvmState((), (), ()), create=False).refusal
+
+
+def test_plan_resumes_after_each_crash_window() -> None:
+    pv_only = lvm.PhysicalVolume("/dev/vdb", "", 10 * GIB)
+    assert plan(lvm.LvmState((pv_only,), (), ())).steps == ("vgcreate", "lvcreate")
+    assert plan(lvm.LvmState((PV,), (VG,), ())).steps == ("lvcreate",)
+    assert plan(lvm.LvmState((PV,), (VG,), (LV,))).steps == ()
+    inactive = lvm.LogicalVolume("pg", "cva", GIB, False, "")
+    assert plan(lvm.LvmState((PV,), (VG,), (inactive,))).steps == ("activate",)
+    assert plan(lvm.LvmState((PV,), (VG,), (LV,)), size=2 * GIB).steps == ("extend",)
+    assert plan(lvm.LvmState((PV,), (VG,), (LV,)), size=GIB // 2).steps == ()  # never shrinks
+    for p in (plan(lvm.LvmState((PV,), (VG,), ())),):
+        assert not p.needs_blank_disk
+
+
+def test_plan_refuses_foreign_lvm() -> None:
+    foreign = lvm.PhysicalVolume("/dev/vdb", "hostvg", GIB)
+    assert "hostvg" in (plan(lvm.LvmState((foreign,), (), ())).refusal or "")
+    two = lvm.VolumeGroup("cva", GIB, 0, 4 << 20, 2)
+    assert "2 disks" in (plan(lvm.LvmState((PV,), (two,), ())).refusal or "")
+    assert plan(lvm.LvmState((PV,), (VG,), ()), create=False).refusal
+
+
+def test_dm_path_doubles_dashes() -> None:
+    assert lvm.dm_path("cva", "pg-data") == Path("/dev/mapper/cva-pg--data")

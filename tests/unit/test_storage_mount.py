@@ -1,0 +1,175 @@
+"""luks.mount: target parsing, mountinfo parsing, and real binds into a fake container rootfs.
+
+The bind tests need root (they mount for real, on the host, under a temp dir) and clean up
+every mount they make.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.errors import CvaError
+from luks import mount
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+
+
+def test_target_components() -> None:
+    assert mount.target_components("/var/lib//pg/./data") == ("var", "lib", "pg", "data")
+    for bad in ("relative", "/a/../b", "/", "/a\0b"):
+        with pytest.raises(CvaError):
+            mount.target_components(bad)
+
+
+def test_parse_mountinfo() -> None:
+    text = (
+        "42 27 7:1 / /tmp/stg/m rw,nosuid,nodev,relatime - ext4 /dev/loop1 rw\n"
+        "43 27 0:5 /x /a\\040b rw shared:1 - tmpfs tmpfs rw\n"
+        "garbage\n"
+    )
+    e = mount.parse_mountinfo(text)
+    assert e[0].devno == "7:1" and e[0].fstype == "ext4" and "nodev" in e[0].options
+    assert e[1].mountpoint == "/a b" and e[1].root == "/x"
+    assert mount.mounts_at(e, "/a b") == (e[1],)
+
+
+@given(st.text(max_size=300))
+def test_mountinfo_any_text(text: str) -> None:
+    # a non-numeric mount id only ever comes from a broken kernel, not from hostile input
+    with contextlib.suppress(ValueError):
+        mount.parse_mountinfo(text)
+
+
+def test_flags() -> None:
+    assert mount.volume_mount_flags(read_only=False) == mount.MS_NODEV | mount.MS_NOSUID
+    assert mount.bind_attrs(read_only=True) & mount.MOUNT_ATTR_RDONLY
+
+
+def _mounts_under(base: Path) -> list[str]:
+    entries = mount.parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    return [e.mountpoint for e in entries if e.mountpoint.startswith(str(base) + "/")]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """(volume dir, container rootfs, a host dir outside the rootfs); unmounts all after."""
+    vol = tmp_path / "volume"
+    rootfs = tmp_path / "rootfs"
+    outside = tmp_path / "host-etc"
+    for d in (vol, rootfs, outside):
+        d.mkdir()
+    (vol / "marker").write_text("volume")
+    try:
+        yield vol, rootfs, outside
+    finally:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for mp in sorted(_mounts_under(tmp_path), key=len, reverse=True):
+            libc.umount2(os.fsencode(mp), mount.MNT_DETACH)
+
+
+@needs_root
+def test_bind_creates_dirs_and_is_idempotent(world: tuple[Path, Path, Path]) -> None:
+    vol, rootfs, _ = world
+    where = mount.bind_into_rootfs(vol, rootfs, "/var/lib/data", read_only=False)
+    assert where == rootfs / "var/lib/data"
+    assert (rootfs / "var/lib/data/marker").read_text() == "volume"
+    again = mount.bind_into_rootfs(vol, rootfs, "/var/lib/data", read_only=False)
+    assert again == where and _mounts_under(rootfs).count(str(where)) == 1
+    info = next(e for e in mount.parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+            if e.mountpoint == str(where))  # fmt: skip
+    assert "nodev" in info.options and "nosuid" in info.options
+    assert mount.unbind_from_rootfs(vol, rootfs, "/var/lib/data")
+    assert not (rootfs / "var/lib/data/marker").exists()
+    assert not mount.unbind_from_rootfs(vol, rootfs, "/var/lib/data")
+
+
+@needs_root
+@pytest.mark.parametrize("link", ["ABS", "../../..", "../../../../../../../../ABS"])
+def test_symlink_at_target_cannot_escape(world: tuple[Path, Path, Path], link: str) -> None:
+    vol, rootfs, outside = world
+    (rootfs / "data").symlink_to(link.replace("ABS", str(outside)))
+    where = mount.bind_into_rootfs(vol, rootfs, "/data", read_only=False)
+    assert str(where).startswith(str(rootfs) + "/") or where == rootfs
+    assert not (outside / "marker").exists()
+    assert list(outside.iterdir()) == []
+    assert all(m.startswith(str(rootfs)) for m in _mounts_under(outside.parent))
+
+
+@needs_root
+def test_symlinked_parent_dir_cannot_escape(world: tuple[Path, Path, Path]) -> None:
+    vol, rootfs, outside = world
+    (rootfs / "var").symlink_to(outside)
+    where = mount.bind_into_rootfs(vol, rootfs, "/var/lib/pg", read_only=False)
+    assert where == rootfs / outside.relative_to("/") / "lib/pg"
+    assert list(outside.iterdir()) == []
+
+
+@needs_root
+def test_read_only_bind(world: tuple[Path, Path, Path]) -> None:
+    vol, rootfs, _ = world
+    where = mount.bind_into_rootfs(vol, rootfs, "/ro", read_only=True)
+    with pytest.raises(OSError) as exc:
+        (where / "new").write_text("x")
+    assert exc.value.errno == errno.EROFS
+    (vol / "still-writable").write_text("x")  # the source mount is not affected
+
+
+@needs_root
+def test_magic_link_refused(world: tuple[Path, Path, Path]) -> None:
+    vol, rootfs, _ = world
+    (rootfs / "proc").mkdir()
+    subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
+    with pytest.raises(CvaError, match=r"magic link|symlink loop"):
+        mount.bind_into_rootfs(vol, rootfs, "/proc/self/root/etc", read_only=False)
+
+
+@needs_root
+def test_target_that_is_a_file_is_refused(world: tuple[Path, Path, Path]) -> None:
+    vol, rootfs, _ = world
+    (rootfs / "etc").mkdir()
+    (rootfs / "etc" / "passwd").write_text("x")
+    with pytest.raises(CvaError, match="not a directory"):
+        mount.bind_into_rootfs(vol, rootfs, "/etc/passwd", read_only=False)
+
+
+@needs_root
+def test_symlink_loop_refused(world: tuple[Path, Path, Path]) -> None:
+    vol, rootfs, _ = world
+    (rootfs / "a").symlink_to("b")
+    (rootfs / "b").symlink_to("a")
+    with pytest.raises(CvaError):
+        mount.bind_into_rootfs(vol, rootfs, "/a/x", read_only=False)
+
+
+@needs_root
+def test_mount_volume_on_loop_device(tmp_path: Path) -> None:
+    img = tmp_path / "fs.img"
+    with img.open("wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(img)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    target = tmp_path / "volumes" / "pg"
+    try:
+        mount.mount_volume(Path(loop), target, fs="ext4", read_only=False)
+        mount.mount_volume(Path(loop), target, fs="ext4", read_only=False)  # idempotent
+        assert mount.is_mounted(target, Path(loop))
+        e = mount.mounts_at(mount.parse_mountinfo(Path("/proc/self/mountinfo").read_text()),
+                            str(target))  # fmt: skip
+        assert len(e) == 1 and {"nodev", "nosuid"} <= set(e[0].options)
+        assert oct((tmp_path / "volumes").stat().st_mode & 0o777) == "0o700"
+    finally:
+        mount.unmount(target)
+        subprocess.run(["losetup", "-d", loop], check=False)
+    assert not mount.is_mounted(target)

@@ -1,0 +1,113 @@
+"""luks.volume_plan: the state machine's decisions, with no device in sight."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.errors import CvaError, InputError
+from luks import blank
+from luks.volume_plan import (
+    CrashWindow,
+    HeaderObservation,
+    classify,
+    decide,
+    expected_table,
+    fs_complete,
+    fs_size_bytes,
+    initializing_action,
+    mapper_name,
+)
+
+BLANK = blank.BlankVerdict(True, "")
+NOT_BLANK = blank.BlankVerdict(False, "non-zero data in first MiB of the data area")
+
+
+def test_blank_and_create_formats() -> None:
+    assert decide(HeaderObservation("zero"), BLANK, create=True).action == "create"
+
+
+def test_create_false_forbids_formatting() -> None:
+    d = decide(HeaderObservation("zero"), BLANK, create=False)
+    assert d.action == "refuse" and "create = false" in d.reason
+
+
+def test_wiped_header_over_data_is_refused_with_hint() -> None:
+    d = decide(HeaderObservation("zero"), NOT_BLANK, create=True)
+    assert d.action == "refuse" and "not blank" in d.reason and "blkdiscard" in d.reason
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_invalid_header_never_formats(create: bool) -> None:
+    obs = HeaderObservation("invalid", ("keyslot 0 cipher cipher_null is not allowed",))
+    d = decide(obs, None, create=create)
+    assert d.action == "refuse" and "cipher_null" in d.reason
+
+
+def test_states() -> None:
+    assert (
+        decide(HeaderObservation("cva", token_state="initializing"), None, create=False).action
+        == "finish"
+    )
+    assert decide(HeaderObservation("cva", token_state="ready"), None, create=True).action == "open"
+    assert (
+        decide(HeaderObservation("cva", token_state="weird"), None, create=True).action == "refuse"
+    )
+    with pytest.raises(ValueError):
+        decide(HeaderObservation("zero"), None, create=True)
+
+
+def _raise(msg: str) -> object:
+    raise InputError(msg)
+
+
+def test_classify_paths() -> None:
+    ok = {"parse": lambda a: "hdr", "allow_reasons": lambda h: [], "verify": lambda h: "ready"}
+    assert classify(bytes(4096), **ok).kind == "zero"  # type: ignore[arg-type]
+    assert classify(b"\x01" + bytes(10), **ok) == HeaderObservation("cva", token_state="ready")  # type: ignore[arg-type]
+    bad_parse = dict(ok, parse=lambda a: _raise("bad magic"))
+    assert classify(b"\x01", **bad_parse).reasons == ("bad magic",)  # type: ignore[arg-type]
+    bad_allow = dict(ok, allow_reasons=lambda h: ["two keyslots", "weak cipher"])
+    assert classify(b"\x01", **bad_allow).reasons == ("two keyslots", "weak cipher")  # type: ignore[arg-type]
+    bad_mac = dict(ok, verify=lambda h: _raise("MAC does not verify"))
+    obs = classify(b"\x01", **bad_mac)  # type: ignore[arg-type]
+    assert obs.kind == "invalid" and "MAC" in obs.reasons[0]
+    # a bad MAC (wrong key or forged token) is never "blank", whatever create says
+    assert decide(obs, None, create=True).action == "refuse"
+
+
+def test_classify_lets_programming_errors_through() -> None:
+    def boom(area: bytes) -> object:
+        raise RuntimeError("bug")
+
+    with pytest.raises(RuntimeError):
+        classify(b"\x01", parse=boom, allow_reasons=lambda h: [], verify=lambda h: "ready")
+    assert issubclass(InputError, CvaError)
+
+
+def test_expected_table_and_names() -> None:
+    e = expected_table(integrity=True, backing_devno="253:4")
+    assert e.offset_sectors == 32768 and e.sector_size == 4096 and e.integrity
+    assert mapper_name("pgdata") == "cva-pgdata"
+    assert len({w.value for w in CrashWindow}) == len(CrashWindow)
+
+
+def test_initializing_never_formats_over_a_complete_filesystem() -> None:
+    assert initializing_action(True) == "mark-ready"
+    assert initializing_action(False) == "mkfs"
+
+
+def test_fs_complete_needs_magic_and_xfs_not_in_progress() -> None:
+    ext = bytearray(4096)
+    ext[1024 + 56 : 1024 + 58] = b"\x53\xef"
+    ext[1024 + 4 : 1024 + 8] = (1000).to_bytes(4, "little")
+    ext[1024 + 24 : 1024 + 28] = (2).to_bytes(4, "little")
+    assert fs_complete("ext4", bytes(ext)) and not fs_complete("xfs", bytes(ext))
+    assert fs_size_bytes("ext4", bytes(ext)) == 1000 * 4096
+    xfs = bytearray(4096)
+    xfs[0:4] = b"XFSB"
+    xfs[4:8] = (4096).to_bytes(4, "big")
+    xfs[8:16] = (77824).to_bytes(8, "big")
+    assert fs_complete("xfs", bytes(xfs))
+    xfs[126] = 1  # sb_inprogress: mkfs.xfs was interrupted
+    assert not fs_complete("xfs", bytes(xfs))
+    assert not fs_complete("ext4", bytes(4096))
