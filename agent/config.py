@@ -8,6 +8,8 @@ types and out-of-range values are errors that name the key and the rule, like th
 vsock_port = 1040                  # AF_VSOCK, CID any; 0 = no vsock listener
 unix = "/run/cva/cva.sock"         # optional extra unix socket (operators, tests)
 tcp = "127.0.0.1:50051"            # optional, loopback only (tests, port forwarding)
+ttrpc = "unix:///run/confidential-containers/cdh.sock"  # optional ttRPC listener (default off):
+                                   # VolumeAgent + CDH SecureMount for a stock kata-agent
 
 [initdata]
 devices = []                       # block devices to look for the initdata magic; [] = scan
@@ -42,6 +44,7 @@ from agent.errors import InputError
 
 DEFAULT_CONFIG_PATH = Path("/etc/cva/config.toml")
 DEFAULT_VSOCK_PORT = 1040
+CDH_TTRPC_SOCKET = Path("/run/confidential-containers/cdh.sock")  # kata-agent's CDH_SOCKET_URI
 MAX_CONFIG_BYTES = 64 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -55,6 +58,7 @@ class ListenConfig:
     vsock_port: int = DEFAULT_VSOCK_PORT
     unix: Path | None = None
     tcp: tuple[str, int] | None = None  # (loopback host, port)
+    ttrpc: Path | None = None  # ttRPC unix socket (CDH-compatible: CDH_TTRPC_SOCKET)
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class DaemonConfig:
 
 
 _SECTIONS: dict[str, frozenset[str]] = {
-    "listen": frozenset({"vsock_port", "unix", "tcp"}),
+    "listen": frozenset({"vsock_port", "unix", "tcp", "ttrpc"}),
     "initdata": frozenset({"devices", "toml"}),
     "paths": frozenset({"rootfs_base", "state_dir", "mount_base"}),
     "timeouts": frozenset({"call", "disk_wait", "kbs", "shutdown_grace"}),
@@ -133,6 +137,17 @@ def _vsock_port(value: object, key: str) -> int:
     if not 0 <= value < 0xFFFFFFFF:  # 0xFFFFFFFF is VMADDR_PORT_ANY
         raise ConfigError(f"config: {key} must be 0 (off) or a vsock port below 4294967295")
     return value
+
+
+def parse_ttrpc_address(value: object, key: str = "listen.ttrpc") -> Path:
+    """`unix:///abs/path` or `/abs/path` (ttRPC listens on unix sockets only)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"config: {key} must be a string (unix:///path or /path)")
+    if value.startswith("unix://"):
+        value = value.removeprefix("unix://")
+    elif "://" in value or value.startswith("unix:"):
+        raise ConfigError(f"config: {key} must be unix:///absolute/path (ttRPC is unix only)")
+    return _abs_path(value, key)
 
 
 def parse_tcp_address(text: str, key: str = "listen.tcp") -> tuple[str, int]:
@@ -177,6 +192,10 @@ def parse_config(text: str) -> DaemonConfig:
         if not isinstance(lt["tcp"], str):
             raise ConfigError("config: listen.tcp must be a string HOST:PORT")
         listen = ListenConfig(listen.vsock_port, listen.unix, parse_tcp_address(lt["tcp"]))
+    if "ttrpc" in lt:
+        listen = ListenConfig(
+            listen.vsock_port, listen.unix, listen.tcp, parse_ttrpc_address(lt["ttrpc"])
+        )
 
     it = _table(doc, "initdata")
     devices = it.get("devices", [])
@@ -197,6 +216,9 @@ def parse_config(text: str) -> DaemonConfig:
         mount_base=_abs_path(pt.get("mount_base", str(defaults.mount_base)), "paths.mount_base"),
     )
 
+    if listen.ttrpc is not None and listen.ttrpc in (listen.unix, paths.state_dir / "grpc.sock"):
+        raise ConfigError("config: listen.ttrpc must not be a gRPC socket path")
+
     tt = _table(doc, "timeouts")
     td = Timeouts()
     timeouts = Timeouts(
@@ -209,9 +231,11 @@ def parse_config(text: str) -> DaemonConfig:
     level = _table(doc, "log").get("level", "info")
     if level not in LOG_LEVELS:
         raise ConfigError(f"config: log.level must be one of {', '.join(LOG_LEVELS)}")
-    if listen.vsock_port == 0 and listen.unix is None and listen.tcp is None:
+    no_grpc = listen.vsock_port == 0 and listen.unix is None and listen.tcp is None
+    if no_grpc and listen.ttrpc is None:
         raise ConfigError(
-            "config: no listen address (set listen.vsock_port, listen.unix or listen.tcp)"
+            "config: no listen address"
+            " (set listen.vsock_port, listen.unix, listen.tcp or listen.ttrpc)"
         )
     return DaemonConfig(listen, initdata, paths, timeouts, str(level))
 

@@ -2,7 +2,8 @@
 
 Start (agent/startup.py establishes trust first, then calls `run_daemon`): build the service,
 listen (private unix socket for grpc.aio, the vsock splice in front
-of it, optional unix/loopback-TCP extras) and send READY=1.
+of it, optional unix/loopback-TCP extras, and the optional ttRPC socket `listen.ttrpc` serving
+VolumeAgent and, when the contract allows, CDH SecureMount) and send READY=1.
 
 SIGTERM/SIGINT: STOPPING=1; close the vsock listener; gRPC stops taking calls and gives running
 ones `timeouts.shutdown_grace`; storage jobs still running get the same grace again (every step
@@ -23,13 +24,18 @@ from agent.config import DaemonConfig
 from agent.errors import CvaError
 from agent.log import get_logger
 from agent.sdnotify import Notifier
+from agent.securemount import SecureMountBackend
+from agent.securemount_volumes import ManagerSecureMountBackend
 from agent.service import AgentServer
+from agent.ttrpc import TtrpcServer
+from agent.ttrpc_service import build_ttrpc_server
 from agent.volumes import VolumeManager
 from agent.vsock import SpliceListener, vsock_listen_socket
 
 log = get_logger("cva.daemon")
 
 ManagerFactory = Callable[[DaemonConfig, Callable[[str], None]], VolumeManager]
+SecureMountFactory = Callable[[VolumeManager], SecureMountBackend]
 
 
 class StartupError(CvaError):
@@ -46,14 +52,22 @@ def _prepare_state_dir(config: DaemonConfig) -> None:
         config.listen.unix.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             config.listen.unix.unlink()
+    if config.listen.ttrpc is not None:
+        with contextlib.suppress(FileNotFoundError):
+            config.listen.ttrpc.unlink()
 
 
 class Daemon:
     def __init__(
-        self, config: DaemonConfig, make_manager: ManagerFactory, notifier: Notifier
+        self,
+        config: DaemonConfig,
+        make_manager: ManagerFactory,
+        notifier: Notifier,
+        securemount_backend: SecureMountFactory = ManagerSecureMountBackend,
     ) -> None:
         self.config = config
         self._make_manager = make_manager
+        self._securemount_backend = securemount_backend
         self._notifier = notifier
         self.stop_event = asyncio.Event()
 
@@ -83,12 +97,30 @@ class Daemon:
             except RuntimeError as exc:
                 raise StartupError(f"cannot listen on {address} ({exc})") from None
         await server.start()
+        ttrpc: TtrpcServer | None = None
+        if config.listen.ttrpc is not None:
+            ttrpc = build_ttrpc_server(
+                manager,
+                call_timeout=config.timeouts.call,
+                securemount_backend=self._securemount_backend(manager),
+                header_dir=config.paths.state_dir / "securemount",
+            )
+            try:
+                await ttrpc.listen_unix(config.listen.ttrpc)
+            except (OSError, CvaError) as exc:
+                await server.stop(0)
+                raise StartupError(
+                    f"cannot listen for ttRPC on {config.listen.ttrpc} ({exc})"
+                ) from None
+            addresses.append(f"ttrpc+unix:{config.listen.ttrpc}")
         splicer: SpliceListener | None = None
         if config.listen.vsock_port:
             try:
                 sock = vsock_listen_socket(config.listen.vsock_port)
             except OSError as exc:
                 await server.stop(0)
+                if ttrpc is not None:
+                    await ttrpc.close(0)
                 raise StartupError(
                     f"cannot listen on vsock port {config.listen.vsock_port} ({exc.strerror});"
                     " is the vsock transport loaded?"
@@ -118,12 +150,15 @@ class Daemon:
         grace = config.timeouts.shutdown_grace
         if splicer is not None:
             await splicer.stop_accepting()
-        await server.stop(grace)
+        if ttrpc is not None:
+            await asyncio.gather(ttrpc.close(grace), server.stop(grace))
+        else:
+            await server.stop(grace)
         finished = await manager.drain(grace)
         if splicer is not None:
             await splicer.close()
         await manager.aclose()
-        for sock_path in (config.private_socket, config.listen.unix):
+        for sock_path in (config.private_socket, config.listen.unix, config.listen.ttrpc):
             if sock_path is not None:
                 with contextlib.suppress(OSError):
                     sock_path.unlink()

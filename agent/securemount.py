@@ -451,8 +451,7 @@ class SecureMountPolicy:
     ephemeral: bool = False
 
 
-# Proposed contract `[api] allow` names that enable the two kinds (agent.contract does not
-# accept them yet: until it does, both stay off).
+# The contract's `[api] allow` names that enable the two kinds (agent.contract.API_METHODS).
 ALLOW_PERSISTENT = "SecureMount"
 ALLOW_EPHEMERAL = "SecureMountEphemeral"
 

@@ -24,12 +24,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 
-from agent import policy
+from agent import policy, volume_rpc
 from agent._proto.cva.v1 import agent_pb2, agent_pb2_grpc
 from agent.errors import CvaError, InputError
 from agent.keysource import is_transient
 from agent.log import get_logger
-from agent.volumes import BoundVolume, ShuttingDown, VolumeManager, VolumeState, VolumeStatus
+from agent.volumes import ShuttingDown, VolumeManager
 
 T = TypeVar("T")
 log = get_logger("cva.service")
@@ -45,16 +45,6 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 0),
 )
 
-_STATE = {
-    VolumeState.ABSENT: agent_pb2.VOLUME_STATE_ABSENT,
-    VolumeState.INITIALIZING: agent_pb2.VOLUME_STATE_INITIALIZING,
-    VolumeState.READY: agent_pb2.VOLUME_STATE_READY,
-    VolumeState.OPEN: agent_pb2.VOLUME_STATE_OPEN,
-    VolumeState.MOUNTED: agent_pb2.VOLUME_STATE_MOUNTED,
-    VolumeState.BOUND: agent_pb2.VOLUME_STATE_BOUND,
-    VolumeState.CLOSED: agent_pb2.VOLUME_STATE_CLOSED,
-}
-
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status a refusal maps to (see the module docstring)."""
@@ -69,29 +59,6 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, CvaError | InputError):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INTERNAL
-
-
-def bound_to_pb(b: BoundVolume) -> agent_pb2.BoundVolume:
-    return agent_pb2.BoundVolume(
-        name=b.name,
-        state=_STATE[b.state],
-        guest_path=str(b.guest_path),
-        container_path=b.container_path,
-        created=b.created,
-        device=b.device,
-        read_only=b.read_only,
-    )
-
-
-def status_to_pb(s: VolumeStatus) -> agent_pb2.VolumeStatus:
-    return agent_pb2.VolumeStatus(
-        name=s.name,
-        state=_STATE[s.state],
-        guest_path=str(s.guest_path) if s.guest_path else "",
-        device=s.device or "",
-        container_ids=list(s.container_ids),
-        containers=list(s.containers),
-    )
 
 
 class VolumeAgentService(agent_pb2_grpc.VolumeAgentServicer):
@@ -133,32 +100,25 @@ class VolumeAgentService(agent_pb2_grpc.VolumeAgentServicer):
         request: agent_pb2.PrepareVolumesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> agent_pb2.PrepareVolumesResponse:
-        cid = request.container_id
-        bound = await self._call("PrepareVolumes", context, self._manager.prepare(cid))
-        log.info("volumes_prepared", container_id=cid, volumes=[b.name for b in bound])
-        return agent_pb2.PrepareVolumesResponse(
-            container_id=cid, volumes=[bound_to_pb(b) for b in bound]
-        )
+        work = volume_rpc.prepare_volumes(self._manager, request)
+        return await self._call("PrepareVolumes", context, work)
 
     async def ReleaseVolumes(
         self,
         request: agent_pb2.ReleaseVolumesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> agent_pb2.ReleaseVolumesResponse:
-        cid = request.container_id
-        rel = await self._call("ReleaseVolumes", context, self._manager.release(cid))
-        log.info("volumes_released", container_id=cid, released=rel.released, closed=rel.closed)
-        return agent_pb2.ReleaseVolumesResponse(
-            container_id=cid, released=list(rel.released), closed=list(rel.closed)
-        )
+        work = volume_rpc.release_volumes(self._manager, request)
+        return await self._call("ReleaseVolumes", context, work)
 
     async def ListVolumes(
         self,
         request: agent_pb2.ListVolumesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> agent_pb2.ListVolumesResponse:
-        statuses = await self._call("ListVolumes", context, self._manager.list())
-        return agent_pb2.ListVolumesResponse(volumes=[status_to_pb(s) for s in statuses])
+        return await self._call(
+            "ListVolumes", context, volume_rpc.list_volumes(self._manager, request)
+        )
 
 
 def _denied_handler(message: str) -> grpc.RpcMethodHandler[Any, Any]:
@@ -171,8 +131,8 @@ def _denied_handler(message: str) -> grpc.RpcMethodHandler[Any, Any]:
 class PolicyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Checks every RPC against the contract's allow list before any handler or decoder runs."""
 
-    def __init__(self, api: Any) -> None:
-        self._api = api
+    def __init__(self, manager: VolumeManager) -> None:
+        self._manager = manager
 
     async def intercept_service(
         self,
@@ -183,7 +143,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler[Any, Any]:
         method = handler_call_details.method
         try:
-            policy.check_rpc_allowed(method, self._api)
+            volume_rpc.check_allowed(self._manager, method)
         except policy.PolicyDenied as exc:
             log.warning("rpc_denied", method=method[:120])
             return _denied_handler(exc.message)
@@ -196,7 +156,7 @@ class AgentServer:
     def __init__(self, manager: VolumeManager, *, call_timeout: float) -> None:
         self.manager = manager
         self.server = grpc.aio.server(
-            interceptors=[PolicyInterceptor(manager.contract.api)],
+            interceptors=[PolicyInterceptor(manager)],
             options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )

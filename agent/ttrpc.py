@@ -49,7 +49,8 @@ then, if a socket exists at that path, it connects its CDH client to it (once, a
 
 1. boot the guest with `agent.guest_components_procs=none` (or `attestation-agent`), so
    kata-agent does not start (and does not replace) a CDH;
-2. have cva listen on `/run/confidential-containers/cdh.sock` (`TtrpcServer.listen_unix`, the
+2. have cva listen on `/run/confidential-containers/cdh.sock` (config `[listen] ttrpc =
+   "unix:///run/confidential-containers/cdh.sock"`; `agent.ttrpc_service` builds the server, the
    directory is created, the socket is mode 0600) with `agent.securemount`'s service registered,
    *before* kata-agent starts (systemd: cva.service `Before=kata-agent.service`, ready only once
    the socket listens).

@@ -17,6 +17,7 @@ in-memory backend. This module decides and sequences:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import json
 import os
@@ -258,6 +259,17 @@ class VolumeManager:
                 raise r
         self._on_status(f"ready; {len(self._opened)} volume(s) open")
         return tuple(r for r in results if isinstance(r, BoundVolume))
+
+    async def open_volume(self, name: str, *, allow_create: bool = True) -> OpenedVolume:
+        """Open (fetch key, open/create, mount at its guest path) contract volume `name`, with no
+        container binding (CDH SecureMount: the caller mounts it where it wants). With
+        `allow_create=False` a blank disk is refused even when the contract's create = true."""
+        vol = self._volumes.get(name)
+        if vol is None:
+            raise policy.RequestError(f"no contract volume named {name[:64]!r}")
+        if not allow_create and vol.create:
+            vol = dataclasses.replace(vol, create=False)
+        return await self._job(name, lambda: self._ensure_open(vol))
 
     async def _prepare_one(self, vol: Volume, cid: str) -> BoundVolume:
         rootfs = self._rootfs(cid)

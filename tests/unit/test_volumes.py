@@ -207,10 +207,14 @@ async def test_drain_refuses_new_work(tmp_path: Path) -> None:
 
 async def test_drain_times_out_on_stuck_work(tmp_path: Path) -> None:
     gate = threading.Event()
-    m, _, _ = _manager(tmp_path, backend=MemoryBackend(open_gate=gate))
+    backend = MemoryBackend(open_gate=gate)
+    m, _, _ = _manager(tmp_path, backend=backend)
     make_bundle(tmp_path / "kata", "c1", "postgres")
     task = asyncio.create_task(m.prepare("c1"))
-    await asyncio.sleep(0.05)
+    for _ in range(500):  # wait until the storage job is really running (a loaded CI is slow)
+        if any(op == "open" for op, _ in backend.calls):
+            break
+        await asyncio.sleep(0.01)
     assert await m.drain(0.05) is False
     gate.set()
     await task
