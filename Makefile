@@ -38,7 +38,7 @@ lint: venv
 	$(BIN)/mypy --strict $(PKGS)
 
 # Every suite: unit, integration (swtpm, libcryptsetup on image files, loopback KBS), the VM suite.
-test: test-host vm-test
+test: setup test-host vm-test
 
 test-host: venv
 	$(BIN)/pytest -q -m 'not vm' tests
@@ -57,7 +57,7 @@ proto-check: venv
 	$(PY) -m tests.tools.gen_proto --check
 
 demo: venv
-	@echo "make demo: not yet available (issue 7)"
+	$(PY) -m tests.vm.demo
 
 # Benchmarks (not tests): host ones plus the storage ones in the qemu guest; ~10-15 min on 2 cores.
 # Writes bench/results.json and bench/REPORT.md (logs in bench/logs/).

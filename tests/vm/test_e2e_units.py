@@ -1,0 +1,125 @@
+"""Host-only checks of the E2E/demo scaffolding (no VM): what it hands the guest is valid."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.contract import parse_contract
+from agent.initdata import load_contract, parse_block_image, parse_initdata
+from tests.vm import guest_control
+from tests.vm.demo import SCENARIO as DEMO
+from tests.vm.e2e import (
+    DAEMON_CONFIG,
+    KBS_GUEST_ADDR,
+    GuestControl,
+    QuietForwardMachine,
+    Scenario,
+    contract_text,
+    initdata_document,
+    job_script,
+    make_kbs_tls,
+    oci_config,
+)
+from tests.vm.machine import GuestForward, MachineSpec
+
+CA = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_kbs_tls(tmp_path_factory.mktemp("tls")).ca_pem
+
+
+@pytest.mark.parametrize("scenario", [Scenario(), Scenario(tee="tpm", lvm=False), DEMO])
+def test_contract_is_valid_and_says_what_the_scenario_says(scenario: Scenario, tls: str) -> None:
+    contract = parse_contract(contract_text(scenario, tls))
+    assert contract.kbs.tee == scenario.tee
+    assert contract.kbs.url == f"https://{KBS_GUEST_ADDR}:8443"
+    assert contract.kbs.cert is not None and "BEGIN CERTIFICATE" in contract.kbs.cert
+    assert contract.api.allow == frozenset(scenario.allow)
+    (vol,) = contract.volumes
+    assert (vol.name, vol.mount, vol.containers) == (
+        scenario.volume,
+        scenario.mount,
+        (scenario.container_name,),
+    )
+    assert str(vol.disk.value) == scenario.serial
+    assert vol.create is True
+    assert (vol.lvm is not None) == scenario.lvm
+
+
+def test_initdata_document_carries_the_contract(tls: str) -> None:
+    from agent.initdata import encode_block_image
+
+    raw = initdata_document(contract_text(Scenario(), tls))
+    initdata = parse_initdata(raw)
+    assert load_contract(initdata).volumes[0].name == "data"
+    assert parse_block_image(encode_block_image(raw)) == raw
+
+
+def test_initdata_document_refuses_a_contract_that_would_break_its_quoting() -> None:
+    with pytest.raises(ValueError, match="'''"):
+        initdata_document("x = '''")
+
+
+def test_daemon_config_and_bundle() -> None:
+    parse_config = pytest.importorskip("agent.config").parse_config  # the daemon stream's
+
+    config = parse_config(DAEMON_CONFIG.format(kbs_deadline=120.0))
+    assert config.listen.vsock_port == 0
+    assert config.listen.tcp == ("127.0.0.1", 50052)
+    assert config.private_socket == Path("/run/cva/grpc.sock")
+    doc = json.loads(oci_config("app"))
+    assert doc["annotations"]["io.kubernetes.cri.container-name"] == "app"
+
+
+def test_job_script_installs_the_unit_and_serves_the_host() -> None:
+    script = job_script(Scenario(), 2, pre_start="echo tamper")
+    assert "/mnt/vmsrc/systemd/cva.service /etc/systemd/system/cva.service" in script
+    assert "systemctl start cva.service" in script
+    assert script.index("echo tamper") < script.index("systemctl start cva.service")
+    assert "/run/kata-containers/e2e-ctr-0001/config.json" in script
+    assert "tests.tools.tcp_forward 50051 /run/cva/grpc.sock" in script
+    assert "tests.vm.guest_control --port 7000" in script
+
+
+def test_guestfwd_socat_is_silent(tmp_path: Path) -> None:
+    from tests.vm.build import GuestImage
+
+    spec = MachineSpec(
+        image=GuestImage(tmp_path, "k"),
+        job_dir=tmp_path,
+        guest_forwards=(GuestForward(KBS_GUEST_ADDR, 8443, 1234),),
+    )
+    netdev = QuietForwardMachine(spec)._netdev()
+    assert "cmd:socat -lf /dev/null - TCP:127.0.0.1:1234" in netdev
+
+
+def test_guest_control_runs_commands_and_exits() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = threading.Thread(
+        target=guest_control.main, args=(["--port", str(port), "--host", "127.0.0.1"],)
+    )
+    server.start()
+    control = GuestControl(port)
+    try:
+        for _ in range(100):
+            if control.ping():
+                break
+            threading.Event().wait(0.05)
+        done = control.run(["cat"], input="hello")
+        assert (done.rc, done.stdout) == (0, "hello")
+        assert control.run(["sh", "-c", "exit 3"]).rc == 3
+        assert control.run(["sleep", "5"], timeout=0.2).rc == -9
+        assert control.run(["/nonexistent/tool"]).rc == -1
+    finally:
+        control.exit()
+        server.join(10)
+    assert not server.is_alive()
