@@ -7,7 +7,7 @@ attested guest can derive, so the host cannot forge or roll them forward):
     INITIALIZING  LUKS2 header + keyslot + token state "initializing"; the filesystem may be
                   missing or half made; never held user data (it is never mounted in this state)
     READY         token state "ready": filesystem complete; the only state that is mounted
-    OPEN          dm-crypt mapping `cva-<name>` active, built from the validated in-memory
+    OPEN          dm-crypt mapping `cva_<name>` active, built from the validated in-memory
                   header copy and checked against the contract in the live dm table
     MOUNTED       filesystem mounted at /run/cva/volumes/<name> (nodev,nosuid[,ro])
     BOUND         bind-mounted into container root filesystems (luks.mount.bind_into_rootfs)

@@ -17,7 +17,10 @@ from luks import blank, dmtable
 
 DATA_OFFSET_BYTES = 16 * 1024 * 1024
 DATA_OFFSET_SECTORS = DATA_OFFSET_BYTES // 512
-MAPPER_PREFIX = "cva-"
+# dm names LVM makes are `<vg>-<lv>` with every hyphen inside a name doubled, so they always
+# hold exactly one single hyphen. cva's crypt mappings hold none (volume names use only
+# [a-z0-9-]; "-" becomes "_"), so no VG/LV pair in a contract can take a crypt mapping's name.
+MAPPER_PREFIX = "cva_"
 GROW_SLACK = 4 * 1024 * 1024
 INITIALIZING = "initializing"  # the cva token states (luks.token)
 READY = "ready"
@@ -136,7 +139,7 @@ def expected_table(*, integrity: bool, backing_devno: str) -> dmtable.Expected:
 
 
 def mapper_name(volume_name: str) -> str:
-    return MAPPER_PREFIX + volume_name
+    return MAPPER_PREFIX + volume_name.replace("-", "_")
 
 
 def fs_size_bytes(kind: str, superblock_area: bytes) -> int | None:

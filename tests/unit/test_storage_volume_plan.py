@@ -87,7 +87,20 @@ def test_classify_lets_programming_errors_through() -> None:
 def test_expected_table_and_names() -> None:
     e = expected_table(integrity=True, backing_devno="253:4")
     assert e.offset_sectors == 32768 and e.sector_size == 4096 and e.integrity
-    assert mapper_name("pgdata") == "cva-pgdata"
+    assert mapper_name("pgdata") == "cva_pgdata"
+    assert mapper_name("pg-data") == "cva_pg_data"
+
+
+def test_mapper_names_never_equal_an_lvm_dm_name() -> None:
+    # vg "cva" + lv "pgdata" is "cva-pgdata" in device-mapper: the DESIGN example must work
+    from luks import lvm
+
+    for vg, lv, vol in [
+        ("cva", "pgdata", "pgdata"),
+        ("cva", "pg-data", "pg-data"),
+        ("cva_pg", "data", "pg-data"),
+    ]:
+        assert mapper_name(vol) != lvm.dm_path(vg, lv).name
     assert len({w.value for w in CrashWindow}) == len(CrashWindow)
 
 

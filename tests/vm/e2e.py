@@ -74,9 +74,9 @@ class Scenario:
     serial: str = "cvadata"
     key_uri: str = "kbs:///cva/e2e/data"
     lvm: bool = True
-    # Not "cva": LVM names the LV's dm device "<vg>-<lv>", and luks.volume names the crypt
-    # mapping "cva-<volume>", so vg "cva" + lv == volume name collide (reported to storage).
-    vg: str = "e2e"
+    # DESIGN's example layout: LVM names the LV's dm device "cva-data"; the crypt mapping
+    # ("cva_data") must not collide with it.
+    vg: str = "cva"
     allow: tuple[str, ...] = ("PrepareVolumes", "ReleaseVolumes", "ListVolumes")
     disk_bytes: int = 1024**3
     kbs_deadline: float = 120.0  # [timeouts] kbs in the daemon config

@@ -161,7 +161,7 @@ class Machine:
             # cmd: form = one socat per guest connection (the tcp: chardev form serves one).
             parts.append(
                 f"guestfwd=tcp:{gf.guest_addr}:{gf.guest_port}"
-                f"-cmd:socat - TCP:127.0.0.1:{gf.host_port}"
+                f"-cmd:socat -lf /dev/null - TCP:127.0.0.1:{gf.host_port}"
             )
         return ",".join(parts)
 
