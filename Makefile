@@ -56,7 +56,7 @@ proto: venv
 proto-check: venv
 	$(PY) -m tests.tools.gen_proto --check
 
-demo: venv
+demo: setup
 	$(PY) -m tests.vm.demo
 
 # Benchmarks (not tests): host ones plus the storage ones in the qemu guest; ~10-15 min on 2 cores.
