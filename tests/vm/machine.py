@@ -158,7 +158,9 @@ class Machine:
         for hf in self.spec.host_forwards:
             parts.append(f"hostfwd=tcp:127.0.0.1:{hf.host_port}-:{hf.guest_port}")
         for gf in self.spec.guest_forwards:
-            # cmd: form = one socat per guest connection (the tcp: chardev form serves one).
+            # cmd: form = one socat per guest connection (the tcp: chardev form serves one);
+            # -lf /dev/null: socat's stderr is the guest connection too, so its error text would
+            # reach the guest as if the service had sent it.
             parts.append(
                 f"guestfwd=tcp:{gf.guest_addr}:{gf.guest_port}"
                 f"-cmd:socat -lf /dev/null - TCP:127.0.0.1:{gf.host_port}"

@@ -85,7 +85,7 @@ def test_qemu_command_line_keeps_the_network_closed(tmp_path: Path) -> None:
     netdev = argv[argv.index("-netdev") + 1]
     assert "restrict=on" in netdev
     assert "hostfwd=tcp:127.0.0.1:40001-:8080" in netdev
-    assert "guestfwd=tcp:10.0.2.100:8001-cmd:socat - TCP:127.0.0.1:40000" in netdev
+    assert "guestfwd=tcp:10.0.2.100:8001-cmd:socat -lf /dev/null - TCP:127.0.0.1:40000" in netdev
     assert "virtio-blk-pci,drive=disk0,serial=cvatest0" in argv
     assert any("snapshot=on" in a for a in argv)
     assert "-accel" in argv
