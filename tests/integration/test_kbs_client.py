@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import hashlib
 import json
 import logging
@@ -13,10 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from agent.kbs import (
     AttestationFailed,
@@ -34,6 +29,7 @@ from agent.kbs_jwe import KEY_ALGORITHMS
 from agent.kbs_wire import b64url
 from tests.kbs.fixtures import kbs_uri, sample_attester
 from tests.kbs.server import Fault, LoopbackKbs
+from tests.tls import make_test_tls
 
 KEY = "kbs:///default/pgdata/luks"
 SECRET = b"S3CR3T-" + bytes(range(48, 73))  # 32 bytes, printable, greppable
@@ -408,64 +404,8 @@ async def test_hostile_answers_are_clean_errors(kbs: LoopbackKbs, name: str) -> 
 
 def _ca_and_leaf(tmp: Path, name: str) -> tuple[str, Path, Path]:
     """A self-signed CA and a 127.0.0.1 server certificate it signed (PEM paths)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    import ipaddress
-
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / f"{name}.crt", tmp / f"{name}.key"
-    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return ca.public_bytes(serialization.Encoding.PEM).decode(), cert_path, key_path
+    tls = make_test_tls(tmp, "127.0.0.1", name=name)
+    return tls.ca_pem, tls.cert, tls.key
 
 
 @pytest.fixture
