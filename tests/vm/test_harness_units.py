@@ -111,3 +111,15 @@ def test_vm_suite_boots_only_when_vm_tests_are_selected() -> None:
     assert _vm_selected(config("vm and not slow"))  # type: ignore[arg-type]
     assert not _vm_selected(config("not vm"))  # type: ignore[arg-type]
     assert not _vm_selected(config("swtpm"))  # type: ignore[arg-type]
+
+
+def test_a_boot_that_never_began_its_job_is_retryable(tmp_path: Path) -> None:
+    from tests.vm.machine import BEGIN_MARK, BootResult, _job_began
+
+    console = tmp_path / "console.log"
+    result = BootResult(None, 0, 2.7, console, tmp_path / "out.log", "the guest failed to boot")
+    assert not _job_began(result)  # no console at all
+    console.write_text("[    2.689604] Kernel panic - not syncing: Fatal exception in interrupt\n")
+    assert not _job_began(result)
+    console.write_text(f"{BEGIN_MARK} uptime=14.2\nsomething later failed\n")
+    assert _job_began(result)  # the job ran: never boot it again
