@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +170,7 @@ class ManagerSecureMountBackend:
         self._records = RecordStore(sm_dir / "mounts.json" if state_dir is not None else None)
         self._lock = asyncio.Lock()
         self._recovered = False
+        self._tasks: set[asyncio.Task[str]] = set()
 
     # -- SecureMountBackend ------------------------------------------------------------------
 
@@ -177,6 +178,22 @@ class ManagerSecureMountBackend:
         return await asyncio.to_thread(self._ops.resolve, selector)
 
     async def mount_persistent(self, plan: PersistentMount) -> str:
+        return await self._shielded(self._mount_persistent(plan))
+
+    async def mount_ephemeral(self, plan: EphemeralMount) -> str:
+        return await self._shielded(self._mount_ephemeral(plan))
+
+    async def _shielded(self, work: Coroutine[object, object, str]) -> str:
+        """Run `work` as a task the caller's cancellation (a ttRPC deadline) cannot stop: a
+        volume half made and never recorded as mounted would leak until the next start. A
+        caller that gave up and retries finds it in place."""
+        task = asyncio.create_task(work, name="cva-securemount")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _mount_persistent(self, plan: PersistentMount) -> str:
         async with self._lock:
             await self._sweep_locked()
             devno = f"{plan.device.major}:{plan.device.minor}"
@@ -211,7 +228,7 @@ class ManagerSecureMountBackend:
             log.info("securemount_persistent", volume=plan.volume.name, at=plan.mount_point)
             return plan.mount_point
 
-    async def mount_ephemeral(self, plan: EphemeralMount) -> str:
+    async def _mount_ephemeral(self, plan: EphemeralMount) -> str:
         async with self._lock:
             await self._sweep_locked()
             devno = f"{plan.device.major}:{plan.device.minor}"
@@ -338,6 +355,11 @@ async def run_sweeper(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
             return
+
+
+def _retrieve(task: asyncio.Task[str]) -> None:
+    if not task.cancelled():
+        task.exception()  # a caller that gave up must not leave it unread
 
 
 def _mounted(record: MountRecord) -> MountRecord:

@@ -171,6 +171,7 @@ class FakeGuest:
     released: list[str] = field(default_factory=list)  # mapper names
     fail_create: Exception | None = None
     fail_bind: Exception | None = None
+    create_gate: threading.Event | None = None  # holds create_ephemeral until set
 
     def resolve(self, selector: Any) -> Any:
         assert selector.device_id is not None
@@ -200,6 +201,8 @@ class FakeGuest:
     def create_ephemeral(self, spec: Any) -> Any:
         from luks.ephemeral import EphemeralVolume
 
+        if self.create_gate is not None:
+            self.create_gate.wait(30)
         if self.fail_create is not None:
             raise self.fail_create
         self.made.append(spec)

@@ -551,6 +551,9 @@ class FakeBackend:
         self.plans.append(plan)
         return plan.mount_point
 
+    async def sweep(self) -> None:
+        return None
+
 
 CTX = CallContext(
     service="api.SecureMountService", method="SecureMount", stream_id=1, metadata=(), timeout=10.0

@@ -4,7 +4,9 @@ ones run in the VM suite)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -168,6 +170,27 @@ async def test_ephemeral_device_target_is_a_link(world: World) -> None:
     del world.guest.links[Path(EMPTYDIR)]
     await world.backend.sweep()
     assert world.guest.released == ["cva-eph-1"]
+
+
+async def test_a_caller_that_gives_up_does_not_leave_a_half_made_volume(world: World) -> None:
+    world.guest.create_gate = threading.Event()
+    call = asyncio.create_task(world.backend.mount_ephemeral(world.ephemeral()))
+    await asyncio.sleep(0.05)
+    call.cancel()  # the ttRPC deadline passed
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    world.guest.create_gate.set()
+    for _ in range(200):
+        if world.records() and world.records()[0]["state"] == "mounted":
+            break
+        await asyncio.sleep(0.01)
+    [rec] = world.records()
+    assert rec["state"] == "mounted"
+    assert world.guest.binds  # bound at the mount point after all
+    # kata-agent's retry finds it in place
+    world.guest.create_gate = None
+    assert await world.backend.mount_ephemeral(world.ephemeral()) == EMPTYDIR
+    assert len(world.guest.made) == 1
 
 
 async def test_a_restarted_daemon_keeps_what_is_mounted(world: World) -> None:
