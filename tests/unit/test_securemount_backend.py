@@ -270,3 +270,28 @@ def test_records_parser_takes_any_text(text: str) -> None:
 
 def test_deeply_nested_records_file() -> None:
     assert parse_records("[" * 100_000) == ((), 1)
+
+
+class CountingSweeps:
+    def __init__(self, fail_first: bool = False) -> None:
+        self.sweeps = 0
+        self.fail_first = fail_first
+
+    async def sweep(self) -> None:
+        self.sweeps += 1
+        if self.fail_first and self.sweeps == 1:
+            raise OSError(5, "Input/output error")
+
+
+async def test_sweeper_runs_until_stopped_and_survives_a_failed_sweep() -> None:
+    from agent.securemount_volumes import run_sweeper
+
+    backend, stop = CountingSweeps(fail_first=True), asyncio.Event()
+    task = asyncio.create_task(run_sweeper(backend, stop, interval=0.01))  # type: ignore[arg-type]
+    for _ in range(200):
+        if backend.sweeps >= 3:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert backend.sweeps >= 3
