@@ -119,14 +119,35 @@ class Daemon:
             sweeper = asyncio.create_task(
                 run_sweeper(sm_backend, self.stop_event), name="cva-securemount-sweeper"
             )
+        ttrpc_vsock: TtrpcServer | None = None
+        if config.listen.ttrpc_vsock_port:
+            # the host-facing ttRPC front: VolumeAgent only (SecureMount is kata-agent's, inside)
+            ttrpc_vsock = build_ttrpc_server(
+                manager,
+                call_timeout=config.timeouts.call,
+                securemount_backend=None,
+                header_dir=config.paths.state_dir / "securemount" / "headers",
+            )
+            try:
+                await ttrpc_vsock.listen_socket(vsock_listen_socket(config.listen.ttrpc_vsock_port))
+            except OSError as exc:
+                await server.stop(0)
+                if ttrpc is not None:
+                    await ttrpc.close(0)
+                raise StartupError(
+                    f"cannot listen for ttRPC on vsock port {config.listen.ttrpc_vsock_port}"
+                    f" ({exc.strerror}); is the vsock transport loaded?"
+                ) from None
+            addresses.append(f"ttrpc+vsock:{config.listen.ttrpc_vsock_port}")
         splicer: SpliceListener | None = None
         if config.listen.vsock_port:
             try:
                 sock = vsock_listen_socket(config.listen.vsock_port)
             except OSError as exc:
                 await server.stop(0)
-                if ttrpc is not None:
-                    await ttrpc.close(0)
+                for front in (ttrpc, ttrpc_vsock):
+                    if front is not None:
+                        await front.close(0)
                 raise StartupError(
                     f"cannot listen on vsock port {config.listen.vsock_port} ({exc.strerror});"
                     " is the vsock transport loaded?"
@@ -156,10 +177,8 @@ class Daemon:
         grace = config.timeouts.shutdown_grace
         if splicer is not None:
             await splicer.stop_accepting()
-        if ttrpc is not None:
-            await asyncio.gather(ttrpc.close(grace), server.stop(grace))
-        else:
-            await server.stop(grace)
+        fronts = [t.close(grace) for t in (ttrpc, ttrpc_vsock) if t is not None]
+        await asyncio.gather(*fronts, server.stop(grace))
         finished = await manager.drain(grace)
         if sweeper is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
