@@ -365,14 +365,21 @@ def _mount_point(value: str) -> str:
             "mount-point",
             f"mount_point {_show(value)} must be an absolute, normalized guest path",
         )
-    for root in ("/", *FORBIDDEN_MOUNT_ROOTS):
-        if value == root or (root != "/" and value.startswith(root + "/")):
-            raise _refuse(
-                Code.PERMISSION_DENIED,
-                "mount-point",
-                f"mount_point {_show(value)} would cover {root}",
-            )
+    root = covered_root(value)
+    if root is not None:
+        raise _refuse(
+            Code.PERMISSION_DENIED, "mount-point", f"mount_point {_show(value)} would cover {root}"
+        )
     return value
+
+
+def covered_root(path: str) -> str | None:
+    """The guest root a mount at `path` would cover or land in (None = allowed). Checked on the
+    request's text here and, by the daemon, again on the path the kernel resolved it to."""
+    for root in ("/", *FORBIDDEN_MOUNT_ROOTS):
+        if path == root or (root != "/" and path.startswith(root + "/")):
+            return root
+    return None
 
 
 def _read_only(flags: Sequence[str]) -> bool:

@@ -42,6 +42,7 @@ class MountRecord:
     source: str  # the path bound at mount_point (filesystem) or linked (device)
     header: str  # ephemeral: detached header file; persistent: ""
     state: RecordState
+    bound_at: str = ""  # where the kernel put the mount/link (mount_point, symlinks resolved)
 
 
 def _record_from(doc: object) -> MountRecord | None:
@@ -61,8 +62,9 @@ def _record_from(doc: object) -> MountRecord | None:
     for key in ("mount_point", "source"):
         if not doc[key].startswith("/") or "\x00" in doc[key]:
             return None
-    if doc["header"] and (not doc["header"].startswith("/") or "\x00" in doc["header"]):
-        return None
+    for key in ("header", "bound_at"):
+        if doc[key] and (not doc[key].startswith("/") or "\x00" in doc[key]):
+            return None
     return MountRecord(**doc)
 
 

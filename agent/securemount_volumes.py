@@ -41,6 +41,7 @@ from agent.securemount import (
     EphemeralMount,
     PersistentMount,
     SecureMountBackend,
+    covered_root,
 )
 from agent.securemount_records import MountRecord, RecordStore
 from agent.ttrpc import Code, RpcError
@@ -56,15 +57,35 @@ from luks.ephemeral import (
 
 log = get_logger("cva.securemount")
 
-BindMount = Callable[[Path, Path, bool], None]  # (source, target, read_only)
+BindMount = Callable[[Path, Path, bool], Path]  # (source, target, read_only) -> where it is
 ResolveDevice = Callable[[DeviceSelector], DeviceIdentity]
 SWEEP_INTERVAL = 10.0  # seconds between sweeps for mounts kata-agent took away
 
 
-def bind_mount(source: Path, target: Path, read_only: bool) -> None:
+def refuse_covered_root(resolved: str, requested: str) -> None:
+    """The request's mount point passed the text check; refuse it if a symlink on the way
+    makes it land in a guest root cva must never cover (e.g. a container image's link to
+    /etc)."""
+    root = covered_root(resolved)
+    if root is not None:
+        raise RpcError(
+            Code.PERMISSION_DENIED,
+            f"SecureMount refused (mount-point): {requested[:200]} resolves to {resolved[:200]},"
+            f" which would cover {root}",
+        )
+
+
+def bind_mount(source: Path, target: Path, read_only: bool) -> Path:
     """Bind `source` at guest path `target` with the storage layer's bind (luks.mount: missing
-    directories created, symlinks resolved without escaping `/`, idempotent)."""
-    mount.bind_into_rootfs(source, Path("/"), str(target), read_only=read_only)
+    directories created, symlinks resolved without escaping `/`, idempotent); returns where
+    the kernel put it (the path the mount shows up at in mountinfo)."""
+    return mount.bind_into_rootfs(
+        source,
+        Path("/"),
+        str(target),
+        read_only=read_only,
+        check=lambda resolved: refuse_covered_root(resolved, str(target)),
+    )
 
 
 def _devno_of_fs(path: Path) -> str | None:
@@ -84,7 +105,7 @@ def is_bound(source: Path, target: Path) -> bool:
     return any(e.devno == devno for e in mount.mounts_at(entries, str(target)))
 
 
-def link_device(device: Path, target: Path) -> None:
+def link_device(device: Path, target: Path) -> Path:
     """targetType=device: a symlink at `target` to the mapper device (CDH's behaviour). The
     parent is resolved with luks.mount's safe resolution; an existing entry is refused unless
     it already is this very link."""
@@ -94,8 +115,15 @@ def link_device(device: Path, target: Path) -> None:
     with contextlib.ExitStack() as stack:
         root = mount.open_rootfs(Path("/"))
         stack.callback(os.close, root)
-        dir_fd = mount.resolve_in_rootfs(root, str(parent), create=True)
+        dir_fd = mount.resolve_in_rootfs(
+            root,
+            str(parent),
+            create=True,
+            check=lambda resolved: refuse_covered_root(resolved, str(target)),
+        )
         stack.callback(os.close, dir_fd)
+        where = Path(mount.fd_path(dir_fd)) / name
+        refuse_covered_root(str(where), str(target))
         try:
             os.symlink(device, name, dir_fd=dir_fd)
         except FileExistsError:
@@ -107,6 +135,7 @@ def link_device(device: Path, target: Path) -> None:
                 raise CvaError(
                     f"mount point {target} already exists; SecureMount will not replace it"
                 ) from None
+    return where
 
 
 def is_linked(device: Path, target: Path) -> bool:
@@ -129,7 +158,7 @@ class GuestOps:
     resolve: ResolveDevice = identify_block_device
     bind: BindMount = bind_mount
     is_bound: Callable[[Path, Path], bool] = is_bound
-    link: Callable[[Path, Path], None] = link_device
+    link: Callable[[Path, Path], Path] = link_device
     is_linked: Callable[[Path, Path], bool] = is_linked
     unlink: Callable[[Path, Path], None] = unlink_device
     create_ephemeral: Callable[[EphemeralSpec], EphemeralVolume] = create_ephemeral
@@ -209,7 +238,9 @@ class ManagerSecureMountBackend:
             )
             target = Path(plan.mount_point)
             try:
-                await asyncio.to_thread(self._ops.bind, opened.guest_path, target, plan.read_only)
+                where = await asyncio.to_thread(
+                    self._ops.bind, opened.guest_path, target, plan.read_only
+                )
             except BaseException:
                 await self._manager.release_holder(plan.volume.name, holder)
                 raise
@@ -223,6 +254,7 @@ class ManagerSecureMountBackend:
                     source=str(opened.guest_path),
                     header="",
                     state="mounted",
+                    bound_at=str(where),
                 )
             )
             log.info("securemount_persistent", volume=plan.volume.name, at=plan.mount_point)
@@ -276,14 +308,16 @@ class ManagerSecureMountBackend:
             target = Path(plan.mount_point)
             try:
                 if made.mount_dir is not None:
-                    await asyncio.to_thread(self._ops.bind, made.mount_dir, target, plan.read_only)
+                    where = await asyncio.to_thread(
+                        self._ops.bind, made.mount_dir, target, plan.read_only
+                    )
                 else:
-                    await asyncio.to_thread(self._ops.link, made.mapper_device, target)
+                    where = await asyncio.to_thread(self._ops.link, made.mapper_device, target)
             except BaseException:
                 await asyncio.to_thread(self._ops.release_ephemeral, made)
                 self._records.drop(plan.mount_point)
                 raise
-            self._records.put(_mounted(record))
+            self._records.put(dataclasses.replace(record, state="mounted", bound_at=str(where)))
             log.info(
                 "securemount_ephemeral",
                 mapper=plan.mapper_name,
@@ -301,13 +335,10 @@ class ManagerSecureMountBackend:
     # -- internals ---------------------------------------------------------------------------
 
     async def _still_there(self, record: MountRecord) -> bool:
+        where = Path(record.bound_at or record.mount_point)
         if record.target == "device":
-            return await asyncio.to_thread(
-                self._ops.is_linked, Path(record.source), Path(record.mount_point)
-            )
-        return await asyncio.to_thread(
-            self._ops.is_bound, Path(record.source), Path(record.mount_point)
-        )
+            return await asyncio.to_thread(self._ops.is_linked, Path(record.source), where)
+        return await asyncio.to_thread(self._ops.is_bound, Path(record.source), where)
 
     async def _sweep_locked(self) -> None:
         starting = not self._recovered
@@ -337,7 +368,8 @@ class ManagerSecureMountBackend:
             return
         vol = _ephemeral_of(record, self._mount_base)
         if record.target == "device":
-            await asyncio.to_thread(self._ops.unlink, vol.mapper_device, Path(record.mount_point))
+            where = Path(record.bound_at or record.mount_point)
+            await asyncio.to_thread(self._ops.unlink, vol.mapper_device, where)
         await asyncio.to_thread(self._ops.release_ephemeral, vol)
         self._records.drop(record.mount_point)
         log.info("securemount_released", mapper=record.name, was=record.state)
@@ -360,10 +392,6 @@ async def run_sweeper(
 def _retrieve(task: asyncio.Task[str]) -> None:
     if not task.cancelled():
         task.exception()  # a caller that gave up must not leave it unread
-
-
-def _mounted(record: MountRecord) -> MountRecord:
-    return dataclasses.replace(record, state="mounted")
 
 
 def _busy(message: str) -> RpcError:

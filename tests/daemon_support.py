@@ -177,10 +177,11 @@ class FakeGuest:
         assert selector.device_id is not None
         return self.devices[selector.device_id]
 
-    def bind(self, source: Path, target: Path, read_only: bool) -> None:
+    def bind(self, source: Path, target: Path, read_only: bool) -> Path:
         if self.fail_bind is not None:
             raise self.fail_bind
         self.binds.append((source, target, read_only))
+        return target
 
     def is_bound(self, source: Path, target: Path) -> bool:
         return any((s, t) == (source, target) for s, t, _ro in self.binds)
@@ -188,8 +189,9 @@ class FakeGuest:
     def unmount(self, target: Path) -> None:
         self.binds = [b for b in self.binds if b[1] != target]
 
-    def link(self, device: Path, target: Path) -> None:
+    def link(self, device: Path, target: Path) -> Path:
         self.links[target] = device
+        return target
 
     def is_linked(self, device: Path, target: Path) -> bool:
         return self.links.get(target) == device
