@@ -9,6 +9,9 @@ SIGTERM/SIGINT: STOPPING=1; close the vsock listener; gRPC stops taking calls an
 ones `timeouts.shutdown_grace`; storage jobs still running get the same grace again (every step
 is idempotent and crash-safe, so a job cut off by the process exit is finished by the next
 PrepareVolumes). Mounted volumes stay mounted: containers are using them.
+
+The ttRPC fronts (agent.ttrpc*, SecureMount and its storage code) are imported only when the
+config enables them; a daemon without them does not load them.
 """
 
 from __future__ import annotations
@@ -20,23 +23,24 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config import DaemonConfig
 from agent.errors import CvaError
 from agent.log import get_logger
 from agent.sdnotify import Notifier
-from agent.securemount import SecureMountBackend
-from agent.securemount_volumes import ManagerSecureMountBackend, run_sweeper
 from agent.service import AgentServer
-from agent.ttrpc import TtrpcServer
-from agent.ttrpc_service import build_ttrpc_server
 from agent.volumes import VolumeManager
 from agent.vsock import SpliceListener, vsock_listen_socket
+
+if TYPE_CHECKING:
+    from agent.securemount import SecureMountBackend
+    from agent.ttrpc import TtrpcServer
 
 log = get_logger("cva.daemon")
 
 ManagerFactory = Callable[[DaemonConfig, Callable[[str], None]], VolumeManager]
-SecureMountFactory = Callable[[VolumeManager, Path], SecureMountBackend]  # (manager, state_dir)
+SecureMountFactory = Callable[[VolumeManager, Path], "SecureMountBackend"]  # (manager, state_dir)
 
 
 class StartupError(CvaError):
@@ -64,7 +68,7 @@ class Daemon:
         config: DaemonConfig,
         make_manager: ManagerFactory,
         notifier: Notifier,
-        securemount_backend: SecureMountFactory = ManagerSecureMountBackend,
+        securemount_backend: SecureMountFactory | None = None,  # None: ManagerSecureMountBackend
     ) -> None:
         self.config = config
         self._make_manager = make_manager
@@ -101,7 +105,15 @@ class Daemon:
         ttrpc: TtrpcServer | None = None
         sweeper: asyncio.Task[None] | None = None
         if config.listen.ttrpc is not None:
-            sm_backend = self._securemount_backend(manager, config.paths.state_dir)
+            # lazy: SecureMount and the ttRPC server load only when a ttRPC front is configured
+            from agent.securemount_volumes import (  # noqa: PLC0415
+                ManagerSecureMountBackend,
+                run_sweeper,
+            )
+            from agent.ttrpc_service import build_ttrpc_server  # noqa: PLC0415
+
+            make_sm_backend = self._securemount_backend or ManagerSecureMountBackend
+            sm_backend = make_sm_backend(manager, config.paths.state_dir)
             ttrpc = build_ttrpc_server(
                 manager,
                 call_timeout=config.timeouts.call,
@@ -122,6 +134,8 @@ class Daemon:
         ttrpc_vsock: TtrpcServer | None = None
         if config.listen.ttrpc_vsock_port:
             # the host-facing ttRPC front: VolumeAgent only (SecureMount is kata-agent's, inside)
+            from agent.ttrpc_service import build_ttrpc_server  # noqa: PLC0415 - lazy, as above
+
             ttrpc_vsock = build_ttrpc_server(
                 manager,
                 call_timeout=config.timeouts.call,

@@ -4,6 +4,10 @@ Thin on purpose: the per-volume state machine (DESIGN §4), header validation (�
 (§7) live in luks.volume / luks.mount / luks.disk; this adapter only wires them to the
 orchestrator's protocol and reads the guest's own mount table (trusted) to find volumes that
 are already mounted after a daemon restart.
+
+The luks.* modules (libcryptsetup through ctypes, LVM, filesystems, header parsing) are imported
+at the first storage step, not with this module: the daemon builds its backend before READY=1,
+and finding an already mounted volume needs only the mount table.
 """
 
 from __future__ import annotations
@@ -15,9 +19,6 @@ from agent.config import DaemonConfig
 from agent.mountinfo import MOUNTINFO, mount_source
 from agent.secret import Secret
 from agent.volumes import OpenedVolume, VolumeState
-from luks import disk as luks_disk
-from luks import mount as luks_mount
-from luks import volume as luks_volume
 
 if TYPE_CHECKING:
     from agent.contract import Volume
@@ -39,6 +40,9 @@ class LuksBackend:
         return OpenedVolume(vol.name, self._guest_path(vol), source, created=False)
 
     def open(self, vol: Volume, secret: Secret) -> OpenedVolume:
+        from luks import disk as luks_disk  # noqa: PLC0415 - lazy: first storage step
+        from luks import volume as luks_volume  # noqa: PLC0415
+
         device = luks_disk.wait_for_disk(vol.disk, timeout=self._config.timeouts.disk_wait)
         prepared = luks_volume.prepare_volume(
             vol,
@@ -52,14 +56,21 @@ class LuksBackend:
         )
 
     def bind(self, vol: Volume, opened: OpenedVolume, rootfs: Path) -> None:
+        from luks import mount as luks_mount  # noqa: PLC0415 - lazy: first storage step
+
         luks_mount.bind_into_rootfs(opened.guest_path, rootfs, vol.mount, read_only=vol.read_only)
 
     def unbind(self, vol: Volume, rootfs: Path) -> None:
         guest = self._guest_path(vol)
         if rootfs.is_dir() and guest.is_dir():
+            from luks import mount as luks_mount  # noqa: PLC0415 - lazy: first storage step
+
             luks_mount.unbind_from_rootfs(guest, rootfs, vol.mount)
 
     def close(self, vol: Volume) -> None:
+        from luks import disk as luks_disk  # noqa: PLC0415 - lazy: first storage step
+        from luks import volume as luks_volume  # noqa: PLC0415
+
         # the disk is needed only to deactivate the LV; a disk already gone fails that last step
         disk = luks_disk.find(vol.disk) or Path("/dev/null")
         luks_volume.release_volume(

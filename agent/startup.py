@@ -3,23 +3,29 @@
 Order: read the config; establish trust (agent/trust.py: initdata, contract, binding check);
 only then build the VolumeManager (luks.volume backend, lazily attested KBS session) and serve.
 A refusal is one line in the journal and in STATUS=, and a non-zero exit.
+
+The KBS client (httpx, cryptography) is imported at the first key fetch, and the storage code
+(luks.*) by the backend at the first volume operation: neither is needed to reach READY=1.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from agent.config import DaemonConfig
 from agent.daemon import ManagerFactory, run_daemon
 from agent.errors import CvaError
-from agent.kbs import KbsClient
 from agent.keysource import LazyKbsKeySource
 from agent.log import configure_logging, get_logger
 from agent.luks_backend import LuksBackend
 from agent.sdnotify import Notifier
 from agent.trust import Trusted, establish_trust
 from agent.volumes import BindingStore, VolumeManager
+
+if TYPE_CHECKING:
+    from agent.kbs import KbsClient
 
 log = get_logger("cva.startup")
 
@@ -29,6 +35,8 @@ def production_manager(trusted: Trusted) -> ManagerFactory:
 
     def make(config: DaemonConfig, on_status: Callable[[str], None]) -> VolumeManager:
         def kbs_client() -> KbsClient:
+            from agent.kbs import KbsClient  # noqa: PLC0415 - lazy: first key fetch, not start
+
             k = trusted.contract.kbs
             on_status("attesting to the KBS")
             return KbsClient(

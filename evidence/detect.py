@@ -13,7 +13,6 @@ from pathlib import Path
 from evidence.base import Attester
 from evidence.errors import AttesterUnavailable
 from evidence.sample import SampleAttester
-from evidence.tpm import TpmAttester
 from evidence.tsm import ConfigFs, probe_provider
 
 TEES = ("auto", "tdx", "snp", "tpm", "sample")
@@ -53,6 +52,8 @@ def attester_for(tee: str, *, root: Path = Path("/"), fs: ConfigFs | None = None
     if tee == "sample":
         return SampleAttester()
     if tee == "tpm":
+        from evidence.tpm import TpmAttester  # noqa: PLC0415 - only the chosen TEE's code loads
+
         return TpmAttester(f"device:{root / 'dev/tpmrm0'}")
     if tee == "tdx":
         from evidence.tdx import TdxAttester  # noqa: PLC0415
