@@ -15,15 +15,18 @@ from collections.abc import Callable, Sequence
 
 from agent.errors import CvaError
 
-# "module:function" registrars, each `register(subparsers) -> None`; each added parser sets
-# `func=handler(args) -> int` via `set_defaults`.
-REGISTRARS = (
-    "agent.cli_daemon:register",
-    "agent.cli_initdata:register",
-    "evidence.cli:register",
-    "agent.cli_kbs:register",
-    "luks.cli:register",
-)
+# "module:function" registrars, each `register(subparsers) -> None`, and the top-level commands
+# each adds; each added parser sets `func=handler(args) -> int` via `set_defaults`. `cva COMMAND`
+# loads only COMMAND's registrar (the daemon's start does not build the other command groups);
+# anything else, `cva --help` included, loads them all. tests/unit/test_cli_parser.py checks
+# that these names are what the registrars add.
+REGISTRARS: dict[str, tuple[str, ...]] = {
+    "agent.cli_daemon:register": ("serve", "prepare", "release", "list"),
+    "agent.cli_initdata:register": ("initdata",),
+    "evidence.cli:register": ("evidence",),
+    "agent.cli_kbs:register": ("kbs",),
+    "luks.cli:register": ("luks",),
+}
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -35,12 +38,14 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `cva` parser: with only `command`'s group when it names a known command, else all."""
+    specs = [spec for spec, commands in REGISTRARS.items() if command in commands]
     parser = _Parser(prog="cva", description="Confidential Volume Agent")
     sub: argparse._SubParsersAction[argparse.ArgumentParser]
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for spec in REGISTRARS:
+    for spec in specs or REGISTRARS:
         mod_name, fn_name = spec.split(":")
         register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]
         register = getattr(importlib.import_module(mod_name), fn_name)
@@ -49,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     func: Handler | None = getattr(args, "func", None)
     if func is None:
