@@ -8,6 +8,9 @@ signature over header+body with the attestation key, the QE report's signature b
 certificate, the QE report binding `SHA-256(attestation key || QE auth data)`, and the PCK chain's
 internal signatures (leaf <- intermediate <- self-signed root). Whether that root is Intel's and
 whether the TCB is current is the KBS verifier's job (it has the collateral).
+
+`cryptography` is imported by the verification functions only: the attester and the binding
+check parse reports and quotes, and `cva serve` reaches READY=1 without it.
 """
 
 from __future__ import annotations
@@ -15,15 +18,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 from dataclasses import dataclass
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from typing import TYPE_CHECKING
 
 from evidence.errors import EvidenceError
 from evidence.reader import Reader
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 MAX_QUOTE = 1024 * 1024
 HEADER_SIZE = 48
@@ -179,6 +181,8 @@ def parse_quote(data: bytes) -> TdxQuote:
 
 
 def _p256_key(xy: bytes) -> ec.EllipticCurvePublicKey:
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - verification only
+
     x, y = int.from_bytes(xy[:32], "big"), int.from_bytes(xy[32:], "big")
     try:
         return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
@@ -187,6 +191,13 @@ def _p256_key(xy: bytes) -> ec.EllipticCurvePublicKey:
 
 
 def _verify_p256(key: ec.EllipticCurvePublicKey, rs: bytes, message: bytes, what: str) -> None:
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - verification only
+    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.utils import (  # noqa: PLC0415
+        encode_dss_signature,
+    )
+
     der = encode_dss_signature(int.from_bytes(rs[:32], "big"), int.from_bytes(rs[32:], "big"))
     try:
         key.verify(der, message, ec.ECDSA(hashes.SHA256()))
@@ -196,6 +207,8 @@ def _verify_p256(key: ec.EllipticCurvePublicKey, rs: bytes, message: bytes, what
 
 def pck_chain(quote: TdxQuote) -> list[x509.Certificate]:
     """The PCK certificate chain (leaf first) from certification data type 5."""
+    from cryptography import x509  # noqa: PLC0415 - verification only
+
     if quote.qe.cert_type != CERT_PCK_CHAIN:
         raise EvidenceError(
             f"QE certification data type {quote.qe.cert_type} is not 5 (PCK chain);"
@@ -211,6 +224,8 @@ def pck_chain(quote: TdxQuote) -> list[x509.Certificate]:
 
 
 def _check_chain(certs: list[x509.Certificate]) -> None:
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - verification only
+
     for child, issuer in itertools.pairwise(certs):
         try:
             child.verify_directly_issued_by(issuer)
@@ -228,6 +243,8 @@ def _check_chain(certs: list[x509.Certificate]) -> None:
 
 def verify_quote(quote: TdxQuote) -> list[x509.Certificate]:
     """All offline checks; returns the PCK chain (leaf first). Raises EvidenceError."""
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - verification only
+
     _verify_p256(
         _p256_key(quote.attestation_key), quote.signature, quote.signed, "TDX quote signature"
     )

@@ -1,6 +1,9 @@
 """AMD SEV-SNP, pure: ATTESTATION_REPORT v2..v5 (1184 bytes, SPEC §d.6), the GHCB certificate
 table (SPEC §d.5), the guest-components/serde JSON form of the report (SPEC §c.3), and offline
 verification (report signature by the VCEK/VLEK, VCEK <- ASK <- ARK, VLEK <- ASVK <- ARK).
+
+`cryptography` is imported by the verification functions only: the attester and the binding
+check parse reports, and `cva serve` reaches READY=1 without it.
 """
 
 from __future__ import annotations
@@ -10,16 +13,12 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.utils import CryptographyDeprecationWarning
+from typing import TYPE_CHECKING, Any
 
 from evidence.errors import EvidenceError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 REPORT_SIZE = 0x4A0
 SIGNED_SIZE = 0x2A0
@@ -372,12 +371,19 @@ def build_cert_table(entries: Sequence[tuple[str, bytes]]) -> bytes:
 
 
 def _signature_der(r: SnpReport) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.utils import (  # noqa: PLC0415 - verification
+        encode_dss_signature,
+    )
+
     return encode_dss_signature(
         int.from_bytes(r.signature_r, "little"), int.from_bytes(r.signature_s, "little")
     )
 
 
 def load_certificate(data: bytes, what: str) -> x509.Certificate:
+    from cryptography import x509  # noqa: PLC0415 - verification only
+    from cryptography.utils import CryptographyDeprecationWarning  # noqa: PLC0415
+
     try:
         with warnings.catch_warnings():
             # AMD's VCEKs carry a zero serial number; cryptography warns but parses them
@@ -391,6 +397,10 @@ def load_certificate(data: bytes, what: str) -> x509.Certificate:
 
 def verify_report_signature(r: SnpReport, signer: x509.Certificate) -> None:
     """The report's ECDSA P-384 signature with the VCEK/VLEK certificate's key."""
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - verification only
+    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
     key = signer.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise EvidenceError("the VCEK/VLEK key is not an ECDSA P-384 key")
@@ -403,6 +413,8 @@ def verify_report_signature(r: SnpReport, signer: x509.Certificate) -> None:
 
 
 def _issued_by(child: x509.Certificate, issuer: x509.Certificate, what: str) -> None:
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - verification only
+
     try:
         child.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):

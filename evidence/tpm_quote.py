@@ -4,6 +4,9 @@ Used for the `tpm` evidence cva emits (SPEC §c.5) and to check the vectors (Tru
 `az-*-vtpm`). All TPM integers are big-endian. Verification: the RSASSA/RSAPSS-SHA256 signature
 over the marshalled TPMS_ATTEST with the AK public key, the attestation type is a quote, and the
 quote's PCR digest equals SHA-256 over the reported PCR values in selection order.
+
+`cryptography` is imported by the verification functions only: the attester and the binding
+check parse quotes, and `cva serve` reaches READY=1 without it.
 """
 
 from __future__ import annotations
@@ -13,14 +16,13 @@ import binascii
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from typing import TYPE_CHECKING, Any
 
 from evidence.errors import EvidenceError
 from evidence.reader import Reader
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 TPM_GENERATED = 0xFF544347
 TPM_ST_ATTEST_QUOTE = 0x8018
@@ -124,6 +126,9 @@ def parse_signature(blob: bytes) -> TpmSignature:
 
 def load_ak_public(der: bytes) -> rsa.RSAPublicKey:
     """An RSA SubjectPublicKeyInfo (DER), as in the `ak_public` field."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - verification
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+
     try:
         key = serialization.load_der_public_key(bytes(der))
     except (ValueError, TypeError) as exc:
@@ -148,6 +153,10 @@ def pcr_digest(attest: TpmAttest, pcrs: Sequence[bytes]) -> bytes:
 
 def verify_quote(quote: TpmQuote, ak: rsa.RSAPublicKey) -> TpmAttest:
     """Verify signature and PCR digest; return the parsed attest (caller checks extraData)."""
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - verification only
+    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import padding  # noqa: PLC0415
+
     attest = parse_attest(quote.message)
     sig = parse_signature(quote.signature)
     if sig.hash_alg != ALG_SHA256:
