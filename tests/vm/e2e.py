@@ -45,6 +45,8 @@ from tests.vm.machine import (
     Machine,
     MachineSpec,
     free_port,
+    job_began,
+    keep_failed_console,
     make_sparse_disk,
 )
 
@@ -56,6 +58,7 @@ GUEST_CONTROL_PORT = 7000  # tests.vm.guest_control in the guest
 INITDATA_SERIAL = "cvainitdata"
 GUEST_SOCKET = "/run/cva/grpc.sock"  # cva's private gRPC socket (what vsock splices into)
 JOB_SHARE_RACE = "the vmjob share could not be mounted"  # tests/vm/recipe/cva-vm-job
+BOOT_ATTEMPTS = 2  # a guest that fails before its job begins is booted once more
 
 Log = Callable[[str], None]
 
@@ -352,20 +355,30 @@ class World:
             console_name=f"console-boot{self.boots}.log",
         )
         log(f"e2e: boot {self.boots} (console: {job / spec.console_name})")
-        for attempt in (1, 2):
+        earlier: GuestFailed | None = None
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
             guest = Guest(
                 self, QuietForwardMachine(spec), grpc_port, GuestControl(control_port), self.boots
             )
             try:
                 guest.start()
-                break
+                return guest
             except GuestFailed as exc:
-                # The guest's job runner mounts its 9p share before udev has probed the
-                # virtio-9p device now and then; nothing ran, so booting again is safe.
-                if attempt == 2 or JOB_SHARE_RACE not in str(exc):
-                    raise
-                log(f"e2e: boot {self.boots}: the job share was not there yet; booting again")
-        return guest
+                # Before BEGIN_MARK nothing of the job has run (under TCG the kernel now and then
+                # panics in early init; the job runner's 9p share can be missing), so booting
+                # again is safe -- as tests.vm.machine.boot does. After it, never.
+                console = guest.machine.console
+                if attempt == BOOT_ATTEMPTS or job_began(console):
+                    raise exc from earlier
+                earlier = exc
+                kept = keep_failed_console(console, attempt)
+                why = (
+                    "the job share was not there yet"
+                    if JOB_SHARE_RACE in str(exc)
+                    else "the guest failed before its job began"
+                )
+                log(f"e2e: boot {self.boots}: {why} (console kept: {kept}); booting again")
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def disk_is_all_zero(self) -> bool:
         """The data disk's raw image holds not one non-zero byte (sparse-aware)."""
