@@ -82,6 +82,12 @@ class Scenario:
     allow: tuple[str, ...] = ("PrepareVolumes", "ReleaseVolumes", "ListVolumes")
     disk_bytes: int = 1024**3
     kbs_deadline: float = 120.0  # [timeouts] kbs in the daemon config
+    # The volume's `containers`: None = [container_name]; () = every container (`containers = []`,
+    # what CDH SecureMount needs: it cannot tell which container gets the mount).
+    containers: tuple[str, ...] | None = None
+    ttrpc: str | None = None  # the daemon config's [listen] ttrpc (None: no ttRPC listener)
+    extra_disks: tuple[str, ...] = ()  # serials of more blank disks, not in the contract
+    extra_disk_bytes: int = 256 * 1024**2
 
 
 def make_kbs_tls(folder: Path, address: str = KBS_GUEST_ADDR) -> KbsTls:
@@ -93,6 +99,8 @@ def contract_text(s: Scenario, ca_pem: str) -> str:
     """The container contract (DESIGN §2) the scenario measures into the initdata."""
     lvm = f'lvm = {{ vg = "{s.vg}", lv = "{s.volume}", size = "512M" }}\n' if s.lvm else ""
     allow = ", ".join(f'"{name}"' for name in s.allow)
+    names = (s.container_name,) if s.containers is None else s.containers
+    containers = ", ".join(f'"{name}"' for name in names)
     return (
         "version = 1\n\n[kbs]\n"
         f'url = "https://{KBS_GUEST_ADDR}:{KBS_GUEST_PORT}"\n'
@@ -106,7 +114,7 @@ def contract_text(s: Scenario, ca_pem: str) -> str:
         f"{lvm}"
         'filesystem = "ext4"\n'
         f'mount = "{s.mount}"\n'
-        f'containers = ["{s.container_name}"]\n'
+        f"containers = [{containers}]\n"
         "create = true\n"
     )
 
@@ -133,6 +141,15 @@ disk_wait = 60.0
 [log]
 level = "info"
 """
+
+
+def daemon_config(s: Scenario) -> str:
+    """cva's /etc/cva/config.toml for the scenario (DAEMON_CONFIG, plus its ttRPC listener)."""
+    text = DAEMON_CONFIG.format(kbs_deadline=s.kbs_deadline)
+    if s.ttrpc is not None:
+        text = text.replace("[listen]\n", f"[listen]\nttrpc = {json.dumps(s.ttrpc)}\n", 1)
+    return text
+
 
 DROP_IN = """\
 # E2E: run cva from the repo share (the image under test ships the unit, not a cva binary)
@@ -270,6 +287,12 @@ class World:
         self.initdata_disk = Disk(initdata_img, INITDATA_SERIAL)
         data_img = make_sparse_disk(disks / f"{self.scenario.serial}.img", self.scenario.disk_bytes)
         self.data_disk = Disk(data_img, self.scenario.serial)
+        self.extra_disks = {
+            serial: Disk(
+                make_sparse_disk(disks / f"{serial}.img", self.scenario.extra_disk_bytes), serial
+            )
+            for serial in self.scenario.extra_disks
+        }
         self.key_file = self.run_dir / "kbs" / "resource.bin"
         self.key_file.write_bytes(self.key)
         self.key_file.chmod(0o600)
@@ -337,14 +360,14 @@ class World:
         s = self.scenario
         (job / "run.sh").write_text(job_script(s, self.boots, pre_start))
         (job / "cva-e2e.conf").write_text(DROP_IN)
-        (job / "config.toml").write_text(DAEMON_CONFIG.format(kbs_deadline=s.kbs_deadline))
+        (job / "config.toml").write_text(daemon_config(s))
         (job / "config.json").write_text(oci_config(s.container_name))
         grpc_port, control_port = free_port(), free_port()
         spec = MachineSpec(
             image=self.image,
             job_dir=job,
             src_dir=REPO,
-            disks=(self.initdata_disk, self.data_disk),
+            disks=(self.initdata_disk, self.data_disk, *self.extra_disks.values()),
             tpm_state=self.run_dir / "tpm",
             guest_forwards=(GuestForward(KBS_GUEST_ADDR, KBS_GUEST_PORT, self.kbs_port),),
             host_forwards=(
@@ -380,18 +403,19 @@ class World:
                 log(f"e2e: boot {self.boots}: {why} (console kept: {kept}); booting again")
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    def disk_is_all_zero(self) -> bool:
-        """The data disk's raw image holds not one non-zero byte (sparse-aware)."""
-        with self.data_disk.path.open("rb") as handle:
+    def disk_is_all_zero(self, disk: Disk | None = None) -> bool:
+        """The raw image of `disk` (default: the data disk) holds not one non-zero byte."""
+        with (disk or self.data_disk).path.open("rb") as handle:
             while chunk := handle.read(4 * 1024 * 1024):
                 if chunk.count(0) != len(chunk):
                     return False
         return True
 
-    def marker_count(self, marker: bytes) -> int:
+    def marker_count(self, marker: bytes, disk: Disk | None = None) -> int:
+        """How often `marker` is in the raw image of `disk` (default: the data disk)."""
         from tests.vm.rawscan import count_markers
 
-        return count_markers(self.data_disk.path, [marker])[marker]
+        return count_markers((disk or self.data_disk).path, [marker])[marker]
 
 
 class GuestFailed(RuntimeError):

@@ -23,6 +23,7 @@ from tests.vm.e2e import (
     Scenario,
     World,
     contract_text,
+    daemon_config,
     initdata_document,
     job_script,
     make_kbs_tls,
@@ -56,6 +57,17 @@ def test_contract_is_valid_and_says_what_the_scenario_says(scenario: Scenario, t
     assert (vol.lvm is not None) == scenario.lvm
 
 
+def test_contract_volume_for_every_container_and_the_securemount_methods(tls: str) -> None:
+    scenario = Scenario(containers=(), allow=("SecureMount", "SecureMountEphemeral"), lvm=False)
+    contract = parse_contract(contract_text(scenario, tls))
+    (vol,) = contract.volumes
+    assert vol.containers == ()
+    assert vol.applies_to("any-container")
+    assert contract.api.allow == frozenset({"SecureMount", "SecureMountEphemeral"})
+    two = parse_contract(contract_text(Scenario(containers=("a", "b")), tls)).volumes[0]
+    assert two.containers == ("a", "b")
+
+
 def test_initdata_document_carries_the_contract(tls: str) -> None:
     from agent.initdata import encode_block_image
 
@@ -74,9 +86,16 @@ def test_daemon_config_and_bundle() -> None:
     parse_config = pytest.importorskip("agent.config").parse_config  # the daemon stream's
 
     config = parse_config(DAEMON_CONFIG.format(kbs_deadline=120.0))
+    assert parse_config(daemon_config(Scenario())) == config
+    assert config.listen.ttrpc is None
     assert config.listen.vsock_port == 0
     assert config.listen.tcp == ("127.0.0.1", 50052)
     assert config.private_socket == Path("/run/cva/grpc.sock")
+    sock = "unix:///run/confidential-containers/cdh.sock"
+    with_ttrpc = parse_config(daemon_config(Scenario(ttrpc=sock, kbs_deadline=30.0)))
+    assert with_ttrpc.listen.ttrpc == Path("/run/confidential-containers/cdh.sock")
+    assert with_ttrpc.listen.tcp == ("127.0.0.1", 50052)
+    assert with_ttrpc.timeouts.kbs == 30.0
     doc = json.loads(oci_config("app"))
     assert doc["annotations"]["io.kubernetes.cri.container-name"] == "app"
 
