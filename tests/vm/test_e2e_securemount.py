@@ -71,7 +71,7 @@ REFUSED_MOUNTS = (
     "/run/kata-containers/shared/sm-refused-1",
     "/run/kata-containers/shared/sm-refused-2",
 )
-HEADER_DIR = "/run/cva/securemount"  # cva's state_dir/securemount (agent/daemon.py)
+STATE_DIR = "/run/cva"  # cva's state_dir (tmpfs); detached headers are <mapper>.header in it
 MARKER = b"cva-sm-plaintext-" + secrets.token_hex(12).encode()
 LUKS_MAGICS = (b"LUKS\xba\xbe", b"SKUL\xba\xbe")  # primary and secondary LUKS2 header
 # kata-agent's options for an encrypted block emptyDir (SPEC e.2), minus deviceId / integrity
@@ -192,6 +192,11 @@ def dm_names(guest: Guest) -> list[str]:
     ]
 
 
+def find_headers(guest: Guest, mapper: str) -> list[str]:
+    out = guest.control.run(["find", STATE_DIR, "-xdev", "-name", f"{mapper}.header"]).check()
+    return out.stdout.split()
+
+
 def disk_head(guest: Guest, serial: str, size: int = 4096) -> bytes:
     out = guest.control.sh(
         f"head -c {size} /dev/disk/by-id/virtio-{serial} | od -An -v -tx1", timeout=30
@@ -308,9 +313,10 @@ def test_ephemeral_secure_mount_then_umount_releases_it(
     # The LUKS2 header is detached, in guest tmpfs: the disk itself carries none.
     head = disk_head(guest, serial)
     assert not head.startswith(LUKS_MAGICS[0]), "a LUKS header is on the ephemeral disk"
-    header = f"{HEADER_DIR}/{mapper}.header"
-    fs_of_header = guest.control.run(["stat", "-f", "-c", "%T", header]).check().stdout.strip()
-    assert fs_of_header == "tmpfs"
+    headers = find_headers(guest, mapper)
+    assert len(headers) == 1, f"no single detached header {mapper}.header in {STATE_DIR}"
+    fs_of_header = guest.control.run(["stat", "-f", "-c", "%T", headers[0]]).check()
+    assert fs_of_header.stdout.strip() == "tmpfs"
     if integrity == "true":
         table = guest.control.run(["dmsetup", "table", mapper]).check().stdout
         assert "integrity" in table or any("integrity" in n or "_dif" in n for n in new), table
@@ -326,7 +332,7 @@ def test_ephemeral_secure_mount_then_umount_releases_it(
         f"cva did not release the ephemeral volume within {RELEASE_WAIT:.0f} s of the umount: "
         f"{left} still mapped\n{guest.journal()[-3000:]}"
     )
-    assert guest.control.run(["test", "-e", header]).rc != 0, "the detached header survived"
+    assert find_headers(guest, mapper) == [], "the detached header survived the release"
     assert mounted(guest, mount_point) == ("", "")
 
 
