@@ -10,6 +10,8 @@ unix = "/run/cva/cva.sock"         # optional extra unix socket (operators, test
 tcp = "127.0.0.1:50051"            # optional, loopback only (tests, port forwarding)
 ttrpc = "unix:///run/confidential-containers/cdh.sock"  # optional ttRPC listener (default off):
                                    # VolumeAgent + CDH SecureMount for a stock kata-agent
+ttrpc_vsock_port = 0               # optional ttRPC on AF_VSOCK (default 0 = off): VolumeAgent
+                                   # only, for a kata runtime that speaks ttRPC (no SecureMount)
 
 [initdata]
 devices = []                       # block devices to look for the initdata magic; [] = scan
@@ -34,6 +36,7 @@ Port 1040: kata uses vsock 1024 (agent), 1025 (agent logs) and 1026 (debug conso
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ from agent.errors import InputError
 
 DEFAULT_CONFIG_PATH = Path("/etc/cva/config.toml")
 DEFAULT_VSOCK_PORT = 1040
+KATA_VSOCK_PORTS = frozenset({1024, 1025, 1026})
 CDH_TTRPC_SOCKET = Path("/run/confidential-containers/cdh.sock")  # kata-agent's CDH_SOCKET_URI
 MAX_CONFIG_BYTES = 64 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -59,6 +63,7 @@ class ListenConfig:
     unix: Path | None = None
     tcp: tuple[str, int] | None = None  # (loopback host, port)
     ttrpc: Path | None = None  # ttRPC unix socket (CDH-compatible: CDH_TTRPC_SOCKET)
+    ttrpc_vsock_port: int = 0  # ttRPC on vsock (VolumeAgent only); 0 = off
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ class DaemonConfig:
 
 
 _SECTIONS: dict[str, frozenset[str]] = {
-    "listen": frozenset({"vsock_port", "unix", "tcp", "ttrpc"}),
+    "listen": frozenset({"vsock_port", "unix", "tcp", "ttrpc", "ttrpc_vsock_port"}),
     "initdata": frozenset({"devices", "toml"}),
     "paths": frozenset({"rootfs_base", "state_dir", "mount_base"}),
     "timeouts": frozenset({"call", "disk_wait", "kbs", "shutdown_grace"}),
@@ -197,6 +202,19 @@ def parse_config(text: str) -> DaemonConfig:
             listen.vsock_port, listen.unix, listen.tcp, parse_ttrpc_address(lt["ttrpc"])
         )
 
+    if "ttrpc_vsock_port" in lt:
+        port = _vsock_port(lt["ttrpc_vsock_port"], "listen.ttrpc_vsock_port")
+        if port and port == listen.vsock_port:
+            raise ConfigError(
+                "config: listen.ttrpc_vsock_port must differ from listen.vsock_port (gRPC)"
+            )
+        if port in KATA_VSOCK_PORTS:
+            raise ConfigError(
+                f"config: listen.ttrpc_vsock_port {port} is kata's own (1024 agent, 1025 logs,"
+                " 1026 debug console)"
+            )
+        listen = dataclasses.replace(listen, ttrpc_vsock_port=port)
+
     it = _table(doc, "initdata")
     devices = it.get("devices", [])
     if not isinstance(devices, list) or len(devices) > 64:
@@ -232,10 +250,10 @@ def parse_config(text: str) -> DaemonConfig:
     if level not in LOG_LEVELS:
         raise ConfigError(f"config: log.level must be one of {', '.join(LOG_LEVELS)}")
     no_grpc = listen.vsock_port == 0 and listen.unix is None and listen.tcp is None
-    if no_grpc and listen.ttrpc is None:
+    if no_grpc and listen.ttrpc is None and not listen.ttrpc_vsock_port:
         raise ConfigError(
-            "config: no listen address"
-            " (set listen.vsock_port, listen.unix, listen.tcp or listen.ttrpc)"
+            "config: no listen address (set listen.vsock_port, listen.unix, listen.tcp,"
+            " listen.ttrpc or listen.ttrpc_vsock_port)"
         )
     return DaemonConfig(listen, initdata, paths, timeouts, str(level))
 

@@ -19,13 +19,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from agent.config import DaemonConfig
 from agent.errors import CvaError
 from agent.log import get_logger
 from agent.sdnotify import Notifier
 from agent.securemount import SecureMountBackend
-from agent.securemount_volumes import ManagerSecureMountBackend
+from agent.securemount_volumes import ManagerSecureMountBackend, run_sweeper
 from agent.service import AgentServer
 from agent.ttrpc import TtrpcServer
 from agent.ttrpc_service import build_ttrpc_server
@@ -35,7 +36,7 @@ from agent.vsock import SpliceListener, vsock_listen_socket
 log = get_logger("cva.daemon")
 
 ManagerFactory = Callable[[DaemonConfig, Callable[[str], None]], VolumeManager]
-SecureMountFactory = Callable[[VolumeManager], SecureMountBackend]
+SecureMountFactory = Callable[[VolumeManager, Path], SecureMountBackend]  # (manager, state_dir)
 
 
 class StartupError(CvaError):
@@ -98,12 +99,14 @@ class Daemon:
                 raise StartupError(f"cannot listen on {address} ({exc})") from None
         await server.start()
         ttrpc: TtrpcServer | None = None
+        sweeper: asyncio.Task[None] | None = None
         if config.listen.ttrpc is not None:
+            sm_backend = self._securemount_backend(manager, config.paths.state_dir)
             ttrpc = build_ttrpc_server(
                 manager,
                 call_timeout=config.timeouts.call,
-                securemount_backend=self._securemount_backend(manager),
-                header_dir=config.paths.state_dir / "securemount",
+                securemount_backend=sm_backend,
+                header_dir=config.paths.state_dir / "securemount" / "headers",
             )
             try:
                 await ttrpc.listen_unix(config.listen.ttrpc)
@@ -113,14 +116,38 @@ class Daemon:
                     f"cannot listen for ttRPC on {config.listen.ttrpc} ({exc})"
                 ) from None
             addresses.append(f"ttrpc+unix:{config.listen.ttrpc}")
+            sweeper = asyncio.create_task(
+                run_sweeper(sm_backend, self.stop_event), name="cva-securemount-sweeper"
+            )
+        ttrpc_vsock: TtrpcServer | None = None
+        if config.listen.ttrpc_vsock_port:
+            # the host-facing ttRPC front: VolumeAgent only (SecureMount is kata-agent's, inside)
+            ttrpc_vsock = build_ttrpc_server(
+                manager,
+                call_timeout=config.timeouts.call,
+                securemount_backend=None,
+                header_dir=config.paths.state_dir / "securemount" / "headers",
+            )
+            try:
+                await ttrpc_vsock.listen_socket(vsock_listen_socket(config.listen.ttrpc_vsock_port))
+            except OSError as exc:
+                await server.stop(0)
+                if ttrpc is not None:
+                    await ttrpc.close(0)
+                raise StartupError(
+                    f"cannot listen for ttRPC on vsock port {config.listen.ttrpc_vsock_port}"
+                    f" ({exc.strerror}); is the vsock transport loaded?"
+                ) from None
+            addresses.append(f"ttrpc+vsock:{config.listen.ttrpc_vsock_port}")
         splicer: SpliceListener | None = None
         if config.listen.vsock_port:
             try:
                 sock = vsock_listen_socket(config.listen.vsock_port)
             except OSError as exc:
                 await server.stop(0)
-                if ttrpc is not None:
-                    await ttrpc.close(0)
+                for front in (ttrpc, ttrpc_vsock):
+                    if front is not None:
+                        await front.close(0)
                 raise StartupError(
                     f"cannot listen on vsock port {config.listen.vsock_port} ({exc.strerror});"
                     " is the vsock transport loaded?"
@@ -150,11 +177,12 @@ class Daemon:
         grace = config.timeouts.shutdown_grace
         if splicer is not None:
             await splicer.stop_accepting()
-        if ttrpc is not None:
-            await asyncio.gather(ttrpc.close(grace), server.stop(grace))
-        else:
-            await server.stop(grace)
+        fronts = [t.close(grace) for t in (ttrpc, ttrpc_vsock) if t is not None]
+        await asyncio.gather(*fronts, server.stop(grace))
         finished = await manager.drain(grace)
+        if sweeper is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(sweeper, timeout=grace)
         if splicer is not None:
             await splicer.close()
         await manager.aclose()

@@ -54,7 +54,6 @@ OPTION_KEYS = frozenset(
     }
 )
 MOUNT_FLAGS = frozenset({"ro", "rw", "nodev", "nosuid", "noexec", "noatime", "relatime"})
-EPHEMERAL_KEY_BYTES = 64  # the random LUKS2 volume key of an ephemeral volume (512-bit XTS)
 EPHEMERAL_MAPPER_PREFIX = "cva-eph-"
 MAX_VALUE_CHARS = 4096
 MAX_MKFS_TOKENS = 32
@@ -81,7 +80,6 @@ _EXT4_EXTENDED = frozenset(
         "lazy_itable_init",
         "lazy_journal_init",
         "nodiscard",
-        "discard",
         "stride",
         "stripe_width",
         "stripe-width",
@@ -348,7 +346,7 @@ def _mkfs_pair_ok(flag: str, arg: str) -> bool:
     if flag == "-I":
         return number in (128, 256, 512, 1024)
     if flag == "-b":
-        return number in (1024, 2048, 4096)
+        return number == 4096  # the dm-crypt sector size: smaller ext4 blocks cannot work
     if flag == "-N":
         return 1 <= number <= 2**32 - 1
     return False
@@ -367,14 +365,21 @@ def _mount_point(value: str) -> str:
             "mount-point",
             f"mount_point {_show(value)} must be an absolute, normalized guest path",
         )
-    for root in ("/", *FORBIDDEN_MOUNT_ROOTS):
-        if value == root or (root != "/" and value.startswith(root + "/")):
-            raise _refuse(
-                Code.PERMISSION_DENIED,
-                "mount-point",
-                f"mount_point {_show(value)} would cover {root}",
-            )
+    root = covered_root(value)
+    if root is not None:
+        raise _refuse(
+            Code.PERMISSION_DENIED, "mount-point", f"mount_point {_show(value)} would cover {root}"
+        )
     return value
+
+
+def covered_root(path: str) -> str | None:
+    """The guest root a mount at `path` would cover or land in (None = allowed). Checked on the
+    request's text here and, by the daemon, again on the path the kernel resolved it to."""
+    for root in ("/", *FORBIDDEN_MOUNT_ROOTS):
+        if path == root or (root != "/" and path.startswith(root + "/")):
+            return root
+    return None
 
 
 def _read_only(flags: Sequence[str]) -> bool:
@@ -487,8 +492,6 @@ class EphemeralMount:
     mkfs_args: tuple[str, ...]  # allow-listed; with integrity, lazy_itable_init=0 is forced
     mount_point: str
     read_only: bool
-    key_bytes: int = EPHEMERAL_KEY_BYTES
-    require_blank: bool = True  # never format a device that holds any signature or data
 
 
 def plan_secure_mount(
@@ -675,6 +678,10 @@ class SecureMountBackend(Protocol):
 
     async def mount_ephemeral(self, plan: EphemeralMount) -> str:
         """Random key, detached header, format, mkfs, mount (or symlink); returns the path."""
+        ...
+
+    async def sweep(self) -> None:
+        """Release what is no longer at its mount point (kata-agent unmounted it)."""
         ...
 
 

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+# Bindings whose id starts with this are not containers but other holders (SecureMount).
+HOLDER_PREFIX = "securemount:"
+
+
 class VolumeState(enum.Enum):
     """DESIGN §4, plus BOUND (bind-mounted into at least one container) and CLOSED (not open
     here; its on-disk state is not inspected without the key)."""
@@ -260,16 +264,46 @@ class VolumeManager:
         self._on_status(f"ready; {len(self._opened)} volume(s) open")
         return tuple(r for r in results if isinstance(r, BoundVolume))
 
-    async def open_volume(self, name: str, *, allow_create: bool = True) -> OpenedVolume:
+    async def open_volume(
+        self, name: str, *, allow_create: bool = True, holder: str | None = None
+    ) -> OpenedVolume:
         """Open (fetch key, open/create, mount at its guest path) contract volume `name`, with no
         container binding (CDH SecureMount: the caller mounts it where it wants). With
-        `allow_create=False` a blank disk is refused even when the contract's create = true."""
+        `allow_create=False` a blank disk is refused even when the contract's create = true.
+
+        `holder` (e.g. "securemount:/run/kata-containers/x") is recorded like a container
+        binding: ReleaseVolumes of a container does not close the volume while a holder
+        remains; `release_holder` drops it."""
         vol = self._volumes.get(name)
         if vol is None:
             raise policy.RequestError(f"no contract volume named {name[:64]!r}")
         if not allow_create and vol.create:
             vol = dataclasses.replace(vol, create=False)
-        return await self._job(name, lambda: self._ensure_open(vol))
+
+        async def work() -> OpenedVolume:
+            opened = await self._ensure_open(vol)
+            if holder is not None:
+                self._bindings.add(holder, name)
+            return opened
+
+        return await self._job(name, work)
+
+    async def release_holder(self, name: str, holder: str) -> bool:
+        """Drop `holder`'s claim on volume `name`; close the volume (unmount its guest path and
+        deactivate) when no container or other holder still uses it. True if it was closed."""
+        vol = self._volumes.get(name)
+        if vol is None:
+            return False
+
+        async def work() -> bool:
+            self._bindings.remove(holder, name)
+            if self._bindings.containers_of(name) or name not in self._opened:
+                return False
+            await asyncio.to_thread(self._backend.close, vol)
+            self._opened.pop(name, None)
+            return True
+
+        return await self._job(name, work)
 
     async def _prepare_one(self, vol: Volume, cid: str) -> BoundVolume:
         rootfs = self._rootfs(cid)
@@ -335,9 +369,10 @@ class VolumeManager:
     async def list(self) -> tuple[VolumeStatus, ...]:
         out: list[VolumeStatus] = []
         for vol in self._contract.volumes:
-            cids = self._bindings.containers_of(vol.name)
+            holders = self._bindings.containers_of(vol.name)
+            cids = tuple(c for c in holders if not c.startswith(HOLDER_PREFIX))
             opened = self._opened.get(vol.name)
-            if cids:
+            if holders:
                 state = VolumeState.BOUND
             elif opened is not None:
                 state = VolumeState.MOUNTED

@@ -15,6 +15,7 @@ tool output; the rest is a thin shell over `luks.run`.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +29,8 @@ PREWRITE_EDGE = 2 * MIB  # covers every probe offset of libblkid near the start 
 MKFS_TIMEOUT = 600.0
 PROBE_TIMEOUT = 30.0
 XFS_MIN_BYTES = 300 * MIB
+EXT4_BLOCK = 4096
+EXT4_BLOCKS_PER_GROUP = 8 * EXT4_BLOCK  # one block bitmap block covers 32768 blocks
 
 
 class FsError(CvaError):
@@ -41,6 +44,89 @@ class FsProbe:
     type: str
     uuid: str
     usage: str
+
+
+def ext4_request_argv(device: str, extra: tuple[str, ...], *, dry_run: bool = False) -> list[str]:
+    """mkfs.ext4 for an ephemeral volume: cva's base (`-F -b 4096`, `-E nodiscard`) plus the
+    caller's allow-listed `-X value` pairs (agent.securemount). Every `-E` is merged into one
+    (mke2fs keeps only the last), the caller's value winning for a key it sets; `-b` other than
+    4096 is refused (the dm-crypt sector is 4096). `dry_run` = `-n` without `-q`: mke2fs then
+    prints where it would put the backup superblocks (`parse_backup_superblocks`)."""
+    if len(extra) % 2:
+        raise FsError("mkfs options must be '-X value' pairs")
+    plain: list[str] = []
+    extended: dict[str, str] = {"nodiscard": ""}
+    for flag, arg in zip(extra[::2], extra[1::2], strict=True):
+        if flag == "-E":
+            for item in arg.split(","):
+                name, sep, value = item.partition("=")
+                if name == "discard":
+                    raise FsError("mkfs discard is not allowed: discards leak the block map")
+                extended[name] = sep + value
+        elif flag == "-b":
+            if arg != str(EXT4_BLOCK):
+                raise FsError(f"ext4 block size {arg} is not allowed on a 4096-byte-sector volume")
+        else:
+            plain.extend((flag, arg))
+    opts = ",".join(name + value for name, value in extended.items())
+    head = ["mkfs.ext4", "-n"] if dry_run else ["mkfs.ext4", "-q"]
+    return [*head, "-F", "-b", str(EXT4_BLOCK), *plain, "-E", opts, "--", device]
+
+
+def parse_backup_superblocks(text: str) -> tuple[int, ...]:
+    """Block numbers from mke2fs' "Superblock backups stored on blocks:" paragraph ([] if none).
+
+    The numbers follow the heading, comma separated, possibly over several indented lines,
+    up to the next blank line. Anything else in the paragraph is an error (FsError).
+    """
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("Superblock backups stored on blocks:"):
+            rest = line.split(":", 1)[1]
+            chunk = [rest]
+            for more in lines[i + 1 :]:
+                if not more.strip():
+                    break
+                chunk.append(more)
+            numbers: list[int] = []
+            for token in re.split(r"[,\s]+", ",".join(chunk).strip(", \t")):
+                if not token:
+                    continue
+                if not token.isdigit() or len(token) > 20:
+                    raise FsError(
+                        f"unexpected mke2fs output near the backup superblocks: {token!r}"
+                    )
+                numbers.append(int(token))
+            return tuple(numbers)
+    return ()
+
+
+def block_prewrite_ranges(
+    size_bytes: int, blocks: tuple[int, ...], block_bytes: int = EXT4_BLOCK
+) -> tuple[tuple[int, int], ...]:
+    """The 2 MiB edges plus one block at each of `blocks` (mke2fs' backup superblocks)."""
+    ranges = set(prewrite_ranges(size_bytes, "xfs"))  # the edges only
+    for block in blocks:
+        off = block * block_bytes
+        if off + block_bytes > size_bytes:
+            raise FsError(f"backup superblock block {block} lies beyond the device")
+        ranges.add((off, block_bytes))
+    return tuple(sorted(ranges))
+
+
+def make_ext4_for_request(
+    device: Path, extra: tuple[str, ...], *, integrity: bool, timeout: float = MKFS_TIMEOUT
+) -> None:
+    """mkfs.ext4 with the caller's options on a fresh ephemeral volume. With integrity the
+    blocks mke2fs reads are pre-written first: the edges, then (learnt from a dry run with the
+    very same options) every backup superblock block."""
+    size = device_size(device)
+    if integrity:
+        write_zeros(device, block_prewrite_ranges(size, ()))
+        dry = run(ext4_request_argv(str(device), extra, dry_run=True), timeout=timeout)
+        backups = parse_backup_superblocks(dry.text)
+        write_zeros(device, block_prewrite_ranges(size, backups))
+    run(ext4_request_argv(str(device), extra), timeout=timeout)
 
 
 def mkfs_argv(kind: FsKind, device: str, *, integrity: bool) -> list[str]:
@@ -72,10 +158,6 @@ def parse_blkid_export(text: str) -> FsProbe:
         if sep and key and all(c.isupper() or c.isdigit() or c == "_" for c in key):
             fields.setdefault(key, value)
     return FsProbe(fields.get("TYPE", ""), fields.get("UUID", ""), fields.get("USAGE", ""))
-
-
-EXT4_BLOCK = 4096
-EXT4_BLOCKS_PER_GROUP = 8 * EXT4_BLOCK  # one block bitmap block covers 32768 blocks
 
 
 def ext4_backup_groups(group_count: int) -> tuple[int, ...]:

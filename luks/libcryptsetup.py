@@ -40,6 +40,10 @@ INTEGRITY_KEY_BYTES: Final = 32  # libcryptsetup appends the hmac key to the vol
 METADATA_BYTES: Final = 16 * 1024  # per binary header + JSON copy
 KEYSLOTS_BYTES: Final = 16352 * 1024
 DATA_OFFSET_BYTES: Final = 16 * 1024 * 1024  # = 2 * METADATA_BYTES + KEYSLOTS_BYTES
+# A detached header of an ephemeral volume never gets a keyslot (the volume key goes straight
+# from libcryptsetup to the kernel), so its keyslots area is kept small: it lives in tmpfs.
+DETACHED_KEYSLOTS_BYTES: Final = 64 * 1024
+DETACHED_HEADER_BYTES: Final = 2 * METADATA_BYTES + DETACHED_KEYSLOTS_BYTES
 SECTOR_SIZE: Final = 4096
 PBKDF_TYPE: Final = "pbkdf2"
 PBKDF_HASH: Final = "sha256"
@@ -52,6 +56,7 @@ CRYPT_ANY_TOKEN: Final = -1
 CRYPT_PBKDF_NO_BENCHMARK: Final = 1 << 1
 CRYPT_ACTIVATE_READONLY: Final = 1 << 0
 CRYPT_ACTIVATE_KEYRING_KEY: Final = 1 << 11
+CRYPT_ACTIVATE_NO_JOURNAL: Final = 1 << 12  # dm-integrity: direct writes, no journal
 CRYPT_ACTIVATE_NO_READ_WORKQUEUE: Final = 1 << 24
 CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE: Final = 1 << 25
 CRYPT_DEACTIVATE_DEFERRED: Final = 1 << 0
@@ -167,6 +172,7 @@ def _library() -> ctypes.CDLL:
         _c("crypt_load", i, vp, cp, vp)
         _c("crypt_keyslot_add_by_volume_key", i, vp, i, vp, sz, vp, sz)
         _c("crypt_activate_by_passphrase", i, vp, cp, i, vp, sz, u32)
+        _c("crypt_activate_by_volume_key", i, vp, cp, vp, sz, u32)
         _c("crypt_deactivate_by_name", i, vp, cp, u32)
         _c("crypt_status", i, vp, cp)
         _c("crypt_token_json_get", i, vp, i, ccp)
@@ -282,14 +288,24 @@ class CryptDevice:
         return rc
 
     # --- format / load --------------------------------------------------------------------
-    def format_luks2(self, *, integrity: bool, volume_key: Secret | None = None) -> None:
+    def format_luks2(
+        self, *, integrity: bool, volume_key: Secret | None = None, detached: bool = False
+    ) -> None:
         """Write a fresh LUKS2 header with cva's profile (DESIGN §5); no keyslot yet.
 
         `volume_key` None = libcryptsetup makes a random one (kept in this context for
-        `keyslot_add_by_volume_key`). With `integrity` the volume key is 64 + 32 bytes (the
-        hmac(sha256) key is appended) and libcryptsetup writes the dm-integrity superblock,
-        which needs device-mapper.
+        `keyslot_add_by_volume_key` / `activate_by_volume_key`). With `integrity` the volume
+        key is 64 + 32 bytes (the hmac(sha256) key is appended) and libcryptsetup writes the
+        dm-integrity superblock, which needs device-mapper.
+
+        `detached` (a context opened with `header=`): the data segment starts at offset 0 of
+        the data device and the keyslots area is DETACHED_KEYSLOTS_BYTES (ephemeral volumes).
         """
+        if detached and self.header is None:
+            raise CryptError(
+                f"{self.device}: a detached format needs a context opened with a header file",
+                errno_mod.EINVAL,
+            )
         lib = _library()
         key_bytes = VOLUME_KEY_BYTES + (INTEGRITY_KEY_BYTES if integrity else 0)
         if volume_key is not None and len(volume_key) != key_bytes:
@@ -321,13 +337,17 @@ class CryptDevice:
             cd = self._cd()
             # the PBKDF must be set before crypt_format, or format benchmarks (DEPENDENCIES.md)
             self._check("crypt_set_pbkdf_type", lib.crypt_set_pbkdf_type(cd, ctypes.byref(pbkdf)))
+            keyslots = DETACHED_KEYSLOTS_BYTES if detached else KEYSLOTS_BYTES
             self._check(
                 "crypt_set_metadata_size",
-                lib.crypt_set_metadata_size(cd, METADATA_BYTES, KEYSLOTS_BYTES),
+                lib.crypt_set_metadata_size(cd, METADATA_BYTES, keyslots),
             )
-            self._check(
-                "crypt_set_data_offset", lib.crypt_set_data_offset(cd, DATA_OFFSET_BYTES // 512)
-            )
+            # a detached header keeps libcryptsetup's default data offset there: 0
+            if not detached:
+                self._check(
+                    "crypt_set_data_offset",
+                    lib.crypt_set_data_offset(cd, DATA_OFFSET_BYTES // 512),
+                )
             with _key_buffer(volume_key, "volume key") as vk:
                 rc = lib.crypt_format(
                     cd,
@@ -415,6 +435,26 @@ class CryptDevice:
                 )
                 del pw
             return self._check("crypt_activate_by_passphrase", rc)
+
+    def activate_by_volume_key(
+        self, name: str, *, read_only: bool = False, no_journal: bool = False
+    ) -> None:
+        """Activate `/dev/mapper/<name>` with the volume key this context made at format time.
+
+        For ephemeral volumes: the random key goes from libcryptsetup's memory to the kernel
+        (dm-crypt table) and nowhere else; `crypt_free` wipes libcryptsetup's copy. The key is
+        checked against the header's digest first. `no_journal`: dm-integrity direct writes.
+        """
+        lib = _library()
+        flags = CRYPT_ACTIVATE_NO_READ_WORKQUEUE | CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE
+        if read_only:
+            flags |= CRYPT_ACTIVATE_READONLY
+        if no_journal:
+            flags |= CRYPT_ACTIVATE_NO_JOURNAL
+        with _LOCK:
+            _log_lines.clear()
+            rc = lib.crypt_activate_by_volume_key(self._cd(), _encode(name), None, 0, flags)
+            self._check("crypt_activate_by_volume_key", rc)
 
     def deactivate(self, name: str) -> None:
         lib = _library()

@@ -20,7 +20,7 @@ import os
 import platform
 import posixpath
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,13 +317,21 @@ _IN_ROOT = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 MAX_LINK_FOLLOWS = 40
 
 
-def resolve_in_rootfs(root_fd: int, target: str, *, create: bool, _depth: int = 0) -> int:
+def resolve_in_rootfs(
+    root_fd: int,
+    target: str,
+    *,
+    create: bool,
+    check: Callable[[str], None] | None = None,
+    _depth: int = 0,
+) -> int:
     """An O_PATH fd of directory `target` resolved inside the rootfs fd; creates missing dirs.
 
     Every prefix is resolved from the rootfs with RESOLVE_IN_ROOT, so a symlink anywhere on the
     path resolves as if the rootfs were `/`. A missing directory is made with mkdirat on the fd
     of its already-resolved parent, then resolved again the same way. A dangling symlink on the
     way is followed the same way (its target is created inside the rootfs, never outside).
+    `check` gets the resolved path of every directory about to be created (it raises to refuse).
     """
     if _depth > MAX_LINK_FOLLOWS:
         raise MountError(f"mount target {target!r}: too many levels of symlinks")
@@ -339,6 +347,8 @@ def resolve_in_rootfs(root_fd: int, target: str, *, create: bool, _depth: int = 
                     raise MountError(
                         f"mount target {target!r}: {prefix!r} does not exist"
                     ) from None
+                if check is not None:
+                    check(posixpath.join(fd_path(parent), name))
                 try:
                     os.mkdir(name, 0o755, dir_fd=parent)
                 except FileExistsError:
@@ -350,7 +360,9 @@ def resolve_in_rootfs(root_fd: int, target: str, *, create: bool, _depth: int = 
                     base = "/" + "/".join(parts[:i]) if not link.startswith("/") else ""
                     rest = "/".join(parts[i + 1 :])
                     followed = posixpath.normpath(posixpath.join("/", base, link, rest))
-                    return resolve_in_rootfs(root_fd, followed, create=True, _depth=_depth + 1)
+                    return resolve_in_rootfs(
+                        root_fd, followed, create=True, check=check, _depth=_depth + 1
+                    )
                 except OSError as exc:
                     raise MountError(
                         f"cannot create {prefix!r} in the container rootfs: {exc.strerror}"
@@ -395,17 +407,30 @@ def fd_path(fd: int) -> str:
     return str(Path(f"/proc/self/fd/{fd}").readlink())
 
 
-def bind_into_rootfs(source: Path, rootfs: Path, target: str, *, read_only: bool) -> Path:
-    """Bind `source` onto `target` inside `rootfs`; returns the resolved host path of the bind."""
+def bind_into_rootfs(
+    source: Path,
+    rootfs: Path,
+    target: str,
+    *,
+    read_only: bool,
+    check: Callable[[str], None] | None = None,
+) -> Path:
+    """Bind `source` onto `target` inside `rootfs`; returns the resolved host path of the bind.
+
+    `check` gets that resolved path before anything is mounted (it raises to refuse): the
+    mount goes through the very fd that path was read from, so what was checked is what gets
+    covered."""
     with (
         _fd(open_rootfs(rootfs)) as root_fd,
         _fd(os.open(source, _DIR_PATH | os.O_CLOEXEC)) as src_fd,
-        _fd(resolve_in_rootfs(root_fd, target, create=True)) as dst_fd,
+        _fd(resolve_in_rootfs(root_fd, target, create=True, check=check)) as dst_fd,
     ):
         src_st, dst_st = os.fstat(src_fd), os.fstat(dst_fd)
         if not stat.S_ISDIR(dst_st.st_mode):
             raise MountError(f"mount target {target!r} is not a directory")
         where = fd_path(dst_fd)
+        if check is not None:
+            check(where)
         if (src_st.st_dev, src_st.st_ino) == (dst_st.st_dev, dst_st.st_ino):
             return Path(where)  # already bound (idempotent)
         _attach(src_fd, dst_fd, read_only=read_only)

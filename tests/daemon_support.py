@@ -156,3 +156,78 @@ class FakeKeySource:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+@dataclass
+class FakeGuest:
+    """The guest I/O of the SecureMount backend (agent.securemount_volumes.GuestOps) as state:
+    devices by MAJ:MIN, bind mounts and links as sets, ephemeral volumes as records. Tests take
+    a mount away (`unmount`) the way kata-agent would."""
+
+    devices: dict[tuple[int, int], Any] = field(default_factory=dict)  # -> DeviceIdentity
+    binds: list[tuple[Path, Path, bool]] = field(default_factory=list)
+    links: dict[Path, Path] = field(default_factory=dict)  # target -> device
+    made: list[Any] = field(default_factory=list)  # EphemeralSpec, in order
+    released: list[str] = field(default_factory=list)  # mapper names
+    fail_create: Exception | None = None
+    fail_bind: Exception | None = None
+    create_gate: threading.Event | None = None  # holds create_ephemeral until set
+
+    def resolve(self, selector: Any) -> Any:
+        assert selector.device_id is not None
+        return self.devices[selector.device_id]
+
+    def bind(self, source: Path, target: Path, read_only: bool) -> Path:
+        if self.fail_bind is not None:
+            raise self.fail_bind
+        self.binds.append((source, target, read_only))
+        return target
+
+    def is_bound(self, source: Path, target: Path) -> bool:
+        return any((s, t) == (source, target) for s, t, _ro in self.binds)
+
+    def unmount(self, target: Path) -> None:
+        self.binds = [b for b in self.binds if b[1] != target]
+
+    def link(self, device: Path, target: Path) -> Path:
+        self.links[target] = device
+        return target
+
+    def is_linked(self, device: Path, target: Path) -> bool:
+        return self.links.get(target) == device
+
+    def unlink(self, device: Path, target: Path) -> None:
+        if self.links.get(target) == device:
+            del self.links[target]
+
+    def create_ephemeral(self, spec: Any) -> Any:
+        from luks.ephemeral import EphemeralVolume
+
+        if self.create_gate is not None:
+            self.create_gate.wait(30)
+        if self.fail_create is not None:
+            raise self.fail_create
+        self.made.append(spec)
+        return EphemeralVolume(
+            mapper=spec.mapper,
+            mapper_device=Path("/dev/mapper") / spec.mapper,
+            header=spec.header,
+            mount_dir=spec.mount_dir,
+        )
+
+    def release_ephemeral(self, vol: Any) -> None:
+        self.released.append(vol.mapper)
+
+    def ops(self) -> Any:
+        from agent.securemount_volumes import GuestOps
+
+        return GuestOps(
+            resolve=self.resolve,
+            bind=self.bind,
+            is_bound=self.is_bound,
+            link=self.link,
+            is_linked=self.is_linked,
+            unlink=self.unlink,
+            create_ephemeral=self.create_ephemeral,
+            release_ephemeral=self.release_ephemeral,
+        )

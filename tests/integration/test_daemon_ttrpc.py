@@ -52,3 +52,25 @@ async def test_daemon_serves_volume_agent_over_ttrpc(tmp_path: Path, go_ttrpc_cl
             p.proc.kill()
             p.proc.wait(10)
         p.notify.close()
+
+
+def test_daemon_listens_for_ttrpc_on_vsock(tmp_path: Path) -> None:
+    """AF_VSOCK binds here (no vsock transport to dial, so the round trip is the unix one
+    above: the same TtrpcServer code behind a different listening socket)."""
+    port = 0xFFFF_FFF0 - 11
+    p = _start(
+        tmp_path,
+        {"volumes": [{"name": "pg", "containers": ["postgres"]}], "allow": ["PrepareVolumes"]},
+        listen_extra=f"ttrpc_vsock_port = {port}",
+    )
+    try:
+        p.messages("READY=1")
+        p.proc.send_signal(signal.SIGTERM)
+        output = p.output()
+        assert p.proc.returncode == 0, output
+        assert f"ttrpc+vsock:{port}" in output
+    finally:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(10)
+        p.notify.close()

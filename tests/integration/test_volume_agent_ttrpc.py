@@ -14,12 +14,19 @@ from agent import contract as C
 from agent._proto.cdh import api_pb2
 from agent._proto.cva.v1 import agent_pb2
 from agent.secret import Secret
-from agent.securemount import DeviceIdentity, DeviceSelector
+from agent.securemount import DeviceIdentity
 from agent.securemount_volumes import ManagerSecureMountBackend
 from agent.ttrpc import Code, TtrpcServer
 from agent.ttrpc_service import build_ttrpc_server
 from agent.volumes import OpenedVolume, VolumeManager
-from tests.daemon_support import FakeKeySource, MemoryBackend, contract, make_bundle, volume
+from tests.daemon_support import (
+    FakeGuest,
+    FakeKeySource,
+    MemoryBackend,
+    contract,
+    make_bundle,
+    volume,
+)
 from tests.ttrpc_peer import GoCall, GoResult, go_calls
 
 SERVICE = "cva.v1.VolumeAgent"
@@ -28,21 +35,6 @@ WEB = volume("web", containers=("nginx",))
 PG_DEVICE = DeviceIdentity("/dev/vdb", 252, 16, "pg", "/sys/devices/pci0000:00/0000:00:05.0")
 WEB_DEVICE = DeviceIdentity("/dev/vdd", 252, 48, "web", "/sys/devices/pci0000:00/0000:00:06.0")
 OTHER_DEVICE = DeviceIdentity("/dev/vdc", 252, 32, "scratch", "/sys/devices/pci0000:00/x")
-
-
-@dataclass
-class Devices:
-    """The guest's block devices as the SecureMount adapter resolves them (sysfs stand-in)."""
-
-    by_id: dict[tuple[int, int], DeviceIdentity]
-    binds: list[tuple[Path, Path, bool]] = field(default_factory=list)
-
-    def resolve(self, selector: DeviceSelector) -> DeviceIdentity:
-        assert selector.device_id is not None
-        return self.by_id[selector.device_id]
-
-    def bind(self, source: Path, target: Path, read_only: bool) -> None:
-        self.binds.append((source, target, read_only))
 
 
 @dataclass
@@ -61,7 +53,7 @@ class Running:
     sock: Path
     backend: CreateRecordingBackend
     keys: FakeKeySource
-    devices: Devices
+    devices: FakeGuest
     kata: Path
     server: TtrpcServer
 
@@ -76,8 +68,8 @@ async def running(tmp_path: Path, allow: tuple[str, ...]) -> AsyncIterator[Runni
     backend, keys = CreateRecordingBackend(), FakeKeySource()
     kata = tmp_path / "kata"
     manager = VolumeManager(contract(PG, WEB, allow=allow), backend, keys, rootfs_base=kata)
-    devices = Devices({(252, 16): PG_DEVICE, (252, 32): OTHER_DEVICE, (252, 48): WEB_DEVICE})
-    adapter = ManagerSecureMountBackend(manager, resolve=devices.resolve, bind=devices.bind)
+    devices = FakeGuest({(252, 16): PG_DEVICE, (252, 32): OTHER_DEVICE, (252, 48): WEB_DEVICE})
+    adapter = ManagerSecureMountBackend(manager, tmp_path / "state", ops=devices.ops())
     server = build_ttrpc_server(
         manager, call_timeout=30.0, securemount_backend=adapter, header_dir=tmp_path / "hdr"
     )
@@ -188,16 +180,60 @@ async def test_secure_mount_refusals(running: Running, go_ttrpc_client: Path) ->
         secure_mount({"deviceId": "252:16", "sourceType": "encrypted", "key": str(WEB.key)}),
         # a key no contract volume has
         secure_mount({"deviceId": "252:16", "sourceType": "encrypted", "key": "kbs:///a/b/c"}),
-        # ephemeral: allowed by the contract, but the storage layer has no ephemeral path
-        secure_mount({"deviceId": "252:32", "sourceType": "empty"}, mount="/run/x/e"),
+        # ephemeral on a contract volume's disk: it would format it
+        secure_mount({"deviceId": "252:16", "sourceType": "empty"}, mount="/run/x/e"),
     )
     got = [(Code(r.code).name, r.message) for r in results]
     assert got[0][0] == "PERMISSION_DENIED" and "containers-restricted" in got[0][1]
     assert got[1][0] == "PERMISSION_DENIED" and "device-not-contract-disk" in got[1][1]
     assert got[2][0] == "PERMISSION_DENIED" and "key-not-in-contract" in got[2][1]
-    assert got[3][0] == "UNIMPLEMENTED" and "ephemeral path" in got[3][1]
+    assert got[3][0] == "PERMISSION_DENIED" and "contract-disk" in got[3][1]
     assert running.keys.requests == []
     assert running.devices.binds == []
+    assert running.devices.made == []
+
+
+KATA_EMPTYDIR = {
+    "deviceId": "252:32",
+    "sourceType": "empty",
+    "targetType": "fileSystem",
+    "filesystemType": "ext4",
+    "mkfsOpts": "-O ^has_journal -m 0 -i 163840 -I 128",
+    "encryptionType": "luks2",
+    "dataIntegrity": "false",
+}
+
+
+async def test_secure_mount_ephemeral_as_kata_agent_sends_it(
+    running: Running, go_ttrpc_client: Path, tmp_path: Path
+) -> None:
+    mount = "/run/kata-containers/sandbox/storage/emptydir-1"
+    [res, again] = await calls(
+        go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount=mount)
+    ) + await calls(go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount=mount))
+    assert (res.code, res.message) == (0, "")
+    assert (again.code, again.message) == (0, "")  # a retry finds it in place
+    [spec] = running.devices.made
+    assert spec.device == Path("/dev/vdc") and not spec.integrity
+    assert spec.mapper.startswith("cva-eph-")
+    assert spec.header == tmp_path / "hdr" / f"{spec.mapper}.header"
+    assert spec.mkfs_args == ("-O", "^has_journal", "-m", "0", "-i", "163840", "-I", "128")
+    assert spec.mount_dir == tmp_path / "state" / "securemount" / "mnt" / spec.mapper
+    assert running.devices.binds == [(spec.mount_dir, Path(mount), False)]
+    assert running.keys.requests == []  # no KBS for an ephemeral volume
+    # the same disk at another mount point is refused; so is another disk at this one
+    [other_mount] = await calls(
+        go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount="/run/x/other")
+    )
+    assert other_mount.code == Code.FAILED_PRECONDITION and "already backs" in other_mount.message
+    # kata-agent unmounts; the next call sweeps the volume away and the disk may be asked again
+    running.devices.unmount(Path(mount))
+    [after] = await calls(
+        go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount="/run/x/other")
+    )
+    assert running.devices.released == [spec.mapper]
+    assert after.code == 0
+    assert len(running.devices.made) == 2
 
 
 @pytest.mark.parametrize("allow", [("PrepareVolumes",)])

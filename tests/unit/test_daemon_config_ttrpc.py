@@ -51,3 +51,29 @@ def test_refused(value: str, rule: str) -> None:
 def test_state_dir_socket_collision_follows_paths() -> None:
     with pytest.raises(ConfigError, match="gRPC socket"):
         parse_config('[listen]\nttrpc = "/tmp/s/grpc.sock"\n[paths]\nstate_dir = "/tmp/s"\n')
+
+
+def test_ttrpc_vsock_off_by_default_and_parsed() -> None:
+    assert parse_config("").listen.ttrpc_vsock_port == 0
+    cfg = parse_config("[listen]\nttrpc_vsock_port = 1041\n")
+    assert (cfg.listen.ttrpc_vsock_port, cfg.listen.vsock_port) == (1041, 1040)
+    alone = parse_config("[listen]\nvsock_port = 0\nttrpc_vsock_port = 1041\n")
+    assert alone.listen.ttrpc_vsock_port == 1041
+
+
+@pytest.mark.parametrize(
+    ("doc", "rule"),
+    [
+        ("ttrpc_vsock_port = 1040", "must differ from listen.vsock_port"),
+        ("ttrpc_vsock_port = 1024", "kata's own"),
+        ("ttrpc_vsock_port = 1026", "kata's own"),
+        ('ttrpc_vsock_port = "1041"', "integer port"),
+        ("ttrpc_vsock_port = true", "integer port"),
+        ("ttrpc_vsock_port = 4294967295", "below 4294967295"),
+        ("ttrpc_vsock_port = -1", "below 4294967295"),
+    ],
+)
+def test_ttrpc_vsock_refused(doc: str, rule: str) -> None:
+    with pytest.raises(ConfigError, match=r"listen\.ttrpc_vsock_port") as info:
+        parse_config(f"[listen]\n{doc}\n")
+    assert rule in info.value.message

@@ -113,3 +113,84 @@ def test_prewrite_covers_every_superblock_mke2fs_writes(tmp_path: Path, size_mib
     for b in blocks:
         off = b * 4096
         assert any(o <= off and off + 4096 <= o + n for o, n in ranges), b
+
+
+# -- ephemeral volumes: the caller's mkfs options ---------------------------------------------
+
+KATA_OPTS = ("-O", "^has_journal", "-m", "0", "-i", "163840", "-I", "128")
+
+
+def test_request_argv_merges_every_E_into_one_with_cva_base() -> None:
+    argv = fs.ext4_request_argv("/dev/mapper/x", (*KATA_OPTS, "-E", "lazy_itable_init=0"))
+    assert argv == [
+        "mkfs.ext4", "-q", "-F", "-b", "4096", *KATA_OPTS,
+        "-E", "nodiscard,lazy_itable_init=0", "--", "/dev/mapper/x",
+    ]  # fmt: skip
+    dry = fs.ext4_request_argv("/d", ("-E", "lazy_journal_init", "-E", "lazy_itable_init=1"))
+    assert dry[-4:] == ["-E", "nodiscard,lazy_journal_init,lazy_itable_init=1", "--", "/d"]
+    assert fs.ext4_request_argv("/d", (), dry_run=True)[:2] == ["mkfs.ext4", "-n"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        (("-E", "discard"), "discard"),
+        (("-b", "1024"), "block size"),
+        (("-m",), "pairs"),
+    ],
+)
+def test_request_argv_refusals(extra: tuple[str, ...], why: str) -> None:
+    with pytest.raises(fs.FsError, match=why):
+        fs.ext4_request_argv("/d", extra)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        KATA_OPTS,
+        ("-O", "^sparse_super,^resize_inode"),
+        ("-O", "sparse_super2"),
+        ("-E", "lazy_journal_init"),
+        (),
+    ],
+)
+def test_dry_run_names_every_backup_superblock_mke2fs_writes(
+    tmp_path: Path, extra: tuple[str, ...]
+) -> None:
+    """The dry run's list (parsed) is exactly where the real mkfs puts the backups."""
+    img = _img(tmp_path, 1200 * MIB)
+    dry = subprocess.run(
+        fs.ext4_request_argv(str(img), extra, dry_run=True), capture_output=True, text=True,
+        check=True,
+    )  # fmt: skip
+    planned = fs.parse_backup_superblocks(dry.stdout)
+    subprocess.run(fs.ext4_request_argv(str(img), extra), check=True)
+    out = subprocess.run(["dumpe2fs", str(img)], capture_output=True, text=True, check=True).stdout
+    written = tuple(int(m) for m in re.findall(r"Backup superblock at (\d+)", out))
+    assert planned == written
+    ranges = fs.block_prewrite_ranges(1200 * MIB, planned)
+    for b in written:
+        assert (b * 4096, 4096) in ranges
+    assert (0, fs.PREWRITE_EDGE) in ranges
+
+
+def test_parse_backup_superblocks_shapes() -> None:
+    text = "Superblock backups stored on blocks: \n\t32768, 98304,\n\t163840\n\nAllocating\n"
+    assert fs.parse_backup_superblocks(text) == (32768, 98304, 163840)
+    assert fs.parse_backup_superblocks("Creating filesystem with 1024 4k blocks\n") == ()
+    with pytest.raises(fs.FsError):
+        fs.parse_backup_superblocks("Superblock backups stored on blocks: 1, two\n")
+
+
+@given(st.text(max_size=300))
+def test_parse_backup_superblocks_any_text(text: str) -> None:
+    try:
+        blocks = fs.parse_backup_superblocks(text)
+    except CvaError:
+        return
+    assert all(isinstance(b, int) and b >= 0 for b in blocks)
+
+
+def test_block_prewrite_ranges_refuse_blocks_beyond_the_device() -> None:
+    with pytest.raises(fs.FsError, match="beyond"):
+        fs.block_prewrite_ranges(64 * MIB, (1 << 20,))
