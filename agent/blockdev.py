@@ -3,9 +3,10 @@
 `deviceId` ("MAJ:MIN") is looked up as `/sys/dev/block/MAJ:MIN` (its `uevent` gives `DEVNAME`, as
 CDH does); `devicePath` is stat()ed for its device number and then looked up the same way. The
 result carries what `agent.securemount` matches against the contract's disks: the virtio serial,
-and the resolved sysfs path (whose components hold the PCI address / SCSI H:C:T:L). A device that
-is not a whole disk, is a device-mapper node, or has holders (LVM, dm-crypt on top) is refused:
-SecureMount must never format something already in use.
+and the resolved sysfs path (whose components hold the PCI address / SCSI H:C:T:L), and the
+devices stacked on it (holders). A device that is not a whole disk or is a device-mapper node is
+refused here; one with holders is refused by the ephemeral path (SecureMount must never format
+something already in use) unless it is cva's own volume already in place at that mount point.
 """
 
 from __future__ import annotations
@@ -15,25 +16,27 @@ import re
 import stat
 from pathlib import Path
 
-from agent.errors import CvaError, InputError
-from agent.securemount import DeviceIdentity, DeviceSelector
+from agent.securemount import DeviceIdentity, DeviceSelector, SecureMountRefused
 from agent.ttrpc import Code
 
 _DEVNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}(/[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}){0,3}")
 _SERIAL = re.compile(r"[\x21-\x7e]{1,64}")
 MAX_SYSFS_READ = 4096
+MAX_HOLDERS = 64
 
 
-class DeviceNotFound(CvaError):
+class DeviceNotFound(SecureMountRefused):
     """The requested block device does not exist in this guest."""
 
-    rpc_code = Code.NOT_FOUND
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.NOT_FOUND, "device-not-found", message)
 
 
-class DeviceRefused(InputError):
+class DeviceRefused(SecureMountRefused):
     """The requested device exists but must not be used."""
 
-    rpc_code = Code.FAILED_PRECONDITION
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.FAILED_PRECONDITION, "device-unusable", message)
 
 
 def _read_small(path: Path) -> str | None:
@@ -77,9 +80,7 @@ def identify_block_device(
         raise DeviceRefused(f"block device {devname} is not a whole disk")
     if devname.startswith("dm-") or (sysdir / "dm").exists():
         raise DeviceRefused(f"block device {devname} is a device-mapper node")
-    holders = sysdir / "holders"
-    if holders.is_dir() and any(holders.iterdir()):
-        raise DeviceRefused(f"block device {devname} is in use (it has holders)")
+    holders = _holders(sysdir / "holders")
     serial_text = _read_small(sysdir / "serial")
     serial = serial_text.strip() if serial_text is not None else None
     if serial is not None and _SERIAL.fullmatch(serial) is None:
@@ -91,4 +92,18 @@ def identify_block_device(
         minor=minor,
         serial=serial,
         sysfs_path=sysfs_path,
+        holders=holders,
     )
+
+
+def _holders(holders_dir: Path) -> tuple[str, ...]:
+    """The devices stacked on this disk (dm-crypt, LVM, md: `dm-3`, ...). Reported, not refused
+    here: a contract volume's disk is held by cva's own mapping once open, and an ephemeral
+    request decides with cva's record of what it mounted (agent.securemount_volumes)."""
+    try:
+        names = sorted(p.name for p in holders_dir.iterdir())
+    except FileNotFoundError:
+        return ()
+    if len(names) > MAX_HOLDERS or any(_DEVNAME.fullmatch(n) is None for n in names):
+        raise DeviceRefused(f"{holders_dir} lists more or stranger holders than a disk has")
+    return tuple(names)

@@ -408,6 +408,7 @@ class DeviceIdentity:
     minor: int
     serial: str | None  # virtio-blk serial (/sys/dev/block/M:m/serial)
     sysfs_path: str  # resolved /sys/devices/... path of the block device
+    holders: tuple[str, ...] = ()  # devices stacked on it (/sys/dev/block/M:m/holders)
 
     def matches(self, kind: str, value: str) -> bool:
         """True when this device is the contract's disk `kind:value` (DiskRef)."""

@@ -270,6 +270,13 @@ class ManagerSecureMountBackend:
                 if same and await self._still_there(known):
                     return plan.mount_point
                 raise _busy(f"mount point {plan.mount_point} is already served ({known.name})")
+            if plan.device.holders:
+                raise RpcError(
+                    Code.FAILED_PRECONDITION,
+                    f"SecureMount refused (device-in-use): block device {plan.device.path} is in"
+                    f" use (held by {', '.join(plan.device.holders[:4])}); an ephemeral volume"
+                    " needs a disk nobody holds",
+                )
             others = self._records.on_device(devno)
             if others:
                 raise _busy(
@@ -395,4 +402,4 @@ def _retrieve(task: asyncio.Task[str]) -> None:
 
 
 def _busy(message: str) -> RpcError:
-    return RpcError(Code.FAILED_PRECONDITION, f"SecureMount: {message}")
+    return RpcError(Code.FAILED_PRECONDITION, f"SecureMount refused (in-use): {message}")

@@ -29,7 +29,9 @@ log = get_logger("cva.ttrpc_service")
 def status_for(exc: BaseException) -> tuple[Code, str]:
     """A handler's exception as a ttRPC status: explicit rpc codes first, then gRPC's mapping."""
     if isinstance(exc, RpcError) or getattr(exc, "rpc_code", None) is not None:
-        return ttrpc_status_for(exc)
+        code, message = ttrpc_status_for(exc)
+        log.info("ttrpc_refused", code=code.name, error=message)
+        return code, message
     if isinstance(exc, CvaError):
         code = Code(grpc_status_for(exc).value[0])
         log.info("ttrpc_refused", code=code.name, error=exc.message)

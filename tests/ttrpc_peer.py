@@ -99,35 +99,28 @@ class GoResult:
     transport_error: str
 
 
-async def go_calls(
-    binary: Path, socket_path: Path, calls: list[GoCall], *, deadline_ms: int = 20000
-) -> list[GoResult]:
-    """Run every call concurrently on ONE connection of the Go client."""
-    job = {
-        "socket": str(socket_path),
-        "deadline_ms": deadline_ms,
-        "calls": [
-            {
-                "service": c.service,
-                "method": c.method,
-                "payload_hex": c.payload.hex(),
-                "timeout_nano": c.timeout_nano,
-                "metadata": c.metadata,
-            }
-            for c in calls
-        ],
-    }
-    proc = await asyncio.create_subprocess_exec(
-        str(binary),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+def go_job(socket_path: str | Path, calls: list[GoCall], *, deadline_ms: int = 20000) -> str:
+    """The client's stdin: one JSON job (every call on one connection to `socket_path`)."""
+    return json.dumps(
+        {
+            "socket": str(socket_path),
+            "deadline_ms": deadline_ms,
+            "calls": [
+                {
+                    "service": c.service,
+                    "method": c.method,
+                    "payload_hex": c.payload.hex(),
+                    "timeout_nano": c.timeout_nano,
+                    "metadata": c.metadata,
+                }
+                for c in calls
+            ],
+        }
     )
-    out, err = await asyncio.wait_for(
-        proc.communicate(json.dumps(job).encode()), timeout=deadline_ms / 1000 + 30
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"go ttrpc client failed ({proc.returncode}): {err.decode()}")
+
+
+def parse_go_results(stdout: str | bytes) -> list[GoResult]:
+    """The client's stdout: one result per call, in the job's order."""
     return [
         GoResult(
             code=r["code"],
@@ -135,8 +128,27 @@ async def go_calls(
             payload=bytes.fromhex(r["payload_hex"]),
             transport_error=r["transport_error"],
         )
-        for r in json.loads(out)
+        for r in json.loads(stdout)
     ]
+
+
+async def go_calls(
+    binary: Path, socket_path: Path, calls: list[GoCall], *, deadline_ms: int = 20000
+) -> list[GoResult]:
+    """Run every call concurrently on ONE connection of the Go client."""
+    job = go_job(socket_path, calls, deadline_ms=deadline_ms)
+    proc = await asyncio.create_subprocess_exec(
+        str(binary),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(
+        proc.communicate(job.encode()), timeout=deadline_ms / 1000 + 30
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"go ttrpc client failed ({proc.returncode}): {err.decode()}")
+    return parse_go_results(out)
 
 
 class RawConnection:

@@ -5,6 +5,7 @@ ones run in the VM suite)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -159,6 +160,31 @@ async def test_ephemeral_bind_failure_releases_the_new_volume(world: World) -> N
         await world.backend.mount_ephemeral(world.ephemeral())
     assert world.guest.released == ["cva-eph-1"]
     assert world.records() == []
+
+
+async def test_ephemeral_on_a_held_disk_is_refused_unless_it_is_cvas_own_in_place(
+    world: World,
+) -> None:
+    held = dataclasses.replace(SCRATCH, holders=("dm-7",))
+    plan = dataclasses.replace(world.ephemeral(), device=held)
+    with pytest.raises(RpcError) as info:
+        await world.backend.mount_ephemeral(plan)
+    assert info.value.rpc_code is Code.FAILED_PRECONDITION
+    assert "(device-in-use)" in str(info.value) and "dm-7" in str(info.value)
+    assert world.guest.made == []
+    # once cva's own volume is in place, the disk is held by it: asking again is still OK
+    await world.backend.mount_ephemeral(world.ephemeral())
+    assert await world.backend.mount_ephemeral(plan) == EMPTYDIR
+    with pytest.raises(RpcError, match="device-in-use"):
+        await world.backend.mount_ephemeral(dataclasses.replace(plan, mount_point="/run/x/y"))
+    assert len(world.guest.made) == 1
+
+
+async def test_persistent_on_a_disk_cva_already_holds_is_served(world: World) -> None:
+    held = dataclasses.replace(PG_DEVICE, holders=("dm-1",))
+    plan = dataclasses.replace(world.persistent(), device=held)
+    assert await world.backend.mount_persistent(plan) == MOUNT
+    assert await world.backend.mount_persistent(plan) == MOUNT
 
 
 async def test_ephemeral_device_target_is_a_link(world: World) -> None:

@@ -45,6 +45,8 @@ from tests.vm.machine import (
     Machine,
     MachineSpec,
     free_port,
+    job_began,
+    keep_failed_console,
     make_sparse_disk,
 )
 
@@ -56,6 +58,7 @@ GUEST_CONTROL_PORT = 7000  # tests.vm.guest_control in the guest
 INITDATA_SERIAL = "cvainitdata"
 GUEST_SOCKET = "/run/cva/grpc.sock"  # cva's private gRPC socket (what vsock splices into)
 JOB_SHARE_RACE = "the vmjob share could not be mounted"  # tests/vm/recipe/cva-vm-job
+BOOT_ATTEMPTS = 2  # a guest that fails before its job begins is booted once more
 
 Log = Callable[[str], None]
 
@@ -79,6 +82,12 @@ class Scenario:
     allow: tuple[str, ...] = ("PrepareVolumes", "ReleaseVolumes", "ListVolumes")
     disk_bytes: int = 1024**3
     kbs_deadline: float = 120.0  # [timeouts] kbs in the daemon config
+    # The volume's `containers`: None = [container_name]; () = every container (`containers = []`,
+    # what CDH SecureMount needs: it cannot tell which container gets the mount).
+    containers: tuple[str, ...] | None = None
+    ttrpc: str | None = None  # the daemon config's [listen] ttrpc (None: no ttRPC listener)
+    extra_disks: tuple[str, ...] = ()  # serials of more blank disks, not in the contract
+    extra_disk_bytes: int = 256 * 1024**2
 
 
 def make_kbs_tls(folder: Path, address: str = KBS_GUEST_ADDR) -> KbsTls:
@@ -90,6 +99,8 @@ def contract_text(s: Scenario, ca_pem: str) -> str:
     """The container contract (DESIGN §2) the scenario measures into the initdata."""
     lvm = f'lvm = {{ vg = "{s.vg}", lv = "{s.volume}", size = "512M" }}\n' if s.lvm else ""
     allow = ", ".join(f'"{name}"' for name in s.allow)
+    names = (s.container_name,) if s.containers is None else s.containers
+    containers = ", ".join(f'"{name}"' for name in names)
     return (
         "version = 1\n\n[kbs]\n"
         f'url = "https://{KBS_GUEST_ADDR}:{KBS_GUEST_PORT}"\n'
@@ -103,7 +114,7 @@ def contract_text(s: Scenario, ca_pem: str) -> str:
         f"{lvm}"
         'filesystem = "ext4"\n'
         f'mount = "{s.mount}"\n'
-        f'containers = ["{s.container_name}"]\n'
+        f"containers = [{containers}]\n"
         "create = true\n"
     )
 
@@ -130,6 +141,15 @@ disk_wait = 60.0
 [log]
 level = "info"
 """
+
+
+def daemon_config(s: Scenario) -> str:
+    """cva's /etc/cva/config.toml for the scenario (DAEMON_CONFIG, plus its ttRPC listener)."""
+    text = DAEMON_CONFIG.format(kbs_deadline=s.kbs_deadline)
+    if s.ttrpc is not None:
+        text = text.replace("[listen]\n", f"[listen]\nttrpc = {json.dumps(s.ttrpc)}\n", 1)
+    return text
+
 
 DROP_IN = """\
 # E2E: run cva from the repo share (the image under test ships the unit, not a cva binary)
@@ -267,6 +287,12 @@ class World:
         self.initdata_disk = Disk(initdata_img, INITDATA_SERIAL)
         data_img = make_sparse_disk(disks / f"{self.scenario.serial}.img", self.scenario.disk_bytes)
         self.data_disk = Disk(data_img, self.scenario.serial)
+        self.extra_disks = {
+            serial: Disk(
+                make_sparse_disk(disks / f"{serial}.img", self.scenario.extra_disk_bytes), serial
+            )
+            for serial in self.scenario.extra_disks
+        }
         self.key_file = self.run_dir / "kbs" / "resource.bin"
         self.key_file.write_bytes(self.key)
         self.key_file.chmod(0o600)
@@ -334,14 +360,14 @@ class World:
         s = self.scenario
         (job / "run.sh").write_text(job_script(s, self.boots, pre_start))
         (job / "cva-e2e.conf").write_text(DROP_IN)
-        (job / "config.toml").write_text(DAEMON_CONFIG.format(kbs_deadline=s.kbs_deadline))
+        (job / "config.toml").write_text(daemon_config(s))
         (job / "config.json").write_text(oci_config(s.container_name))
         grpc_port, control_port = free_port(), free_port()
         spec = MachineSpec(
             image=self.image,
             job_dir=job,
             src_dir=REPO,
-            disks=(self.initdata_disk, self.data_disk),
+            disks=(self.initdata_disk, self.data_disk, *self.extra_disks.values()),
             tpm_state=self.run_dir / "tpm",
             guest_forwards=(GuestForward(KBS_GUEST_ADDR, KBS_GUEST_PORT, self.kbs_port),),
             host_forwards=(
@@ -352,33 +378,44 @@ class World:
             console_name=f"console-boot{self.boots}.log",
         )
         log(f"e2e: boot {self.boots} (console: {job / spec.console_name})")
-        for attempt in (1, 2):
+        earlier: GuestFailed | None = None
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
             guest = Guest(
                 self, QuietForwardMachine(spec), grpc_port, GuestControl(control_port), self.boots
             )
             try:
                 guest.start()
-                break
+                return guest
             except GuestFailed as exc:
-                # The guest's job runner mounts its 9p share before udev has probed the
-                # virtio-9p device now and then; nothing ran, so booting again is safe.
-                if attempt == 2 or JOB_SHARE_RACE not in str(exc):
-                    raise
-                log(f"e2e: boot {self.boots}: the job share was not there yet; booting again")
-        return guest
+                # Before BEGIN_MARK nothing of the job has run (under TCG the kernel now and then
+                # panics in early init; the job runner's 9p share can be missing), so booting
+                # again is safe -- as tests.vm.machine.boot does. After it, never.
+                console = guest.machine.console
+                if attempt == BOOT_ATTEMPTS or job_began(console):
+                    raise exc from earlier
+                earlier = exc
+                kept = keep_failed_console(console, attempt)
+                why = (
+                    "the job share was not there yet"
+                    if JOB_SHARE_RACE in str(exc)
+                    else "the guest failed before its job began"
+                )
+                log(f"e2e: boot {self.boots}: {why} (console kept: {kept}); booting again")
+        raise AssertionError("unreachable")  # the loop returns or raises
 
-    def disk_is_all_zero(self) -> bool:
-        """The data disk's raw image holds not one non-zero byte (sparse-aware)."""
-        with self.data_disk.path.open("rb") as handle:
+    def disk_is_all_zero(self, disk: Disk | None = None) -> bool:
+        """The raw image of `disk` (default: the data disk) holds not one non-zero byte."""
+        with (disk or self.data_disk).path.open("rb") as handle:
             while chunk := handle.read(4 * 1024 * 1024):
                 if chunk.count(0) != len(chunk):
                     return False
         return True
 
-    def marker_count(self, marker: bytes) -> int:
+    def marker_count(self, marker: bytes, disk: Disk | None = None) -> int:
+        """How often `marker` is in the raw image of `disk` (default: the data disk)."""
         from tests.vm.rawscan import count_markers
 
-        return count_markers(self.data_disk.path, [marker])[marker]
+        return count_markers((disk or self.data_disk).path, [marker])[marker]
 
 
 class GuestFailed(RuntimeError):

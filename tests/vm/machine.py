@@ -396,18 +396,27 @@ def boot(spec: MachineSpec, *, attempts: int = 2) -> BootResult:
     """
     result = Machine(spec).run()
     for attempt in range(1, attempts):
-        if result.finished or _job_began(result):
+        if result.finished or job_began(result.console):
             break
-        if result.console.exists():
-            result.console.replace(
-                result.console.with_name(f"{result.console.name}.attempt{attempt}")
-            )
+        keep_failed_console(result.console, attempt)
         result = Machine(spec).run()
     return result
 
 
-def _job_began(result: BootResult) -> bool:
+def job_began(console: Path) -> bool:
+    """True once the guest's job runner printed BEGIN_MARK on this serial console: from then on
+    the job may have changed disks or TPM state, so the boot must never be repeated."""
     try:
-        return BEGIN_MARK in result.console.read_text(errors="replace")
+        return BEGIN_MARK in console.read_text(errors="replace")
     except FileNotFoundError:
         return False
+
+
+def keep_failed_console(console: Path, attempt: int) -> Path | None:
+    """Move a failed boot's console aside as `<console>.attempt<N>` (the next boot writes the
+    same name); returns the new path, or None when the boot left no console."""
+    if not console.exists():
+        return None
+    kept = console.with_name(f"{console.name}.attempt{attempt}")
+    console.replace(kept)
+    return kept

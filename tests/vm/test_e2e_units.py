@@ -16,16 +16,20 @@ from tests.vm.demo import SCENARIO as DEMO
 from tests.vm.e2e import (
     DAEMON_CONFIG,
     KBS_GUEST_ADDR,
+    Guest,
     GuestControl,
+    GuestFailed,
     QuietForwardMachine,
     Scenario,
+    World,
     contract_text,
+    daemon_config,
     initdata_document,
     job_script,
     make_kbs_tls,
     oci_config,
 )
-from tests.vm.machine import GuestForward, MachineSpec
+from tests.vm.machine import BEGIN_MARK, GuestForward, MachineSpec
 
 CA = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
 
@@ -53,6 +57,17 @@ def test_contract_is_valid_and_says_what_the_scenario_says(scenario: Scenario, t
     assert (vol.lvm is not None) == scenario.lvm
 
 
+def test_contract_volume_for_every_container_and_the_securemount_methods(tls: str) -> None:
+    scenario = Scenario(containers=(), allow=("SecureMount", "SecureMountEphemeral"), lvm=False)
+    contract = parse_contract(contract_text(scenario, tls))
+    (vol,) = contract.volumes
+    assert vol.containers == ()
+    assert vol.applies_to("any-container")
+    assert contract.api.allow == frozenset({"SecureMount", "SecureMountEphemeral"})
+    two = parse_contract(contract_text(Scenario(containers=("a", "b")), tls)).volumes[0]
+    assert two.containers == ("a", "b")
+
+
 def test_initdata_document_carries_the_contract(tls: str) -> None:
     from agent.initdata import encode_block_image
 
@@ -71,9 +86,16 @@ def test_daemon_config_and_bundle() -> None:
     parse_config = pytest.importorskip("agent.config").parse_config  # the daemon stream's
 
     config = parse_config(DAEMON_CONFIG.format(kbs_deadline=120.0))
+    assert parse_config(daemon_config(Scenario())) == config
+    assert config.listen.ttrpc is None
     assert config.listen.vsock_port == 0
     assert config.listen.tcp == ("127.0.0.1", 50052)
     assert config.private_socket == Path("/run/cva/grpc.sock")
+    sock = "unix:///run/confidential-containers/cdh.sock"
+    with_ttrpc = parse_config(daemon_config(Scenario(ttrpc=sock, kbs_deadline=30.0)))
+    assert with_ttrpc.listen.ttrpc == Path("/run/confidential-containers/cdh.sock")
+    assert with_ttrpc.listen.tcp == ("127.0.0.1", 50052)
+    assert with_ttrpc.timeouts.kbs == 30.0
     doc = json.loads(oci_config("app"))
     assert doc["annotations"]["io.kubernetes.cri.container-name"] == "app"
 
@@ -123,3 +145,61 @@ def test_guest_control_runs_commands_and_exits() -> None:
         control.exit()
         server.join(10)
     assert not server.is_alive()
+
+
+PANIC = "[    2.689604] Kernel panic - not syncing: Fatal exception in interrupt\n"
+
+
+def _boot_with_consoles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, consoles: list[str]
+) -> tuple[World, list[str], Guest | BaseException]:
+    """World.boot with Guest.start faked: boot N writes consoles[N] and comes up only when that
+    console holds no panic. Returns the world, the log lines and the guest (or the error)."""
+    from tests.vm.build import GuestImage
+
+    def fake_start(self: Guest, timeout: float = 300.0) -> None:
+        console = self.machine.console
+        assert not console.exists(), "a failed boot's console was not moved aside"
+        console.write_text(consoles.pop(0))
+        if "Kernel panic" in console.read_text():
+            raise self.fail("the guest did not come up: Kernel panic")
+
+    monkeypatch.setattr(Guest, "start", fake_start)
+    world = World(run_dir=tmp_path / "run", scenario=Scenario(), image=GuestImage(tmp_path, "k"))
+    lines: list[str] = []
+    try:
+        return world, lines, world.boot(log=lines.append)
+    except GuestFailed as exc:
+        return world, lines, exc
+
+
+def test_world_boots_again_when_the_guest_panics_before_its_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world, lines, guest = _boot_with_consoles(
+        tmp_path, monkeypatch, [PANIC, f"{BEGIN_MARK} uptime=20.1\n"]
+    )
+    assert isinstance(guest, Guest)
+    job = world.run_dir / "job"
+    assert (job / "console-boot1.log.attempt1").read_text() == PANIC
+    assert BEGIN_MARK in (job / "console-boot1.log").read_text()
+    assert "failed before its job began" in lines[-1]
+    assert world.boots == 1
+
+
+def test_world_never_boots_again_once_the_job_began(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consoles = [f"{BEGIN_MARK} uptime=20.1\n{PANIC}", "not reached"]
+    _, _, failed = _boot_with_consoles(tmp_path, monkeypatch, consoles)
+    assert isinstance(failed, GuestFailed)
+    assert consoles == ["not reached"]
+
+
+def test_world_boots_at_most_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    consoles = [PANIC, PANIC, "not reached"]
+    world, _, failed = _boot_with_consoles(tmp_path, monkeypatch, consoles)
+    assert isinstance(failed, GuestFailed)
+    assert isinstance(failed.__cause__, GuestFailed)  # the first attempt's failure
+    assert consoles == ["not reached"]
+    assert (world.run_dir / "job" / "console-boot1.log.attempt1").exists()

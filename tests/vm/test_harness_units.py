@@ -114,12 +114,16 @@ def test_vm_suite_boots_only_when_vm_tests_are_selected() -> None:
 
 
 def test_a_boot_that_never_began_its_job_is_retryable(tmp_path: Path) -> None:
-    from tests.vm.machine import BEGIN_MARK, BootResult, _job_began
+    from tests.vm.machine import BEGIN_MARK, job_began, keep_failed_console
 
     console = tmp_path / "console.log"
-    result = BootResult(None, 0, 2.7, console, tmp_path / "out.log", "the guest failed to boot")
-    assert not _job_began(result)  # no console at all
+    assert not job_began(console)  # no console at all
+    assert keep_failed_console(console, 1) is None
     console.write_text("[    2.689604] Kernel panic - not syncing: Fatal exception in interrupt\n")
-    assert not _job_began(result)
+    assert not job_began(console)
+    kept = keep_failed_console(console, 1)
+    assert kept == tmp_path / "console.log.attempt1"
+    assert "Kernel panic" in kept.read_text()
+    assert not console.exists()
     console.write_text(f"{BEGIN_MARK} uptime=14.2\nsomething later failed\n")
-    assert _job_began(result)  # the job ran: never boot it again
+    assert job_began(console)  # the job ran: never boot it again
