@@ -3,17 +3,21 @@
 `auto` order: configfs-tsm (provider `tdx_guest` -> tdx, `sev_guest` -> snp), then
 `/dev/tdx_guest`, `/dev/sev-guest`, then a TPM resource manager (`/dev/tpmrm0`). Nothing found is
 an error; `auto` never picks `sample`, which exists only when asked for by name. `root` lets tests
-point detection at a fake filesystem.
+point detection at a fake filesystem. Only the code the choice needs is imported: configfs-tsm
+for `auto`, and the chosen TEE's attester.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evidence.base import Attester
 from evidence.errors import AttesterUnavailable
 from evidence.sample import SampleAttester
-from evidence.tsm import ConfigFs, probe_provider
+
+if TYPE_CHECKING:
+    from evidence.tsm import ConfigFs
 
 TEES = ("auto", "tdx", "snp", "tpm", "sample")
 UNSUPPORTED = ("az-snp-vtpm", "az-tdx-vtpm")
@@ -22,6 +26,8 @@ TSM_PROVIDERS = {"tdx_guest": "tdx", "sev_guest": "snp"}
 
 def detect_tee(root: Path = Path("/"), *, fs: ConfigFs | None = None) -> str:
     """The TEE of this machine (tdx, snp or tpm); raises AttesterUnavailable if none."""
+    from evidence.tsm import probe_provider  # noqa: PLC0415 - `auto` only, like each attester
+
     provider = probe_provider(root, fs=fs)
     if provider is not None:
         if provider in TSM_PROVIDERS:
