@@ -31,6 +31,7 @@ import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.blockdev import identify_block_device
 from agent.errors import CvaError
@@ -47,13 +48,9 @@ from agent.securemount_records import MountRecord, RecordStore
 from agent.ttrpc import Code, RpcError
 from agent.volumes import HOLDER_PREFIX, VolumeManager
 from luks import mount
-from luks.ephemeral import (
-    EphemeralRefused,
-    EphemeralSpec,
-    EphemeralVolume,
-    create_ephemeral,
-    release_ephemeral,
-)
+
+if TYPE_CHECKING:  # luks.ephemeral (libcryptsetup, blkid, dm tables) loads at first use
+    from luks.ephemeral import EphemeralSpec, EphemeralVolume
 
 log = get_logger("cva.securemount")
 
@@ -151,6 +148,18 @@ def unlink_device(device: Path, target: Path) -> None:
             target.unlink()
 
 
+def create_ephemeral_volume(spec: EphemeralSpec) -> EphemeralVolume:
+    from luks.ephemeral import create_ephemeral  # noqa: PLC0415 - lazy: first SecureMount
+
+    return create_ephemeral(spec)
+
+
+def release_ephemeral_volume(vol: EphemeralVolume) -> None:
+    from luks.ephemeral import release_ephemeral  # noqa: PLC0415
+
+    release_ephemeral(vol)
+
+
 @dataclass(frozen=True)
 class GuestOps:
     """The guest I/O the backend uses; tests replace what cannot run on the host."""
@@ -161,11 +170,13 @@ class GuestOps:
     link: Callable[[Path, Path], Path] = link_device
     is_linked: Callable[[Path, Path], bool] = is_linked
     unlink: Callable[[Path, Path], None] = unlink_device
-    create_ephemeral: Callable[[EphemeralSpec], EphemeralVolume] = create_ephemeral
-    release_ephemeral: Callable[[EphemeralVolume], None] = release_ephemeral
+    create_ephemeral: Callable[[EphemeralSpec], EphemeralVolume] = create_ephemeral_volume
+    release_ephemeral: Callable[[EphemeralVolume], None] = release_ephemeral_volume
 
 
 def _ephemeral_of(record: MountRecord, mount_base: Path) -> EphemeralVolume:
+    from luks.ephemeral import EphemeralVolume  # noqa: PLC0415
+
     fs_target = record.target == "filesystem"
     return EphemeralVolume(
         mapper=record.name,
@@ -261,6 +272,8 @@ class ManagerSecureMountBackend:
             return plan.mount_point
 
     async def _mount_ephemeral(self, plan: EphemeralMount) -> str:
+        from luks.ephemeral import EphemeralRefused, EphemeralSpec  # noqa: PLC0415
+
         async with self._lock:
             await self._sweep_locked()
             devno = f"{plan.device.major}:{plan.device.minor}"

@@ -160,7 +160,8 @@ def test_ttrpc_front_is_loaded_when_configured(tmp_path: Path) -> None:
     modules = _modules_at_ready(_config(tmp_path, f'ttrpc = "unix://{tmp_path}/cdh.sock"'))
     for name in ("agent.ttrpc", "agent.ttrpc_service", "agent.securemount_volumes"):
         assert name in modules
-    loaded = [name for name in ("httpx", "cryptography", "agent.kbs") if _loaded(modules, name)]
+    lazy = ("httpx", "cryptography", "agent.kbs", "luks.ephemeral", "luks.libcryptsetup")
+    loaded = [name for name in lazy if _loaded(modules, name)]
     assert not loaded, f"imported before READY=1 with ttRPC on: {loaded}"
 
 
