@@ -155,6 +155,19 @@ def range_is_zero(fd: int, offset: int, length: int) -> bool:
     return True
 
 
+def range_equals(fd: int, offset: int, expected: bytes | bytearray | memoryview) -> bool:
+    """Whether the device holds exactly `expected` at `offset`, read and compared chunk by
+    chunk (never a second copy of a large area in memory)."""
+    want = memoryview(expected).cast("B")
+    done = 0
+    while done < len(want):
+        chunk = os.pread(fd, min(READ_CHUNK, len(want) - done), offset + done)
+        if not chunk or want[done : done + len(chunk)] != chunk:
+            return False
+        done += len(chunk)
+    return True
+
+
 def device_size(path: Path) -> int:
     """Size of a block device or a regular file, in bytes."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -425,6 +425,10 @@ def _endpoint(path: str) -> str:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a client opening its connection pool at once
+    # (16 connections) overflowed it and waited a SYN retransmit (~1 s). Trustee's server
+    # (actix) listens with a backlog of 2048.
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Peers that hang up (resets, TLS refusals, timeouts) are normal here: stay quiet."""

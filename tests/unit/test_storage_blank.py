@@ -116,3 +116,21 @@ def test_ext4_signature_is_not_blank(tmp_path: Path) -> None:
     subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True, capture_output=True)
     v = blank.probe_blank(img)
     assert not v.blank and "ext4" in v.reason
+
+
+def test_range_equals_compares_chunk_by_chunk(tmp_path: Path) -> None:
+
+    data = os.urandom(3 * blank.READ_CHUNK + 17)
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * 100 + data + b"tail")
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        assert blank.range_equals(fd, 100, data)
+        assert blank.range_equals(fd, 100, memoryview(data))
+        changed = bytearray(data)
+        changed[2 * blank.READ_CHUNK + 5] ^= 1
+        assert not blank.range_equals(fd, 100, changed)
+        assert not blank.range_equals(fd, 100, data + b"x" * 10)  # runs past the end
+        assert blank.range_equals(fd, 0, b"")
+    finally:
+        os.close(fd)
