@@ -21,6 +21,7 @@ The host reaches both through qemu `hostfwd` on 127.0.0.1; the guest reaches the
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -205,6 +206,18 @@ rc=$?
 systemctl stop cva.service
 exit $rc
 """
+
+
+def key_forms_in(text: str, key: bytes) -> list[str]:
+    """Which encodings of `key` (hex, HEX, base64, base64url, latin-1) appear in `text`."""
+    forms = {
+        "hex": key.hex(),
+        "HEX": key.hex().upper(),
+        "base64": base64.b64encode(key).decode(),
+        "base64url": base64.urlsafe_b64encode(key).decode().rstrip("="),
+        "latin-1": key.decode("latin-1"),
+    }
+    return [name for name, form in forms.items() if form in text]
 
 
 # --- the host's side of a running guest ---------------------------------------------------

@@ -203,3 +203,17 @@ def test_world_boots_at_most_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert isinstance(failed.__cause__, GuestFailed)  # the first attempt's failure
     assert consoles == ["not reached"]
     assert (world.run_dir / "job" / "console-boot1.log.attempt1").exists()
+
+
+def test_key_forms_in_finds_every_encoding_and_nothing_else() -> None:
+    import base64
+
+    from tests.vm.e2e import key_forms_in
+
+    key = bytes(range(200, 232))
+    assert key_forms_in("nothing here", key) == []
+    assert key_forms_in(f"x {key.hex()} y", key) == ["hex"]
+    assert key_forms_in(key.hex().upper(), key) == ["HEX"]
+    assert "base64" in key_forms_in(base64.b64encode(key).decode(), key)
+    assert "base64url" in key_forms_in(base64.urlsafe_b64encode(key).decode(), key)
+    assert key_forms_in("a" + key.decode("latin-1"), key) == ["latin-1"]
