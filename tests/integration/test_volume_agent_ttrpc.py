@@ -86,6 +86,10 @@ def prepare(cid: str) -> GoCall:
     return GoCall(SERVICE, "PrepareVolumes", req.SerializeToString())
 
 
+EMPTYDIR_OTHER = "/run/kata-containers/sandbox/storage/other"
+EMPTYDIR_E = "/run/kata-containers/sandbox/storage/e"
+
+
 def secure_mount(
     options: dict[str, str], mount: str = "/run/kata-containers/sandbox/storage/pg"
 ) -> GoCall:
@@ -189,7 +193,7 @@ async def test_secure_mount_refusals(running: Running, go_ttrpc_client: Path) ->
         # a key no contract volume has
         secure_mount({"deviceId": "252:16", "sourceType": "encrypted", "key": "kbs:///a/b/c"}),
         # ephemeral on a contract volume's disk: it would format it
-        secure_mount({"deviceId": "252:16", "sourceType": "empty"}, mount="/run/kata-containers/sandbox/storage/e"),
+        secure_mount({"deviceId": "252:16", "sourceType": "empty"}, mount=EMPTYDIR_E),
     )
     got = [(Code(r.code).name, r.message) for r in results]
     assert got[0][0] == "PERMISSION_DENIED" and "containers-restricted" in got[0][1]
@@ -231,13 +235,13 @@ async def test_secure_mount_ephemeral_as_kata_agent_sends_it(
     assert running.keys.requests == []  # no KBS for an ephemeral volume
     # the same disk at another mount point is refused; so is another disk at this one
     [other_mount] = await calls(
-        go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount="/run/kata-containers/sandbox/storage/other")
+        go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount=EMPTYDIR_OTHER)
     )
     assert other_mount.code == Code.FAILED_PRECONDITION and "already backs" in other_mount.message
     # kata-agent unmounts; the next call sweeps the volume away and the disk may be asked again
     running.devices.unmount(Path(mount))
     [after] = await calls(
-        go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount="/run/kata-containers/sandbox/storage/other")
+        go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount=EMPTYDIR_OTHER)
     )
     assert running.devices.released == [spec.mapper]
     assert after.code == 0

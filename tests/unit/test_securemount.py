@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import base64
 
 import pytest
 from hypothesis import given
