@@ -455,8 +455,11 @@ def plan_recovery(
         raise WalError(f"digest algorithm {alg:#06x} is not supported (sha256/384/512 only)")
     if len(current) != size or len(before) != size or len(wal.expected) != size:
         raise WalError(f"recovery needs {size}-byte {ALG_NAMES[alg]} register values")
-    event = parse_aael_text(wal.text)
-    entry = encode_entry(register, alg, event)
+    try:
+        event = parse_aael_text(wal.text)
+        entry = encode_entry(register, alg, event)
+    except AaelTextError as e:
+        raise WalError(f"cannot recover the measurement: WAL text: {e.message}") from None
     digest = event_digest(alg, event.text)
     shown = (
         f"register {register} is {current.hex()}, the WAL expects {wal.expected.hex()},"
