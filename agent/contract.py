@@ -472,6 +472,29 @@ def _check_volume_set(volumes: tuple[Volume, ...]) -> None:
                 )
 
 
+def plain_http_remote(url: str) -> bool:
+    """Is `url` plain http to a host that is not loopback (reachable through the host)?"""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme == "http" and not _is_loopback(parts.hostname or "")
+
+
+def _check_create_needs_authenticated_kbs(kbs: KbsConfig, volumes: tuple[Volume, ...]) -> None:
+    """`create = true` only when the key's origin is authenticated. Over plain http the resource
+    JWE is encrypted to cva's ephemeral key but not signed: a host in the middle can answer with
+    a key of its own, and cva would format a blank disk under it. Opening stays allowed there: a
+    wrong key cannot open an existing volume (its header and MAC refuse)."""
+    if not plain_http_remote(kbs.url):
+        return
+    for i, vol in enumerate(volumes):
+        if vol.create:
+            raise ContractError(
+                f"volumes[{i}]({vol.name}).create",
+                "true needs an authenticated KBS, but kbs.url is plain http to a non-loopback"
+                " host (insecure_http), where the host can hand cva its own key; use https, or"
+                " create = false to open existing volumes only",
+            )
+
+
 def contract_from_mapping(doc: Mapping[str, object]) -> Contract:
     """Validate an already-parsed TOML table as a contract."""
     _check_keys("", doc, ("version", "kbs", "api", "volumes"))
@@ -485,6 +508,7 @@ def contract_from_mapping(doc: Mapping[str, object]) -> Contract:
         raise ContractError("volumes", f"at most {MAX_VOLUMES} volumes")
     volumes = tuple(_parse_volume(i, v) for i, v in enumerate(raw_volumes))
     _check_volume_set(volumes)
+    _check_create_needs_authenticated_kbs(kbs, volumes)
     return Contract(version=version, kbs=kbs, api=api, volumes=volumes)
 
 
