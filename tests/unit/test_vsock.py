@@ -264,3 +264,24 @@ async def test_active_connections_are_not_evicted(front) -> None:  # type: ignor
     assert await _spliced(*a, b"3") and await _spliced(*b, b"4")
     for _r, cw in (a, b, (r, w)):
         cw.close()
+
+
+async def test_a_real_grpc_client_gets_through_the_preface_check(tmp_path: Path) -> None:
+    """grpc.aio server behind the splice, grpc.aio client in front: the real preface passes."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server.add_insecure_port(f"unix:{tmp_path / 'grpc.sock'}")
+    await server.start()
+    front = SpliceListener(_unix_listener(tmp_path / "front.sock"), tmp_path / "grpc.sock")
+    await front.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{tmp_path / 'front.sock'}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await front.close()
+        await server.stop(0)
