@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar, cast
 
 from agent.errors import InputError
-from luks.disk import PCI_REF_RE, SCSI_REF_RE, SERIAL_REF_RE
 
 CONTRACT_KEY = "cva.toml"
 CONTRACT_VERSION = 1
@@ -50,10 +49,13 @@ LVM_RESERVED = (
 )  # fmt: skip
 SIZE_RE = re.compile(r"([1-9][0-9]{0,15})([KMGTP])(iB)?")
 SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-# disk references: the storage layer's canonical forms, so a contract disk always matches
-SERIAL_RE = SERIAL_REF_RE
-PCI_RE = PCI_REF_RE
-SCSI_RE = SCSI_REF_RE
+# Disk references in the one canonical form luks.disk.matches accepts (the same patterns as
+# luks.disk.*_REF_RE, repeated so the start path does not import the storage layer;
+# tests/unit/test_disk_matcher.py checks that both accept exactly the same strings).
+_DEC = r"(?:0|[1-9][0-9]{0,4})"  # decimal as the kernel prints it: no leading zero
+SERIAL_RE = re.compile(r"[A-Za-z0-9_.-]{1,20}")
+PCI_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")
+SCSI_RE = re.compile(rf"{_DEC}:{_DEC}(?::{_DEC}:{_DEC})?")  # H:C:T:L or kata's T:L
 URI_SEGMENT_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 PLUGIN_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 PEM_CERT = "-----BEGIN CERTIFICATE-----"

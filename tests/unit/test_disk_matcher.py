@@ -247,3 +247,11 @@ def test_contract_matcher_and_guard_agree_on_anything(
 )
 def test_serial_cleaning_is_shared(text: str | None, serial: str) -> None:
     assert disk.serial_from_sysfs(text) == serial
+
+
+def test_contract_patterns_are_the_matchers() -> None:
+    from agent import contract
+
+    assert contract.SERIAL_RE.pattern == disk.SERIAL_REF_RE.pattern
+    assert contract.PCI_RE.pattern == disk.PCI_REF_RE.pattern
+    assert contract.SCSI_RE.pattern == disk.SCSI_REF_RE.pattern
