@@ -22,7 +22,8 @@ from agent.errors import InputError
 CONTRACT_KEY = "cva.toml"
 CONTRACT_VERSION = 1
 
-TEES = ("auto", "tdx", "snp", "tpm", "az-snp-vtpm", "az-tdx-vtpm", "sample")
+# kbs.tee only *requires* a TEE: the image decides it (agent/trust.py), a different one refuses
+TEES = ("auto", "tdx", "snp", "tpm", "sample")
 FILESYSTEMS = ("ext4", "xfs")
 DISK_KINDS = ("serial", "pci", "scsi")
 # Host-callable RPCs the contract can allow. `SecureMount` lets CDH's SecureMount interface

@@ -69,6 +69,8 @@ Log = Callable[[str], None]
 class Scenario:
     """One contract, one volume, one container."""
 
+    # The scenario's TEE: the image config's [evidence] tee (sample: with allow_sample = true;
+    # the guest has a swtpm but no TDX/SNP device) and the contract's kbs.tee requirement.
     tee: str = "sample"
     container_id: str = "e2e-ctr-0001"
     container_name: str = "app"
@@ -144,9 +146,17 @@ level = "info"
 """
 
 
+def evidence_config(tee: str) -> str:
+    """The image config's [evidence] section: the image, never the contract, picks the TEE;
+    only a test image allows sample, and says so with both keys."""
+    if tee == "sample":
+        return '[evidence]\ntee = "sample"\nallow_sample = true\n'
+    return f"[evidence]\ntee = {json.dumps(tee)}\n"
+
+
 def daemon_config(s: Scenario) -> str:
-    """cva's /etc/cva/config.toml for the scenario (DAEMON_CONFIG, plus its ttRPC listener)."""
-    text = DAEMON_CONFIG.format(kbs_deadline=s.kbs_deadline)
+    """cva's /etc/cva/config.toml for the scenario (DAEMON_CONFIG, its TEE, its ttRPC listener)."""
+    text = DAEMON_CONFIG.format(kbs_deadline=s.kbs_deadline) + "\n" + evidence_config(s.tee)
     if s.ttrpc is not None:
         text = text.replace("[listen]\n", f"[listen]\nttrpc = {json.dumps(s.ttrpc)}\n", 1)
     return text

@@ -24,6 +24,7 @@ from tests.vm.e2e import (
     World,
     contract_text,
     daemon_config,
+    evidence_config,
     initdata_document,
     job_script,
     make_kbs_tls,
@@ -83,10 +84,15 @@ def test_initdata_document_refuses_a_contract_that_would_break_its_quoting() -> 
 
 
 def test_daemon_config_and_bundle() -> None:
-    parse_config = pytest.importorskip("agent.config").parse_config  # the daemon stream's
+    config_module = pytest.importorskip("agent.config")  # the daemon stream's
+    parse_config, EvidenceConfig = config_module.parse_config, config_module.EvidenceConfig
 
-    config = parse_config(DAEMON_CONFIG.format(kbs_deadline=120.0))
+    config = parse_config(DAEMON_CONFIG.format(kbs_deadline=120.0) + evidence_config("sample"))
     assert parse_config(daemon_config(Scenario())) == config
+    assert config.evidence == EvidenceConfig("sample", allow_sample=True)
+    tpm = parse_config(daemon_config(Scenario(tee="tpm"))).evidence
+    assert tpm == EvidenceConfig("tpm")  # the TPM scenarios never allow sample
+    assert parse_config(daemon_config(DEMO)).evidence == config.evidence
     assert config.listen.ttrpc is None
     assert config.listen.vsock_port == 0
     assert config.listen.tcp == ("127.0.0.1", 50052)
