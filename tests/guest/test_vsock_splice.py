@@ -8,8 +8,8 @@ limit) in front of a grpc.aio server with the Health service on a private unix s
 listener and splice.
 
 The host is hostile: it may open connections as fast as it likes, leave them silent, send half a
-preface, half-close them. None of that may stop a real call from succeeding -- with one case
-that needs the idle/no-header timeout of issue 13 item 4 (marked xfail strict until it lands).
+preface, half-close them. None of that may stop a real call from succeeding: silent peers and
+unfinished prefaces are closed after PREFACE_TIMEOUT, and at the limit they are evicted first.
 """
 
 from __future__ import annotations
@@ -152,11 +152,6 @@ async def test_silent_peers_below_the_limit_and_gone_peers_leave_room(front: Fro
             w.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs issue 13 item 4's idle/no-header timeout in agent/vsock.py (SpliceListener): "
-    "today silent peers hold all max_connections slots forever and every real call is refused",
-)
 async def test_silent_peers_filling_every_slot_do_not_stop_a_real_call(front: Front) -> None:
     silent = []
     for i in range(DEFAULT_MAX_CONNECTIONS + 8):
