@@ -15,11 +15,26 @@ attested guest can derive, so the host cannot forge or roll them forward):
     ABSENT --create & blank--> INITIALIZING --mkfs ok--> READY --open--> OPEN --mount-->
     MOUNTED --bind--> BOUND.   Release walks back: BOUND -> MOUNTED -> OPEN -> READY.
 
-Decisions are pure (`classify`, `decide`, `expected_table`): the shell observes, asks, acts.
-Rules that hold on every path: format only when the header region *and* sampled data are zero
-and the contract says `create = true`; never format after a failed open, a wrong key or a bad
-MAC (a run that tried to open never reaches the create branch, and a refused volume is left
-byte-for-byte untouched); activate only from the validated copy, never from the disk.
+Decisions are pure (`classify`, `decide`, `initializing_action`, `expected_table`): the shell
+observes, asks, acts. Rules that hold on every path: format only when the header region *and*
+sampled data are zero and the contract says `create = true`; never format after a failed
+open, a wrong key or a bad MAC (a run that tried to open never reaches the create branch, and
+a refused volume is left byte-for-byte untouched); activate only from the validated copy,
+never from the disk. libcryptsetup formats into a memfd: the token's MAC is computed over that
+in-memory header and cva writes it to the disk itself (nothing the host could swap in is
+ever read back and MAC'd).
+
+"initializing" is not proof of anything: the MAC does not cover the seqid, so the host can
+put back an older genuine header of this volume that still says "initializing" and damage
+the first data block so no filesystem is found. mkfs on an INITIALIZING volume therefore runs
+only when (luks.volume_plan.initializing_action): this very run proved the disk blank and
+formatted it; or the contract says `create = true` AND the whole raw data area (16 MiB to the
+end of the disk/LV) reads as zeros on the medium (blank.scan_zeros). Anything written through
+dm-crypt is ciphertext, never a zero sector, and discards are off: a zero data area was never
+written through the mapping, so it holds no filesystem and no user data. `create = false`,
+unreadable first blocks (EIO), a non-zero data area, or integrity (dm-integrity keeps its own
+superblock and journal in the data area, so the proof cannot be made) all refuse, naming
+rule initializing-needs-blank-data; the disk is left untouched.
 
 Crash windows (a SIGKILL can land anywhere; each named point below is where tests kill the
 process via `crash_hook`, and what the next run does):
@@ -27,15 +42,18 @@ process via `crash_hook`, and what the next run does):
     PV_CREATED           PV label on the disk, no VG      -> vgcreate, continue (LVM only)
     VG_CREATED           VG, no LV                        -> lvcreate, continue
     LV_CREATED           LV exists, still zeros           -> blank -> create, continue
-    LUKS_FORMATTED       header without keyslot/token     -> REFUSE: not a complete cva header
-                                                             (zero the LV to start over)
-    KEYSLOT_ADDED        keyslot, no cva token            -> REFUSE, same reason
-    INITIALIZING_WRITTEN token "initializing" on disk     -> open, mkfs, ready (recovery)
-    OPENED_INITIALIZING  mapping active, no filesystem    -> reuse mapping, mkfs, ready
+    LUKS_FORMATTED       header only in the memfd         -> disk still blank -> create again
+                                                             (with integrity the dm-integrity
+                                                             superblock is on the disk: REFUSE,
+                                                             not blank; zero the LV to redo)
+    KEYSLOT_ADDED        keyslot only in the memfd        -> same as LUKS_FORMATTED
+    INITIALIZING_WRITTEN token "initializing" on disk     -> open; raw data area proven zero
+                                                             (create = true) -> mkfs, ready;
+                                                             else REFUSE (integrity always)
+    OPENED_INITIALIZING  mapping active, no filesystem    -> reuse mapping, same rule as above
     MKFS_DONE            filesystem made, still "initializing" -> complete fs found: no mkfs,
-                                                             only mark ready (a replayed old
-                                                             "initializing" header cannot make
-                                                             cva format over data either)
+                                                             only mark ready (also with
+                                                             create = false)
     READY_HALF_WRITTEN   secondary copy says "ready", primary still "initializing"
                                                           -> REFUSE: the copies disagree (no
                                                              user data yet: zero and redo)
@@ -43,11 +61,11 @@ process via `crash_hook`, and what the next run does):
     MOUNTED              mounted, grow pending            -> mount is reused, grow checked again
     LV_EXTENDED          lvextend done, fs not grown      -> crypt resize + fs grow next run
 
-The two format windows refuse rather than guess: a header without a MAC'd token is exactly
-what a hostile host could plant, so cva cannot tell "my interrupted format" from "forgery".
-READY_HALF_WRITTEN refuses for the same reason (cva never accepts disagreeing header copies,
-the CVE-2025-59054 class); it lies between two pwrite+fsync calls of 16 KiB each, and the
-volume holds no user data yet. All three leave the disk untouched for inspection.
+A crash while cva writes the header from its memfd (keyslots and secondary copy first, the
+primary last) leaves a header region that is neither zero nor valid: refused, never
+reformatted. READY_HALF_WRITTEN refuses because cva never accepts disagreeing header copies
+(the CVE-2025-59054 class); it lies between two pwrite+fsync calls of 16 KiB each, and the
+volume holds no user data yet. Refusals leave the disk untouched for inspection.
 """
 
 from __future__ import annotations
