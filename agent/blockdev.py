@@ -18,9 +18,9 @@ from pathlib import Path
 
 from agent.securemount import DeviceIdentity, DeviceSelector, SecureMountRefused
 from agent.ttrpc import Code
+from luks.disk import serial_from_sysfs
 
 _DEVNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}(/[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}){0,3}")
-_SERIAL = re.compile(r"[\x21-\x7e]{1,64}")
 MAX_SYSFS_READ = 4096
 MAX_HOLDERS = 64
 
@@ -81,10 +81,8 @@ def identify_block_device(
     if devname.startswith("dm-") or (sysdir / "dm").exists():
         raise DeviceRefused(f"block device {devname} is a device-mapper node")
     holders = _holders(sysdir / "holders")
-    serial_text = _read_small(sysdir / "serial")
-    serial = serial_text.strip() if serial_text is not None else None
-    if serial is not None and _SERIAL.fullmatch(serial) is None:
-        serial = None  # empty or unprintable: matches no contract disk
+    # empty or unprintable: None, matches no contract disk (cleaned as luks.disk.scan does)
+    serial = serial_from_sysfs(_read_small(sysdir / "serial")) or None
     sysfs_path = os.path.realpath(sysdir)
     return DeviceIdentity(
         path=str(dev_root / devname),

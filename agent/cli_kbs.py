@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     get.add_argument(
         "--tee",
         default="auto",
-        help="auto|tdx|snp|tpm|az-snp-vtpm|az-tdx-vtpm|sample (sample only by name)",
+        choices=("auto", "tdx", "snp", "tpm", "sample"),
+        help="which TEE attests (default: detect TDX/SNP, then a TPM; sample only by name)",
     )
     get.add_argument(
         "--key-algorithm",

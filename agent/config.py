@@ -31,6 +31,15 @@ shutdown_grace = 30.0              # SIGTERM: time in-flight work gets to finish
 [log]
 level = "info"                     # debug | info | warning | error
 
+[evidence]                         # which TEE is the root of trust: the image decides, never the
+                                   # contract (which is still unverified when the TEE is chosen)
+tee = "auto"                       # auto | tdx | snp | tpm | sample; auto = TDX/SNP (configfs-tsm,
+                                   # /dev/tdx_guest, /dev/sev-guest) first, else /dev/tpmrm0
+allow_sample = false               # true only in test images: permits tee = "sample" (no hardware,
+                                   # no security), still refused when a TDX/SNP device is present
+vtpm_in_tee = false                # true: the vTPM is part of the TEE (a paravisor vTPM), so
+                                   # tee = "tpm" may be chosen while TDX/SNP is present
+
 [securemount]
 mount_roots = []                   # more SecureMount mount points beyond kata's own two
                                    # (/run/kata-containers/image, .../sandbox/storage/<id>):
@@ -57,6 +66,7 @@ KATA_VSOCK_PORTS = frozenset({1024, 1025, 1026})
 CDH_TTRPC_SOCKET = Path("/run/confidential-containers/cdh.sock")  # kata-agent's CDH_SOCKET_URI
 MAX_CONFIG_BYTES = 64 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
+IMAGE_TEES = ("auto", "tdx", "snp", "tpm", "sample")
 MAX_MOUNT_ROOTS = 32
 
 
@@ -95,6 +105,15 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class EvidenceConfig:
+    """The image's choice of root of trust (evidence.detect.decide_tee applies it)."""
+
+    tee: str = "auto"
+    allow_sample: bool = False
+    vtpm_in_tee: bool = False
+
+
+@dataclass(frozen=True)
 class SecureMountConfig:
     mount_roots: tuple[MountRoot, ...] = ()  # opt-in beyond kata's two (agent.mountpoints)
 
@@ -106,6 +125,7 @@ class DaemonConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_level: str = "info"
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     securemount: SecureMountConfig = field(default_factory=SecureMountConfig)
 
     @property
@@ -129,6 +149,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
     "paths": frozenset({"rootfs_base", "state_dir", "mount_base"}),
     "timeouts": frozenset({"call", "disk_wait", "kbs", "shutdown_grace"}),
     "log": frozenset({"level"}),
+    "evidence": frozenset({"tee", "allow_sample", "vtpm_in_tee"}),
     "securemount": frozenset({"mount_roots"}),
 }
 
@@ -279,7 +300,33 @@ def parse_config(text: str) -> DaemonConfig:
             " listen.ttrpc or listen.ttrpc_vsock_port)"
         )
     securemount = _securemount(_table(doc, "securemount"), listen, paths)
-    return DaemonConfig(listen, initdata, paths, timeouts, str(level), securemount)
+    return DaemonConfig(listen, initdata, paths, timeouts, str(level), _evidence(doc), securemount)
+
+
+def _flag(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config: {key} must be true or false")
+    return value
+
+
+def _evidence(doc: dict[str, Any]) -> EvidenceConfig:
+    et = _table(doc, "evidence")
+    tee = et.get("tee", "auto")
+    if not isinstance(tee, str) or tee not in IMAGE_TEES:
+        raise ConfigError(f"config: evidence.tee must be one of {', '.join(IMAGE_TEES)}")
+    allow_sample = _flag(et.get("allow_sample", False), "evidence.allow_sample")
+    vtpm_in_tee = _flag(et.get("vtpm_in_tee", False), "evidence.vtpm_in_tee")
+    if (tee == "sample") != allow_sample:
+        raise ConfigError(
+            'config: evidence.tee = "sample" and evidence.allow_sample = true go together'
+            " (sample has no hardware and no security: test images only)"
+        )
+    if vtpm_in_tee and tee != "tpm":
+        raise ConfigError(
+            'config: evidence.vtpm_in_tee = true needs evidence.tee = "tpm" (it only lets'
+            " a paravisor vTPM be the root of trust while TDX/SNP is present)"
+        )
+    return EvidenceConfig(tee, allow_sample, vtpm_in_tee)
 
 
 def _securemount(

@@ -22,7 +22,8 @@ from agent.errors import InputError
 CONTRACT_KEY = "cva.toml"
 CONTRACT_VERSION = 1
 
-TEES = ("auto", "tdx", "snp", "tpm", "az-snp-vtpm", "az-tdx-vtpm", "sample")
+# kbs.tee only *requires* a TEE: the image decides it (agent/trust.py), a different one refuses
+TEES = ("auto", "tdx", "snp", "tpm", "sample")
 FILESYSTEMS = ("ext4", "xfs")
 DISK_KINDS = ("serial", "pci", "scsi")
 # Host-callable RPCs the contract can allow. `SecureMount` lets CDH's SecureMount interface
@@ -49,9 +50,13 @@ LVM_RESERVED = (
 )  # fmt: skip
 SIZE_RE = re.compile(r"([1-9][0-9]{0,15})([KMGTP])(iB)?")
 SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+# Disk references in the one canonical form luks.disk.matches accepts (the same patterns as
+# luks.disk.*_REF_RE, repeated so the start path does not import the storage layer;
+# tests/unit/test_disk_matcher.py checks that both accept exactly the same strings).
+_DEC = r"(?:0|[1-9][0-9]{0,4})"  # decimal as the kernel prints it: no leading zero
 SERIAL_RE = re.compile(r"[A-Za-z0-9_.-]{1,20}")
 PCI_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")
-SCSI_RE = re.compile(r"[0-9]{1,5}(:[0-9]{1,5}){1,3}")
+SCSI_RE = re.compile(rf"{_DEC}:{_DEC}(?::{_DEC}:{_DEC})?")  # H:C:T:L or kata's T:L
 URI_SEGMENT_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 PLUGIN_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 PEM_CERT = "-----BEGIN CERTIFICATE-----"
@@ -470,6 +475,29 @@ def _check_volume_set(volumes: tuple[Volume, ...]) -> None:
                 )
 
 
+def plain_http_remote(url: str) -> bool:
+    """Is `url` plain http to a host that is not loopback (reachable through the host)?"""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme == "http" and not _is_loopback(parts.hostname or "")
+
+
+def _check_create_needs_authenticated_kbs(kbs: KbsConfig, volumes: tuple[Volume, ...]) -> None:
+    """`create = true` only when the key's origin is authenticated. Over plain http the resource
+    JWE is encrypted to cva's ephemeral key but not signed: a host in the middle can answer with
+    a key of its own, and cva would format a blank disk under it. Opening stays allowed there: a
+    wrong key cannot open an existing volume (its header and MAC refuse)."""
+    if not plain_http_remote(kbs.url):
+        return
+    for i, vol in enumerate(volumes):
+        if vol.create:
+            raise ContractError(
+                f"volumes[{i}]({vol.name}).create",
+                "true needs an authenticated KBS, but kbs.url is plain http to a non-loopback"
+                " host (insecure_http), where the host can hand cva its own key; use https, or"
+                " create = false to open existing volumes only",
+            )
+
+
 def contract_from_mapping(doc: Mapping[str, object]) -> Contract:
     """Validate an already-parsed TOML table as a contract."""
     _check_keys("", doc, ("version", "kbs", "api", "volumes"))
@@ -483,6 +511,7 @@ def contract_from_mapping(doc: Mapping[str, object]) -> Contract:
         raise ContractError("volumes", f"at most {MAX_VOLUMES} volumes")
     volumes = tuple(_parse_volume(i, v) for i, v in enumerate(raw_volumes))
     _check_volume_set(volumes)
+    _check_create_needs_authenticated_kbs(kbs, volumes)
     return Contract(version=version, kbs=kbs, api=api, volumes=volumes)
 
 

@@ -44,8 +44,6 @@ REFERENCE_FIELDS = {
     "tdx": ("MRCONFIGID", 48),
     "snp": ("HOST_DATA", 32),
     "tpm": ("PCR8", 32),
-    "az-snp-vtpm": ("PCR8", 32),
-    "az-tdx-vtpm": ("PCR8", 32),
 }
 
 

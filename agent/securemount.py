@@ -36,6 +36,8 @@ from agent.contract import ContractError, parse_kbs_uri
 from agent.errors import InputError
 from agent.mountpoints import MountPointError, MountRules, normalise_request_path
 from agent.ttrpc import CallContext, Code, TtrpcServer
+from luks.disk import BlockInfo
+from luks.disk import matches as disk_matches
 
 SECURE_MOUNT_METHOD = "api.SecureMountService/SecureMount"
 CDH_SOCKET_PATH = "/run/confidential-containers/cdh.sock"  # where kata-agent dials CDH
@@ -388,12 +390,10 @@ class DeviceIdentity:
     holders: tuple[str, ...] = ()  # devices stacked on it (/sys/dev/block/M:m/holders)
 
     def matches(self, kind: str, value: str) -> bool:
-        """True when this device is the contract's disk `kind:value` (DiskRef)."""
-        if kind == "serial":
-            return self.serial is not None and self.serial == value
-        if kind in ("pci", "scsi"):  # a PCI address or SCSI H:C:T:L on the sysfs path
-            return value in self.sysfs_path.split("/")
-        return False
+        """True when this device is the contract's disk `kind:value` (DiskRef): the storage
+        layer's one matcher (luks.disk.matches), the same that finds a contract volume's disk."""
+        info = BlockInfo(posixpath.basename(self.path), self.serial or "", self.sysfs_path)
+        return disk_matches(kind, value, info)
 
 
 class ContractDisk(Protocol):

@@ -26,6 +26,12 @@ What this server does with hostile input, following containerd's server (server.
 - a truncated header or payload (EOF mid-frame, or a frame not finished within
   `frame_timeout`): the connection is closed and its calls in flight are cancelled (a clean
   EOF between frames lets the calls in flight finish and answers them first);
+- no complete first header within `header_timeout` (5 s) of the accept, or a header not complete
+  within `header_timeout` of its first byte: the connection is closed;
+- at `max_connections`, a new connection evicts an idle one (nothing in flight, between frames):
+  the oldest that never completed a header, else the longest idle if idle for at least
+  `idle_evict_after` (30 s); when none is idle the new connection is refused. An idle connection
+  is otherwise never closed (kata-agent keeps its one connection for the pod's life);
 - a frame of another type (a response, or a stream data frame): ignored, as containerd does;
 - an even stream id: INVALID_ARGUMENT on that stream id (client streams must be odd);
 - a stream id that is already in flight: the connection is closed (two answers on one stream
@@ -75,6 +81,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +103,15 @@ DEFAULT_FRAME_TIMEOUT = 30.0  # a started frame must be complete within this
 DEFAULT_MAX_INFLIGHT = 64  # calls in flight per connection
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_MAX_DISCARD = 64 << 20  # an oversized frame up to this is skipped, larger ones end the link
+# A new connection must deliver its first complete frame header within HEADER_TIMEOUT of being
+# accepted, and every frame's header must be complete within HEADER_TIMEOUT of its first byte:
+# silent peers, slowloris headers and half-open peers that never spoke are closed quickly.
+HEADER_TIMEOUT = 5.0
+# Between frames a connection may stay open and idle (kata-agent dials the CDH socket once and
+# keeps that connection for the pod's life), but at the connection limit a new connection evicts
+# one that has nothing in flight: first the oldest that never completed a header, else the one
+# idle longest, if idle for at least IDLE_EVICT_AFTER seconds. Idle peers cannot lock others out.
+IDLE_EVICT_AFTER = 30.0
 
 
 class MessageType(enum.IntEnum):
@@ -216,6 +232,13 @@ class _Connection:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reader_task: asyncio.Task[None] | None = None
     clean_eof: bool = False  # the peer closed between frames (not a protocol violation)
+    accepted_at: float = 0.0  # event loop time of the accept
+    proven: bool = False  # a complete frame header arrived
+    in_frame: bool = False  # between a frame's first byte and its last
+    last_active: float = field(default_factory=time.monotonic)  # accept or last complete frame
+
+    def idle(self) -> bool:
+        return not self.in_frame and not self.inflight
 
 
 class TtrpcServer:
@@ -230,9 +253,18 @@ class TtrpcServer:
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_discard_bytes: int = DEFAULT_MAX_DISCARD,
+        header_timeout: float | None = None,
+        idle_evict_after: float | None = None,
         error_status: Callable[[BaseException], tuple[Code, str]] = status_for,
     ) -> None:
-        if max_timeout <= 0 or frame_timeout <= 0 or max_inflight < 1 or max_connections < 1:
+        self.header_timeout = HEADER_TIMEOUT if header_timeout is None else header_timeout
+        self.idle_evict_after = IDLE_EVICT_AFTER if idle_evict_after is None else idle_evict_after
+        if (
+            min(max_timeout, frame_timeout, self.header_timeout) <= 0
+            or self.idle_evict_after < 0
+            or max_inflight < 1
+            or max_connections < 1
+        ):
             raise ValueError("ttrpc server limits must be positive")
         self.max_timeout = max_timeout
         self.max_message_bytes = min(max_message_bytes, MESSAGE_LENGTH_MAX)
@@ -323,12 +355,42 @@ class TtrpcServer:
 
     # -- connections ------------------------------------------------------------------------
 
+    def _evict_one(self) -> bool:
+        """At the connection limit: close one idle connection to make room (see the module
+        docstring); False when every connection is busy."""
+        now = time.monotonic()
+        idle = [c for c in self._connections if c.idle()]
+        silent = [c for c in idle if not c.proven]
+        if silent:
+            victim = min(silent, key=lambda c: c.last_active)
+        else:
+            stale = [c for c in idle if now - c.last_active >= self.idle_evict_after]
+            if not stale:
+                return False
+            victim = min(stale, key=lambda c: c.last_active)
+        log.warning(
+            "ttrpc: at the connection limit; evicting a connection idle for %.1fs%s",
+            now - victim.last_active,
+            "" if victim.proven else " that never sent a frame header",
+        )
+        self._connections.discard(victim)
+        if victim.reader_task is not None:
+            victim.reader_task.cancel()
+        return True
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._closing or len(self._connections) >= self.max_connections:
+        if self._closing or (
+            len(self._connections) >= self.max_connections and not self._evict_one()
+        ):
             log.warning("ttrpc: connection refused (closing or at the connection limit)")
             writer.close()
             return
-        conn = _Connection(reader=reader, writer=writer, peer=_peer_credentials(writer))
+        conn = _Connection(
+            reader=reader,
+            writer=writer,
+            peer=_peer_credentials(writer),
+            accepted_at=asyncio.get_running_loop().time(),
+        )
         self._connections.add(conn)
         conn.reader_task = asyncio.current_task()
         try:
@@ -349,15 +411,30 @@ class TtrpcServer:
     async def _read_frame(self, conn: _Connection) -> tuple[FrameHeader, bytes | None] | None:
         """The next frame; its payload is None when it was oversized and skipped. None when the
         connection must end (EOF, truncation, stall, a length too large to skip)."""
+        conn.in_frame = False
+        conn.last_active = time.monotonic()
+        loop = asyncio.get_running_loop()
+        first_header_due = None if conn.proven else conn.accepted_at + self.header_timeout
         try:
-            first = await conn.reader.readexactly(1)
+            # between frames a proven connection may idle as long as it likes (see _evict_one)
+            async with asyncio.timeout_at(first_header_due):
+                first = await conn.reader.readexactly(1)
         except (asyncio.IncompleteReadError, ConnectionError):
             conn.clean_eof = True  # EOF between frames
             return None
+        except TimeoutError:
+            log.warning("ttrpc: no frame within %.1fs of connecting; closing", self.header_timeout)
+            return None
+        conn.in_frame = True
+        header_due = loop.time() + self.header_timeout
+        if first_header_due is not None:
+            header_due = min(header_due, first_header_due)
         try:
             async with asyncio.timeout(self.frame_timeout):
-                rest = await conn.reader.readexactly(HEADER_LENGTH - 1)
+                async with asyncio.timeout_at(header_due):
+                    rest = await conn.reader.readexactly(HEADER_LENGTH - 1)
                 header = parse_header(first + rest)
+                conn.proven = True
                 if header.length <= self.max_message_bytes:
                     return header, await conn.reader.readexactly(header.length)
                 if header.length > self.max_discard_bytes:
@@ -373,7 +450,11 @@ class TtrpcServer:
             log.warning("ttrpc: truncated frame; closing the connection")
             return None
         except TimeoutError:
-            log.warning("ttrpc: frame not completed within %.1fs; closing", self.frame_timeout)
+            log.warning(
+                "ttrpc: frame not completed in time (header %.1fs, frame %.1fs); closing",
+                self.header_timeout,
+                self.frame_timeout,
+            )
             return None
 
     def _oversized(self, header: FrameHeader) -> bytes:
@@ -494,6 +575,7 @@ class TtrpcServer:
             if conn.writer.is_closing():
                 return
             conn.writer.write(frame)
+            conn.last_active = time.monotonic()
             try:
                 await conn.writer.drain()
             except ConnectionError:

@@ -4,7 +4,7 @@ grpc.aio server with the same serving imports (`bench.floor_server`).
 Both run as real processes with $NOTIFY_SOCKET pointing at a datagram socket this module
 binds: start-to-READY is the time from spawning the interpreter to receiving `READY=1`. Idle
 RSS is VmRSS from /proc after one second of idling behind READY. `cva serve` runs its real
-start path (config, initdata, contract, sample-TEE binding check, services on a unix socket; no
+start path (config, initdata, contract, the image-config sample TEE, services on a unix socket; no
 vsock, the KBS is contacted lazily and never here). Runs are interleaved; medians are reported.
 Both run with bytecode caches, as an installed image has them: kept in the run's temporary
 directory (PYTHONPYCACHEPREFIX) whatever PYTHONDONTWRITEBYTECODE says, filled by the warm-up run.
@@ -33,7 +33,7 @@ NOTES: list[str] = [
     "Floor: `bench/floor_server.py`, a grpc.aio server with the health service that imports "
     "grpc, grpc_health, structlog and cva's generated VolumeAgent protos, binds a unix socket "
     "and sends READY=1; `cva serve` runs its real start path (config, initdata, contract, "
-    "sample-TEE binding check, gRPC on unix sockets, no vsock; the KBS is contacted lazily). "
+    "the image-config sample TEE, gRPC on unix sockets, no vsock; the KBS is contacted lazily). "
     "Both with warm bytecode caches (PYTHONPYCACHEPREFIX in the run's temporary directory)."
 ]
 READY_TIMEOUT = 60.0
@@ -75,6 +75,9 @@ state_dir = "{tmp}/state"
 mount_base = "{tmp}/mnt"
 [log]
 level = "warning"
+[evidence]
+tee = "sample"
+allow_sample = true
 """
     )
     return config

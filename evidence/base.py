@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-# Wire names of the TEEs (Trustee's `Tee` enum, serialised lower-case / kebab-case).
+# Wire names of Trustee's `Tee` enum (serialised lower-case / kebab-case); cva attests as
+# tdx, snp, tpm or sample only (evidence.detect.TEES).
 TEE_NAMES = ("tdx", "snp", "tpm", "az-snp-vtpm", "az-tdx-vtpm", "sample")
 
 JSON = dict[str, Any]

@@ -4,7 +4,9 @@ what the hardware measured, after the exact pad/truncate rule of the TEE.
 TDX: MRCONFIGID (48 B) = digest zero-padded/truncated to 48. SNP: HOST_DATA (32 B) likewise to
 32. TPM: PCR8 (SHA-256 bank) = SHA-256(0^32 || digest), i.e. one extend from zero; cva extends it
 itself only while PCR8 is still zero (first start), and never a second time. A mismatch is fatal
-and the error names both values.
+and the error names both values. An attester without such a register (sample) is a refusal here:
+this check never skips. Only the image config can run cva without a measured initdata
+(`[evidence] allow_sample`, agent/trust.py), never the contract.
 """
 
 from __future__ import annotations
@@ -12,11 +14,9 @@ from __future__ import annotations
 import hmac
 from typing import Protocol, runtime_checkable
 
-from agent.initdata import InitData, reference_field, reference_value
+from agent.initdata import REFERENCE_FIELDS, InitData, reference_field, reference_value
 from evidence.base import Attester
 from evidence.errors import BindingError
-
-NO_REGISTER = ("sample",)
 
 
 @runtime_checkable
@@ -29,8 +29,11 @@ class ExtendsInitdata(Protocol):
 def check_initdata_binding(initdata: InitData, attester: Attester) -> None:
     """Raise BindingError unless the attester's measured register matches `initdata`."""
     tee = attester.tee
-    if tee in NO_REGISTER:
-        return  # nothing is measured on the sample TEE; it is never chosen automatically
+    if tee not in REFERENCE_FIELDS:
+        raise BindingError(
+            f"the {tee} TEE measures no initdata, so nothing binds the contract to this VM;"
+            " refusing to continue"
+        )
     expected = reference_value(initdata, tee)
     field = reference_field(tee)
     measured = attester.initdata_binding()

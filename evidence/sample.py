@@ -1,4 +1,6 @@
-"""The `sample` TEE: no hardware, no security; only ever chosen by name (`tee = "sample"`).
+"""The `sample` TEE: no hardware, no security. The daemon uses it only when the image config
+says `[evidence] tee = "sample"` and `allow_sample = true` and no TDX/SNP device is present
+(evidence.detect.decide_tee); the operator CLIs only when named (`--tee sample`).
 
 Evidence is `{"svn": "1", "report_data": base64(report_data)}` with the exact bytes it is given
 (Trustee's sample verifier compares them byte for byte, SPEC §c.1).

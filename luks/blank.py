@@ -15,8 +15,11 @@ functions; `probe_blank` is the thin shell that reads the device.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,8 @@ SPREAD_SAMPLE_BYTES = 64 * 1024
 SPREAD_SAMPLES = 32
 MIN_DEVICE_BYTES = HEADER_REGION_BYTES + 2 * MIB
 READ_CHUNK = MIB
+SCAN_CHUNK = 4 * MIB  # one O_DIRECT read of the full zero scan
+SCAN_ALIGN = 4096  # O_DIRECT: offsets, lengths and the buffer aligned to this
 
 # (offset, magic, what) for the signatures cva checks itself, whatever blkid says
 KNOWN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
@@ -225,3 +230,83 @@ def blkid_signatures(device: Path, *, timeout: float) -> tuple[str, ...]:
 def zero_samples_required(plan: Sequence[Sample]) -> int:
     """Total bytes a blank check reads (for logs and the benchmark)."""
     return sum(s.length for s in plan)
+
+
+# ---- the full zero scan ---------------------------------------------------------------------
+
+_ZEROS = bytes(SCAN_CHUNK)  # compared with `startswith` over a memoryview: memcmp, no copy
+
+
+@dataclass(frozen=True)
+class ZeroScan:
+    """Result of `scan_zeros`: `first_nonzero` is None when every byte read as zero."""
+
+    offset: int
+    length: int
+    bytes_scanned: int
+    first_nonzero: int | None  # absolute offset of the first non-zero byte
+
+    @property
+    def zero(self) -> bool:
+        return self.first_nonzero is None and self.bytes_scanned == self.length
+
+
+# progress(bytes_scanned, length): called after each read, and at most every `progress_every` s
+ScanProgress = Callable[[int, int], None]
+
+
+def scan_zeros(
+    path: Path,
+    offset: int,
+    length: int,
+    *,
+    progress: ScanProgress | None = None,
+    progress_every: float = 2.0,
+) -> ZeroScan:
+    """Prove that `length` bytes of `path` from `offset` all read as zeros (every byte, no
+    sampling); stops at the first non-zero byte.
+
+    O_DIRECT (no page cache: it reads what is on the medium, not what a cache remembers, and
+    does not evict the guest's cache), SCAN_CHUNK reads into one reused page-aligned buffer,
+    and a memcmp against a constant zero buffer. A file system without O_DIRECT (tmpfs image
+    files in tests) falls back to buffered reads. A short read before `offset + length` (the
+    device is smaller than asked) or a read error raises OSError: it is never "zero".
+    `offset` must be SCAN_ALIGN-aligned; `length` may end anywhere.
+    """
+    if offset < 0 or length < 0 or offset % SCAN_ALIGN:
+        raise ValueError(f"scan range {offset}+{length} must be non-negative and aligned")
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        fd = os.open(path, flags)
+    buf = mmap.mmap(-1, SCAN_CHUNK)
+    view = memoryview(buf)
+    done = 0
+    last_report = time.monotonic()
+    try:
+        while done < length:
+            want = min(SCAN_CHUNK, length - done)
+            aligned = -(-want // SCAN_ALIGN) * SCAN_ALIGN  # O_DIRECT reads whole blocks
+            got = os.preadv(fd, [view[:aligned]], offset + done)
+            if got < want:
+                if got <= 0 or got % SCAN_ALIGN:
+                    raise OSError(
+                        errno.EIO,
+                        f"short read at {offset + done} of {path} (device smaller than expected)",
+                    )
+                want = got  # O_DIRECT may return fewer whole blocks: keep going from there
+            chunk = view[:want]
+            if not _ZEROS.startswith(chunk):
+                first = next(i for i in range(want) if chunk[i])
+                return ZeroScan(offset, length, done + first, offset + done + first)
+            done += want
+            now = time.monotonic()
+            if progress is not None and (now - last_report >= progress_every or done == length):
+                last_report = now
+                progress(done, length)
+    finally:
+        os.close(fd)  # the buffer goes with its last view (slices keep it exported)
+    return ZeroScan(offset, length, done, None)

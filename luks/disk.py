@@ -7,7 +7,7 @@ the deadline passes — no busy polling. Identification is from sysfs, not from 
 links (those need udevd, which a CoCo guest may not run):
 
 - `serial:NAME`: `/sys/block/X/serial` (virtio-blk) or `/sys/block/X/device/serial` (NVMe);
-- `pci:DDDD:BB:DD.F` (or `BB:DD.F`): the last PCI address in the disk's sysfs device path;
+- `pci:DDDD:BB:DD.F`: the last PCI address in the disk's sysfs device path;
 - `scsi:H:C:T:L` (or kata's `T:L`): the SCSI address in the disk's sysfs device path.
 
 Partitions are never matched (only /sys/block entries, which are whole disks).
@@ -21,15 +21,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import pyudev
-
 from agent.errors import CvaError
 
-PCI_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-SCSI_RE = re.compile(r"^\d+:\d+:\d+:\d+$")
-SCSI_TL_RE = re.compile(r"^\d+:\d+$")
-SERIAL_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# The one canonical form of each contract disk reference (agent.contract parses with these same
+# patterns). The matcher refuses anything else instead of answering "no match": a reference that
+# can never match would make the SecureMount "never a contract disk" guard pass silently.
+_DEC = r"(?:0|[1-9][0-9]{0,4})"  # decimal as the kernel prints it: no sign, no leading zero
+SERIAL_REF_RE = re.compile(r"[A-Za-z0-9_.-]{1,20}")  # virtio-blk / NVMe serials are <= 20 bytes
+PCI_REF_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")
+SCSI_REF_RE = re.compile(rf"{_DEC}:{_DEC}(?::{_DEC}:{_DEC})?")  # H:C:T:L or kata's T:L
+PCI_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")  # a sysfs path component
+SCSI_RE = re.compile(r"[0-9]+:[0-9]+:[0-9]+:[0-9]+")  # a sysfs H:C:T:L path component
+SYSFS_SERIAL_RE = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces
 MAX_SERIAL_BYTES = 256
+_REF_PATTERNS = {"serial": SERIAL_REF_RE, "pci": PCI_REF_RE, "scsi": SCSI_REF_RE}
+_REF_RULES = {
+    "serial": "[A-Za-z0-9_.-]{1,20} (virtio serial)",
+    "pci": "DDDD:BB:SS.F in lower-case hex",
+    "scsi": "H:C:T:L or T:L in decimal",
+}
 
 
 class DiskNotFound(CvaError):
@@ -51,43 +61,62 @@ class BlockInfo:
     """What sysfs says about one whole disk."""
 
     name: str  # kernel name, e.g. "vdb"
-    serial: str
+    serial: str  # "" when absent or unusable (see serial_from_sysfs)
     devpath: str  # resolved /sys/devices/... path of the block device
 
 
-def normalize_pci(value: str) -> str:
-    v = value.lower()
-    if re.fullmatch(r"[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]", v):
-        v = "0000:" + v
-    if not PCI_RE.fullmatch(v):
-        raise CvaError(f"disk pci address {value!r} is not DDDD:BB:DD.F; fix the contract")
-    return v
+def ref_rule(kind: str, value: str) -> str | None:
+    """Why `kind:value` is not a canonical disk reference, or None when it is (pure)."""
+    pattern = _REF_PATTERNS.get(kind)
+    if pattern is None:
+        return f"disk kind {kind!r} is not serial, pci or scsi"
+    if not pattern.fullmatch(value):
+        return f"{kind} id must be {_REF_RULES[kind]}"
+    return None
+
+
+def serial_from_sysfs(text: str | None) -> str:
+    """The serial a disk's sysfs `serial` attribute names, "" when absent or unusable. The same
+    cleaning for every path that identifies disks (luks.disk.scan, agent.blockdev)."""
+    if text is None:
+        return ""
+    serial = text.strip().strip("\0")
+    return serial if SYSFS_SERIAL_RE.fullmatch(serial) else ""
 
 
 def matches(kind: str, value: str, info: BlockInfo) -> bool:
-    """Does the disk described by `info` satisfy the contract's disk reference? (pure)"""
+    """Is the disk `info` the contract's disk reference `kind:value`? (pure)
+
+    The one matcher: `find` (opening a contract volume) and SecureMount's "never a contract
+    disk" guard both use it, so the guard refuses exactly the disks `find` would open.
+    - serial: the disk's non-empty serial equals `value`;
+    - pci: the last PCI address on the disk's sysfs path (the disk's own function, or its SCSI
+      controller) equals `value`;
+    - scsi: an H:C:T:L component of the sysfs path equals `value`, or for kata's T:L its last
+      two fields do.
+    A reference not in its canonical form raises CvaError (never a silent "no match")."""
+    rule = ref_rule(kind, value)
+    if rule is not None:
+        raise CvaError(f"disk {kind}:{value!r}: {rule}; fix the contract")
     segments = info.devpath.split("/")
     if kind == "serial":
         return bool(info.serial) and info.serial == value
     if kind == "pci":
         pci = [s for s in segments if PCI_RE.fullmatch(s)]
-        return bool(pci) and pci[-1] == normalize_pci(value)
-    if kind == "scsi":
-        if SCSI_RE.fullmatch(value):
-            return value in segments
-        if SCSI_TL_RE.fullmatch(value):  # kata's "target:lun" form
-            return any(SCSI_RE.fullmatch(s) and s.split(":", 2)[2] == value for s in segments)
-        raise CvaError(f"disk scsi address {value!r} is not H:C:T:L or T:L; fix the contract")
-    raise CvaError(f"disk kind {kind!r} is not serial, pci or scsi; fix the contract")
+        return bool(pci) and pci[-1] == value
+    hctl = [s for s in segments if SCSI_RE.fullmatch(s)]
+    if value.count(":") == 3:
+        return value in hctl
+    return any(s.split(":", 2)[2] == value for s in hctl)  # kata's "target:lun" form
 
 
-def _read_attr(path: Path) -> str:
+def _read_attr(path: Path) -> str | None:
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_SERIAL_BYTES)
     except OSError:
-        return ""
-    return raw.decode("ascii", errors="replace").strip().strip("\0")
+        return None
+    return raw.decode("ascii", errors="replace")
 
 
 def scan(sysfs: Path = Path("/sys")) -> tuple[BlockInfo, ...]:
@@ -100,7 +129,9 @@ def scan(sysfs: Path = Path("/sys")) -> tuple[BlockInfo, ...]:
         return ()
     for entry in entries:
         name = entry.name
-        serial = _read_attr(entry / "serial") or _read_attr(entry / "device" / "serial")
+        serial = serial_from_sysfs(_read_attr(entry / "serial")) or serial_from_sysfs(
+            _read_attr(entry / "device" / "serial")
+        )
         try:
             devpath = str(entry.resolve(strict=True))
         except OSError:
@@ -111,8 +142,9 @@ def scan(sysfs: Path = Path("/sys")) -> tuple[BlockInfo, ...]:
 
 def find(ref: DiskRefLike, *, sysfs: Path = Path("/sys"), dev: Path = Path("/dev")) -> Path | None:
     """The /dev node of the disk `ref` names if present now; refuses ambiguous matches."""
-    if ref.kind == "serial" and not SERIAL_RE.fullmatch(ref.value):
-        raise CvaError(f"disk serial {ref.value!r} has characters cva does not accept")
+    rule = ref_rule(ref.kind, ref.value)
+    if rule is not None:
+        raise CvaError(f"disk {ref.kind}:{ref.value!r}: {rule}; fix the contract")
     hits = [info for info in scan(sysfs) if matches(ref.kind, ref.value, info)]
     if len(hits) > 1:
         names = ", ".join(h.name for h in hits)
@@ -131,6 +163,8 @@ def wait_for_disk(
     dev: Path = Path("/dev"),
 ) -> Path:
     """Return the disk's /dev node, waiting on kernel uevents until `timeout` seconds passed."""
+    import pyudev  # noqa: PLC0415 - only the waiter needs it; the matcher is imported widely
+
     deadline = time.monotonic() + timeout
     monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
     monitor.filter_by("block")

@@ -49,6 +49,7 @@ from luks import blank, dmtable, fs, mount
 from luks.libcryptsetup import (
     DETACHED_HEADER_BYTES,
     CryptDevice,
+    StatusQueryFailed,
     active_status,
     deactivate_by_name,
 )
@@ -157,7 +158,13 @@ def _create_header_file(header: Path) -> None:
 
 def create_ephemeral(spec: EphemeralSpec) -> EphemeralVolume:
     """BLANK -> ... -> MOUNTED (see the module docstring). Cleans up after itself on failure."""
-    if active_status(spec.mapper) != "inactive":
+    try:
+        state = active_status(spec.mapper)
+    except StatusQueryFailed as exc:
+        raise EphemeralRefused(
+            f"ephemeral volume {spec.mapper}: {exc.message}; nothing was written"
+        ) from None
+    if state != "inactive":
         raise EphemeralRefused(f"a device-mapper device {spec.mapper} already exists")
     _check_header_dir(spec.header)
     _check_unclaimed(spec.device)

@@ -525,13 +525,32 @@ class CryptDevice:
             return out.value.decode("utf-8")
 
 
+class StatusQueryFailed(CryptError):
+    """libcryptsetup could not tell whether a mapping exists (no device-mapper, no permission):
+    not the same as "the mapping exists", and never reported as such."""
+
+
 def active_status(name: str) -> str:
-    """ "inactive" | "active" | "busy" | "invalid" for `/dev/mapper/<name>`."""
+    """ "inactive" | "active" | "busy" for `/dev/mapper/<name>`.
+
+    libcryptsetup answers CRYPT_INVALID when its device-mapper query itself fails (no
+    device-mapper in the kernel, no /dev/mapper/control, no permission): that raises
+    `StatusQueryFailed`, so no caller can mistake a failed query for an existing mapping.
+    """
     lib = _library()
     with _LOCK:
         _log_lines.clear()
         rc = lib.crypt_status(None, _encode(name))
-    return _STATUS_NAMES.get(rc, "invalid")
+        state = _STATUS_NAMES.get(rc, "invalid")
+        if state == "invalid":
+            detail = _log_lines[-1][1] if _log_lines else ""
+            raise StatusQueryFailed(
+                f"cannot query device-mapper for {name} (libcryptsetup crypt_status failed"
+                + (f": {detail}" if detail else "")
+                + "); is device-mapper available in this kernel (dm_mod, /dev/mapper/control)?",
+                errno_mod.ENODEV,
+            )
+    return state
 
 
 def deactivate_by_name(name: str, *, deferred: bool = False) -> None:

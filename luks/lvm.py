@@ -6,6 +6,10 @@ devices file and metadata backups (the guest root is not ours to litter), and le
 device nodes itself (no udev needed). Reports are JSON (`--reportformat json`), never text.
 
 Pure parts: `lvm_config`, `parse_report`, the argv builders and `plan`; the shell runs them.
+An existing LV is used only when it is exactly `linear` (`lv_type_refusal`, from
+`lvs --segments -o segtype,lv_layout,lv_role`, checked before any activation): thin, cache,
+raid, vdo, snapshot or even `zero`/`error` LVs would make the guest kernel and LVM tools parse
+host-written metadata (or silently drop writes).
 Nothing here formats or wipes: `pvcreate` runs only after the caller proved the disk blank, and
 `lvcreate` never zeroes or wipes signatures (`-Zn -Wn`), so a host that hid an LV from the
 metadata cannot make cva overwrite its data — the volume layer's blank check then refuses.
@@ -57,12 +61,24 @@ class LogicalVolume:
 
 
 @dataclass(frozen=True)
+class LvSegment:
+    """One segment of an LV (`lvs --segments`): its type and the LV's layout and roles."""
+
+    lv: str
+    vg: str
+    segtype: str  # "linear", "striped", "thin", "raid1", "cache", "vdo", "zero", ...
+    layout: str  # lv_layout, e.g. "linear" or "thin,sparse"
+    role: str  # lv_role, e.g. "public" or "public,origin,thickorigin"
+
+
+@dataclass(frozen=True)
 class LvmState:
     """What LVM sees on the contract's disk (and only there)."""
 
     pvs: tuple[PhysicalVolume, ...]
     vgs: tuple[VolumeGroup, ...]
     lvs: tuple[LogicalVolume, ...]
+    segments: tuple[LvSegment, ...] = ()  # of every LV in `lvs` (read_state fills it)
 
 
 Step = Literal["pvcreate", "vgcreate", "lvcreate", "activate", "extend"]
@@ -134,6 +150,18 @@ def lvs_argv(disk: str) -> list[str]:
         *_REPORT_UNITS,
         "-o",
         "lv_name,vg_name,lv_size,lv_active,lv_dm_path",
+    ]
+
+
+def lvsegs_argv(disk: str) -> list[str]:
+    """One row per segment ("seg" report): the segment type of every LV, before activation."""
+    return [
+        *_base("lvs", disk),
+        "--reportformat",
+        "json",
+        "--segments",
+        "-o",
+        "lv_name,vg_name,segtype,lv_layout,lv_role",
     ]
 
 
@@ -250,6 +278,51 @@ def parse_lvs(text: str) -> tuple[LogicalVolume, ...]:
     )
 
 
+_SEG_FIELD_RE = re.compile(r"^[a-z0-9_,+-]{0,64}$")
+
+
+def parse_lv_segments(text: str) -> tuple[LvSegment, ...]:
+    """Rows of `lvs --segments --reportformat json -o lv_name,vg_name,segtype,lv_layout,lv_role`
+    (hostile input: every field must be a short plain string, or the whole report is refused)."""
+    out = []
+    for r in _rows(text, "seg"):
+        row = LvSegment(
+            r.get("lv_name", ""),
+            r.get("vg_name", ""),
+            r.get("segtype", ""),
+            r.get("lv_layout", ""),
+            r.get("lv_role", ""),
+        )
+        for value in (row.segtype, row.layout, row.role):
+            if not _SEG_FIELD_RE.fullmatch(value):
+                raise LvmError(f"lvm segment report field is not plain text: {value[:40]!r}")
+        out.append(row)
+    return tuple(out)
+
+
+LINEAR_ONLY_RULE = (
+    "cva opens only plain linear LVs (rule lvm-linear-only: thin, cache, raid, vdo, snapshot "
+    "and other types make the guest kernel and LVM tools parse host-written metadata); "
+    "recreate it as a linear LV (lvcreate --type linear) or let cva create it on a blank disk"
+)
+
+
+def lv_type_refusal(state: LvmState, vg: str, lv: str) -> str | None:
+    """None when `vg/lv` is exactly linear: every segment `linear`, layout `linear`, role
+    `public` only (no snapshot origin, no sub-LV); else the refusal (pure)."""
+    segs = [s for s in state.segments if s.vg == vg and s.lv == lv]
+    if not segs:
+        return f"LVM reports no segment for logical volume {vg}/{lv}; " + LINEAR_ONLY_RULE
+    for seg in segs:
+        if seg.segtype != "linear":
+            return f"logical volume {vg}/{lv} has segment type {seg.segtype!r}; " + LINEAR_ONLY_RULE
+        if seg.layout != "linear":
+            return f"logical volume {vg}/{lv} has layout {seg.layout!r}; " + LINEAR_ONLY_RULE
+        if seg.role != "public":
+            return f"logical volume {vg}/{lv} has role {seg.role!r}; " + LINEAR_ONLY_RULE
+    return None
+
+
 def plan(state: LvmState, disk: str, vg: str, lv: str, size_bytes: int, *, create: bool) -> LvmPlan:
     """Which LVM steps bring the disk to `vg/lv` of at least `size_bytes` (pure)."""
     pv = next((p for p in state.pvs if p.name == disk), None)
@@ -280,6 +353,9 @@ def plan(state: LvmState, disk: str, vg: str, lv: str, size_bytes: int, *, creat
             return LvmPlan((), False, f"logical volume {vg}/{lv} is absent and create = false")
         steps.append("lvcreate")
     else:
+        refusal = lv_type_refusal(state, vg, lv)
+        if refusal is not None:  # before anything activates it
+            return LvmPlan((), False, refusal)
         if not lv_row.active:
             steps.append("activate")
         if lv_row.size < size_bytes:
@@ -308,7 +384,8 @@ def read_state(disk: str, *, timeout: float = TIMEOUT) -> LvmState:
     pvs = parse_pvs(_run(pvs_argv(disk), "pvs", timeout))
     vgs = parse_vgs(_run(vgs_argv(disk), "vgs", timeout)) if any(p.vg for p in pvs) else ()
     lvs = parse_lvs(_run(lvs_argv(disk), "lvs", timeout)) if vgs else ()
-    return LvmState(pvs, vgs, lvs)
+    segs = parse_lv_segments(_run(lvsegs_argv(disk), "lvs --segments", timeout)) if lvs else ()
+    return LvmState(pvs, vgs, lvs, segs)
 
 
 def pvcreate(disk: str, *, timeout: float = TIMEOUT) -> None:

@@ -15,11 +15,26 @@ attested guest can derive, so the host cannot forge or roll them forward):
     ABSENT --create & blank--> INITIALIZING --mkfs ok--> READY --open--> OPEN --mount-->
     MOUNTED --bind--> BOUND.   Release walks back: BOUND -> MOUNTED -> OPEN -> READY.
 
-Decisions are pure (`classify`, `decide`, `expected_table`): the shell observes, asks, acts.
-Rules that hold on every path: format only when the header region *and* sampled data are zero
-and the contract says `create = true`; never format after a failed open, a wrong key or a bad
-MAC (a run that tried to open never reaches the create branch, and a refused volume is left
-byte-for-byte untouched); activate only from the validated copy, never from the disk.
+Decisions are pure (`classify`, `decide`, `initializing_action`, `expected_table`): the shell
+observes, asks, acts. Rules that hold on every path: format only when the header region *and*
+sampled data are zero and the contract says `create = true`; never format after a failed
+open, a wrong key or a bad MAC (a run that tried to open never reaches the create branch, and
+a refused volume is left byte-for-byte untouched); activate only from the validated copy,
+never from the disk. libcryptsetup formats into a memfd: the token's MAC is computed over that
+in-memory header and cva writes it to the disk itself (nothing the host could swap in is
+ever read back and MAC'd).
+
+"initializing" is not proof of anything: the MAC does not cover the seqid, so the host can
+put back an older genuine header of this volume that still says "initializing" and damage
+the first data block so no filesystem is found. mkfs on an INITIALIZING volume therefore runs
+only when (luks.volume_plan.initializing_action): this very run proved the disk blank and
+formatted it; or the contract says `create = true` AND the whole raw data area (16 MiB to the
+end of the disk/LV) reads as zeros on the medium (blank.scan_zeros). Anything written through
+dm-crypt is ciphertext, never a zero sector, and discards are off: a zero data area was never
+written through the mapping, so it holds no filesystem and no user data. `create = false`,
+unreadable first blocks (EIO), a non-zero data area, or integrity (dm-integrity keeps its own
+superblock and journal in the data area, so the proof cannot be made) all refuse, naming
+rule initializing-needs-blank-data; the disk is left untouched.
 
 Crash windows (a SIGKILL can land anywhere; each named point below is where tests kill the
 process via `crash_hook`, and what the next run does):
@@ -27,15 +42,18 @@ process via `crash_hook`, and what the next run does):
     PV_CREATED           PV label on the disk, no VG      -> vgcreate, continue (LVM only)
     VG_CREATED           VG, no LV                        -> lvcreate, continue
     LV_CREATED           LV exists, still zeros           -> blank -> create, continue
-    LUKS_FORMATTED       header without keyslot/token     -> REFUSE: not a complete cva header
-                                                             (zero the LV to start over)
-    KEYSLOT_ADDED        keyslot, no cva token            -> REFUSE, same reason
-    INITIALIZING_WRITTEN token "initializing" on disk     -> open, mkfs, ready (recovery)
-    OPENED_INITIALIZING  mapping active, no filesystem    -> reuse mapping, mkfs, ready
+    LUKS_FORMATTED       header only in the memfd         -> disk still blank -> create again
+                                                             (with integrity the dm-integrity
+                                                             superblock is on the disk: REFUSE,
+                                                             not blank; zero the LV to redo)
+    KEYSLOT_ADDED        keyslot only in the memfd        -> same as LUKS_FORMATTED
+    INITIALIZING_WRITTEN token "initializing" on disk     -> open; raw data area proven zero
+                                                             (create = true) -> mkfs, ready;
+                                                             else REFUSE (integrity always)
+    OPENED_INITIALIZING  mapping active, no filesystem    -> reuse mapping, same rule as above
     MKFS_DONE            filesystem made, still "initializing" -> complete fs found: no mkfs,
-                                                             only mark ready (a replayed old
-                                                             "initializing" header cannot make
-                                                             cva format over data either)
+                                                             only mark ready (also with
+                                                             create = false)
     READY_HALF_WRITTEN   secondary copy says "ready", primary still "initializing"
                                                           -> REFUSE: the copies disagree (no
                                                              user data yet: zero and redo)
@@ -43,11 +61,11 @@ process via `crash_hook`, and what the next run does):
     MOUNTED              mounted, grow pending            -> mount is reused, grow checked again
     LV_EXTENDED          lvextend done, fs not grown      -> crypt resize + fs grow next run
 
-The two format windows refuse rather than guess: a header without a MAC'd token is exactly
-what a hostile host could plant, so cva cannot tell "my interrupted format" from "forgery".
-READY_HALF_WRITTEN refuses for the same reason (cva never accepts disagreeing header copies,
-the CVE-2025-59054 class); it lies between two pwrite+fsync calls of 16 KiB each, and the
-volume holds no user data yet. All three leave the disk untouched for inspection.
+A crash while cva writes the header from its memfd (keyslots and secondary copy first, the
+primary last) leaves a header region that is neither zero nor valid: refused, never
+reformatted. READY_HALF_WRITTEN refuses because cva never accepts disagreeing header copies
+(the CVE-2025-59054 class); it lies between two pwrite+fsync calls of 16 KiB each, and the
+volume holds no user data yet. Refusals leave the disk untouched for inspection.
 """
 
 from __future__ import annotations
@@ -57,6 +75,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +86,7 @@ from agent.secret import Secret
 from luks import blank, dmtable, fs, lvm, mount
 from luks.header import allow_list_reasons, parse_luks2, read_header_area
 from luks.libcryptsetup import (
+    DATA_OFFSET_BYTES,
     METADATA_BYTES,
     CryptDevice,
     WrongPassphrase,
@@ -81,6 +101,7 @@ from luks.volume_plan import (
     REINIT_HINT,
     CrashWindow,
     HeaderObservation,
+    InitDecision,
     State,
     VolumeRefused,
     classify,
@@ -158,16 +179,61 @@ def _volume_lock(runtime_dir: Path, name: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _format(device: Path, vol: Volume, passphrase: Secret, mac_key: Secret) -> None:
-    """ABSENT -> INITIALIZING on a device proved blank just before."""
-    with CryptDevice.open(str(device)) as cd:
-        cd.format_luks2(integrity=vol.integrity)
-        _window(CrashWindow.LUKS_FORMATTED)
-        cd.keyslot_add_by_volume_key(passphrase, keyslot=0)
-        _window(CrashWindow.KEYSLOT_ADDED)
-        hdr = parse_luks2(_read_area(device))
-        cd.token_json_set(0, token_json(make_token(hdr, INITIALIZING, vol.name, mac_key)))
+def _format(device: Path, vol: Volume, passphrase: Secret, mac_key: Secret) -> bytes:
+    """ABSENT -> INITIALIZING on a device proved blank just before; returns the header area.
+
+    libcryptsetup formats into a memfd (guest memory, a detached header with cva's on-disk
+    layout: data at 16 MiB of `device`) and adds the keyslot there; cva MACs the token over
+    that in-memory copy and only then writes the whole header region to the disk itself. No
+    byte the host could swap in between is ever read back and MAC'd. With integrity, format
+    also writes dm-integrity's superblock into the data area of `device` (needs device-mapper).
+    """
+    fd = os.memfd_create("cva-luks-format", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, DATA_OFFSET_BYTES)
+        copy = f"/proc/{os.getpid()}/fd/{fd}"
+        with CryptDevice.open(str(device), header=copy) as cd:
+            cd.format_luks2(integrity=vol.integrity)
+            _window(CrashWindow.LUKS_FORMATTED)
+            cd.keyslot_add_by_volume_key(passphrase, keyslot=0)
+            _window(CrashWindow.KEYSLOT_ADDED)
+            hdr = parse_luks2(_read_fd(fd, DATA_OFFSET_BYTES))
+            cd.token_json_set(0, token_json(make_token(hdr, INITIALIZING, vol.name, mac_key)))
+        area = _read_fd(fd, DATA_OFFSET_BYTES)
+    finally:
+        os.close(fd)
+    _write_header(device, area)
     _window(CrashWindow.INITIALIZING_WRITTEN)
+    return area
+
+
+def _read_fd(fd: int, length: int) -> bytes:
+    data = blank.read_range(fd, 0, length)
+    if len(data) != length:
+        raise VolumeRefused(f"short read of cva's in-memory header copy ({len(data)} bytes)")
+    return data
+
+
+def _write_header(device: Path, area: bytes) -> None:
+    """Write a header region made in memory: keyslots and the secondary copy first, the
+    primary binary header last (a crash before it leaves no valid primary: refused, never
+    reformatted as long as the region is not zero)."""
+    primary = _metadata_size(area)
+    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        view = memoryview(area)
+        _pwrite_all(fd, view[primary:], primary)
+        os.fsync(fd)
+        _pwrite_all(fd, view[:primary], 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def _mark_ready(device: Path, copy: str, area: bytes, vol: Volume, mac_key: Secret) -> bytes:
@@ -311,11 +377,12 @@ def _ensure_lvm(vol: Volume, disk: Path) -> Path:
     return lvm.dm_path(spec.vg, spec.lv)
 
 
-def _superblock(mapper_dev: Path) -> tuple[bytes, int]:
+def _superblock(mapper_dev: Path, *, eio_is_zero: bool = True) -> tuple[bytes | None, int]:
     """(first 64 KiB, device size) of the opened volume.
 
-    On a fresh integrity volume those blocks were never written and read as EIO/EILSEQ: that
-    is reported as zeros (no filesystem), which is the truth for a block never written.
+    On a fresh integrity volume those blocks were never written and read as EIO/EILSEQ: with
+    `eio_is_zero` that is reported as zeros (no filesystem), the truth for a block never
+    written; without it, as None (unreadable).
     """
     fd = os.open(mapper_dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -323,14 +390,60 @@ def _superblock(mapper_dev: Path) -> tuple[bytes, int]:
         # the mounted filesystem writes its superblock through its own cache: drop ours
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         try:
-            head = blank.read_range(fd, 0, 65536)
+            head: bytes | None = blank.read_range(fd, 0, 65536)
         except OSError as exc:
             if exc.errno not in (errno.EIO, errno.EILSEQ):
                 raise
-            head = bytes(65536)
+            head = bytes(65536) if eio_is_zero else None
         return head, size
     finally:
         os.close(fd)
+
+
+def _initializing_decision(
+    vol: Volume, device: Path, mapper_dev: Path, *, formatted_now: bool
+) -> InitDecision:
+    """Observe an opened INITIALIZING volume and decide (luks.volume_plan.initializing_action);
+    the full zero scan of the raw data area runs only when the decision needs it."""
+    # a volume formatted in this run with integrity reads EIO where nothing was written yet
+    head, _ = _superblock(mapper_dev, eio_is_zero=formatted_now and vol.integrity)
+
+    def decide_with(zero: bool | None = None, first: int | None = None) -> InitDecision:
+        return initializing_action(
+            filesystem=vol.filesystem,
+            superblock_readable=head is not None,
+            filesystem_complete=head is not None and fs_complete(vol.filesystem, head),
+            formatted_now=formatted_now,
+            create=vol.create,
+            integrity=vol.integrity,
+            data_area_zero=zero,
+            first_nonzero=first,
+        )
+
+    decision = decide_with()
+    if decision.action != "prove-zero":
+        return decision
+    size = blank.device_size(device)
+    started = time.monotonic()
+    scan = blank.scan_zeros(
+        device,
+        DATA_OFFSET_BYTES,
+        max(0, size - DATA_OFFSET_BYTES),
+        progress=lambda done, total: _log.info(
+            "proving the data area never written", volume=vol.name, bytes=done, total=total
+        ),
+    )
+    _log.info(
+        "data area zero scan",
+        volume=vol.name,
+        zero=scan.zero,
+        bytes=scan.bytes_scanned,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    decision = decide_with(scan.zero, scan.first_nonzero)
+    if decision.action == "prove-zero":  # cannot happen: the proof was given
+        raise VolumeRefused(f"volume {vol.name}: internal error deciding an initializing volume")
+    return decision
 
 
 def prepare_volume(
@@ -365,9 +478,9 @@ def _prepare(vol: Volume, secret: Secret, *, disk: Path, mount_base: Path) -> Pr
         if decision.action == "refuse":
             raise VolumeRefused(f"volume {vol.name}: {decision.reason}")
         if decision.action == "create":
-            _format(device, vol, passphrase, mac_key)
+            # the header cva made and MAC'd in memory; the disk is not read back
+            area = _format(device, vol, passphrase, mac_key)
             created = True
-            area = _read_area(device)
             obs = _observe(area, vol, mac_key)
             if obs.kind != "cva" or obs.token_state != INITIALIZING:
                 raise VolumeRefused(
@@ -387,8 +500,11 @@ def _prepare(vol: Volume, secret: Secret, *, disk: Path, mount_base: Path) -> Pr
                     f"volume {vol.name}: {target} is mounted while the volume is still "
                     "initializing; unmount it and prepare again"
                 )
-            head, _ = _superblock(mapper_dev)
-            if initializing_action(fs_complete(vol.filesystem, head)) == "mkfs":
+            init = _initializing_decision(vol, device, mapper_dev, formatted_now=created)
+            if init.action == "refuse":
+                _deactivate(mapper)  # not mounted (checked above): leave nothing open
+                raise VolumeRefused(f"volume {vol.name}: {init.reason}")
+            if init.action == "mkfs":
                 fs.make_fs(mapper_dev, vol.filesystem, integrity=vol.integrity)
                 _window(CrashWindow.MKFS_DONE)
             with header_copy(area) as copy:
@@ -403,7 +519,7 @@ def _prepare(vol: Volume, secret: Secret, *, disk: Path, mount_base: Path) -> Pr
             _crypt_resize(device, area, mapper, passphrase)
             _check_table(mapper, vol, device)
         head, _size = _superblock(mapper_dev)
-        if not fs_complete(vol.filesystem, head):
+        if head is None or not fs_complete(vol.filesystem, head):
             if not mount.is_mounted(target):
                 _deactivate(mapper)
             raise VolumeRefused(
@@ -419,7 +535,7 @@ def _prepare(vol: Volume, secret: Secret, *, disk: Path, mount_base: Path) -> Pr
 
 def _grow_if_needed(vol: Volume, mapper_dev: Path, target: Path) -> None:
     head, size = _superblock(mapper_dev)
-    current = fs_size_bytes(vol.filesystem, head)
+    current = fs_size_bytes(vol.filesystem, head) if head is not None else None
     if not needs_grow(current, size):
         return
     if vol.integrity and current is not None:

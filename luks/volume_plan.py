@@ -175,15 +175,89 @@ def fs_complete(kind: str, superblock_area: bytes) -> bool:
     return kind != "xfs" or (len(superblock_area) > 126 and superblock_area[126] == 0)
 
 
-def initializing_action(filesystem_complete: bool) -> Literal["mkfs", "mark-ready"]:
-    """What to do with an opened INITIALIZING volume.
+INITIALIZING_RULE = (
+    "rule initializing-needs-blank-data: a header saying 'initializing' may be an older genuine "
+    "header the host put back over a volume in use, so cva formats only a data area it proves "
+    "never written"
+)
+INITIALIZING_HINT = (
+    "restore the volume's current header, or zero the disk or LV on purpose (blkdiscard -z) "
+    "to start over"
+)
+InitAction = Literal["mkfs", "mark-ready", "prove-zero", "refuse"]
+
+
+@dataclass(frozen=True)
+class InitDecision:
+    action: InitAction
+    reason: str = ""
+
+
+def initializing_action(
+    *,
+    filesystem: str,
+    superblock_readable: bool,
+    filesystem_complete: bool,
+    formatted_now: bool,
+    create: bool,
+    integrity: bool,
+    data_area_zero: bool | None = None,
+    first_nonzero: int | None = None,
+) -> InitDecision:
+    """What to do with an opened INITIALIZING volume (see luks.volume, crash windows).
 
     The host can replay an older genuine header of this volume still saying "initializing"
-    (the MAC does not cover the seqid), so "initializing" alone never justifies mkfs: if a
-    complete filesystem is already inside (a crash after mkfs, or a replay over data), keep it
-    and only mark the volume ready.
+    (the MAC does not cover the seqid) and damage the first data blocks so that no filesystem
+    is found. So "initializing" alone never justifies mkfs:
+    - a complete filesystem inside: keep it, only mark the volume ready (a crash after mkfs);
+    - this very run proved the disk blank and formatted it: mkfs (the normal create path);
+    - otherwise mkfs only when the contract says `create = true` AND the raw data area on the
+      disk is proven all zeros (`prove-zero`: the caller scans it, then asks again with the
+      result). Why that proves "no user data was ever written": every byte that reaches the
+      disk through the dm-crypt mapping is aes-xts ciphertext under a key the host does not
+      have; a 4096-byte ciphertext sector reads as all zeros with probability 2^-32768, and
+      the mapping never passes discards. A data area that is all zeros on the medium therefore
+      never had mkfs or any file written through the mapping since the disk was proven blank.
+      (The host can zero the area itself: then it has already destroyed whatever was there.)
+      With integrity, dm-integrity writes its own superblock and journal into the data area
+      at format time, so the raw area is never zero and this proof cannot be made: refuse.
+    - unreadable first blocks (EIO) of a volume not formatted in this run: refuse.
     """
-    return "mark-ready" if filesystem_complete else "mkfs"
+    refuse = f"; {INITIALIZING_RULE}; {INITIALIZING_HINT}"
+    if not superblock_readable:
+        return InitDecision(
+            "refuse",
+            "the header says 'initializing' but the volume's first blocks cannot be read "
+            "(a damaged or replayed volume)" + refuse,
+        )
+    if filesystem_complete:
+        return InitDecision("mark-ready")
+    if formatted_now:
+        return InitDecision("mkfs")
+    if not create:
+        return InitDecision(
+            "refuse",
+            f"the header says 'initializing', no complete {filesystem} filesystem is inside, "
+            "and the contract says create = false: cva never runs mkfs then" + refuse,
+        )
+    if integrity:
+        return InitDecision(
+            "refuse",
+            f"the header says 'initializing' and no complete {filesystem} filesystem is inside; "
+            "with integrity cva cannot prove the data area never written (dm-integrity's own "
+            "superblock and journal live there)" + refuse,
+        )
+    if data_area_zero is None:
+        return InitDecision("prove-zero")
+    if not data_area_zero:
+        where = f" at byte {first_nonzero}" if first_nonzero is not None else ""
+        return InitDecision(
+            "refuse",
+            f"the header says 'initializing', no complete {filesystem} filesystem is inside, "
+            f"and the data area is not all zeros (first non-zero byte{where}): data may have "
+            "been written" + refuse,
+        )
+    return InitDecision("mkfs")
 
 
 def needs_grow(fs_bytes: int | None, device_bytes: int) -> bool:

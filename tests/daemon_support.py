@@ -16,6 +16,8 @@ from agent.secret import Secret
 from agent.volumes import OpenedVolume, VolumeState
 
 KEY_MARKER = b"CVA-TEST-KEY-MATERIAL-DO-NOT-LOG!"  # 33 bytes: any leak is greppable
+# The image config a test image uses for the sample TEE (no hardware): both keys, explicitly.
+SAMPLE_IMAGE_CONFIG = '[evidence]\ntee = "sample"\nallow_sample = true\n'
 
 
 def volume(
@@ -45,7 +47,7 @@ def contract(*volumes: C.Volume, allow: tuple[str, ...] | None = None) -> C.Cont
         if allow is not None
         else C.ApiPolicy(frozenset({"PrepareVolumes", "ReleaseVolumes", "ListVolumes"}))
     )
-    kbs = C.KbsConfig(url="http://127.0.0.1:1", cert=None, tee="sample", insecure_http=False)
+    kbs = C.KbsConfig(url="http://127.0.0.1:1", cert=None, tee="auto", insecure_http=False)
     return C.Contract(version=1, kbs=kbs, api=api, volumes=tuple(volumes))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import uuid
 from collections.abc import Callable
@@ -262,11 +263,10 @@ CREATE_WINDOWS = [
     CrashWindow.READY_WRITTEN,
     CrashWindow.MOUNTED,
 ]
-REFUSING_WINDOWS = {
-    CrashWindow.LUKS_FORMATTED,
-    CrashWindow.KEYSLOT_ADDED,
-    CrashWindow.READY_HALF_WRITTEN,
-}
+# LUKS_FORMATTED / KEYSLOT_ADDED: libcryptsetup formats into a memfd, the disk is still blank
+# and the rerun creates again; INITIALIZING_WRITTEN / OPENED_INITIALIZING: the raw data area
+# is proven all zeros, so the rerun may finish the format
+REFUSING_WINDOWS = {CrashWindow.READY_HALF_WRITTEN}
 
 
 @pytest.mark.parametrize("window", CREATE_WINDOWS, ids=[w.value for w in CREATE_WINDOWS])
@@ -343,6 +343,130 @@ def test_replayed_initializing_header_does_not_reformat(
             assert read_marker(p) == b"not-to-be-formatted" * 64
         finally:
             env.release(vol, dev)
+
+
+def _xor_range(dev: Path, offset: int, length: int) -> None:
+    with dev.open("r+b") as f:
+        f.seek(offset)
+        data = f.read(length)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _device_hash(dev: Path) -> str:
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    digest = hashlib.sha256()
+    with dev.open("rb") as f:
+        while chunk := f.read(4 * MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("integrity", [False, True], ids=["plain", "integrity"])
+def test_replayed_initializing_header_over_damaged_data_is_refused(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, integrity: bool
+) -> None:
+    """Issue 13 item 3: the host keeps the genuine header from the creation window, writes it
+    back later and damages the first data block (garbage without integrity, EIO with it). cva
+    must refuse with create = false AND create = true, format nothing, and keep the data."""
+    with loop_disk(tmp_path, 128 * MIB) as dev:
+        vol = make_volume(unique("replay"), integrity=integrity)
+        captured: list[bytes] = []
+
+        def hook(window: CrashWindow) -> None:
+            if window == CrashWindow.INITIALIZING_WRITTEN:
+                captured.append(read_header_area(str(dev)))
+
+        monkeypatch.setattr(volume, "crash_hook", hook)
+        p = env.prepare(vol, dev)
+        monkeypatch.setattr(volume, "crash_hook", None)
+        write_marker(p, b"replay-keep-me")
+        journal = 0
+        if integrity:  # dm-integrity reports its superblock + journal size in the table
+            table = run(["dmsetup", "table", p.mapper_name + "_dif"], timeout=30).text
+            journal = int(re.search(r"journal_sectors:(\d+)", table)[1]) * 512  # type: ignore[index]
+        env.release(vol, dev)
+        current = read_header_area(str(dev))
+        with dev.open("r+b") as f:  # the host puts the old "initializing" header back
+            f.write(captured[0])
+            os.fsync(f.fileno())
+        # ... and damages the first data block: garbage through dm-crypt, or (integrity) the
+        # first data sectors and their tags behind dm-integrity's superblock, read as EIO
+        # (behind the superblock and journal: the first area's tags and data sectors)
+        damaged = (16 * MIB, 4096) if not integrity else (16 * MIB + 4096 + journal, 4 * MIB)
+        _xor_range(dev, *damaged)
+        before = _device_hash(dev) if not integrity else _area_hash(dev)
+        for create in (False, True):
+            with pytest.raises(volume.VolumeRefused) as exc:
+                env.prepare(replace(vol, create=create), dev)
+            text = exc.value.message
+            assert "initializing-needs-blank-data" in text and "blkdiscard" in text, text
+            if not create:
+                assert "create = false" in text or "cannot be read" in text, text
+            assert active_status(volume.mapper_name(vol.name)) == "inactive"
+            # nothing formatted, nothing written (dm-integrity may touch its own journal)
+            assert (_device_hash(dev) if not integrity else _area_hash(dev)) == before
+        # the data is still there: undo the host's changes and open it
+        _xor_range(dev, *damaged)
+        with dev.open("r+b") as f:
+            f.write(current)
+            os.fsync(f.fileno())
+        p = env.prepare(replace(vol, create=False), dev)
+        try:
+            assert read_marker(p) == b"replay-keep-me" * 64
+        finally:
+            env.release(vol, dev)
+
+
+# ---- LVM: only linear LVs ----------------------------------------------------------------
+
+
+def _lvm(disk: Path, *args: str, extra_config: str = "") -> None:
+    run(["lvm", args[0], "--config", lvm.lvm_config(str(disk.resolve())) + extra_config,
+         *args[1:]], timeout=120)  # fmt: skip
+
+
+NO_THIN_CHECK = ' global { thin_check_executable="" }'
+
+
+def _make_thin(disk: Path, vg: str) -> None:
+    _lvm(disk, "lvcreate", "--type", "thin-pool", "-L", "96m", "-n", "pool", vg,
+         extra_config=NO_THIN_CHECK)  # fmt: skip
+    _lvm(disk, "lvcreate", "--type", "thin", "-V", "64m", "--thinpool", "pool", "-n", "data",
+         vg, extra_config=NO_THIN_CHECK)  # fmt: skip
+
+
+def _make_zero(disk: Path, vg: str) -> None:
+    _lvm(disk, "lvcreate", "--type", "zero", "-L", "64m", "-n", "data", vg)
+
+
+@pytest.mark.parametrize("kind", ["thin", "zero"])
+def test_lv_that_is_not_linear_is_refused_before_activation(
+    env: Env, tmp_path: Path, kind: str
+) -> None:
+    with loop_disk(tmp_path, 256 * MIB) as dev:
+        vg = unique("vg")
+        _lvm(dev, "pvcreate", "--", str(dev))
+        _lvm(dev, "vgcreate", "--", vg, str(dev))
+        try:
+            try:
+                (_make_thin if kind == "thin" else _make_zero)(dev, vg)
+            except Exception as exc:  # a guest without the dm target
+                if kind == "zero":
+                    raise
+                pytest.skip(f"cannot make a {kind} LV in this guest: {exc}")
+            _lvm(dev, "vgchange", "--activate", "n", "--", vg, extra_config=NO_THIN_CHECK)
+            vol = make_volume(unique("nonlinear"), lvm=(vg, "data", 64 * MIB))
+            with pytest.raises(volume.VolumeRefused) as exc_info:
+                env.prepare(vol, dev)
+            text = exc_info.value.message
+            assert "lvm-linear-only" in text and f"'{kind}'" in text, text
+            state = lvm.read_state(str(dev.resolve()))
+            assert [lv.active for lv in state.lvs] == [False] * len(state.lvs)  # not activated
+        finally:
+            _lvm(dev, "vgchange", "--activate", "n", "--", vg, extra_config=NO_THIN_CHECK)
 
 
 # ---- LVM grow ----------------------------------------------------------------------------

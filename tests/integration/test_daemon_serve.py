@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_cva
+from tests.daemon_support import SAMPLE_IMAGE_CONFIG
 
 pytest.importorskip("agent.kbs")
 pytest.importorskip("luks.volume")
@@ -53,7 +54,7 @@ toml = "{tmp_path}/initdata.toml"
 rootfs_base = "{tmp_path}/kata"
 state_dir = "{tmp_path}/state"
 mount_base = "{tmp_path}/state/volumes"
-"""
+{SAMPLE_IMAGE_CONFIG}"""
     )
     notify = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_cva
-from tests.daemon_support import make_bundle
+from tests.daemon_support import SAMPLE_IMAGE_CONFIG, make_bundle
 from tests.kbs.server import LoopbackKbs
 
 # `cva serve` in this interpreter; at READY=1 print the loaded modules and leave at once.
@@ -71,7 +71,6 @@ NOT_BEFORE_READY = (
     "evidence.tpm_quote",
     "evidence.tdx",
     "evidence.snp",
-    "evidence.tsm",  # `auto` detection (and the TDX/SNP attesters) only; the bench names `sample`
     # the other command groups' parsers (agent/cli.py builds only `serve`'s)
     "agent.cli_initdata",
     "agent.cli_kbs",
@@ -89,6 +88,7 @@ BEFORE_READY = (
     "agent.luks_backend",
     "evidence.binding",
     "evidence.sample",
+    "evidence.tsm",  # the image's TEE decision probes configfs-tsm (sample is refused on TDX/SNP)
     "grpc",
 )
 
@@ -121,7 +121,7 @@ mount_base = "{tmp_path}/state/volumes"
 disk_wait = {disk_wait}
 [log]
 level = "warning"
-"""
+{SAMPLE_IMAGE_CONFIG}"""
     )
     return cfg
 

@@ -13,7 +13,8 @@ pytest.importorskip("luks.token")
 
 from agent.secret import Secret  # noqa: E402
 from luks import blank, volume  # noqa: E402
-from luks.libcryptsetup import header_copy  # noqa: E402
+from luks.header import LuksHeader, parse_luks2  # noqa: E402
+from luks.libcryptsetup import CryptDevice, header_copy  # noqa: E402
 from luks.token import derive_keys  # noqa: E402
 from luks.volume_plan import CrashWindow, decide  # noqa: E402
 
@@ -110,9 +111,12 @@ class Crash(BaseException):
 
 
 @pytest.mark.parametrize("window", [CrashWindow.LUKS_FORMATTED, CrashWindow.KEYSLOT_ADDED])
-def test_format_crash_windows_refuse_and_never_reformat(
+def test_format_crash_windows_leave_the_disk_untouched(
     img: Path, window: CrashWindow, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """libcryptsetup formats into a memfd: a crash before cva writes the header leaves the
+    disk as blank as it was (without integrity), so the next run creates again."""
+
     def hook(w: CrashWindow) -> None:
         if w == window:
             raise Crash
@@ -123,11 +127,52 @@ def test_format_crash_windows_refuse_and_never_reformat(
     with pytest.raises(Crash):
         volume._format(img, vol, passphrase, mac_key)
     monkeypatch.setattr(volume, "crash_hook", None)
-    area = volume._read_area(img)
-    obs = volume._observe(area, vol, mac_key)
-    assert obs.kind == "invalid", obs
-    d = decide(obs, None, create=True)
-    assert d.action == "refuse"
+    assert blank.scan_zeros(img, 0, 64 * MIB).zero
+    obs = volume._observe(volume._read_area(img), vol, mac_key)
+    assert decide(obs, blank.probe_blank(img), create=True).action == "create"
+
+
+def test_header_swapped_on_disk_during_format_is_never_macd(
+    img: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13 item 4: the MAC covers libcryptsetup's in-memory header, never bytes read
+    back from the disk, which the host could have swapped between format and MAC."""
+    other = tmp_path / "other.img"
+    with other.open("wb") as f:
+        f.truncate(64 * MIB)
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    with CryptDevice.open(str(other)) as cd:  # a genuine-looking header the host made
+        cd.format_luks2(integrity=False)
+        cd.keyslot_add_by_volume_key(passphrase, keyslot=0)
+    hostile = volume._read_area(other)
+    hostile_uuid = parse_luks2(hostile).uuid
+
+    def hook(w: CrashWindow) -> None:
+        if w == CrashWindow.KEYSLOT_ADDED:
+            with img.open("r+b") as f:  # the host swaps the on-disk header right now
+                f.write(hostile)
+                f.flush()
+
+    macd: list[str] = []
+    real_make_token = volume.make_token
+
+    def spy(hdr: LuksHeader, *args: object) -> object:
+        macd.append(hdr.uuid)
+        return real_make_token(hdr, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(volume, "crash_hook", hook)
+    monkeypatch.setattr(volume, "make_token", spy)
+    try:
+        area = volume._format(img, vol, passphrase, mac_key)
+    except volume.VolumeRefused:
+        area = None
+    assert macd and hostile_uuid not in macd  # the host's header was never MAC'd
+    if area is not None:  # created: the disk holds exactly cva's MAC'd in-memory header
+        assert volume._read_area(img) == area
+        obs = volume._observe(area, vol, mac_key)
+        assert (obs.kind, obs.token_state) == ("cva", "initializing")
+        assert parse_luks2(area).uuid != hostile_uuid
 
 
 def test_initializing_window_recovers(img: Path, monkeypatch: pytest.MonkeyPatch) -> None:

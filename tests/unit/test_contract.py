@@ -407,7 +407,23 @@ def test_good_kbs(url: str, extra: str) -> None:
     assert parsed.kbs.url == url
 
 
-@pytest.mark.parametrize("tee", ["auto", "tdx", "snp", "tpm", "az-snp-vtpm", "az-tdx-vtpm"])
+@pytest.mark.parametrize("url", ["http://kbs.example", "http://10.0.0.1:8080", "http://[fe80::1]"])
+def test_insecure_http_never_creates(url: str) -> None:
+    """Plain http to a non-loopback KBS: the resource JWE is confidential but not authenticated,
+    so a host in the middle could hand cva its own key; `create` is refused, opening is not."""
+    text = contract(volume(create="true"), kbs=kbs(url, 'tee = "tdx"\ninsecure_http = true\n'))
+    refused(text, "volumes[0](data).create", "authenticated KBS.*plain http")
+    opened = contract(volume(create="false"), kbs=kbs(url, 'tee = "tdx"\ninsecure_http = true\n'))
+    assert not parse_contract(opened).volumes[0].create
+
+
+@pytest.mark.parametrize("url", ["https://kbs.example", "http://127.0.0.1:8080", "http://[::1]"])
+def test_create_over_https_or_loopback(url: str) -> None:
+    text = contract(volume(create="true"), kbs=kbs(url, 'tee = "tdx"\n'))
+    assert parse_contract(text).volumes[0].create
+
+
+@pytest.mark.parametrize("tee", ["auto", "tdx", "snp", "tpm"])
 def test_tees(tee: str) -> None:
     assert parse_contract(contract(kbs=kbs("https://k", f'tee = "{tee}"\n'))).kbs.tee == tee
 
@@ -430,6 +446,9 @@ def test_tees(tee: str) -> None:
         ("http://localhost.evil.example", 'tee = "sample"\n', "kbs.tee", "loopback"),
         ("https://kbs.example", 'tee = "sgx"\n', "kbs.tee", "must be one of"),
         ("https://kbs.example", 'tee = "AUTO"\n', "kbs.tee", "must be one of"),
+        # removed: a value that parses but refuses at start would be a lie (issue 13)
+        ("https://kbs.example", 'tee = "az-snp-vtpm"\n', "kbs.tee", "must be one of"),
+        ("https://kbs.example", 'tee = "az-tdx-vtpm"\n', "kbs.tee", "must be one of"),
         ("https://kbs.example", 'cert = "MIIB"\n', "kbs.cert", "PEM"),
         ("https://kbs.example", "cert = 3\n", "kbs.cert", "PEM string"),
         ("http://127.0.0.1", f"cert = {CERT}\n", "kbs.cert", "not https"),

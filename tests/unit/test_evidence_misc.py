@@ -109,7 +109,11 @@ def test_binding_pad_and_truncate_rules() -> None:
     # PCR8 still zero but the attester cannot extend: refused, not silently accepted
     with pytest.raises(BindingError):
         check_initdata_binding(d256, Fixed("tpm", bytes(32)))
-    check_initdata_binding(d256, SampleAttester())  # nothing measured on sample
+    # nothing is measured on sample: the check refuses it (only the image may go without it)
+    with pytest.raises(BindingError, match="measures no initdata"):
+        check_initdata_binding(d256, SampleAttester())
+    with pytest.raises(BindingError, match="measures no initdata"):
+        check_initdata_binding(d256, Fixed("az-snp-vtpm", bytes(32)))
 
 
 @settings(max_examples=300, deadline=None)

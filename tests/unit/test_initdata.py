@@ -349,14 +349,13 @@ def test_reference_values_pad_truncate_and_extend() -> None:
         assert snp == digest[:32]
     sha256 = parse_initdata(doc("sha256"))
     pcr8 = hashlib.sha256(bytes(32) + sha256.digest()).digest()
-    for tee in ("tpm", "az-snp-vtpm", "az-tdx-vtpm"):
-        assert reference_value(sha256, tee) == pcr8
-        assert reference_field(tee) == "PCR8"
+    assert reference_value(sha256, "tpm") == pcr8
+    assert reference_field("tpm") == "PCR8"
     assert reference_field("tdx") == "MRCONFIGID"
     assert reference_field("snp") == "HOST_DATA"
 
 
-@pytest.mark.parametrize("tee", ["sample", "sgx", "", "TDX"])
+@pytest.mark.parametrize("tee", ["sample", "sgx", "", "TDX", "az-snp-vtpm", "az-tdx-vtpm"])
 def test_reference_value_unknown_tee(tee: str) -> None:
     with pytest.raises(InitDataError, match="no initdata reference"):
         reference_value(parse_initdata(MINIMAL), tee)

@@ -134,3 +134,46 @@ def test_range_equals_compares_chunk_by_chunk(tmp_path: Path) -> None:
         assert blank.range_equals(fd, 0, b"")
     finally:
         os.close(fd)
+
+
+# ---- the full zero scan (issue 13 item 3) -------------------------------------------------
+
+
+def _scan_image(tmp_path: Path, size: int, writes: dict[int, bytes] | None = None) -> Path:
+    p = tmp_path / "scan.img"
+    with p.open("wb") as f:
+        f.truncate(size)
+        for off, data in (writes or {}).items():
+            f.seek(off)
+            f.write(data)
+    return p
+
+
+def test_scan_zeros_reads_every_byte(tmp_path: Path) -> None:
+    size = 3 * blank.SCAN_CHUNK + 12345
+    assert blank.scan_zeros(_scan_image(tmp_path, size), 0, size).zero
+    for where in (0, blank.SCAN_CHUNK - 1, blank.SCAN_CHUNK, 2 * blank.SCAN_CHUNK + 77, size - 1):
+        img = _scan_image(tmp_path, size, {where: b"\x01"})
+        scan = blank.scan_zeros(img, 0, size)
+        assert not scan.zero and scan.first_nonzero == where, where
+        img.unlink()
+
+
+def test_scan_zeros_offset_length_and_progress(tmp_path: Path) -> None:
+    size = 2 * blank.SCAN_CHUNK
+    img = _scan_image(tmp_path, size, {4095: b"x", size - 1: b"y"})
+    seen: list[tuple[int, int]] = []
+    scan = blank.scan_zeros(
+        img, 4096, size - 4097, progress=lambda d, t: seen.append((d, t)), progress_every=0
+    )
+    assert scan.zero and scan.bytes_scanned == size - 4097
+    assert seen[-1] == (size - 4097, size - 4097)
+    assert blank.scan_zeros(img, 4096, size - 4096).first_nonzero == size - 1
+
+
+def test_scan_zeros_short_device_is_an_error_not_zero(tmp_path: Path) -> None:
+    img = _scan_image(tmp_path, blank.SCAN_CHUNK)
+    with pytest.raises(OSError, match="short read"):
+        blank.scan_zeros(img, 0, blank.SCAN_CHUNK + 4096)
+    with pytest.raises(ValueError):
+        blank.scan_zeros(img, 100, 10)

@@ -29,8 +29,8 @@ SDA = disk.BlockInfo(
 def test_matches() -> None:
     assert disk.matches("serial", "pgdisk", VDB)
     assert not disk.matches("serial", "pgdisk2", VDB)
-    assert not disk.matches("serial", "", SDA)
-    assert disk.matches("pci", "0000:00:05.0", VDB) and disk.matches("pci", "00:05.0", VDB)
+    assert not disk.matches("serial", "pgdisk", SDA)  # SDA has no serial
+    assert disk.matches("pci", "0000:00:05.0", VDB)
     # a disk behind a SCSI controller carries the controller's address: `find` refuses when
     # that matches several disks (use scsi:H:C:T:L for those)
     assert disk.matches("pci", "0000:00:03.0", SDA)
@@ -41,8 +41,9 @@ def test_matches() -> None:
         disk.matches("scsi", "1", SDA)
     with pytest.raises(CvaError):
         disk.matches("nvme", "x", VDB)
-    with pytest.raises(CvaError):
-        disk.matches("pci", "zz", VDB)
+    for kind, value in (("pci", "zz"), ("pci", "00:05.0"), ("serial", ""), ("scsi", "01:0")):
+        with pytest.raises(CvaError):  # one canonical form per kind (test_disk_matcher.py)
+            disk.matches(kind, value, VDB)
 
 
 def fake_sysfs(root: Path, name: str, serial: str, pci: str = "0000:00:05.0") -> None:
@@ -64,7 +65,7 @@ def test_find_in_fake_sysfs(tmp_path: Path) -> None:
     fake_sysfs(sysfs, "vdc", "pgdisk", pci="0000:00:06.0")
     with pytest.raises(CvaError, match="several disks"):
         disk.find(Ref("serial", "pgdisk"), sysfs=sysfs, dev=dev)
-    with pytest.raises(CvaError, match="characters"):
+    with pytest.raises(CvaError, match="serial id must be"):
         disk.find(Ref("serial", "../x"), sysfs=sysfs, dev=dev)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,7 @@ def test_any_report_parses_or_fails_cleanly(text: str) -> None:
 PV = lvm.PhysicalVolume("/dev/vdb", "cva", 10 * GIB)
 VG = lvm.VolumeGroup("cva", 10 * GIB, 5 * GIB, 4 << 20, 1)
 LV = lvm.LogicalVolume("pg", "cva", GIB, True, "/dev/mapper/cva-pg")
+SEG = (lvm.LvSegment("pg", "cva", "linear", "linear", "public"),)
 
 
 def plan(state: lvm.LvmState, size: int = GIB, create: bool = True) -> lvm.LvmPlan:
@@ -94,11 +96,11 @@ def test_plan_resumes_after_each_crash_window() -> None:
     pv_only = lvm.PhysicalVolume("/dev/vdb", "", 10 * GIB)
     assert plan(lvm.LvmState((pv_only,), (), ())).steps == ("vgcreate", "lvcreate")
     assert plan(lvm.LvmState((PV,), (VG,), ())).steps == ("lvcreate",)
-    assert plan(lvm.LvmState((PV,), (VG,), (LV,))).steps == ()
+    assert plan(lvm.LvmState((PV,), (VG,), (LV,), SEG)).steps == ()
     inactive = lvm.LogicalVolume("pg", "cva", GIB, False, "")
-    assert plan(lvm.LvmState((PV,), (VG,), (inactive,))).steps == ("activate",)
-    assert plan(lvm.LvmState((PV,), (VG,), (LV,)), size=2 * GIB).steps == ("extend",)
-    assert plan(lvm.LvmState((PV,), (VG,), (LV,)), size=GIB // 2).steps == ()  # never shrinks
+    assert plan(lvm.LvmState((PV,), (VG,), (inactive,), SEG)).steps == ("activate",)
+    assert plan(lvm.LvmState((PV,), (VG,), (LV,), SEG), size=2 * GIB).steps == ("extend",)
+    assert plan(lvm.LvmState((PV,), (VG,), (LV,), SEG), size=GIB // 2).steps == ()  # no shrink
     for p in (plan(lvm.LvmState((PV,), (VG,), ())),):
         assert not p.needs_blank_disk
 
@@ -113,3 +115,79 @@ def test_plan_refuses_foreign_lvm() -> None:
 
 def test_dm_path_doubles_dashes() -> None:
     assert lvm.dm_path("cva", "pg-data") == Path("/dev/mapper/cva-pg--data")
+
+
+# ---- segment types (issue 13 item 4: only linear LVs) -------------------------------------
+
+
+def _segs(*rows: tuple[str, str, str, str, str]) -> str:
+    keys = ("lv_name", "vg_name", "segtype", "lv_layout", "lv_role")
+    return json.dumps({"report": [{"seg": [dict(zip(keys, r, strict=True)) for r in rows]}]})
+
+
+def test_segment_report_parses() -> None:
+    text = _segs(("pg", "cva", "linear", "linear", "public"), ("pg", "cva", "linear", "linear",
+                 "public"))  # fmt: skip
+    assert lvm.parse_lv_segments(text) == SEG * 2
+    assert lvm.parse_lv_segments('{"report":[{"seg":[]}]}') == ()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[", '{"report":[{"seg":[{"segtype":1}]}]}', '{"report":[{"seg":"linear"}]}',
+     _segs(("pg", "cva", "linear\nlinear", "linear", "public")),
+     _segs(("pg", "cva", "x" * 65, "linear", "public")),
+     _segs(("pg", "cva", "linear", "linear", "public origin")), "[" * 100000],
+)  # fmt: skip
+def test_hostile_segment_reports_fail_cleanly(text: str) -> None:
+    with pytest.raises(CvaError):
+        lvm.parse_lv_segments(text)
+
+
+@given(st.text(max_size=300))
+def test_any_segment_report_parses_or_fails_cleanly(text: str) -> None:
+    with contextlib.suppress(CvaError):
+        lvm.parse_lv_segments(text)
+
+
+@pytest.mark.parametrize(
+    ("segtype", "layout", "role", "named"),
+    [
+        ("thin", "thin,sparse", "public", "'thin'"),
+        ("raid1", "raid,raid1", "public", "'raid1'"),
+        ("cache", "cache", "public", "'cache'"),
+        ("vdo", "vdo", "public", "'vdo'"),
+        ("striped", "striped", "public", "'striped'"),
+        ("mirror", "mirror", "public", "'mirror'"),
+        ("zero", "zero", "public", "'zero'"),
+        ("error", "error", "public", "'error'"),
+        ("snapshot", "linear", "public,snapshot,thicksnapshot", "'snapshot'"),
+        ("linear", "linear", "public,origin,thickorigin", "origin"),
+        ("linear", "thin,sparse", "public", "layout"),
+        ("Linear", "linear", "public", "'Linear'"),
+    ],
+)
+def test_plan_refuses_every_lv_that_is_not_exactly_linear(
+    segtype: str, layout: str, role: str, named: str
+) -> None:
+    seg = lvm.LvSegment("pg", "cva", segtype, layout, role)
+    for state in (
+        lvm.LvmState((PV,), (VG,), (LV,), (seg,)),
+        lvm.LvmState((PV,), (VG,), (LV,), (*SEG, seg)),  # one bad segment among linear ones
+        lvm.LvmState((PV,), (VG,), (lvm.LogicalVolume("pg", "cva", GIB, False, ""),), (seg,)),
+    ):
+        p = plan(state)
+        assert p.steps == () and p.refusal is not None
+        assert "lvm-linear-only" in p.refusal and named in p.refusal
+
+
+def test_plan_refuses_an_lv_without_segment_rows() -> None:
+    p = plan(lvm.LvmState((PV,), (VG,), (LV,)))
+    assert p.steps == () and "no segment" in (p.refusal or "")
+    other = (lvm.LvSegment("pg", "other", "linear", "linear", "public"),)
+    assert "no segment" in (plan(lvm.LvmState((PV,), (VG,), (LV,), other)).refusal or "")
+
+
+def test_lvsegs_argv_is_a_segment_report() -> None:
+    argv = lvm.lvsegs_argv("/dev/vdb")
+    assert "--segments" in argv and argv[argv.index("-o") + 1].split(",")[2] == "segtype"

@@ -104,9 +104,60 @@ def test_mapper_names_never_equal_an_lvm_dm_name() -> None:
     assert len({w.value for w in CrashWindow}) == len(CrashWindow)
 
 
+def _init(**kw: object) -> str:
+    facts: dict[str, object] = {
+        "filesystem": "ext4",
+        "superblock_readable": True,
+        "filesystem_complete": False,
+        "formatted_now": False,
+        "create": True,
+        "integrity": False,
+    }
+    facts.update(kw)
+    d = initializing_action(**facts)  # type: ignore[arg-type]
+    if d.action == "refuse":
+        assert "initializing-needs-blank-data" in d.reason and "blkdiscard" in d.reason
+        assert "\n" not in d.reason
+    return d.action
+
+
 def test_initializing_never_formats_over_a_complete_filesystem() -> None:
-    assert initializing_action(True) == "mark-ready"
-    assert initializing_action(False) == "mkfs"
+    for create in (True, False):
+        assert _init(filesystem_complete=True, create=create) == "mark-ready"
+    assert _init(formatted_now=True) == "mkfs"  # this run proved the disk blank
+
+
+def test_replayed_initializing_header_never_means_mkfs_with_create_false() -> None:
+    # issue 13 item 3: "initializing", first block damaged, contract create = false
+    assert _init(create=False) == "refuse"
+    assert _init(create=False, data_area_zero=True) == "refuse"
+    d = initializing_action(
+        filesystem="xfs", superblock_readable=True, filesystem_complete=False,
+        formatted_now=False, create=False, integrity=False,
+    )  # fmt: skip
+    assert "create = false" in d.reason and "xfs" in d.reason
+
+
+def test_initializing_with_unreadable_or_nonzero_data_is_refused() -> None:
+    for create in (True, False):
+        assert _init(superblock_readable=False, create=create) == "refuse"
+    assert _init(superblock_readable=False, formatted_now=True) == "refuse"
+    d = initializing_action(
+        filesystem="ext4", superblock_readable=True, filesystem_complete=False,
+        formatted_now=False, create=True, integrity=False, data_area_zero=False,
+        first_nonzero=16 << 20,
+    )  # fmt: skip
+    assert d.action == "refuse" and str(16 << 20) in d.reason
+
+
+def test_initializing_recovery_formats_only_a_proven_zero_data_area() -> None:
+    assert _init() == "prove-zero"  # the caller scans the raw data area first
+    assert _init(data_area_zero=True) == "mkfs"
+    assert _init(data_area_zero=False) == "refuse"
+    # with integrity the raw area holds dm-integrity's own metadata: no proof possible
+    assert _init(integrity=True) == "refuse"
+    assert _init(integrity=True, data_area_zero=True) == "refuse"
+    assert _init(integrity=True, formatted_now=True) == "mkfs"
 
 
 def test_fs_complete_needs_magic_and_xfs_not_in_progress() -> None:

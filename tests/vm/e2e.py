@@ -12,11 +12,16 @@ again exactly what an image build would):
 - `cva.service` from the repo share with a drop-in that points ExecStart at
   `/opt/venv/bin/python -m agent serve` (PYTHONPATH=/mnt/vmsrc), `/etc/cva/config.toml`;
 - a fake container bundle `/run/kata-containers/<cid>/{config.json, rootfs/}`;
-- the test-only TCP front `tests.tools.tcp_forward` (guest NIC port -> cva's private gRPC unix
-  socket, the same splice the vsock listener uses) and `tests.vm.guest_control` (a command
-  channel for the host: journal, files, kill -9, poweroff).
+- the test-only TCP front `tests.tools.tcp_forward` (guest NIC port -> AF_VSOCK to CID 1, port
+  1040 over the guest's `vsock_loopback`) and `tests.vm.guest_control` (a command channel for
+  the host: journal, files, kill -9, poweroff).
 The host reaches both through qemu `hostfwd` on 127.0.0.1; the guest reaches the KBS through a
-`guestfwd` at 10.0.2.100. No vhost-vsock exists here, hence the TCP stand-in.
+`guestfwd` at 10.0.2.100. No /dev/vhost-vsock exists here, so the host cannot open a vsock to
+the guest; the forwarder makes the last hop a real AF_VSOCK connection instead. cva itself is
+configured as in production: gRPC on its default vsock listener (port 1040, which splices into
+the private unix socket and logs the peer CID) and no unix/tcp extra listener, so every gRPC
+call of the E2E (PrepareVolumes, ReleaseVolumes, ListVolumes, Health) goes through cva's real
+vsock listener and splice.
 """
 
 from __future__ import annotations
@@ -55,9 +60,11 @@ REPO = Path(__file__).resolve().parents[2]
 KBS_GUEST_ADDR = "10.0.2.100"  # exists only inside qemu's user network (guestfwd)
 KBS_GUEST_PORT = 8443
 GUEST_GRPC_PORT = 50051  # tests.tools.tcp_forward in the guest
+VSOCK_PORT = 1040  # cva's default gRPC vsock port (agent.config.DEFAULT_VSOCK_PORT)
+VMADDR_CID_LOCAL = 1  # the guest's vsock_loopback transport
+GRPC_TARGET = f"vsock:{VMADDR_CID_LOCAL}:{VSOCK_PORT}"  # where tcp_forward dials
 GUEST_CONTROL_PORT = 7000  # tests.vm.guest_control in the guest
 INITDATA_SERIAL = "cvainitdata"
-GUEST_SOCKET = "/run/cva/grpc.sock"  # cva's private gRPC socket (what vsock splices into)
 JOB_SHARE_RACE = "the vmjob share could not be mounted"  # tests/vm/recipe/cva-vm-job
 BOOT_ATTEMPTS = 2  # a guest that fails before its job begins is booted once more
 
@@ -69,6 +76,8 @@ Log = Callable[[str], None]
 class Scenario:
     """One contract, one volume, one container."""
 
+    # The scenario's TEE: the image config's [evidence] tee (sample: with allow_sample = true;
+    # the guest has a swtpm but no TDX/SNP device) and the contract's kbs.tee requirement.
     tee: str = "sample"
     container_id: str = "e2e-ctr-0001"
     container_name: str = "app"
@@ -132,8 +141,7 @@ def initdata_document(contract: str) -> bytes:
 
 DAEMON_CONFIG = """\
 [listen]
-vsock_port = 0
-tcp = "127.0.0.1:50052"
+vsock_port = 1040  # the default, as in production: no unix/tcp extra listener
 
 [timeouts]
 kbs = {kbs_deadline}
@@ -144,9 +152,17 @@ level = "info"
 """
 
 
+def evidence_config(tee: str) -> str:
+    """The image config's [evidence] section: the image, never the contract, picks the TEE;
+    only a test image allows sample, and says so with both keys."""
+    if tee == "sample":
+        return '[evidence]\ntee = "sample"\nallow_sample = true\n'
+    return f"[evidence]\ntee = {json.dumps(tee)}\n"
+
+
 def daemon_config(s: Scenario) -> str:
-    """cva's /etc/cva/config.toml for the scenario (DAEMON_CONFIG, plus its ttRPC listener)."""
-    text = DAEMON_CONFIG.format(kbs_deadline=s.kbs_deadline)
+    """cva's /etc/cva/config.toml for the scenario (DAEMON_CONFIG, its TEE, its ttRPC listener)."""
+    text = DAEMON_CONFIG.format(kbs_deadline=s.kbs_deadline) + "\n" + evidence_config(s.tee)
     if s.ttrpc is not None:
         text = text.replace("[listen]\n", f"[listen]\nttrpc = {json.dumps(s.ttrpc)}\n", 1)
     return text
@@ -194,12 +210,15 @@ install -D -m 0644 /mnt/vmjob/config.toml /etc/cva/config.toml
 mkdir -p {q(bundle)}/rootfs
 install -m 0644 /mnt/vmjob/config.json {q(bundle)}/config.json
 /lib/systemd/systemd-networkd-wait-online --timeout=60 || echo "e2e: no network yet"
+# no virtio-vsock device (the host has no vhost-vsock): the loopback transport carries the
+# E2E's vsock connections (CID 1); cva's listener is the same AF_VSOCK socket either way
+modprobe vsock_loopback || echo "e2e: no vsock_loopback module"
 systemctl daemon-reload
 {pre_start}
 systemctl start cva.service || echo "e2e: cva.service did not start"
 systemctl --no-pager status cva.service | head -5
 cd /mnt/vmsrc
-python -m tests.tools.tcp_forward {GUEST_GRPC_PORT} {GUEST_SOCKET} \\
+python -m tests.tools.tcp_forward {GUEST_GRPC_PORT} {GRPC_TARGET} \\
     > /run/tcp_forward.log 2>&1 &
 python -m tests.vm.guest_control --port {GUEST_CONTROL_PORT}
 rc=$?

@@ -7,6 +7,8 @@ allows PrepareVolumes and ReleaseVolumes only, so ListVolumes is the policy-deni
 
 from __future__ import annotations
 
+import contextlib
+import json
 import secrets
 import tempfile
 import threading
@@ -118,15 +120,54 @@ def test_cva_runs_as_a_notify_service_and_serves_health(guest: Guest) -> None:
     assert "trust_established" in guest.journal()
 
 
+def _events(guest: Guest, event: str) -> list[dict[str, Any]]:
+    """cva's journal events named `event` (its JSON log lines), oldest first."""
+    found = []
+    for line in guest.journal().splitlines():
+        with contextlib.suppress(ValueError):
+            doc = json.loads(line)
+            if isinstance(doc, dict) and doc.get("event") == event:
+                found.append(doc)
+    return found
+
+
+def _vsock_connections(guest: Guest) -> list[dict[str, Any]]:
+    """One `vsock_connection` event per AF_VSOCK connection cva's listener accepted."""
+    return _events(guest, "vsock_connection")
+
+
+def test_grpc_reaches_cva_only_over_its_vsock_listener_and_the_peer_cid_is_logged(
+    guest: Guest,
+) -> None:
+    """Production's transport: gRPC on vsock port 1040 (spliced into the private socket), no
+    unix/tcp extra listener; the host's calls arrive over AF_VSOCK (vsock_loopback, CID 1)."""
+    from agent.config import parse_config
+
+    config = parse_config(guest.control.run(["cat", "/etc/cva/config.toml"]).check().stdout)
+    assert config.listen.vsock_port == 1040
+    assert (config.listen.unix, config.listen.tcp, config.listen.ttrpc) == (None, None, None)
+    ready = _events(guest, "ready")
+    assert ready and ready[-1]["addresses"] == ["unix:/run/cva/grpc.sock"]  # the private one
+    assert ready[-1]["vsock_port"] == 1040
+    before = len(_vsock_connections(guest))
+    guest.wait_cva(timeout=30)  # a Health call on a fresh channel
+    events = _vsock_connections(guest)
+    assert len(events) > before, "the Health call did not arrive through cva's vsock listener"
+    assert {e["peer_cid"] for e in events} == {1}, events[-3:]
+    assert all(isinstance(e.get("peer_port"), int) for e in events)
+
+
 def test_rpc_not_allowed_by_the_contract_gets_permission_denied(guest: Guest) -> None:
     import grpc
 
     from agent.client import RpcFailed
 
+    before = len(_vsock_connections(guest))
     with guest.client(timeout=30) as client, pytest.raises(RpcFailed) as caught:
         client.list()  # type: ignore[attr-defined]
     assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert "\n" not in str(caught.value)
+    assert len(_vsock_connections(guest)) > before  # ListVolumes came over AF_VSOCK
 
 
 def test_kbs_denying_the_key_is_a_clean_error_and_formats_nothing(
@@ -215,6 +256,14 @@ def test_kill_9_mid_prepare_systemd_restarts_cva_and_the_next_call_completes(
     assert answer.volumes[0].created is False
     path = f"{guest.volume_path()}/{FILE}"
     assert guest.control.run(["cat", path]).check().stdout == MARKER.decode()
+
+
+def test_every_call_of_this_boot_came_over_vsock(guest: Guest) -> None:
+    """PrepareVolumes, ReleaseVolumes, ListVolumes and Health above: cva has no other gRPC
+    front than its vsock listener here, and each client channel shows up as one connection."""
+    events = _vsock_connections(guest)
+    assert len(events) >= 8, f"only {len(events)} vsock connections logged"
+    assert {e["peer_cid"] for e in events} == {1}
 
 
 def test_journal_holds_no_key_bytes(world: World, guest: Guest) -> None:

@@ -9,6 +9,7 @@ values, and serves nothing.
 
 from __future__ import annotations
 
+import json
 import secrets
 import tempfile
 import time
@@ -67,6 +68,13 @@ def test_tpm_attestation_binds_pcr8_and_prepares_the_volume(world: World) -> Non
         journal = guest.journal()
         assert '"tee": "tpm"' in journal
         assert "kbs attested" in journal
+        # the call came over AF_VSOCK (vsock_loopback) through cva's listener and splice
+        cids = {
+            json.loads(line).get("peer_cid")
+            for line in journal.splitlines()
+            if line.startswith("{") and '"vsock_connection"' in line
+        }
+        assert cids == {1}, cids
         with guest.client() as client:
             client.release(SCENARIO.container_id)  # type: ignore[attr-defined]
         assert guest.poweroff().finished

@@ -24,6 +24,7 @@ from tests.vm.e2e import (
     World,
     contract_text,
     daemon_config,
+    evidence_config,
     initdata_document,
     job_script,
     make_kbs_tls,
@@ -83,18 +84,25 @@ def test_initdata_document_refuses_a_contract_that_would_break_its_quoting() -> 
 
 
 def test_daemon_config_and_bundle() -> None:
-    parse_config = pytest.importorskip("agent.config").parse_config  # the daemon stream's
+    config_module = pytest.importorskip("agent.config")  # the daemon stream's
+    parse_config, EvidenceConfig = config_module.parse_config, config_module.EvidenceConfig
 
-    config = parse_config(DAEMON_CONFIG.format(kbs_deadline=120.0))
+    config = parse_config(DAEMON_CONFIG.format(kbs_deadline=120.0) + evidence_config("sample"))
     assert parse_config(daemon_config(Scenario())) == config
+    assert config.evidence == EvidenceConfig("sample", allow_sample=True)
+    tpm = parse_config(daemon_config(Scenario(tee="tpm"))).evidence
+    assert tpm == EvidenceConfig("tpm")  # the TPM scenarios never allow sample
+    assert parse_config(daemon_config(DEMO)).evidence == config.evidence
     assert config.listen.ttrpc is None
-    assert config.listen.vsock_port == 0
-    assert config.listen.tcp == ("127.0.0.1", 50052)
+    # production's transport only: the default vsock listener, no unix/tcp extra listener
+    assert config.listen.vsock_port == 1040
+    assert (config.listen.tcp, config.listen.unix) == (None, None)
     assert config.private_socket == Path("/run/cva/grpc.sock")
     sock = "unix:///run/confidential-containers/cdh.sock"
     with_ttrpc = parse_config(daemon_config(Scenario(ttrpc=sock, kbs_deadline=30.0)))
     assert with_ttrpc.listen.ttrpc == Path("/run/confidential-containers/cdh.sock")
-    assert with_ttrpc.listen.tcp == ("127.0.0.1", 50052)
+    assert with_ttrpc.listen.tcp is None
+    assert with_ttrpc.listen.vsock_port == 1040
     assert with_ttrpc.timeouts.kbs == 30.0
     doc = json.loads(oci_config("app"))
     assert doc["annotations"]["io.kubernetes.cri.container-name"] == "app"
@@ -106,7 +114,8 @@ def test_job_script_installs_the_unit_and_serves_the_host() -> None:
     assert "systemctl start cva.service" in script
     assert script.index("echo tamper") < script.index("systemctl start cva.service")
     assert "/run/kata-containers/e2e-ctr-0001/config.json" in script
-    assert "tests.tools.tcp_forward 50051 /run/cva/grpc.sock" in script
+    assert "tests.tools.tcp_forward 50051 vsock:1:1040" in script
+    assert script.index("modprobe vsock_loopback") < script.index("systemctl start cva.service")
     assert "tests.vm.guest_control --port 7000" in script
 
 

@@ -1,0 +1,161 @@
+"""evidence.volume_event: the content cva records per volume, canonical and parseable."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evidence.errors import EvidenceError
+from evidence.eventlog import ALG_SHA384, encode_entry, parse_aael_text, parse_log
+from evidence.volume_event import (
+    DOMAIN,
+    VolumeEvent,
+    VolumeEventError,
+    VolumeOperation,
+    parse_volume_content,
+    parse_volume_event,
+    volume_aael,
+    volume_content,
+)
+
+UUID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+HDR = hashlib.sha256(b"header").digest()
+
+
+def _event(**kw: Any) -> VolumeEvent:
+    args: dict[str, Any] = {
+        "operation": VolumeOperation.OPEN,
+        "name": "data",
+        "luks_uuid": UUID,
+        "header_sha256": HDR,
+        "filesystem": "ext4",
+        "read_only": False,
+        "sequence": 7,
+    }
+    args.update(kw)
+    return VolumeEvent(**args)
+
+
+def test_known_text() -> None:
+    ev = _event()
+    assert volume_content(ev) == (
+        f"v=1 name=data uuid={UUID} header-sha256={HDR.hex()} fs=ext4 ro=false seq=7"
+    )
+    aael = volume_aael(ev)
+    assert (aael.domain, aael.operation) == ("cva", "volume-open")
+    assert aael.text == "cva volume-open " + volume_content(ev)
+    eph = _event(operation=VolumeOperation.CLOSE, sequence=None, read_only=True, name="a.b+c_d-e")
+    assert volume_aael(eph).text.endswith(" fs=ext4 ro=true")
+    assert parse_volume_event(volume_aael(eph)) == eph
+
+
+def test_through_a_log() -> None:
+    events = [_event(operation=op, sequence=i) for i, op in enumerate(VolumeOperation)]
+    log = b"".join(encode_entry(17, ALG_SHA384, volume_aael(e)) for e in events)
+    log += encode_entry(17, ALG_SHA384, parse_aael_text("github.com/x PullImage {}"))
+    parsed = [parse_volume_event(parse_aael_text(e.text)) for e in parse_log(log)]
+    assert parsed == [*events, None]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"name": ""},
+        {"name": "a b"},
+        {"name": "a=b"},
+        {"name": "-x"},
+        {"name": "x" * 129},
+        {"name": "da\nta"},
+        {"luks_uuid": UUID.upper()},
+        {"luks_uuid": UUID[:-1]},
+        {"luks_uuid": UUID.replace("-", "")},
+        {"header_sha256": HDR[:31]},
+        {"header_sha256": HDR.hex()},
+        {"filesystem": "Ext4"},
+        {"filesystem": "ext 4"},
+        {"filesystem": ""},
+        {"read_only": 1},
+        {"sequence": -1},
+        {"sequence": 2**64},
+        {"sequence": True},
+        {"sequence": "7"},
+        {"operation": "volume-open"},
+    ],
+)
+def test_construction_refuses(kw: dict[str, Any]) -> None:
+    with pytest.raises(VolumeEventError):
+        _event(**kw)
+    assert issubclass(VolumeEventError, EvidenceError)
+
+
+GOOD = volume_content(_event())
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        GOOD + " ",
+        " " + GOOD,
+        GOOD.replace(" ", "  ", 1),
+        GOOD + " extra=1",
+        GOOD.replace("v=1", "v=2"),
+        GOOD.replace("name=", "nom="),
+        GOOD.replace("uuid=", "uuid:"),
+        GOOD.replace("ro=false", "ro=0"),
+        GOOD.replace("seq=7", "seq=07"),
+        GOOD.replace("seq=7", "seq=-7"),
+        GOOD.replace("seq=7", f"seq={2**64}"),
+        GOOD.replace("seq=7", "seq=+7"),
+        GOOD.replace(HDR.hex(), HDR.hex().upper()),
+        GOOD.replace(HDR.hex(), HDR.hex()[:-2]),
+        " ".join(reversed(GOOD.split(" "))),
+        GOOD.replace("fs=ext4 ro=false", "ro=false fs=ext4"),
+        GOOD.replace("name=data", "name=da=ta"),
+        GOOD.replace("seq=7", "seq=\u0667"),  # ARABIC-INDIC DIGIT SEVEN
+        GOOD.replace("seq=7", "key=00112233445566778899aabbccddeeff"),
+    ],
+)
+def test_parse_refuses_non_canonical(content: str) -> None:
+    with pytest.raises(VolumeEventError):
+        parse_volume_content(VolumeOperation.OPEN, content)
+
+
+def test_parse_event_domain_and_operation() -> None:
+    assert parse_volume_event(parse_aael_text("other volume-open " + GOOD)) is None
+    with pytest.raises(VolumeEventError, match="not a volume operation"):
+        parse_volume_event(parse_aael_text(f"{DOMAIN} volume-wipe {GOOD}"))
+
+
+_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}", fullmatch=True)
+
+
+@settings(max_examples=200)
+@given(
+    st.sampled_from(list(VolumeOperation)),
+    _names,
+    st.uuids().map(str),
+    st.binary(min_size=32, max_size=32),
+    st.from_regex(r"[a-z][a-z0-9]{0,15}", fullmatch=True),
+    st.booleans(),
+    st.none() | st.integers(0, 2**64 - 1),
+)
+def test_round_trip(
+    op: VolumeOperation, name: str, uuid: str, hdr: bytes, fs: str, ro: bool, seq: int | None
+) -> None:
+    ev = VolumeEvent(op, name, uuid, hdr, fs, ro, seq)
+    assert parse_volume_event(parse_aael_text(volume_aael(ev).text)) == ev
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=200))
+def test_parse_fuzz_only_typed_errors(content: str) -> None:
+    try:
+        ev = parse_volume_content(VolumeOperation.CREATE, content)
+    except VolumeEventError:
+        return
+    assert volume_content(ev) == content
