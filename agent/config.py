@@ -39,6 +39,11 @@ allow_sample = false               # true only in test images: permits tee = "sa
                                    # no security), still refused when a TDX/SNP device is present
 vtpm_in_tee = false                # true: the vTPM is part of the TEE (a paravisor vTPM), so
                                    # tee = "tpm" may be chosen while TDX/SNP is present
+
+[securemount]
+mount_roots = []                   # more SecureMount mount points beyond kata's own two
+                                   # (/run/kata-containers/image, .../sandbox/storage/<id>):
+                                   # "/abs/dir" = that directory, "/abs/dir/*" = one <id> below
 ```
 Port 1040: kata uses vsock 1024 (agent), 1025 (agent logs) and 1026 (debug console).
 """
@@ -53,6 +58,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from agent.errors import InputError
+from agent.mountpoints import PROTECTED_PATHS, MountPointError, MountRoot, MountRules, parse_root
 
 DEFAULT_CONFIG_PATH = Path("/etc/cva/config.toml")
 DEFAULT_VSOCK_PORT = 1040
@@ -61,6 +67,7 @@ CDH_TTRPC_SOCKET = Path("/run/confidential-containers/cdh.sock")  # kata-agent's
 MAX_CONFIG_BYTES = 64 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 IMAGE_TEES = ("auto", "tdx", "snp", "tpm", "sample")
+MAX_MOUNT_ROOTS = 32
 
 
 class ConfigError(InputError):
@@ -107,6 +114,11 @@ class EvidenceConfig:
 
 
 @dataclass(frozen=True)
+class SecureMountConfig:
+    mount_roots: tuple[MountRoot, ...] = ()  # opt-in beyond kata's two (agent.mountpoints)
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     initdata: InitdataSources = field(default_factory=InitdataSources)
@@ -114,6 +126,16 @@ class DaemonConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_level: str = "info"
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+    securemount: SecureMountConfig = field(default_factory=SecureMountConfig)
+
+    @property
+    def mount_rules(self) -> MountRules:
+        """Where SecureMount may mount: kata's two places + `[securemount] mount_roots`; cva's
+        own state and mount directories are protected like the built-in paths."""
+        return MountRules.build(
+            self.securemount.mount_roots,
+            (str(self.paths.state_dir), str(self.paths.mount_base)),
+        )
 
     @property
     def private_socket(self) -> Path:
@@ -128,6 +150,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
     "timeouts": frozenset({"call", "disk_wait", "kbs", "shutdown_grace"}),
     "log": frozenset({"level"}),
     "evidence": frozenset({"tee", "allow_sample", "vtpm_in_tee"}),
+    "securemount": frozenset({"mount_roots"}),
 }
 
 
@@ -276,7 +299,8 @@ def parse_config(text: str) -> DaemonConfig:
             "config: no listen address (set listen.vsock_port, listen.unix, listen.tcp,"
             " listen.ttrpc or listen.ttrpc_vsock_port)"
         )
-    return DaemonConfig(listen, initdata, paths, timeouts, str(level), _evidence(doc))
+    securemount = _securemount(_table(doc, "securemount"), listen, paths)
+    return DaemonConfig(listen, initdata, paths, timeouts, str(level), _evidence(doc), securemount)
 
 
 def _flag(value: object, key: str) -> bool:
@@ -303,6 +327,29 @@ def _evidence(doc: dict[str, Any]) -> EvidenceConfig:
             " a paravisor vTPM be the root of trust while TDX/SNP is present)"
         )
     return EvidenceConfig(tee, allow_sample, vtpm_in_tee)
+
+
+def _securemount(
+    table: dict[str, Any], listen: ListenConfig, paths: PathsConfig
+) -> SecureMountConfig:
+    roots = table.get("mount_roots", [])
+    if not isinstance(roots, list) or len(roots) > MAX_MOUNT_ROOTS:
+        raise ConfigError(
+            f"config: securemount.mount_roots must be a list of at most {MAX_MOUNT_ROOTS} paths"
+        )
+    # never /, a protected path, below one or above one -- nor cva's own directories, kata's
+    # bundle base (<rootfs_base>/<container id> is chosen by the host) or a listening socket
+    own = (paths.state_dir, paths.mount_base, paths.rootfs_base, listen.unix, listen.ttrpc)
+    protected = (*PROTECTED_PATHS, *(str(p) for p in own if p is not None))
+    parsed: list[MountRoot] = []
+    for root in roots:
+        if not isinstance(root, str):
+            raise ConfigError("config: securemount.mount_roots[] must be strings")
+        try:
+            parsed.append(parse_root(root, protected))
+        except MountPointError as exc:
+            raise ConfigError(f"config: securemount.mount_roots: {exc}") from None
+    return SecureMountConfig(tuple(parsed))
 
 
 def load_config(path: Path | None) -> DaemonConfig:

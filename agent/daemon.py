@@ -119,6 +119,7 @@ class Daemon:
                 call_timeout=config.timeouts.call,
                 securemount_backend=sm_backend,
                 header_dir=config.paths.state_dir / "securemount" / "headers",
+                mount_rules=config.mount_rules,
             )
             try:
                 await ttrpc.listen_unix(config.listen.ttrpc)

@@ -58,7 +58,13 @@ class LuksBackend:
     def bind(self, vol: Volume, opened: OpenedVolume, rootfs: Path) -> None:
         from luks import mount as luks_mount  # noqa: PLC0415 - lazy: first storage step
 
-        luks_mount.bind_into_rootfs(opened.guest_path, rootfs, vol.mount, read_only=vol.read_only)
+        luks_mount.bind_into_rootfs(
+            opened.guest_path,
+            rootfs,
+            vol.mount,
+            device=Path(opened.device),
+            read_only=vol.read_only,
+        )
 
     def unbind(self, vol: Volume, rootfs: Path) -> None:
         guest = self._guest_path(vol)

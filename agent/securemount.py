@@ -27,13 +27,14 @@ import posixpath
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
 from agent._proto.cdh import api_pb2
 from agent.contract import ContractError, parse_kbs_uri
 from agent.errors import InputError
+from agent.mountpoints import MountPointError, MountRules, normalise_request_path
 from agent.ttrpc import CallContext, Code, TtrpcServer
 from luks.disk import BlockInfo
 from luks.disk import matches as disk_matches
@@ -59,21 +60,7 @@ MOUNT_FLAGS = frozenset({"ro", "rw", "nodev", "nosuid", "noexec", "noatime", "re
 EPHEMERAL_MAPPER_PREFIX = "cva-eph-"
 MAX_VALUE_CHARS = 4096
 MAX_MKFS_TOKENS = 32
-# Guest paths a mount must never cover (kata-agent's own mount points live under /run/kata-...).
-FORBIDDEN_MOUNT_ROOTS = (
-    "/bin",
-    "/boot",
-    "/dev",
-    "/etc",
-    "/lib",
-    "/lib64",
-    "/proc",
-    "/run/cva",
-    "/sbin",
-    "/sys",
-    "/usr",
-)
-
+DEFAULT_MOUNT_RULES = MountRules()  # kata's two places (agent.mountpoints); the daemon adds config
 _DEVICE_ID = re.compile(r"([0-9]{1,7}):([0-9]{1,10})")
 _MAPPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,100}")
 _EXT4_FEATURES = re.compile(r"\^?[a-z0-9_]{1,32}(,\^?[a-z0-9_]{1,32}){0,31}")
@@ -143,9 +130,17 @@ class SecureMountParams:
 
 
 def parse_secure_mount(
-    volume_type: str, options: Mapping[str, str], flags: Sequence[str], mount_point: str
+    volume_type: str,
+    options: Mapping[str, str],
+    flags: Sequence[str],
+    mount_point: str,
+    *,
+    rules: MountRules = DEFAULT_MOUNT_RULES,
 ) -> SecureMountParams:
-    """Validate a SecureMount request (SPEC e.2); raises `SecureMountRefused` naming the rule."""
+    """Validate a SecureMount request (SPEC e.2); raises `SecureMountRefused` naming the rule.
+    The mount point is checked first: a request for a place cva never mounts is refused
+    before anything else is looked at."""
+    checked_mount_point = _mount_point(mount_point, rules)
     if volume_type != VOLUME_TYPE_BLOCK_DEVICE:
         raise _refuse(
             Code.UNIMPLEMENTED,
@@ -176,7 +171,7 @@ def parse_secure_mount(
         target=_target(options.get("targetType")),
         filesystem=_filesystem(options.get("filesystemType")),
         mkfs_args=_mkfs_args(options.get("mkfsOpts")),
-        mount_point=_mount_point(mount_point),
+        mount_point=checked_mount_point,
         read_only=_read_only(flags),
         mount_flags=tuple(flags),
     )
@@ -354,34 +349,16 @@ def _mkfs_pair_ok(flag: str, arg: str) -> bool:
     return False
 
 
-def _mount_point(value: str) -> str:
-    if (
-        not value.startswith("/")
-        or "\x00" in value
-        or len(value) > MAX_VALUE_CHARS
-        or posixpath.normpath(value) != value
-        or value.startswith("//")
-    ):
-        raise _refuse(
-            Code.INVALID_ARGUMENT,
-            "mount-point",
-            f"mount_point {_show(value)} must be an absolute, normalized guest path",
-        )
-    root = covered_root(value)
-    if root is not None:
-        raise _refuse(
-            Code.PERMISSION_DENIED, "mount-point", f"mount_point {_show(value)} would cover {root}"
-        )
-    return value
-
-
-def covered_root(path: str) -> str | None:
-    """The guest root a mount at `path` would cover or land in (None = allowed). Checked on the
-    request's text here and, by the daemon, again on the path the kernel resolved it to."""
-    for root in ("/", *FORBIDDEN_MOUNT_ROOTS):
-        if path == root or (root != "/" and path.startswith(root + "/")):
-            return root
-    return None
+def _mount_point(value: str, rules: MountRules) -> str:
+    """The request's mount point, normalised (one trailing slash dropped), on the allow-list."""
+    try:
+        path = normalise_request_path(value)
+    except MountPointError as exc:
+        raise _refuse(Code.INVALID_ARGUMENT, "mount-point", str(exc)) from None
+    refusal = rules.refusal(path)
+    if refusal is not None:
+        raise _refuse(Code.PERMISSION_DENIED, "mount-point", f"mount_point {refusal}")
+    return path
 
 
 def _read_only(flags: Sequence[str]) -> bool:
@@ -478,6 +455,7 @@ class PersistentMount:
     mount_point: str
     read_only: bool
     allow_create: bool  # sourceType=empty and the contract's create = true
+    rules: MountRules = DEFAULT_MOUNT_RULES  # checked again on the kernel-resolved path
 
 
 @dataclass(frozen=True)
@@ -493,6 +471,7 @@ class EphemeralMount:
     mkfs_args: tuple[str, ...]  # allow-listed; with integrity, lazy_itable_init=0 is forced
     mount_point: str
     read_only: bool
+    rules: MountRules = DEFAULT_MOUNT_RULES  # checked again on the kernel-resolved path
 
 
 def plan_secure_mount(
@@ -503,17 +482,21 @@ def plan_secure_mount(
     policy: SecureMountPolicy,
     header_dir: Path,
     new_mapper_name: Callable[[], str] | None = None,
+    rules: MountRules = DEFAULT_MOUNT_RULES,
 ) -> PersistentMount | EphemeralMount:
     """Decide what a validated request means for this contract, or refuse naming the rule."""
     if params.key is not None:
-        return _plan_persistent(params, device, volumes, policy)
-    return _plan_ephemeral(
-        params,
-        device,
-        volumes,
-        policy=policy,
-        header_dir=header_dir,
-        new_mapper_name=new_mapper_name,
+        return replace(_plan_persistent(params, device, volumes, policy), rules=rules)
+    return replace(
+        _plan_ephemeral(
+            params,
+            device,
+            volumes,
+            policy=policy,
+            header_dir=header_dir,
+            new_mapper_name=new_mapper_name,
+        ),
+        rules=rules,
     )
 
 
@@ -696,21 +679,32 @@ class SecureMountService:
         *,
         policy: SecureMountPolicy,
         header_dir: Path,
+        mount_rules: MountRules = DEFAULT_MOUNT_RULES,
     ) -> None:
         self._backend = backend
         self._volumes = tuple(volumes)
         self._policy = policy
         self._header_dir = header_dir
+        self._rules = mount_rules
 
     async def secure_mount(
         self, request: api_pb2.SecureMountRequest, ctx: CallContext
     ) -> api_pb2.SecureMountResponse:
         params = parse_secure_mount(
-            request.volume_type, dict(request.options), list(request.flags), request.mount_point
+            request.volume_type,
+            dict(request.options),
+            list(request.flags),
+            request.mount_point,
+            rules=self._rules,
         )
         device = await self._backend.resolve_device(params.device)
         plan = plan_secure_mount(
-            params, device, self._volumes, policy=self._policy, header_dir=self._header_dir
+            params,
+            device,
+            self._volumes,
+            policy=self._policy,
+            header_dir=self._header_dir,
+            rules=self._rules,
         )
         if isinstance(plan, PersistentMount):
             path = await self._backend.mount_persistent(plan)

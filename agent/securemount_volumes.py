@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING
 from agent.blockdev import identify_block_device
 from agent.errors import CvaError
 from agent.log import get_logger
+from agent.mountpoints import MountRules
 from agent.securemount import (
     DeviceIdentity,
     DeviceSelector,
     EphemeralMount,
     PersistentMount,
     SecureMountBackend,
-    covered_root,
 )
 from agent.securemount_records import MountRecord, RecordStore
 from agent.ttrpc import Code, RpcError
@@ -54,34 +54,52 @@ if TYPE_CHECKING:  # luks.ephemeral (libcryptsetup, blkid, dm tables) loads at f
 
 log = get_logger("cva.securemount")
 
-BindMount = Callable[[Path, Path, bool], Path]  # (source, target, read_only) -> where it is
+# (source, its device, target, read_only, rules) -> where it is
+BindMount = Callable[[Path, Path, Path, bool, MountRules], Path]
+LinkDevice = Callable[[Path, Path, MountRules], Path]  # (device, target, rules) -> where it is
 ResolveDevice = Callable[[DeviceSelector], DeviceIdentity]
 SWEEP_INTERVAL = 10.0  # seconds between sweeps for mounts kata-agent took away
 
 
-def refuse_covered_root(resolved: str, requested: str) -> None:
-    """The request's mount point passed the text check; refuse it if a symlink on the way
-    makes it land in a guest root cva must never cover (e.g. a container image's link to
-    /etc)."""
-    root = covered_root(resolved)
-    if root is not None:
+def refuse_mount_point(resolved: str, requested: str, rules: MountRules) -> None:
+    """The request's mount point passed the allow-list on its text; refuse it if the path the
+    kernel resolved it to does not pass the same rule (a symlink on the way, e.g. a container
+    image's link to /etc, cannot redirect the mount)."""
+    refusal = rules.refusal(resolved)
+    if refusal is not None:
         raise RpcError(
             Code.PERMISSION_DENIED,
-            f"SecureMount refused (mount-point): {requested[:200]} resolves to {resolved[:200]},"
-            f" which would cover {root}",
+            f"SecureMount refused (mount-point): {requested[:200]} resolves to {resolved[:200]}:"
+            f" {refusal}",
         )
 
 
-def bind_mount(source: Path, target: Path, read_only: bool) -> Path:
-    """Bind `source` at guest path `target` with the storage layer's bind (luks.mount: missing
-    directories created, symlinks resolved without escaping `/`, idempotent); returns where
-    the kernel put it (the path the mount shows up at in mountinfo)."""
+def refuse_directory(made: str, requested: str, rules: MountRules) -> None:
+    """cva creates only the directories on the way to an allowed mount point."""
+    refusal = rules.on_the_way(made)
+    if refusal is not None:
+        raise RpcError(
+            Code.PERMISSION_DENIED,
+            f"SecureMount refused (mount-point): making {made[:200]} for {requested[:200]}:"
+            f" {refusal}",
+        )
+
+
+def bind_mount(
+    source: Path, device: Path, target: Path, read_only: bool, rules: MountRules
+) -> Path:
+    """Bind `source` (the mount of `device`, checked by luks.mount) at guest path `target` with
+    the storage layer's bind (luks.mount: missing directories created, symlinks resolved
+    without escaping `/`, idempotent); returns where the kernel put it (the path the mount
+    shows up at in mountinfo)."""
     return mount.bind_into_rootfs(
         source,
         Path("/"),
         str(target),
+        device=device,
         read_only=read_only,
-        check=lambda resolved: refuse_covered_root(resolved, str(target)),
+        check=lambda resolved: refuse_mount_point(resolved, str(target), rules),
+        check_dir=lambda made: refuse_directory(made, str(target), rules),
     )
 
 
@@ -102,7 +120,7 @@ def is_bound(source: Path, target: Path) -> bool:
     return any(e.devno == devno for e in mount.mounts_at(entries, str(target)))
 
 
-def link_device(device: Path, target: Path) -> Path:
+def link_device(device: Path, target: Path, rules: MountRules) -> Path:
     """targetType=device: a symlink at `target` to the mapper device (CDH's behaviour). The
     parent is resolved with luks.mount's safe resolution; an existing entry is refused unless
     it already is this very link."""
@@ -116,11 +134,11 @@ def link_device(device: Path, target: Path) -> Path:
             root,
             str(parent),
             create=True,
-            check=lambda resolved: refuse_covered_root(resolved, str(target)),
+            check=lambda made: refuse_directory(made, str(target), rules),
         )
         stack.callback(os.close, dir_fd)
         where = Path(mount.fd_path(dir_fd)) / name
-        refuse_covered_root(str(where), str(target))
+        refuse_mount_point(str(where), str(target), rules)
         try:
             os.symlink(device, name, dir_fd=dir_fd)
         except FileExistsError:
@@ -167,7 +185,7 @@ class GuestOps:
     resolve: ResolveDevice = identify_block_device
     bind: BindMount = bind_mount
     is_bound: Callable[[Path, Path], bool] = is_bound
-    link: Callable[[Path, Path], Path] = link_device
+    link: LinkDevice = link_device
     is_linked: Callable[[Path, Path], bool] = is_linked
     unlink: Callable[[Path, Path], None] = unlink_device
     create_ephemeral: Callable[[EphemeralSpec], EphemeralVolume] = create_ephemeral_volume
@@ -250,7 +268,12 @@ class ManagerSecureMountBackend:
             target = Path(plan.mount_point)
             try:
                 where = await asyncio.to_thread(
-                    self._ops.bind, opened.guest_path, target, plan.read_only
+                    self._ops.bind,
+                    opened.guest_path,
+                    Path(opened.device),
+                    target,
+                    plan.read_only,
+                    plan.rules,
                 )
             except BaseException:
                 await self._manager.release_holder(plan.volume.name, holder)
@@ -329,10 +352,17 @@ class ManagerSecureMountBackend:
             try:
                 if made.mount_dir is not None:
                     where = await asyncio.to_thread(
-                        self._ops.bind, made.mount_dir, target, plan.read_only
+                        self._ops.bind,
+                        made.mount_dir,
+                        made.mapper_device,
+                        target,
+                        plan.read_only,
+                        plan.rules,
                     )
                 else:
-                    where = await asyncio.to_thread(self._ops.link, made.mapper_device, target)
+                    where = await asyncio.to_thread(
+                        self._ops.link, made.mapper_device, target, plan.rules
+                    )
             except BaseException:
                 await asyncio.to_thread(self._ops.release_ephemeral, made)
                 self._records.drop(plan.mount_point)

@@ -17,7 +17,13 @@ from google.protobuf.message import DecodeError, Message
 from agent import volume_rpc
 from agent.errors import CvaError
 from agent.log import get_logger
-from agent.securemount import SecureMountBackend, SecureMountService, policy_from_allow
+from agent.mountpoints import MountRules
+from agent.securemount import (
+    DEFAULT_MOUNT_RULES,
+    SecureMountBackend,
+    SecureMountService,
+    policy_from_allow,
+)
 from agent.service import status_for as grpc_status_for
 from agent.ttrpc import CallContext, Code, RawHandler, RpcError, TtrpcServer
 from agent.ttrpc import status_for as ttrpc_status_for
@@ -71,6 +77,7 @@ def build_ttrpc_server(
     call_timeout: float,
     securemount_backend: SecureMountBackend | None,
     header_dir: Path,
+    mount_rules: MountRules = DEFAULT_MOUNT_RULES,
 ) -> TtrpcServer:
     """A TtrpcServer with VolumeAgent and (when allowed and a backend is given) SecureMount."""
     server = TtrpcServer(max_timeout=call_timeout, error_status=status_for)
@@ -82,5 +89,6 @@ def build_ttrpc_server(
             manager.contract.volumes,
             policy=sm_policy,
             header_dir=header_dir,
+            mount_rules=mount_rules,
         ).register(server)
     return server

@@ -407,34 +407,74 @@ def fd_path(fd: int) -> str:
     return str(Path(f"/proc/self/fd/{fd}").readlink())
 
 
+def check_mount_of(src_fd: int, device: Path) -> None:
+    """Refuse unless `src_fd` is the root of the filesystem mounted from block device `device`.
+
+    The one check before every bind (a volume into a container, a SecureMount into place): the
+    st_dev of what is about to be bound must be the dm device cva opened (its st_rdev), and the
+    topmost mount at that path must be that device's filesystem root. A directory that shadows
+    cva's staging mount (a tmpfs or a bind mounted over it, or the bare directory after the
+    volume was unmounted) is never bound in place of the volume."""
+    try:
+        dev_st = device.stat()
+    except OSError as exc:
+        raise MountError(f"volume device {device} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISBLK(dev_st.st_mode):
+        raise MountError(f"volume device {device} is not a block device; refusing to bind")
+    want = f"{os.major(dev_st.st_rdev)}:{os.minor(dev_st.st_rdev)}"
+    src_st = os.fstat(src_fd)
+    where = fd_path(src_fd)
+    got = f"{os.major(src_st.st_dev)}:{os.minor(src_st.st_dev)}"
+    if not stat.S_ISDIR(src_st.st_mode) or got != want:
+        raise MountError(
+            f"{where} is not the filesystem of {device} (device {got}, expected {want}): "
+            "something shadows cva's mount; refusing to bind it (close the volume and prepare "
+            "it again)"
+        )
+    found = mounts_at(_mountinfo(), where)
+    if not found or found[-1].devno != want or found[-1].root != "/":
+        raise MountError(
+            f"{where} is not the root of the filesystem of {device} (mount table: "
+            f"{found[-1].devno + ' ' + found[-1].root if found else 'no mount there'}); "
+            "refusing to bind it (close the volume and prepare it again)"
+        )
+
+
 def bind_into_rootfs(
     source: Path,
     rootfs: Path,
     target: str,
     *,
+    device: Path,
     read_only: bool,
     check: Callable[[str], None] | None = None,
+    check_dir: Callable[[str], None] | None = None,
 ) -> Path:
-    """Bind `source` onto `target` inside `rootfs`; returns the resolved host path of the bind.
+    """Bind `source` (the mount of `device`) onto `target` inside `rootfs`; returns the resolved
+    host path of the bind.
 
-    `check` gets that resolved path before anything is mounted (it raises to refuse): the
-    mount goes through the very fd that path was read from, so what was checked is what gets
-    covered."""
+    `source` must be the root of `device`'s filesystem (`check_mount_of`, on the very fd that is
+    bound). `check` gets the resolved target path before anything is mounted (it raises to
+    refuse): the mount goes through the very fd that path was read from, so what was checked is
+    what gets covered. `check_dir` (default: `check`) gets every directory about to be made on
+    the way."""
     with (
         _fd(open_rootfs(rootfs)) as root_fd,
         _fd(os.open(source, _DIR_PATH | os.O_CLOEXEC)) as src_fd,
-        _fd(resolve_in_rootfs(root_fd, target, create=True, check=check)) as dst_fd,
     ):
-        src_st, dst_st = os.fstat(src_fd), os.fstat(dst_fd)
-        if not stat.S_ISDIR(dst_st.st_mode):
-            raise MountError(f"mount target {target!r} is not a directory")
-        where = fd_path(dst_fd)
-        if check is not None:
-            check(where)
-        if (src_st.st_dev, src_st.st_ino) == (dst_st.st_dev, dst_st.st_ino):
-            return Path(where)  # already bound (idempotent)
-        _attach(src_fd, dst_fd, read_only=read_only)
-        return Path(where)
+        check_mount_of(src_fd, device)
+        made_check = check_dir if check_dir is not None else check
+        with _fd(resolve_in_rootfs(root_fd, target, create=True, check=made_check)) as dst_fd:
+            src_st, dst_st = os.fstat(src_fd), os.fstat(dst_fd)
+            if not stat.S_ISDIR(dst_st.st_mode):
+                raise MountError(f"mount target {target!r} is not a directory")
+            where = fd_path(dst_fd)
+            if check is not None:
+                check(where)
+            if (src_st.st_dev, src_st.st_ino) == (dst_st.st_dev, dst_st.st_ino):
+                return Path(where)  # already bound (idempotent)
+            _attach(src_fd, dst_fd, read_only=read_only)
+            return Path(where)
 
 
 def _attach(src_fd: int, dst_fd: int, *, read_only: bool) -> None:

@@ -545,7 +545,9 @@ def _grow_if_needed(vol: Volume, mapper_dev: Path, target: Path) -> None:
 
 def bind_volume(prepared: PreparedVolume, rootfs: Path, target: str, *, read_only: bool) -> Path:
     """MOUNTED -> BOUND for one container: bind the volume at `target` inside `rootfs`."""
-    return mount.bind_into_rootfs(prepared.guest_path, rootfs, target, read_only=read_only)
+    return mount.bind_into_rootfs(
+        prepared.guest_path, rootfs, target, device=prepared.device, read_only=read_only
+    )
 
 
 def release_volume(

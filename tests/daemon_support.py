@@ -173,15 +173,17 @@ class FakeGuest:
     released: list[str] = field(default_factory=list)  # mapper names
     fail_create: Exception | None = None
     fail_bind: Exception | None = None
+    devices_bound: list[Path] = field(default_factory=list)  # the device given with each bind
     create_gate: threading.Event | None = None  # holds create_ephemeral until set
 
     def resolve(self, selector: Any) -> Any:
         assert selector.device_id is not None
         return self.devices[selector.device_id]
 
-    def bind(self, source: Path, target: Path, read_only: bool) -> Path:
+    def bind(self, source: Path, device: Path, target: Path, read_only: bool, rules: Any) -> Path:
         if self.fail_bind is not None:
             raise self.fail_bind
+        self.devices_bound.append(device)
         self.binds.append((source, target, read_only))
         return target
 
@@ -191,7 +193,7 @@ class FakeGuest:
     def unmount(self, target: Path) -> None:
         self.binds = [b for b in self.binds if b[1] != target]
 
-    def link(self, device: Path, target: Path) -> Path:
+    def link(self, device: Path, target: Path, rules: Any) -> Path:
         self.links[target] = device
         return target
 

@@ -221,3 +221,47 @@ def test_a_mapper_name_in_use_is_refused(disk: Path, header_dir: Path, tmp_path:
         with pytest.raises(EphemeralRefused, match="already exists"):
             create_ephemeral(clash)
         assert active_status(spec.mapper) == "active"  # the first one is untouched
+
+
+def _mounts_at(path: Path) -> list[mount.MountEntry]:
+    return list(mount.mounts_at(mount.parse_mountinfo(Path("/proc/self/mountinfo").read_text()),
+                                str(path)))  # fmt: skip
+
+
+def test_securemount_binds_only_the_volume_never_what_shadows_it(
+    disk: Path, header_dir: Path, tmp_path: Path
+) -> None:
+    """issue 13: the staging mount shadowed by a tmpfs is refused (nothing bound at kata's
+    mount point); the volume itself is bound at kata's real sandbox/storage/<base64url> path."""
+    import base64
+
+    from agent.mountpoints import MountRules
+    from agent.securemount_volumes import bind_mount
+
+    spec = spec_for(disk, header_dir, tmp_path)
+    target = (
+        Path("/run/kata-containers/sandbox/storage")
+        / base64.urlsafe_b64encode(f"/dev/{uuid.uuid4().hex[:6]}".encode()).decode()
+    )
+    with made(spec) as vol:
+        assert vol.mount_dir is not None
+        run(["mount", "-t", "tmpfs", "-o", "size=1m", "cva-shadow", str(vol.mount_dir)],
+            timeout=30)  # fmt: skip
+        try:
+            (vol.mount_dir / "planted").write_text("not the volume")
+            with pytest.raises(mount.MountError, match="is not the filesystem of"):
+                bind_mount(vol.mount_dir, vol.mapper_device, target, False, MountRules())
+            assert _mounts_at(target) == []
+        finally:
+            run(["umount", str(vol.mount_dir)], timeout=30)
+        try:
+            where = bind_mount(vol.mount_dir, vol.mapper_device, target, False, MountRules())
+            assert where == target
+            [entry] = _mounts_at(target)
+            assert entry.devno == dmtable.device_number(vol.mapper_device)
+            assert not (target / "planted").exists()
+        finally:
+            while _mounts_at(target):
+                run(["umount", str(target)], timeout=30)
+            with contextlib.suppress(OSError):
+                target.rmdir()

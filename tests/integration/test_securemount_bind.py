@@ -1,15 +1,21 @@
 """The SecureMount adapter's production bind (luks.mount under the hood), for real, as root, under
-a temp dir: read-only honoured, idempotent, cleaned up after."""
+a temp dir (an image-config root of its own): read-only honoured, idempotent, the allow-list
+checked again on the kernel-resolved path, the source checked to be the volume, cleaned up after."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from agent.mountpoints import MountRules, parse_root
 from agent.securemount_volumes import bind_mount
+from agent.ttrpc import Code, RpcError
 from luks import mount
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
@@ -20,62 +26,94 @@ def _mounts_at(target: Path) -> list[mount.MountEntry]:
     return [e for e in entries if e.mountpoint == str(target)]
 
 
+def _umount_all(target: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    while _mounts_at(target):
+        libc.umount2(os.fsencode(str(target)), mount.MNT_DETACH)
+
+
+@contextlib.contextmanager
+def volume(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(mounted ext4 on a loop device, the loop device): the stand-in for cva's staging mount."""
+    img, at = tmp_path / "vol.img", tmp_path / "volume"
+    with img.open("wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(img)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        mount.mount_volume(Path(loop), at, fs="ext4", read_only=False)
+        (at / "marker").write_text("volume")
+        yield at, Path(loop)
+    finally:
+        _umount_all(at)
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def rules_for(tmp_path: Path) -> MountRules:
+    return MountRules.build((parse_root(f"{tmp_path}/sandbox/*"), parse_root(f"{tmp_path}/real/*")))
+
+
 @needs_root
 def test_bind_mount_read_only_and_idempotent(tmp_path: Path) -> None:
-    source = tmp_path / "volume"
-    source.mkdir()
-    (source / "marker").write_text("volume")
     target = tmp_path / "sandbox" / "pg"
-    try:
-        bind_mount(source, target, True)
-        bind_mount(source, target, True)
-        assert (target / "marker").read_text() == "volume"
-        [entry] = _mounts_at(target)
-        assert "ro" in entry.options
-        with pytest.raises(OSError):
-            (target / "new").write_text("x")
-    finally:
-        libc = ctypes.CDLL(None, use_errno=True)
-        while _mounts_at(target):
-            libc.umount2(os.fsencode(str(target)), mount.MNT_DETACH)
+    with volume(tmp_path) as (source, device):
+        try:
+            bind_mount(source, device, target, True, rules_for(tmp_path))
+            bind_mount(source, device, target, True, rules_for(tmp_path))
+            assert (target / "marker").read_text() == "volume"
+            [entry] = _mounts_at(target)
+            assert "ro" in entry.options
+            with pytest.raises(OSError):
+                (target / "new").write_text("x")
+        finally:
+            _umount_all(target)
 
 
 @needs_root
 def test_bind_is_seen_at_its_resolved_path_and_gone_after_unmount(tmp_path: Path) -> None:
     from agent.securemount_volumes import is_bound
 
-    source = tmp_path / "volume"
-    source.mkdir()
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "via").symlink_to(real)
-    try:
-        where = bind_mount(source, tmp_path / "via" / "pg", False)
-        assert where == real / "pg"
-        assert is_bound(source, where)
-        assert not is_bound(source, tmp_path / "elsewhere")
-    finally:
-        libc = ctypes.CDLL(None, use_errno=True)
-        while _mounts_at(real / "pg"):
-            libc.umount2(os.fsencode(str(real / "pg")), mount.MNT_DETACH)
-    assert not is_bound(source, where)
+    with volume(tmp_path) as (source, device):
+        try:
+            where = bind_mount(source, device, tmp_path / "via" / "pg", False, rules_for(tmp_path))
+            assert where == real / "pg"
+            assert is_bound(source, where)
+            assert not is_bound(source, tmp_path / "elsewhere")
+        finally:
+            _umount_all(real / "pg")
+        assert not is_bound(source, where)
 
 
 @needs_root
-def test_a_symlink_into_a_guest_root_is_refused_before_mounting(tmp_path: Path) -> None:
+def test_a_symlink_out_of_the_allowed_roots_is_refused_before_mounting(tmp_path: Path) -> None:
     from agent.securemount_volumes import link_device
-    from agent.ttrpc import Code, RpcError
 
-    source = tmp_path / "volume"
-    source.mkdir()
-    (tmp_path / "evil").symlink_to("/etc")
-    before = Path("/proc/self/mountinfo").read_text()
-    with pytest.raises(RpcError) as info:
-        bind_mount(source, tmp_path / "evil" / "cva-test-never", False)
-    assert info.value.rpc_code is Code.PERMISSION_DENIED
-    assert "would cover /etc" in str(info.value)
-    with pytest.raises(RpcError):
-        link_device(Path("/dev/null"), tmp_path / "evil" / "cva-test-never-link")
-    assert not Path("/etc/cva-test-never-link").exists()
-    assert Path("/proc/self/mountinfo").read_text() == before
-    assert not Path("/etc/cva-test-never").exists()  # not even a directory was made there
+    (tmp_path / "sandbox").symlink_to("/etc")
+    with volume(tmp_path) as (source, device):
+        before = Path("/proc/self/mountinfo").read_text()
+        with pytest.raises(RpcError) as info:
+            bind_mount(source, device, tmp_path / "sandbox" / "cvatestnever", False,
+                       rules_for(tmp_path))  # fmt: skip
+        assert info.value.rpc_code is Code.PERMISSION_DENIED
+        assert "(mount-point)" in str(info.value) and "/etc" in str(info.value)
+        with pytest.raises(RpcError):
+            link_device(Path("/dev/null"), tmp_path / "sandbox" / "cvatestlink",
+                        rules_for(tmp_path))  # fmt: skip
+        assert Path("/proc/self/mountinfo").read_text() == before
+    assert not Path("/etc/cvatestlink").exists()
+    assert not Path("/etc/cvatestnever").exists()  # not even a directory was made there
+
+
+@needs_root
+def test_a_shadowed_staging_mount_is_refused_and_nothing_is_bound(tmp_path: Path) -> None:
+    target = tmp_path / "sandbox" / "pg"
+    with volume(tmp_path) as (source, device):
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(source)], check=True)
+        with pytest.raises(mount.MountError, match="is not the filesystem of"):
+            bind_mount(source, device, target, False, rules_for(tmp_path))
+        assert _mounts_at(target) == []

@@ -86,7 +86,13 @@ def prepare(cid: str) -> GoCall:
     return GoCall(SERVICE, "PrepareVolumes", req.SerializeToString())
 
 
-def secure_mount(options: dict[str, str], mount: str = "/run/kata-containers/sandbox/pg") -> GoCall:
+EMPTYDIR_OTHER = "/run/kata-containers/sandbox/storage/other"
+EMPTYDIR_E = "/run/kata-containers/sandbox/storage/e"
+
+
+def secure_mount(
+    options: dict[str, str], mount: str = "/run/kata-containers/sandbox/storage/pg"
+) -> GoCall:
     req = api_pb2.SecureMountRequest(volume_type="block-device", options=options, mount_point=mount)
     return GoCall("api.SecureMountService", "SecureMount", req.SerializeToString())
 
@@ -155,19 +161,25 @@ async def test_secure_mount_persistent(running: Running, go_ttrpc_client: Path) 
     )
     assert results[0].code == 0, results[0].message
     resp = api_pb2.SecureMountResponse.FromString(results[0].payload)
-    assert resp.mount_path == "/run/kata-containers/sandbox/pg"
+    assert resp.mount_path == "/run/kata-containers/sandbox/storage/pg"
     assert results[1].code == Code.INVALID_ARGUMENT
     assert running.keys.requests == [str(PG.key)]
     assert running.backend.create_flags == [True]  # sourceType=empty: may create
     assert running.backend.mounted["pg"].guest_path == Path("/run/cva/volumes/pg")
     assert running.devices.binds == [
-        (Path("/run/cva/volumes/pg"), Path("/run/kata-containers/sandbox/pg"), False)
+        (Path("/run/cva/volumes/pg"), Path("/run/kata-containers/sandbox/storage/pg"), False)
     ]
     # a second mount of the same volume reuses the open volume (no second key fetch)
-    [again] = await calls(go_ttrpc_client, running, secure_mount(ro, mount="/run/x/pg2"))
+    [again] = await calls(
+        go_ttrpc_client, running, secure_mount(ro, mount="/run/kata-containers/sandbox/storage/pg2")
+    )
     assert again.code == 0
     assert running.keys.requests == [str(PG.key)]
-    assert running.devices.binds[-1] == (Path("/run/cva/volumes/pg"), Path("/run/x/pg2"), False)
+    assert running.devices.binds[-1] == (
+        Path("/run/cva/volumes/pg"),
+        Path("/run/kata-containers/sandbox/storage/pg2"),
+        False,
+    )
 
 
 async def test_secure_mount_refusals(running: Running, go_ttrpc_client: Path) -> None:
@@ -181,7 +193,7 @@ async def test_secure_mount_refusals(running: Running, go_ttrpc_client: Path) ->
         # a key no contract volume has
         secure_mount({"deviceId": "252:16", "sourceType": "encrypted", "key": "kbs:///a/b/c"}),
         # ephemeral on a contract volume's disk: it would format it
-        secure_mount({"deviceId": "252:16", "sourceType": "empty"}, mount="/run/x/e"),
+        secure_mount({"deviceId": "252:16", "sourceType": "empty"}, mount=EMPTYDIR_E),
     )
     got = [(Code(r.code).name, r.message) for r in results]
     assert got[0][0] == "PERMISSION_DENIED" and "containers-restricted" in got[0][1]
@@ -223,13 +235,13 @@ async def test_secure_mount_ephemeral_as_kata_agent_sends_it(
     assert running.keys.requests == []  # no KBS for an ephemeral volume
     # the same disk at another mount point is refused; so is another disk at this one
     [other_mount] = await calls(
-        go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount="/run/x/other")
+        go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount=EMPTYDIR_OTHER)
     )
     assert other_mount.code == Code.FAILED_PRECONDITION and "already backs" in other_mount.message
     # kata-agent unmounts; the next call sweeps the volume away and the disk may be asked again
     running.devices.unmount(Path(mount))
     [after] = await calls(
-        go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount="/run/x/other")
+        go_ttrpc_client, running, secure_mount(KATA_EMPTYDIR, mount=EMPTYDIR_OTHER)
     )
     assert running.devices.released == [spec.mapper]
     assert after.code == 0

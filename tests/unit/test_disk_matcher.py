@@ -150,7 +150,9 @@ EMPTYDIR = {
 def test_ephemeral_securemount_refuses_a_scsi_contract_disk(tmp_path: Path, ref: Ref) -> None:
     build_sysfs(tmp_path)
     ident = identify_block_device(DeviceSelector((252, SCSI.minor), None), sys_root=tmp_path)
-    params = parse_secure_mount("block-device", EMPTYDIR, [], "/run/kata-containers/x")
+    params = parse_secure_mount(
+        "block-device", EMPTYDIR, [], "/run/kata-containers/sandbox/storage/x"
+    )
     with pytest.raises(SecureMountRefused) as info:
         plan_secure_mount(
             params,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent._proto.cdh import api_pb2
+from agent.mountpoints import MountRules, parse_root
 from agent.securemount import (
+    DEFAULT_MOUNT_RULES,
     EPHEMERAL_MAPPER_PREFIX,
     OPTION_KEYS,
     DeviceIdentity,
@@ -442,30 +445,106 @@ def test_flag_refusals(flags: tuple[str, ...], rule: str) -> None:
     assert refused(KATA_EMPTYDIR, flags=flags).rule == rule
 
 
+# every mount point issue 13 found accepted on main, and the places around kata's own
+HOSTILE_MOUNT_POINTS = (
+    "/",
+    "/run",
+    "/run/kata-containers",
+    "/run/confidential-containers",
+    "/run/systemd/system",
+    "/var/lib",
+    "/root",
+    "/opt/venv/lib/python3.11/site-packages",
+    "/etc",
+    "/proc/self",
+    "/run/cva/volumes/pgdata",
+    "/usr/lib",
+    "/etcetera",
+    "/run/kata-containers/shared/containers/x/rootfs/data",
+    "/run/kata-containers/0123abcd",  # a bundle directory: <rootfs_base>/<container id>
+    "/run/kata-containers/sandbox",
+    "/run/kata-containers/sandbox/storage",
+    "/run/kata-containers/sandbox/storage/a/b",
+    "/run/kata-containers/sandbox/storage/a.b",
+    "/run/kata-containers/image/sub",
+    "/run/kata-containers/images",
+)
+NOT_NORMALISED = (
+    "",
+    "relative/path",
+    "run/kata-containers/image/",
+    "/a/../etc",
+    "/run/kata-containers/sandbox/storage/../../image",
+    "/run/kata-containers/image//",
+    "//run/kata-containers/image",
+    "/run/kata-containers/./image",
+    "/run/kata-containers/image/.",
+    "/run/kata-containers/image\x00",
+    "/run/kata-containers//image",
+)
+
+
+@pytest.mark.parametrize("mount", HOSTILE_MOUNT_POINTS)
+def test_mount_points_outside_the_allow_list_are_refused(mount: str) -> None:
+    for sent in (mount, mount + "/"):
+        err = refused(KATA_EMPTYDIR, mount=sent)
+        assert (err.rpc_code, err.rule) == (Code.PERMISSION_DENIED, "mount-point"), sent
+
+
+@pytest.mark.parametrize("mount", NOT_NORMALISED)
+def test_mount_points_not_normalised_are_refused(mount: str) -> None:
+    err = refused(KATA_EMPTYDIR, mount=mount)
+    assert (err.rpc_code, err.rule) == (Code.INVALID_ARGUMENT, "mount-point")
+
+
+# kata-agent's two SecureMount calls, exactly as it sends them (SPEC e.5)
+KATA_IMAGE_STORE = {
+    "deviceId": "252:48",
+    "sourceType": "empty",
+    "targetType": "fileSystem",
+    "filesystemType": "ext4",
+    "mkfsOpts": "-E lazy_journal_init",
+    "encryptionType": "luks2",
+    "dataIntegrity": "true",
+}
+EMPTYDIR_ID = base64.urlsafe_b64encode(b"/dev/vdd").decode()  # the Go runtime's <id>
+
+
 @pytest.mark.parametrize(
-    ("mount", "code"),
+    ("options", "sent", "mounted"),
     [
-        ("", Code.INVALID_ARGUMENT),
-        ("relative/path", Code.INVALID_ARGUMENT),
-        ("/a/../etc", Code.INVALID_ARGUMENT),
-        ("/a/", Code.INVALID_ARGUMENT),
-        ("//a", Code.INVALID_ARGUMENT),
-        ("/a\x00b", Code.INVALID_ARGUMENT),
-        ("/", Code.PERMISSION_DENIED),
-        ("/etc", Code.PERMISSION_DENIED),
-        ("/proc/self", Code.PERMISSION_DENIED),
-        ("/run/cva/volumes/pgdata", Code.PERMISSION_DENIED),
-        ("/usr/lib", Code.PERMISSION_DENIED),
+        (KATA_IMAGE_STORE, "/run/kata-containers/image/", "/run/kata-containers/image"),
+        (KATA_IMAGE_STORE, "/run/kata-containers/image", "/run/kata-containers/image"),
+        *(
+            (
+                {**KATA_EMPTYDIR, "dataIntegrity": integrity},
+                f"/run/kata-containers/sandbox/storage/{EMPTYDIR_ID}",
+                f"/run/kata-containers/sandbox/storage/{EMPTYDIR_ID}",
+            )
+            for integrity in ("true", "false")
+        ),
     ],
 )
-def test_mount_point_refusals(mount: str, code: Code) -> None:
-    err = refused(KATA_EMPTYDIR, mount=mount)
-    assert (err.rpc_code, err.rule) == (code, "mount-point")
+def test_kata_agents_real_requests_are_accepted(
+    options: dict[str, str], sent: str, mounted: str
+) -> None:
+    p = plan_secure_mount(
+        parse(options, mount=sent), BLANK_DEVICE, VOLUMES, policy=BOTH, header_dir=HEADERS
+    )
+    assert isinstance(p, EphemeralMount)
+    assert p.mount_point == mounted
+    assert p.integrity == (options["dataIntegrity"] == "true")
+    assert p.rules == DEFAULT_MOUNT_RULES
 
 
-def test_mount_points_kata_uses_are_accepted() -> None:
-    for mount in (MOUNT, "/run/kata-containers/shared/containers/x/rootfs/data", "/etcetera"):
-        assert parse(KATA_EMPTYDIR, mount=mount).mount_point == mount
+def test_image_config_roots_widen_the_allow_list_and_reach_the_plan() -> None:
+    rules = MountRules.build((parse_root("/mnt/scratch/*"),))
+    params = parse_secure_mount("block-device", KATA_EMPTYDIR, (), "/mnt/scratch/x1", rules=rules)
+    p = plan_secure_mount(
+        params, BLANK_DEVICE, VOLUMES, policy=BOTH, header_dir=HEADERS, rules=rules
+    )
+    assert p.rules == rules
+    assert refused(KATA_EMPTYDIR, mount="/mnt/scratch/x1").rule == "mount-point"
 
 
 def test_refusal_maps_to_a_ttrpc_status_naming_the_rule() -> None:

@@ -91,6 +91,7 @@ def world(tmp_path: Path) -> World:
 async def test_persistent_is_held_until_kata_unmounts_it(world: World) -> None:
     assert await world.backend.mount_persistent(world.persistent()) == MOUNT
     assert world.guest.binds == [(Path("/run/cva/volumes/pg"), Path(MOUNT), False)]
+    assert world.guest.devices_bound == [Path("/dev/mapper/cva-pg")]  # checked by luks.mount
     [rec] = world.records()
     assert (rec["kind"], rec["name"], rec["state"], rec["devno"]) == (
         "persistent", "pg", "mounted", "252:16",
@@ -135,6 +136,7 @@ async def test_ephemeral_made_bound_recorded_then_released(world: World) -> None
     mount_dir = world.state / "securemount" / "mnt" / "cva-eph-1"
     assert (spec.device, spec.mount_dir, spec.integrity) == (Path("/dev/vdc"), mount_dir, True)
     assert world.guest.binds == [(mount_dir, Path(EMPTYDIR), False)]
+    assert world.guest.devices_bound == [Path("/dev/mapper/cva-eph-1")]  # checked by luks.mount
     [rec] = world.records()
     assert (rec["kind"], rec["state"], rec["header"]) == (
         "ephemeral", "mounted", str(world.headers / "cva-eph-1.header"),

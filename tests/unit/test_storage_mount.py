@@ -60,30 +60,58 @@ def _mounts_under(base: Path) -> list[str]:
     return [e.mountpoint for e in entries if e.mountpoint.startswith(str(base) + "/")]
 
 
+DEVICE: dict[Path, Path] = {}  # volume dir -> the loop device mounted there
+
+
+@contextlib.contextmanager
+def _loop_fs(tmp_path: Path, at: Path) -> Iterator[Path]:
+    """A small ext4 on a loop device, mounted at `at` (the stand-in for an opened volume)."""
+    img = tmp_path / f"{at.name}.img"
+    with img.open("wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(img)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        mount.mount_volume(Path(loop), at, fs="ext4", read_only=False)
+        yield Path(loop)
+    finally:
+        mount.unmount(at)
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
-    """(volume dir, container rootfs, a host dir outside the rootfs); unmounts all after."""
+    """(volume mount, container rootfs, a host dir outside the rootfs); unmounts all after."""
     vol = tmp_path / "volume"
     rootfs = tmp_path / "rootfs"
     outside = tmp_path / "host-etc"
-    for d in (vol, rootfs, outside):
+    for d in (rootfs, outside):
         d.mkdir()
-    (vol / "marker").write_text("volume")
     try:
-        yield vol, rootfs, outside
+        with _loop_fs(tmp_path, vol) as device:
+            (vol / "marker").write_text("volume")
+            DEVICE[vol] = device
+            yield vol, rootfs, outside
     finally:
+        DEVICE.pop(vol, None)
         libc = ctypes.CDLL(None, use_errno=True)
         for mp in sorted(_mounts_under(tmp_path), key=len, reverse=True):
             libc.umount2(os.fsencode(mp), mount.MNT_DETACH)
 
 
+def bind(vol: Path, rootfs: Path, target: str, *, read_only: bool) -> Path:
+    return mount.bind_into_rootfs(vol, rootfs, target, device=DEVICE[vol], read_only=read_only)
+
+
 @needs_root
 def test_bind_creates_dirs_and_is_idempotent(world: tuple[Path, Path, Path]) -> None:
     vol, rootfs, _ = world
-    where = mount.bind_into_rootfs(vol, rootfs, "/var/lib/data", read_only=False)
+    where = bind(vol, rootfs, "/var/lib/data", read_only=False)
     assert where == rootfs / "var/lib/data"
     assert (rootfs / "var/lib/data/marker").read_text() == "volume"
-    again = mount.bind_into_rootfs(vol, rootfs, "/var/lib/data", read_only=False)
+    again = bind(vol, rootfs, "/var/lib/data", read_only=False)
     assert again == where and _mounts_under(rootfs).count(str(where)) == 1
     info = next(e for e in mount.parse_mountinfo(Path("/proc/self/mountinfo").read_text())
             if e.mountpoint == str(where))  # fmt: skip
@@ -98,18 +126,18 @@ def test_bind_creates_dirs_and_is_idempotent(world: tuple[Path, Path, Path]) -> 
 def test_symlink_at_target_cannot_escape(world: tuple[Path, Path, Path], link: str) -> None:
     vol, rootfs, outside = world
     (rootfs / "data").symlink_to(link.replace("ABS", str(outside)))
-    where = mount.bind_into_rootfs(vol, rootfs, "/data", read_only=False)
+    where = bind(vol, rootfs, "/data", read_only=False)
     assert str(where).startswith(str(rootfs) + "/") or where == rootfs
     assert not (outside / "marker").exists()
     assert list(outside.iterdir()) == []
-    assert all(m.startswith(str(rootfs)) for m in _mounts_under(outside.parent))
+    assert all(m.startswith(str(rootfs)) or m == str(vol) for m in _mounts_under(outside.parent))
 
 
 @needs_root
 def test_symlinked_parent_dir_cannot_escape(world: tuple[Path, Path, Path]) -> None:
     vol, rootfs, outside = world
     (rootfs / "var").symlink_to(outside)
-    where = mount.bind_into_rootfs(vol, rootfs, "/var/lib/pg", read_only=False)
+    where = bind(vol, rootfs, "/var/lib/pg", read_only=False)
     assert where == rootfs / outside.relative_to("/") / "lib/pg"
     assert list(outside.iterdir()) == []
 
@@ -117,7 +145,7 @@ def test_symlinked_parent_dir_cannot_escape(world: tuple[Path, Path, Path]) -> N
 @needs_root
 def test_read_only_bind(world: tuple[Path, Path, Path]) -> None:
     vol, rootfs, _ = world
-    where = mount.bind_into_rootfs(vol, rootfs, "/ro", read_only=True)
+    where = bind(vol, rootfs, "/ro", read_only=True)
     with pytest.raises(OSError) as exc:
         (where / "new").write_text("x")
     assert exc.value.errno == errno.EROFS
@@ -130,7 +158,7 @@ def test_magic_link_refused(world: tuple[Path, Path, Path]) -> None:
     (rootfs / "proc").mkdir()
     subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
     with pytest.raises(CvaError, match=r"magic link|symlink loop"):
-        mount.bind_into_rootfs(vol, rootfs, "/proc/self/root/etc", read_only=False)
+        bind(vol, rootfs, "/proc/self/root/etc", read_only=False)
 
 
 @needs_root
@@ -139,7 +167,7 @@ def test_target_that_is_a_file_is_refused(world: tuple[Path, Path, Path]) -> Non
     (rootfs / "etc").mkdir()
     (rootfs / "etc" / "passwd").write_text("x")
     with pytest.raises(CvaError, match="not a directory"):
-        mount.bind_into_rootfs(vol, rootfs, "/etc/passwd", read_only=False)
+        bind(vol, rootfs, "/etc/passwd", read_only=False)
 
 
 @needs_root
@@ -148,7 +176,7 @@ def test_symlink_loop_refused(world: tuple[Path, Path, Path]) -> None:
     (rootfs / "a").symlink_to("b")
     (rootfs / "b").symlink_to("a")
     with pytest.raises(CvaError):
-        mount.bind_into_rootfs(vol, rootfs, "/a/x", read_only=False)
+        bind(vol, rootfs, "/a/x", read_only=False)
 
 
 @needs_root
@@ -173,3 +201,42 @@ def test_mount_volume_on_loop_device(tmp_path: Path) -> None:
         mount.unmount(target)
         subprocess.run(["losetup", "-d", loop], check=False)
     assert not mount.is_mounted(target)
+
+
+@needs_root
+def test_a_shadowed_volume_mount_is_never_bound(world: tuple[Path, Path, Path]) -> None:
+    """issue 13: a tmpfs (or any directory) over the volume's mount is not the volume."""
+    vol, rootfs, _ = world
+    device = DEVICE[vol]
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(vol)], check=True)
+    (vol / "planted").write_text("not the volume")
+    with pytest.raises(CvaError, match="is not the filesystem of"):
+        bind(vol, rootfs, "/data", read_only=False)
+    assert not (rootfs / "data" / "planted").exists()
+    assert str(rootfs / "data") not in _mounts_under(rootfs)
+    mount.unmount(vol)  # the tmpfs goes, the volume is there again
+    assert (vol / "marker").read_text() == "volume"
+    assert mount.is_mounted(vol, device)
+
+
+@needs_root
+def test_a_subdirectory_of_the_volume_is_not_its_root(world: tuple[Path, Path, Path]) -> None:
+    vol, rootfs, _ = world
+    (vol / "sub").mkdir()
+    with pytest.raises(CvaError, match="not the root of the filesystem"):
+        mount.bind_into_rootfs(vol / "sub", rootfs, "/data", device=DEVICE[vol], read_only=False)
+    assert _mounts_under(rootfs) == []
+
+
+@needs_root
+def test_a_bare_directory_or_another_device_is_refused(
+    world: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    vol, rootfs, _ = world
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(CvaError, match="is not the filesystem of"):
+        mount.bind_into_rootfs(bare, rootfs, "/data", device=DEVICE[vol], read_only=False)
+    with pytest.raises(CvaError, match="not a block device"):
+        mount.bind_into_rootfs(vol, rootfs, "/data", device=Path("/dev/null"), read_only=False)
+    assert _mounts_under(rootfs) == []

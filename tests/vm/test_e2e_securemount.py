@@ -11,10 +11,17 @@ host) runs in the guest, dials `unix:///run/confidential-containers/cdh.sock`, a
   deviceId, with its kbs:/// key: created, mounted as ext4 at the request's mount point, written
   through; a second identical call answers OK; an ephemeral request for the (now open)
   contract disk is refused;
-- ephemeral (no key, the options kata-agent sends for an encrypted block emptyDir), on two more
-  blank disks the contract does not name, without and with dm-integrity: mounted as ext4,
-  written through, a repeated call answers OK, no LUKS header on the disk (it is detached in
-  guest tmpfs), and released by cva once the mount point is unmounted;
+- refused before any device is touched (issue 13): kata's emptyDir request aimed at every
+  mount point outside the allow-list (`/run`, `/run/kata-containers`, `/run/systemd/system`,
+  `/var/lib`, `/root`, cva's venv, ...): PERMISSION_DENIED naming the mount-point rule, no dm
+  device, no mount, and that disk still all-zero after poweroff;
+- ephemeral: kata-agent's two real requests (SPEC e.5), exactly as it sends them, on two more
+  blank disks the contract does not name: the block emptyDir at
+  `/run/kata-containers/sandbox/storage/<base64url(source)>` (dataIntegrity=false) and the trusted
+  image storage at `/run/kata-containers/image/` -- with kata's trailing slash -- (`-E
+  lazy_journal_init`, dataIntegrity=true): mounted as ext4, written through, a repeated call
+  answers OK, no LUKS header on the disk (it is detached in guest tmpfs), and released by cva
+  once the mount point is unmounted;
 - after poweroff the host scans every raw image: no plaintext marker anywhere.
 
 The tests share the guest and run in file order. The run folder (printed first) keeps the
@@ -24,6 +31,7 @@ unless CVA_VM_KEEP=1.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -48,6 +56,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 EPH_PLAIN = "cvaeph1"  # ephemeral, dataIntegrity=false
 EPH_INTEGRITY = "cvaeph2"  # ephemeral, dataIntegrity=true
+EPH_HOSTILE = "cvaeph3"  # only ever named by requests for hostile mount points: stays all-zero
 SCENARIO = Scenario(
     container_id="e2e-sm-0001",
     volume="persist",
@@ -58,22 +67,46 @@ SCENARIO = Scenario(
     allow=("SecureMount", "SecureMountEphemeral"),
     containers=(),  # SecureMount refuses volumes limited to named containers
     ttrpc=f"unix://{CDH_SOCKET_PATH}",
-    extra_disks=(EPH_PLAIN, EPH_INTEGRITY),
+    extra_disks=(EPH_PLAIN, EPH_INTEGRITY, EPH_HOSTILE),
 )
 CLIENT = "/mnt/vmjob/cva-ttrpc-client"  # the job folder (9p) in the guest
-PERSIST_MOUNT = "/run/kata-containers/shared/sm-persist"
-EPH_MOUNTS = {
-    EPH_PLAIN: "/run/kata-containers/shared/sm-eph-plain",
-    EPH_INTEGRITY: "/run/kata-containers/shared/sm-eph-integrity",
+SANDBOX_STORAGE = "/run/kata-containers/sandbox/storage"  # kata's block emptyDir mounts
+
+
+def kata_storage_path(source: str) -> str:
+    """The mount point kata's Go runtime gives a block emptyDir: base64url of its source."""
+    return f"{SANDBOX_STORAGE}/{base64.urlsafe_b64encode(source.encode()).decode()}"
+
+
+PERSIST_MOUNT = kata_storage_path("/dev/disk/by-id/virtio-cvapersist")
+IMAGE_STORE_SENT = "/run/kata-containers/image/"  # kata-agent sends its KATA_IMAGE_WORK_DIR so
+EPH_MOUNTS = {  # where the volume is mounted (the request's path, normalised)
+    EPH_PLAIN: kata_storage_path("/dev/disk/by-id/virtio-cvaeph1"),
+    EPH_INTEGRITY: "/run/kata-containers/image",
 }
-REFUSED_MOUNTS = (
-    "/run/kata-containers/shared/sm-refused-1",
-    "/run/kata-containers/shared/sm-refused-2",
+EPH_SENT = {EPH_PLAIN: EPH_MOUNTS[EPH_PLAIN], EPH_INTEGRITY: IMAGE_STORE_SENT}
+REFUSED_MOUNTS = (kata_storage_path("refused-1"), kata_storage_path("refused-2"))
+# issue 13: every one of these was accepted on main (a fresh, container-writable filesystem
+# there hides cva's state, plants bundles or shadows the Python packages cva imports)
+HOSTILE_MOUNTS = (
+    "/run",
+    "/run/kata-containers",
+    "/run/kata-containers/",
+    "/run/confidential-containers",
+    "/run/systemd/system",
+    "/var/lib",
+    "/root",
+    "/opt/venv/lib",
+    "/opt/venv/lib/python3.11/site-packages",
+    "/run/cva",
+    "/run/kata-containers/sandbox/storage",
+    "/run/kata-containers/image//",
+    "/run/kata-containers/sandbox/storage/../../image",
 )
 STATE_DIR = "/run/cva"  # cva's state_dir (tmpfs); detached headers are <mapper>.header in it
 MARKER = b"cva-sm-plaintext-" + secrets.token_hex(12).encode()
 LUKS_MAGICS = (b"LUKS\xba\xbe", b"SKUL\xba\xbe")  # primary and secondary LUKS2 header
-# kata-agent's options for an encrypted block emptyDir (SPEC e.2), minus deviceId / integrity
+# kata-agent's options for an encrypted block emptyDir (SPEC e.5), minus deviceId / integrity
 KATA_EMPTYDIR = {
     "sourceType": "empty",
     "targetType": "fileSystem",
@@ -81,6 +114,9 @@ KATA_EMPTYDIR = {
     "mkfsOpts": "-O ^has_journal -m 0 -i 163840 -I 128",
     "encryptionType": "luks2",
 }
+# ... and for its trusted image storage (SPEC e.5), minus deviceId / integrity
+KATA_IMAGE_STORE = {**KATA_EMPTYDIR, "mkfsOpts": "-E lazy_journal_init"}
+KATA_OPTIONS = {EPH_PLAIN: KATA_EMPTYDIR, EPH_INTEGRITY: KATA_IMAGE_STORE}
 RELEASE_WAIT = 60.0  # cva releases an ephemeral volume this soon after its mount point is gone
 WRITTEN: set[str] = set()  # disks a test wrote MARKER to through a SecureMount
 REPEATED: dict[str, GoResult] = {}  # serial -> the answer to a repeated ephemeral SecureMount
@@ -250,6 +286,28 @@ def test_refused_secure_mounts_name_the_rule(guest: Guest) -> None:
     assert dm_names(guest) == []
 
 
+def test_hostile_mount_points_are_refused_before_any_device_is_touched(guest: Guest) -> None:
+    """issue 13: kata's exact emptyDir request, aimed outside the allow-list, all on one
+    connection: each refused naming the mount-point rule; no dm device, no new mount, and the
+    disk stays all-zero (checked here and on the raw image after poweroff)."""
+    options = {**KATA_EMPTYDIR, "deviceId": device_id(guest, EPH_HOSTILE), "dataIntegrity": "true"}
+    mounts_before = guest.control.run(["findmnt", "-rn", "-o", "TARGET,SOURCE"]).check().stdout
+    results = secure_mount(guest, *((options, where) for where in HOSTILE_MOUNTS))
+    got = [(r.code, r.message.split(":")[0]) for r in results]
+    assert got == [
+        (
+            Code.INVALID_ARGUMENT if "//" in where or ".." in where else Code.PERMISSION_DENIED,
+            "SecureMount refused (mount-point)",
+        )
+        for where in HOSTILE_MOUNTS
+    ], results
+    assert dm_names(guest) == []
+    mounts_after = guest.control.run(["findmnt", "-rn", "-o", "TARGET,SOURCE"]).check().stdout
+    assert mounts_after == mounts_before
+    assert disk_head(guest, EPH_HOSTILE, 65536) == bytes(65536)
+    assert "securemount_ephemeral" not in guest.journal()
+
+
 def test_persistent_secure_mount_creates_the_contract_volume_and_mounts_ext4(guest: Guest) -> None:
     options = persistent_options(guest)
     started = time.monotonic()
@@ -289,16 +347,22 @@ def test_an_ephemeral_request_for_the_open_contract_disk_is_refused(guest: Guest
 
 
 @pytest.mark.parametrize(
-    ("serial", "integrity"), [(EPH_PLAIN, "false"), (EPH_INTEGRITY, "true")], ids=["plain", "dif"]
+    ("serial", "integrity"),
+    [(EPH_PLAIN, "false"), (EPH_INTEGRITY, "true")],
+    ids=["emptydir-plain", "image-store-dif"],
 )
 def test_ephemeral_secure_mount_then_umount_releases_it(
     guest: Guest, serial: str, integrity: str
 ) -> None:
-    mount_point = EPH_MOUNTS[serial]
-    options = {**KATA_EMPTYDIR, "deviceId": device_id(guest, serial), "dataIntegrity": integrity}
+    mount_point, sent = EPH_MOUNTS[serial], EPH_SENT[serial]
+    options = {
+        **KATA_OPTIONS[serial],
+        "deviceId": device_id(guest, serial),
+        "dataIntegrity": integrity,
+    }
     before = set(dm_names(guest))
     started = time.monotonic()
-    [result] = secure_mount(guest, (options, mount_point))
+    [result] = secure_mount(guest, (options, sent))
     print(f"e2e: ephemeral SecureMount (dataIntegrity={integrity}) took "
           f"{time.monotonic() - started:.1f} s")  # fmt: skip
     ok(guest, result, mount_point)
@@ -311,7 +375,7 @@ def test_ephemeral_secure_mount_then_umount_releases_it(
     write_marker(guest, mount_point)
     WRITTEN.add(serial)
     # kata-agent may ask again: judged in its own test below; either way nothing may change.
-    [REPEATED[serial]] = secure_mount(guest, (options, mount_point))
+    [REPEATED[serial]] = secure_mount(guest, (options, sent))
     assert mounted(guest, mount_point) == (fstype, source)
     assert set(dm_names(guest)) - before == new
     # The LUKS2 header is detached, in guest tmpfs: the disk itself carries none.
@@ -326,7 +390,7 @@ def test_ephemeral_secure_mount_then_umount_releases_it(
         assert "integrity" in table or any("integrity" in n or "_dif" in n for n in new), table
 
     # kata-agent unmounts the emptyDir when the pod goes; cva notices and closes the volume.
-    guest.control.run(["umount", mount_point]).check()
+    guest.control.run(["umount", sent]).check()
     deadline = time.monotonic() + RELEASE_WAIT
     left = leftovers(guest, mapper, new)
     while left and time.monotonic() < deadline:
@@ -348,7 +412,9 @@ def leftovers(guest: Guest, mapper: str, dm: set[str]) -> list[str]:
     return left
 
 
-@pytest.mark.parametrize("serial", [EPH_PLAIN, EPH_INTEGRITY], ids=["plain", "dif"])
+@pytest.mark.parametrize(
+    "serial", [EPH_PLAIN, EPH_INTEGRITY], ids=["emptydir-plain", "image-store-dif"]
+)
 def test_a_repeated_ephemeral_secure_mount_answers_ok(guest: Guest, serial: str) -> None:
     """README: repeating a SecureMount already in place answers OK (asked while it was)."""
     if serial not in REPEATED:
@@ -379,7 +445,9 @@ def test_the_persistent_disk_holds_ciphertext_only(world: World, powered_off: Bo
     assert world.marker_count(LUKS_MAGICS[0]) >= 1, "no LUKS2 header on the contract disk"
 
 
-@pytest.mark.parametrize("serial", [EPH_PLAIN, EPH_INTEGRITY], ids=["plain", "dif"])
+@pytest.mark.parametrize(
+    "serial", [EPH_PLAIN, EPH_INTEGRITY], ids=["emptydir-plain", "image-store-dif"]
+)
 def test_an_ephemeral_disk_holds_neither_plaintext_nor_a_luks_header(
     world: World, powered_off: BootResult, serial: str
 ) -> None:
@@ -392,3 +460,9 @@ def test_an_ephemeral_disk_holds_neither_plaintext_nor_a_luks_header(
     for magic in LUKS_MAGICS:
         assert world.marker_count(magic, disk) == 0, f"a LUKS2 header ({magic!r}) is on the disk"
     assert not world.disk_is_all_zero(disk), "nothing was written to the ephemeral disk"
+
+
+def test_the_disk_of_the_hostile_requests_is_untouched(
+    world: World, powered_off: BootResult
+) -> None:
+    assert world.disk_is_all_zero(world.extra_disks[EPH_HOSTILE]), "a refused request wrote"
