@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from agent.errors import CvaError
+from agent.errors import REFUSALS
 
 # "module:function" registrars, each `register(subparsers) -> None`, and the top-level commands
 # each adds; each added parser sets `func=handler(args) -> int` via `set_defaults`. `cva COMMAND`
@@ -23,9 +23,9 @@ from agent.errors import CvaError
 REGISTRARS: dict[str, tuple[str, ...]] = {
     "agent.cli_daemon:register": ("serve", "prepare", "release", "list"),
     "agent.cli_initdata:register": ("initdata",),
-    "evidence.cli:register": ("evidence",),
+    "agent.cli_evidence:register": ("evidence",),
     "agent.cli_kbs:register": ("kbs",),
-    "luks.cli:register": ("luks",),
+    "agent.cli_luks:register": ("luks",),
 }
 
 Handler = Callable[[argparse.Namespace], int]
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return func(args)
-    except CvaError as exc:
+    except REFUSALS as exc:
         sys.stderr.write(f"cva: {exc.message}\n")
         return exc.exit_code
     except KeyboardInterrupt:

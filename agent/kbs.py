@@ -58,8 +58,8 @@ from agent.kbs_jwe import (
 )
 from agent.kbs_wire import ResourceRef
 from agent.log import get_logger
-from agent.secret import Secret
 from evidence.base import Attester
+from luks.secret import Secret
 
 __all__ = [
     "AttestationFailed",

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from agent.secret import Secret
+from luks.secret import Secret
 
 if TYPE_CHECKING:
     from agent.contract import KbsResourceUri

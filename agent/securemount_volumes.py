@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.blockdev import identify_block_device
-from agent.errors import CvaError
+from agent.errors import REFUSALS, CvaError
 from agent.log import get_logger
 from agent.mountpoints import MountRules
 from agent.securemount import (
@@ -400,7 +400,7 @@ class ManagerSecureMountBackend:
                 continue  # cannot happen under the lock; never touch work in progress
             try:
                 await self._release(record)
-            except (CvaError, OSError) as exc:
+            except (*REFUSALS, OSError) as exc:
                 log.warning(
                     "securemount_release_failed",
                     at=record.mount_point,

@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer as AioHealthServicer
 
 from agent import policy, volume_rpc
 from agent._proto.cva.v1 import agent_pb2, agent_pb2_grpc
-from agent.errors import CvaError, InputError
+from agent.errors import REFUSALS
 from agent.keysource import is_transient
 from agent.log import get_logger
 from agent.volumes import ShuttingDown, VolumeManager
@@ -56,7 +56,7 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, ShuttingDown) or is_transient(exc):
         return grpc.StatusCode.UNAVAILABLE
-    if isinstance(exc, CvaError | InputError):
+    if isinstance(exc, REFUSALS):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INTERNAL
 
@@ -82,7 +82,7 @@ class VolumeAgentService(agent_pb2_grpc.VolumeAgentServicer):
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"{name} did not finish within {timeout:g}s; the work continues, call again",
             )
-        except CvaError as exc:
+        except REFUSALS as exc:
             code = status_for(exc)
             log.info("rpc_refused", rpc=name, code=code.name, error=exc.message)
             await context.abort(code, exc.message)

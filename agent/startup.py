@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from agent.config import DaemonConfig
 from agent.daemon import ManagerFactory, run_daemon
-from agent.errors import CvaError
+from agent.errors import REFUSALS
 from agent.keysource import LazyKbsKeySource
 from agent.log import configure_logging, get_logger
 from agent.luks_backend import LuksBackend
@@ -67,7 +67,7 @@ def serve(config: DaemonConfig) -> int:
     notifier = Notifier.from_env()
     try:
         trusted = establish_trust(config)
-    except CvaError as exc:
+    except REFUSALS as exc:
         log.error("startup_refused", error=exc.message)  # noqa: TRY400
         with contextlib.suppress(OSError):
             notifier.status(f"refused to start: {exc.message}")

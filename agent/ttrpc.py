@@ -90,7 +90,7 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from agent._proto.ttrpc import ttrpc_pb2
-from agent.errors import CvaError, InputError
+from agent.errors import INPUT_REFUSALS, REFUSALS, CvaError, InputError
 
 log = logging.getLogger("cva.ttrpc")
 
@@ -212,10 +212,10 @@ M = TypeVar("M", bound=Message)
 def status_for(exc: BaseException) -> tuple[Code, str]:
     """The default mapping of a handler's exception onto a ttRPC status."""
     code = getattr(exc, "rpc_code", None)
-    if isinstance(exc, CvaError):
+    if isinstance(exc, REFUSALS):
         if isinstance(code, int) and 0 < code <= 16:
             return Code(code), exc.message
-        if isinstance(exc, InputError):
+        if isinstance(exc, INPUT_REFUSALS):
             return Code.INVALID_ARGUMENT, exc.message
         return Code.UNKNOWN, exc.message
     if isinstance(exc, TimeoutError):

@@ -15,7 +15,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError, Message
 
 from agent import volume_rpc
-from agent.errors import CvaError
+from agent.errors import REFUSALS
 from agent.log import get_logger
 from agent.mountpoints import MountRules
 from agent.securemount import (
@@ -38,7 +38,7 @@ def status_for(exc: BaseException) -> tuple[Code, str]:
         code, message = ttrpc_status_for(exc)
         log.info("ttrpc_refused", code=code.name, error=message)
         return code, message
-    if isinstance(exc, CvaError):
+    if isinstance(exc, REFUSALS):
         code = Code(grpc_status_for(exc).value[0])
         log.info("ttrpc_refused", code=code.name, error=exc.message)
         return code, exc.message

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agent.errors import CvaError
+from luks.errors import StorageError
 from luks.run import run
 
 FsKind = Literal["ext4", "xfs"]
@@ -33,7 +33,7 @@ EXT4_BLOCK = 4096
 EXT4_BLOCKS_PER_GROUP = 8 * EXT4_BLOCK  # one block bitmap block covers 32768 blocks
 
 
-class FsError(CvaError):
+class FsError(StorageError):
     """A filesystem step failed or found something it must not touch."""
 
 

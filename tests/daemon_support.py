@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import contract as C
-from agent.secret import Secret
 from agent.volumes import OpenedVolume, VolumeState
+from luks.secret import Secret
 
 KEY_MARKER = b"CVA-TEST-KEY-MATERIAL-DO-NOT-LOG!"  # 33 bytes: any leak is greppable
 # The image config a test image uses for the sample TEE (no hardware): both keys, explicitly.

@@ -1,13 +1,14 @@
 """What `cva serve` imports before READY=1 (bench/footprint.py, issue 8 #5).
 
 The start path needs the config, the initdata, the contract, the evidence for the binding check
-and the gRPC service. The KBS client (httpx, cryptography), the storage code (luks.*, pyudev,
-libcryptsetup), the ttRPC/SecureMount fronts and the TPM attester are imported where they are
-first used: at the first key fetch, the first volume step, only when configured, only for that
-TEE; the other command groups' parsers not at all. These tests run the real start path
-(`cva serve` through `agent.cli.main`) in a fresh interpreter up to READY=1 and list the modules
-loaded by then, and check that the first request still reaches the lazily imported KBS client
-and storage code.
+and the gRPC service (and, of the storage stack, only its stdlib-only refusal type and key
+buffer: luks.errors, luks.secret). The KBS client (httpx, cryptography), the storage code
+(luks.*, pyudev, libcryptsetup), the ttRPC/SecureMount fronts and the TPM attester are imported
+where they are first used: at the first key fetch, the first volume step, only when configured,
+only for that TEE; the other command groups' parsers not at all. These tests run the real start
+path (`cva serve` through `agent.cli.main`) in a fresh interpreter up to READY=1 and list the
+modules loaded by then, and check that the first request still reaches the lazily imported KBS
+client and storage code.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ NOT_BEFORE_READY = (
     # the other command groups' parsers (agent/cli.py builds only `serve`'s)
     "agent.cli_initdata",
     "agent.cli_kbs",
-    "evidence.cli",
-    "luks.cli",
+    "agent.cli_evidence",
+    "agent.cli_luks",
 )
 # what the start path does need (so an empty or broken probe cannot pass)
 BEFORE_READY = (
@@ -86,7 +87,7 @@ BEFORE_READY = (
     "agent.initdata",
     "agent.service",
     "agent.luks_backend",
-    "evidence.binding",
+    "agent.binding",
     "evidence.sample",
     "evidence.tsm",  # the image's TEE decision probes configfs-tsm (sample is refused on TDX/SNP)
     "grpc",
