@@ -18,7 +18,7 @@ from luks.secret import Secret
 
 if TYPE_CHECKING:
     from agent.contract import KbsResourceUri
-    from agent.kbs import KbsClient
+    from agent.kbs.client import KbsClient
 
 TRANSIENT_KBS_ERRORS = frozenset({"KbsUnavailable"})
 

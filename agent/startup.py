@@ -25,7 +25,7 @@ from agent.trust import Trusted, establish_trust
 from agent.volumes import BindingStore, VolumeManager
 
 if TYPE_CHECKING:
-    from agent.kbs import KbsClient
+    from agent.kbs.client import KbsClient
 
 log = get_logger("cva.startup")
 
@@ -35,7 +35,7 @@ def production_manager(trusted: Trusted) -> ManagerFactory:
 
     def make(config: DaemonConfig, on_status: Callable[[str], None]) -> VolumeManager:
         def kbs_client() -> KbsClient:
-            from agent.kbs import KbsClient  # noqa: PLC0415 - lazy: first key fetch, not start
+            from agent.kbs.client import KbsClient  # noqa: PLC0415 - lazy: first key fetch, not start
 
             k = trusted.contract.kbs
             on_status("attesting to the KBS")

@@ -77,7 +77,7 @@ def ref_rule(kind: str, value: str) -> str | None:
 
 def serial_from_sysfs(text: str | None) -> str:
     """The serial a disk's sysfs `serial` attribute names, "" when absent or unusable. The same
-    cleaning for every path that identifies disks (luks.disk.scan, agent.blockdev)."""
+    cleaning for every path that identifies disks (luks.disk.scan, agent.securemount.blockdev)."""
     if text is None:
         return ""
     serial = text.strip().strip("\0")

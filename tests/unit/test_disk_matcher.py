@@ -1,7 +1,8 @@
 """One disk matcher: the contract's disk reference means the same disk whether cva opens a contract
 volume (luks.disk.find over /sys/block) or SecureMount's guard asks "is this a contract disk?"
-(agent.blockdev over /sys/dev/block -> DeviceIdentity.matches). Both are built here over the same
-fake sysfs tree, so the test compares the two real call paths, not two calls of one function.
+(agent.securemount.blockdev over /sys/dev/block -> DeviceIdentity.matches). Both are built here
+over the same fake sysfs tree, so the test compares the two real call paths, not two calls of one
+function.
 
 On main the two disagreed: the guard missed kata's `scsi:T:L` form (an ephemeral SecureMount
 would have formatted that contract disk) and matched a PCI bridge's address on any disk behind it.
@@ -17,9 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.blockdev import identify_block_device
 from agent.contract import ContractError, parse_disk
-from agent.securemount import (
+from agent.securemount.blockdev import identify_block_device
+from agent.securemount.decisions import (
     DeviceIdentity,
     DeviceSelector,
     SecureMountPolicy,

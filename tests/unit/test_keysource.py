@@ -8,14 +8,14 @@ import pytest
 from agent import policy
 from agent.errors import CvaError
 from agent.keysource import LazyKbsKeySource, is_transient
-from agent.service import status_for
+from agent.rpc.volume_agent import status_for
 from agent.volumes import ShuttingDown
 from evidence.errors import BindingError, EvidenceError
 from luks.errors import StorageError, StorageInputError
 from luks.secret import Secret
 
 
-class KbsError(CvaError):  # same names as agent.kbs_errors's hierarchy
+class KbsError(CvaError):  # same names as agent.kbs.errors's hierarchy
     pass
 
 

@@ -7,9 +7,9 @@ import pytest
 
 from agent.errors import INPUT_REFUSALS, REFUSALS, CvaError, InputError
 from agent.log import exception_message
-from agent.ttrpc import Code
-from agent.ttrpc import status_for as ttrpc_status_for
-from agent.ttrpc_service import status_for as ttrpc_service_status_for
+from agent.rpc.ttrpc import Code
+from agent.rpc.ttrpc import status_for as ttrpc_status_for
+from agent.rpc.ttrpc_service import status_for as ttrpc_service_status_for
 from evidence.errors import AttesterUnavailable, BindingError, EvidenceError, EvidenceFailure
 from luks.errors import StorageError, StorageInputError
 from luks.run import ToolError

@@ -56,10 +56,10 @@ then, if a socket exists at that path, it connects its CDH client to it (once, a
 1. boot the guest with `agent.guest_components_procs=none` (or `attestation-agent`), so
    kata-agent does not start (and does not replace) a CDH;
 2. have cva listen on `/run/confidential-containers/cdh.sock` (config `[listen] ttrpc =
-   "unix:///run/confidential-containers/cdh.sock"`; `agent.ttrpc_service` builds the server, the
-   directory is created, the socket is mode 0600) with `agent.securemount`'s service registered,
-   *before* kata-agent starts (systemd: cva.service `Before=kata-agent.service`, ready only once
-   the socket listens).
+   "unix:///run/confidential-containers/cdh.sock"`; `agent.rpc.ttrpc_service` builds the
+   server, the directory is created, the socket is mode 0600) with `agent.securemount`'s service
+   registered, *before* kata-agent starts (systemd: cva.service `Before=kata-agent.service`,
+   ready only once the socket listens).
 
 What is lost when cva, not CDH, owns that socket: every other CDH service answers UNIMPLEMENTED,
 so the features built on them fail closed -- `api.SealedSecretService/UnsealSecret` (sealed
