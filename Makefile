@@ -36,6 +36,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict $(PKGS)
+	$(BIN)/lint-imports
 
 # Every suite: unit, integration (swtpm, libcryptsetup on image files, loopback KBS), the VM suite.
 test: setup test-host vm-test

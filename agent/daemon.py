@@ -10,7 +10,7 @@ ones `timeouts.shutdown_grace`; storage jobs still running get the same grace ag
 is idempotent and crash-safe, so a job cut off by the process exit is finished by the next
 PrepareVolumes). Mounted volumes stay mounted: containers are using them.
 
-The ttRPC fronts (agent.ttrpc*, SecureMount and its storage code) are imported only when the
+The ttRPC fronts (agent.rpc.ttrpc*, SecureMount and its storage code) are imported only when the
 config enables them; a daemon without them does not load them.
 """
 
@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING
 from agent.config import DaemonConfig
 from agent.errors import CvaError
 from agent.log import get_logger
+from agent.rpc.grpc_service import AgentServer
+from agent.rpc.vsock import SpliceListener, vsock_listen_socket
 from agent.sdnotify import Notifier
-from agent.service import AgentServer
 from agent.volumes import VolumeManager
-from agent.vsock import SpliceListener, vsock_listen_socket
 
 if TYPE_CHECKING:
-    from agent.securemount import SecureMountBackend
-    from agent.ttrpc import TtrpcServer
+    from agent.rpc.ttrpc import TtrpcServer
+    from agent.securemount.decisions import SecureMountBackend
 
 log = get_logger("cva.daemon")
 
@@ -106,11 +106,11 @@ class Daemon:
         sweeper: asyncio.Task[None] | None = None
         if config.listen.ttrpc is not None:
             # lazy: SecureMount and the ttRPC server load only when a ttRPC front is configured
-            from agent.securemount_volumes import (  # noqa: PLC0415
+            from agent.rpc.ttrpc_service import build_ttrpc_server  # noqa: PLC0415
+            from agent.securemount.volumes import (  # noqa: PLC0415
                 ManagerSecureMountBackend,
                 run_sweeper,
             )
-            from agent.ttrpc_service import build_ttrpc_server  # noqa: PLC0415
 
             make_sm_backend = self._securemount_backend or ManagerSecureMountBackend
             sm_backend = make_sm_backend(manager, config.paths.state_dir)
@@ -135,7 +135,7 @@ class Daemon:
         ttrpc_vsock: TtrpcServer | None = None
         if config.listen.ttrpc_vsock_port:
             # the host-facing ttRPC front: VolumeAgent only (SecureMount is kata-agent's, inside)
-            from agent.ttrpc_service import build_ttrpc_server  # noqa: PLC0415 - lazy, as above
+            from agent.rpc.ttrpc_service import build_ttrpc_server  # noqa: PLC0415 - lazy, as above
 
             ttrpc_vsock = build_ttrpc_server(
                 manager,

@@ -14,11 +14,11 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from agent.secret import Secret
+from luks.secret import Secret
 
 if TYPE_CHECKING:
     from agent.contract import KbsResourceUri
-    from agent.kbs import KbsClient
+    from agent.kbs.client import KbsClient
 
 TRANSIENT_KBS_ERRORS = frozenset({"KbsUnavailable"})
 

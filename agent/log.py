@@ -32,8 +32,8 @@ from typing import Any, TextIO, cast
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from agent.errors import CvaError
-from agent.secret import Secret
+from agent.errors import REFUSALS, CvaError
+from luks.secret import Secret
 
 REDACTED = "<redacted>"
 MAX_DEPTH = 8
@@ -132,7 +132,7 @@ def exception_message(exc: BaseException) -> str:
     is rebuilt from its arguments (bytes-like/Secret arguments redacted, other objects by type
     name) and long hex/base64 runs are scrubbed; `OSError` keeps errno and strerror only.
     """
-    if isinstance(exc, CvaError):
+    if isinstance(exc, REFUSALS):
         return exc.message
     if isinstance(exc, OSError) and exc.errno is not None:
         text = f"[Errno {exc.errno}] {exc.strerror}"

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from agent.config import DaemonConfig
 from agent.mountinfo import MOUNTINFO, mount_source
-from agent.secret import Secret
 from agent.volumes import OpenedVolume, VolumeState
+from luks.secret import Secret
 
 if TYPE_CHECKING:
     from agent.contract import Volume

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from agent.config import DaemonConfig
 from agent.daemon import ManagerFactory, run_daemon
-from agent.errors import CvaError
+from agent.errors import REFUSALS
 from agent.keysource import LazyKbsKeySource
 from agent.log import configure_logging, get_logger
 from agent.luks_backend import LuksBackend
@@ -25,7 +25,7 @@ from agent.trust import Trusted, establish_trust
 from agent.volumes import BindingStore, VolumeManager
 
 if TYPE_CHECKING:
-    from agent.kbs import KbsClient
+    from agent.kbs.client import KbsClient
 
 log = get_logger("cva.startup")
 
@@ -35,7 +35,7 @@ def production_manager(trusted: Trusted) -> ManagerFactory:
 
     def make(config: DaemonConfig, on_status: Callable[[str], None]) -> VolumeManager:
         def kbs_client() -> KbsClient:
-            from agent.kbs import KbsClient  # noqa: PLC0415 - lazy: first key fetch, not start
+            from agent.kbs.client import KbsClient  # noqa: PLC0415 - lazy: first key fetch, not start
 
             k = trusted.contract.kbs
             on_status("attesting to the KBS")
@@ -67,7 +67,7 @@ def serve(config: DaemonConfig) -> int:
     notifier = Notifier.from_env()
     try:
         trusted = establish_trust(config)
-    except CvaError as exc:
+    except REFUSALS as exc:
         log.error("startup_refused", error=exc.message)  # noqa: TRY400
         with contextlib.suppress(OSError):
             notifier.status(f"refused to start: {exc.message}")

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.binding import check_initdata_binding
 from agent.config import DaemonConfig
 from agent.contract import Contract, ContractError
 from agent.initdata import InitData, find_initdata, load_contract, parse_initdata
 from evidence.base import Attester
-from evidence.binding import check_initdata_binding
 from evidence.detect import attester_for, decide_tee
 
 if TYPE_CHECKING:

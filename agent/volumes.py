@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from agent import policy
 from agent.errors import CvaError
-from agent.secret import Secret
+from luks.secret import Secret
 
 if TYPE_CHECKING:
     from agent.contract import Contract, KbsResourceUri, Volume

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from agent._proto.ttrpc import ttrpc_pb2
-from agent.ttrpc import CallContext, MessageType, TtrpcServer, encode_frame, parse_header
+from agent.rpc.ttrpc import CallContext, MessageType, TtrpcServer, encode_frame, parse_header
 
 CALLS = 5000
 INFLIGHT = 32

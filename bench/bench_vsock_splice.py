@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from agent.vsock import SpliceListener
+from agent.rpc.vsock import SpliceListener
 
 CALLS = 2000
 

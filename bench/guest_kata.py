@@ -5,18 +5,19 @@
 - rpc: unary latency (one call in flight, median) of
     direct       grpc Health/Check on the private unix socket (grpc.aio, as `cva serve`)
     vsock        the same call over AF_VSOCK (vsock_loopback, CID 1) through cva's vsock
-                 listener and splice (`agent.vsock`). grpcio cannot dial vsock, so the client
+                 listener and splice (`agent.rpc.vsock`). grpcio cannot dial vsock, so the client
                  reaches AF_VSOCK through a unix->vsock bridge (`tests.tools.tcp_forward`);
     bridge       the same bridge straight into the private socket (no vsock, no splice): the
                  bridge's own cost, subtracted from `vsock` for the splice's estimate;
-    ttrpc_vsock  a ttRPC call over AF_VSOCK to cva's ttRPC server (`agent.ttrpc`, native vsock
+    ttrpc_vsock  a ttRPC call over AF_VSOCK to cva's ttRPC server (`agent.rpc.ttrpc`, native vsock
                  client, no bridge), a 64-byte payload echoed back.
 - securemount: kata-agent's exact emptyDir request (SPEC e.5: deviceId MAJ:MIN, sourceType
   empty, targetType fileSystem, filesystemType ext4, mkfsOpts `-O ^has_journal -m 0 -i 163840
   -I 128`, encryptionType luks2, dataIntegrity "true"/"false", flags [], no key; mount point
   /run/kata-containers/sandbox/storage/<base64url>) sent over ttRPC to cva's SecureMount service
-  (`agent.securemount` + `agent.securemount_volumes`, the daemon's backend), time from request to
-  answer; vs `cdh`: CDH's own command sequence (SPEC e.3) as a shell script on a twin disk.
+  (`agent.securemount.decisions` + `agent.securemount.volumes`, the daemon's backend), time from
+  request to answer; vs `cdh`: CDH's own command sequence (SPEC e.3) as a shell script on a twin
+  disk.
 
 Each item is saved as it finishes (OUT.json rewritten), so a timeout keeps what was measured.
 """
@@ -93,7 +94,7 @@ async def _grpc_median(address: str, calls: int) -> float:
 
 async def _ttrpc_median(calls: int) -> float:
     from agent._proto.ttrpc import ttrpc_pb2
-    from agent.ttrpc import MessageType, encode_frame, parse_header
+    from agent.rpc.ttrpc import MessageType, encode_frame, parse_header
     from tests.tools.tcp_forward import open_vsock
 
     reader, writer = await open_vsock(VMADDR_CID_LOCAL, TTRPC_PORT)
@@ -119,8 +120,8 @@ async def rpc(calls: int) -> dict[str, float]:
     from grpc_health.v1 import health_pb2_grpc
     from grpc_health.v1._async import HealthServicer
 
-    from agent.ttrpc import CallContext, TtrpcServer
-    from agent.vsock import SpliceListener, vsock_listen_socket
+    from agent.rpc.ttrpc import CallContext, TtrpcServer
+    from agent.rpc.vsock import SpliceListener, vsock_listen_socket
     from tests.tools.tcp_forward import make_handler, open_vsock
 
     subprocess.run(["modprobe", "vsock_loopback"], check=True, timeout=30)
@@ -173,9 +174,9 @@ class CvaSecureMount:
         self.sock = state / "cdh.sock"
 
     async def start(self) -> None:
-        from agent.securemount import SecureMountService, policy_from_allow
-        from agent.securemount_volumes import ManagerSecureMountBackend
-        from agent.ttrpc import TtrpcServer
+        from agent.rpc.ttrpc import TtrpcServer
+        from agent.securemount.decisions import SecureMountService, policy_from_allow
+        from agent.securemount.volumes import ManagerSecureMountBackend
 
         self.state.mkdir(parents=True, exist_ok=True)
         # the ephemeral path never touches the VolumeManager (contract volumes only)
@@ -194,7 +195,7 @@ class CvaSecureMount:
         """kata-agent's exact block-emptyDir request; seconds from request to answer."""
         from agent._proto.cdh import api_pb2
         from agent._proto.ttrpc import ttrpc_pb2
-        from agent.ttrpc import MessageType, encode_frame, parse_header
+        from agent.rpc.ttrpc import MessageType, encode_frame, parse_header
 
         mount_point = storage_mount_point(dev)
         Path(mount_point).mkdir(parents=True, exist_ok=True)  # kata-agent does create_dir_all

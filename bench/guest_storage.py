@@ -118,8 +118,8 @@ def _volume(name: str, serial: str, integrity: bool) -> Any:
 def child(argv: list[str]) -> int:
     """In the child: prepare or release one volume; prints the seconds spent in the call."""
     action, name, serial, integrity = argv[0], argv[1], argv[2], argv[3] == "1"
-    from agent.secret import Secret
     from luks import volume
+    from luks.secret import Secret
 
     vol = _volume(name, serial, integrity)
     imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,9 +1,9 @@
 """Benchmark (not a test): one shared KBS session vs a naive attest-per-key client.
 
 Fetches 1, 8 and 64 resources from the loopback KBS, serially and concurrently, with
-`agent.kbs.KbsClient` (one RCAR handshake, then one GET per key, single flight) and with a naive
-client that runs a full handshake for every key (a fresh KbsClient per resource, as a tool that
-does not keep sessions would). Prints request counts, wall time and the naive/shared ratios.
+`agent.kbs.client.KbsClient` (one RCAR handshake, then one GET per key, single flight) and with a
+naive client that runs a full handshake for every key (a fresh KbsClient per resource, as a tool
+that does not keep sessions would). Prints request counts, wall time and the naive/shared ratios.
 
     python bench/kbs_bench.py [--tee-key ECDH-ES+A256KW-P256] [--repeat 3]
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import structlog
 
-from agent.kbs import KbsClient
+from agent.kbs.client import KbsClient
 from tests.kbs.fixtures import kbs_uri, sample_attester
 from tests.kbs.server import LoopbackKbs
 

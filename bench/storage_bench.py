@@ -84,7 +84,7 @@ def wipe(dev: str) -> None:
 CVA_CHILD = """
 import os, sys
 from pathlib import Path
-from agent.secret import Secret
+from luks.secret import Secret
 from luks import volume
 from tests.guest.storage_support import make_volume
 import time

@@ -29,7 +29,7 @@ NOTES: list[tuple[str, str]] = [
     (
         GROUP_RPC,
         "Unary gRPC Health/Check, one call in flight, median of 3 interleaved rounds of the "
-        "median. The listener is cva's own (agent.vsock: AF_VSOCK socket + splice into the "
+        "median. The listener is cva's own (agent.rpc.vsock: AF_VSOCK socket + splice into the "
         "private grpc.aio unix socket) over the guest's vsock_loopback (CID 1): the kernel's "
         "vsock stack without a hypervisor's virtio-vsock. grpcio cannot dial vsock, so the "
         "client reaches it through a unix->vsock bridge (tests.tools.tcp_forward); the same "

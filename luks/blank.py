@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import CvaError
+from luks.errors import StorageError
 from luks.run import run
 
 HEADER_REGION_BYTES = 16 * 1024 * 1024
@@ -76,7 +76,7 @@ class BlankVerdict:
 def sample_plan(size_bytes: int) -> tuple[Sample, ...]:
     """The ranges to read: the whole header region, first/last MiB of data, spread samples."""
     if size_bytes < MIN_DEVICE_BYTES:
-        raise CvaError(
+        raise StorageError(
             f"device is {size_bytes} bytes, smaller than the {MIN_DEVICE_BYTES} bytes a cva volume "
             "needs; give the volume a bigger disk or LV"
         )
@@ -221,7 +221,7 @@ def blkid_signatures(device: Path, *, timeout: float) -> tuple[str, ...]:
         # ambivalent probes (two signatures) exit 8; anything else is a failure to look
         if result.returncode == 8:
             return ("ambivalent signatures (blkid exit 8)",)
-        raise CvaError(
+        raise StorageError(
             f"blkid could not probe {device} (exit {result.returncode}); check the device"
         )
     return parse_blkid_types(result.text)

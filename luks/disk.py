@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent.errors import CvaError
+from luks.errors import StorageError
 
 # The one canonical form of each contract disk reference (agent.contract parses with these same
 # patterns). The matcher refuses anything else instead of answering "no match": a reference that
@@ -42,7 +42,7 @@ _REF_RULES = {
 }
 
 
-class DiskNotFound(CvaError):
+class DiskNotFound(StorageError):
     """The contract's disk did not appear before the deadline."""
 
 
@@ -77,7 +77,7 @@ def ref_rule(kind: str, value: str) -> str | None:
 
 def serial_from_sysfs(text: str | None) -> str:
     """The serial a disk's sysfs `serial` attribute names, "" when absent or unusable. The same
-    cleaning for every path that identifies disks (luks.disk.scan, agent.blockdev)."""
+    cleaning for every path that identifies disks (luks.disk.scan, agent.securemount.blockdev)."""
     if text is None:
         return ""
     serial = text.strip().strip("\0")
@@ -94,10 +94,10 @@ def matches(kind: str, value: str, info: BlockInfo) -> bool:
       controller) equals `value`;
     - scsi: an H:C:T:L component of the sysfs path equals `value`, or for kata's T:L its last
       two fields do.
-    A reference not in its canonical form raises CvaError (never a silent "no match")."""
+    A reference not in its canonical form raises StorageError (never a silent "no match")."""
     rule = ref_rule(kind, value)
     if rule is not None:
-        raise CvaError(f"disk {kind}:{value!r}: {rule}; fix the contract")
+        raise StorageError(f"disk {kind}:{value!r}: {rule}; fix the contract")
     segments = info.devpath.split("/")
     if kind == "serial":
         return bool(info.serial) and info.serial == value
@@ -144,11 +144,11 @@ def find(ref: DiskRefLike, *, sysfs: Path = Path("/sys"), dev: Path = Path("/dev
     """The /dev node of the disk `ref` names if present now; refuses ambiguous matches."""
     rule = ref_rule(ref.kind, ref.value)
     if rule is not None:
-        raise CvaError(f"disk {ref.kind}:{ref.value!r}: {rule}; fix the contract")
+        raise StorageError(f"disk {ref.kind}:{ref.value!r}: {rule}; fix the contract")
     hits = [info for info in scan(sysfs) if matches(ref.kind, ref.value, info)]
     if len(hits) > 1:
         names = ", ".join(h.name for h in hits)
-        raise CvaError(f"disk {ref.kind}:{ref.value} matches several disks ({names}); refusing")
+        raise StorageError(f"disk {ref.kind}:{ref.value} matches several disks ({names}); refusing")
     if not hits:
         return None
     node = dev / hits[0].name

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import CvaError
+from luks.errors import StorageError
 from luks.run import run
 
 SECTOR = 512
@@ -31,7 +31,7 @@ REQUIRED_FLAGS = frozenset({"no_read_workqueue", "no_write_workqueue"})
 FORBIDDEN_FLAGS = frozenset({"allow_discards"})
 
 
-class DmTableError(CvaError):
+class DmTableError(StorageError):
     """The live table is not what the contract asked for, or could not be read."""
 
 

@@ -43,9 +43,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import CvaError
-from agent.log import get_logger
+import structlog
+
 from luks import blank, dmtable, fs, mount
+from luks.errors import StorageError
 from luks.libcryptsetup import (
     DETACHED_HEADER_BYTES,
     CryptDevice,
@@ -54,13 +55,15 @@ from luks.libcryptsetup import (
     deactivate_by_name,
 )
 
-_log = get_logger("cva.luks.ephemeral")
+# structlog's own lazy logger: the application configures the processors (agent.log redacts)
+_log = structlog.get_logger()
+_LOGGER = "cva.luks.ephemeral"
 
 # statfs f_type of the filesystems a header may live on (guest memory only)
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
-class EphemeralRefused(CvaError):
+class EphemeralRefused(StorageError):
     """An ephemeral volume cannot be made here; nothing was written unless the message says."""
 
 
@@ -130,7 +133,7 @@ def _check_unclaimed(device: Path) -> None:
 def _check_blank(device: Path) -> None:
     try:
         found = blank.probe_blank(device)
-    except CvaError as exc:
+    except StorageError as exc:
         raise EphemeralRefused(
             f"{device}: cannot prove it blank ({exc}); nothing was written"
         ) from None
@@ -206,7 +209,7 @@ def create_ephemeral(spec: EphemeralSpec) -> EphemeralVolume:
         )
         with contextlib.suppress(Exception):
             _release(undo, deactivate=activated)
-        if isinstance(exc, CvaError):
+        if isinstance(exc, StorageError):
             note = (
                 f"; {spec.device} now holds the remains of this attempt and is no longer blank"
                 if written
@@ -216,6 +219,7 @@ def create_ephemeral(spec: EphemeralSpec) -> EphemeralVolume:
         raise
     _log.info(
         "ephemeral volume ready",
+        logger=_LOGGER,
         mapper=spec.mapper,
         device=str(spec.device),
         integrity=spec.integrity,
@@ -227,7 +231,7 @@ def create_ephemeral(spec: EphemeralSpec) -> EphemeralVolume:
 def release_ephemeral(vol: EphemeralVolume) -> None:
     """Unmount, deactivate (the key is gone for good), delete the header; each step idempotent."""
     _release(vol, deactivate=True)
-    _log.info("ephemeral volume released", mapper=vol.mapper)
+    _log.info("ephemeral volume released", logger=_LOGGER, mapper=vol.mapper)
 
 
 def _release(vol: EphemeralVolume, *, deactivate: bool) -> None:

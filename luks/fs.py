@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agent.errors import CvaError
+from luks.errors import StorageError
 from luks.run import run
 
 FsKind = Literal["ext4", "xfs"]
@@ -33,7 +33,7 @@ EXT4_BLOCK = 4096
 EXT4_BLOCKS_PER_GROUP = 8 * EXT4_BLOCK  # one block bitmap block covers 32768 blocks
 
 
-class FsError(CvaError):
+class FsError(StorageError):
     """A filesystem step failed or found something it must not touch."""
 
 
@@ -48,8 +48,8 @@ class FsProbe:
 
 def ext4_request_argv(device: str, extra: tuple[str, ...], *, dry_run: bool = False) -> list[str]:
     """mkfs.ext4 for an ephemeral volume: cva's base (`-F -b 4096`, `-E nodiscard`) plus the
-    caller's allow-listed `-X value` pairs (agent.securemount). Every `-E` is merged into one
-    (mke2fs keeps only the last), the caller's value winning for a key it sets; `-b` other than
+    caller's allow-listed `-X value` pairs (agent.securemount.decisions). Every `-E` is merged into
+    one (mke2fs keeps only the last), the caller's value winning for a key it sets; `-b` other than
     4096 is refused (the dm-crypt sector is 4096). `dry_run` = `-n` without `-q`: mke2fs then
     prints where it would put the backup superblocks (`parse_backup_superblocks`)."""
     if len(extra) % 2:

@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from agent.errors import InputError
+from luks.errors import StorageInputError
 
 HEADER_AREA_BYTES: Final = 16 * 1024 * 1024  # data segment offset; the area copied into memory
 BINARY_HEADER_BYTES: Final = 4096
@@ -74,7 +74,7 @@ _U64_RE: Final = re.compile(r"0|[1-9][0-9]{0,19}")
 _NULL_CIPHERS: Final = frozenset({"cipher_null", "null"})  # "null" is an alias (DESIGN §7)
 
 
-class HeaderError(InputError):
+class HeaderError(StorageInputError):
     """The bytes are not a readable LUKS2 header (names the broken part)."""
 
 
@@ -276,11 +276,11 @@ def read_header_area(device: str) -> bytes:
     try:
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise InputError(f"{device}: cannot open ({exc.strerror}); check the path") from None
+        raise StorageInputError(f"{device}: cannot open ({exc.strerror}); check the path") from None
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):
-            raise InputError(f"{device}: not a block device or image file")
+            raise StorageInputError(f"{device}: not a block device or image file")
         chunks: list[bytes] = []
         got = 0
         while got < HEADER_AREA_BYTES:
@@ -291,7 +291,7 @@ def read_header_area(device: str) -> bytes:
             got += len(chunk)
         return b"".join(chunks)
     except OSError as exc:
-        raise InputError(f"{device}: read failed ({exc.strerror})") from None
+        raise StorageInputError(f"{device}: read failed ({exc.strerror})") from None
     finally:
         os.close(fd)
 

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Final
 
-from agent.errors import CvaError
-from agent.secret import Secret
+from luks.errors import StorageError
+from luks.secret import Secret
 
 LIBRARY_NAME: Final = "libcryptsetup.so.12"
 
@@ -68,7 +68,7 @@ _STATUS_NAMES: Final = {0: "invalid", 1: "inactive", 2: "active", 3: "busy"}
 _MAX_LOG_LINE = 300
 
 
-class CryptError(CvaError):
+class CryptError(StorageError):
     """A libcryptsetup call failed; `errno` is the positive errno value."""
 
     def __init__(self, message: str, errno: int) -> None:

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agent.errors import CvaError
+from luks.errors import StorageError
 from luks.run import run
 
 TIMEOUT = 60.0
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
-class LvmError(CvaError):
+class LvmError(StorageError):
     """LVM state cva cannot use, or an lvm command that failed."""
 
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import CvaError
+from luks.errors import StorageError
 
 # x86_64 syscall numbers (the asm-generic numbers are the same for these on aarch64)
 SYS_OPEN_TREE = 428
@@ -70,7 +70,7 @@ _libc.mount.argtypes = [
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-class MountError(CvaError):
+class MountError(StorageError):
     """A mount or bind cva refuses to do, or one the kernel refused."""
 
 

@@ -21,12 +21,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
-from agent.errors import ToolError
-from agent.secret import Secret
+from luks.errors import StorageError
+from luks.secret import Secret
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_OUTPUT = 4 * 1024 * 1024
 _REDACTED = "<redacted>"
+
+
+class ToolError(StorageError):
+    """An external command failed or timed out."""
 
 
 @dataclass(frozen=True)

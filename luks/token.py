@@ -39,8 +39,7 @@ from typing import Final
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from agent.errors import InputError
-from agent.secret import Secret
+from luks.errors import StorageInputError
 from luks.header import (
     TOKEN_STATES,
     TOKEN_TYPE,
@@ -49,6 +48,7 @@ from luks.header import (
     LuksHeader,
     token_shape_reasons,
 )
+from luks.secret import Secret
 
 MIN_SECRET_BYTES: Final = 32
 DERIVED_KEY_BYTES: Final = 32
@@ -59,7 +59,7 @@ STATE_INITIALIZING: Final = "initializing"
 STATE_READY: Final = "ready"
 
 
-class TokenError(InputError):
+class TokenError(StorageInputError):
     """The `cva` token is missing, malformed, for another volume, or its MAC does not match."""
 
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.errors import InputError
-from agent.secret import Secret
+from luks.errors import StorageInputError
 from luks.header import HeaderError, LuksHeader, allow_list_reasons, parse_luks2
+from luks.secret import Secret
 from luks.token import verify_token
 
 _MAX_LISTED = 4
 
 
-class HeaderRefused(InputError):
+class HeaderRefused(StorageInputError):
     """The header is not exactly cva's profile; `reasons` lists every rule it breaks."""
 
     def __init__(self, volume_name: str, reasons: list[str]) -> None:

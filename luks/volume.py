@@ -80,9 +80,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.contract import Volume
-from agent.log import get_logger
-from agent.secret import Secret
+import structlog
+
 from luks import blank, dmtable, fs, lvm, mount
 from luks.header import allow_list_reasons, parse_luks2, read_header_area
 from luks.libcryptsetup import (
@@ -94,6 +93,8 @@ from luks.libcryptsetup import (
     deactivate_by_name,
     header_copy,
 )
+from luks.secret import Secret
+from luks.spec import VolumeSpec
 from luks.token import derive_keys, make_token, token_json, verify_token
 from luks.volume_plan import (
     INITIALIZING,
@@ -115,7 +116,9 @@ from luks.volume_plan import (
 )
 
 TOKEN_SCAN = 32
-_log = get_logger("cva.luks.volume")
+# structlog's own lazy logger: the application configures the processors (agent.log redacts)
+_log = structlog.get_logger()
+_LOGGER = "cva.luks.volume"
 
 __all__ = [
     "CrashWindow",
@@ -152,7 +155,7 @@ class PreparedVolume:
 # ---- the shell ----------------------------------------------------------------------------
 
 
-def _observe(area: bytes, vol: Volume, mac_key: Secret) -> HeaderObservation:
+def _observe(area: bytes, vol: VolumeSpec, mac_key: Secret) -> HeaderObservation:
     return classify(
         area,
         parse=parse_luks2,
@@ -179,7 +182,7 @@ def _volume_lock(runtime_dir: Path, name: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _format(device: Path, vol: Volume, passphrase: Secret, mac_key: Secret) -> bytes:
+def _format(device: Path, vol: VolumeSpec, passphrase: Secret, mac_key: Secret) -> bytes:
     """ABSENT -> INITIALIZING on a device proved blank just before; returns the header area.
 
     libcryptsetup formats into a memfd (guest memory, a detached header with cva's on-disk
@@ -236,7 +239,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
-def _mark_ready(device: Path, copy: str, area: bytes, vol: Volume, mac_key: Secret) -> bytes:
+def _mark_ready(device: Path, copy: str, area: bytes, vol: VolumeSpec, mac_key: Secret) -> bytes:
     """INITIALIZING -> READY: update the token in the copy, then write the copy's metadata back.
 
     The disk is only written with bytes derived from cva's validated copy, and only if the
@@ -316,7 +319,7 @@ def _deactivate(mapper: str) -> None:
         deactivate_by_name(mapper)
 
 
-def _check_table(mapper: str, vol: Volume, device: Path) -> None:
+def _check_table(mapper: str, vol: VolumeSpec, device: Path) -> None:
     expected = expected_table(integrity=vol.integrity, backing_devno=dmtable.device_number(device))
     try:
         dmtable.check_live(mapper, expected)
@@ -333,7 +336,7 @@ def _crypt_resize(device: Path, area: bytes, mapper: str, passphrase: Secret) ->
         cd.resize(mapper, 0)
 
 
-def _ensure_lvm(vol: Volume, disk: Path) -> Path:
+def _ensure_lvm(vol: VolumeSpec, disk: Path) -> Path:
     """Bring up vol.lvm on `disk` (create/activate/extend as planned); returns the LV device."""
     spec = vol.lvm
     if spec is None:
@@ -368,6 +371,7 @@ def _ensure_lvm(vol: Volume, disk: Path) -> Path:
                 # keep the volume at its size rather than extend an LV that cannot be used
                 _log.warning(
                     "integrity volume not grown: libcryptsetup cannot resize dm-integrity",
+                    logger=_LOGGER,
                     volume=vol.name,
                     contract_size=spec.size_bytes,
                 )
@@ -401,7 +405,7 @@ def _superblock(mapper_dev: Path, *, eio_is_zero: bool = True) -> tuple[bytes | 
 
 
 def _initializing_decision(
-    vol: Volume, device: Path, mapper_dev: Path, *, formatted_now: bool
+    vol: VolumeSpec, device: Path, mapper_dev: Path, *, formatted_now: bool
 ) -> InitDecision:
     """Observe an opened INITIALIZING volume and decide (luks.volume_plan.initializing_action);
     the full zero scan of the raw data area runs only when the decision needs it."""
@@ -430,11 +434,16 @@ def _initializing_decision(
         DATA_OFFSET_BYTES,
         max(0, size - DATA_OFFSET_BYTES),
         progress=lambda done, total: _log.info(
-            "proving the data area never written", volume=vol.name, bytes=done, total=total
+            "proving the data area never written",
+            logger=_LOGGER,
+            volume=vol.name,
+            bytes=done,
+            total=total,
         ),
     )
     _log.info(
         "data area zero scan",
+        logger=_LOGGER,
         volume=vol.name,
         zero=scan.zero,
         bytes=scan.bytes_scanned,
@@ -447,7 +456,7 @@ def _initializing_decision(
 
 
 def prepare_volume(
-    vol: Volume,
+    vol: VolumeSpec,
     secret: Secret,
     *,
     disk: Path,
@@ -463,7 +472,7 @@ def prepare_volume(
         return _prepare(vol, secret, disk=disk, mount_base=mount_base)
 
 
-def _prepare(vol: Volume, secret: Secret, *, disk: Path, mount_base: Path) -> PreparedVolume:
+def _prepare(vol: VolumeSpec, secret: Secret, *, disk: Path, mount_base: Path) -> PreparedVolume:
     device = _ensure_lvm(vol, disk)
     mapper = mapper_name(vol.name)
     mapper_dev = Path("/dev/mapper") / mapper
@@ -533,7 +542,7 @@ def _prepare(vol: Volume, secret: Secret, *, disk: Path, mount_base: Path) -> Pr
     return PreparedVolume(vol.name, State.MOUNTED, target, mapper_dev, mapper, created)
 
 
-def _grow_if_needed(vol: Volume, mapper_dev: Path, target: Path) -> None:
+def _grow_if_needed(vol: VolumeSpec, mapper_dev: Path, target: Path) -> None:
     head, size = _superblock(mapper_dev)
     current = fs_size_bytes(vol.filesystem, head) if head is not None else None
     if not needs_grow(current, size):
@@ -551,7 +560,7 @@ def bind_volume(prepared: PreparedVolume, rootfs: Path, target: str, *, read_onl
 
 
 def release_volume(
-    vol: Volume,
+    vol: VolumeSpec,
     *,
     disk: Path,
     mount_base: Path,

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from agent.errors import CvaError
 from luks import blank, dmtable
+from luks.errors import StorageError
 
 DATA_OFFSET_BYTES = 16 * 1024 * 1024
 DATA_OFFSET_SECTORS = DATA_OFFSET_BYTES // 512
@@ -26,7 +26,7 @@ INITIALIZING = "initializing"  # the cva token states (luks.token)
 READY = "ready"
 
 
-class VolumeRefused(CvaError):
+class VolumeRefused(StorageError):
     """cva will not open or create this volume; the message names the rule and the next step."""
 
 
@@ -120,14 +120,14 @@ def classify(
         return HeaderObservation("zero")
     try:
         hdr = parse(area)
-    except CvaError as exc:
+    except StorageError as exc:
         return HeaderObservation("invalid", (exc.message,))
     reasons = allow_reasons(hdr)
     if reasons:
         return HeaderObservation("invalid", tuple(reasons))
     try:
         state = verify(hdr)
-    except CvaError as exc:
+    except StorageError as exc:
         return HeaderObservation("invalid", (f"cva token: {exc.message}",))
     return HeaderObservation("cva", token_state=state)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import contract as C
-from agent.secret import Secret
 from agent.volumes import OpenedVolume, VolumeState
+from luks.secret import Secret
 
 KEY_MARKER = b"CVA-TEST-KEY-MATERIAL-DO-NOT-LOG!"  # 33 bytes: any leak is greppable
 # The image config a test image uses for the sample TEE (no hardware): both keys, explicitly.
@@ -162,7 +162,7 @@ class FakeKeySource:
 
 @dataclass
 class FakeGuest:
-    """The guest I/O of the SecureMount backend (agent.securemount_volumes.GuestOps) as state:
+    """The guest I/O of the SecureMount backend (agent.securemount.volumes.GuestOps) as state:
     devices by MAJ:MIN, bind mounts and links as sets, ephemeral volumes as records. Tests take
     a mount away (`unmount`) the way kata-agent would."""
 
@@ -223,7 +223,7 @@ class FakeGuest:
         self.released.append(vol.mapper)
 
     def ops(self) -> Any:
-        from agent.securemount_volumes import GuestOps
+        from agent.securemount.volumes import GuestOps
 
         return GuestOps(
             resolve=self.resolve,

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.ttrpc import HEADER_LENGTH, FrameHeader, parse_header
+from agent.rpc.ttrpc import HEADER_LENGTH, FrameHeader, parse_header
 
 GO_SOURCE = Path(__file__).resolve().parent / "ttrpc_client" / "main.go"
 GOPATH = Path("/usr/share/gocode")

@@ -12,9 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-from agent.errors import CvaError
-from agent.secret import Secret
 from luks import volume
+from luks.errors import StorageError
+from luks.secret import Secret
 from luks.volume_plan import CrashWindow
 from tests.guest.storage_support import volume_from_json
 
@@ -39,7 +39,7 @@ def main() -> int:
             runtime_dir=Path(spec["runtime_dir"]),
             mount_base=Path(spec["mount_base"]),
         )
-    except CvaError as exc:
+    except StorageError as exc:
         print(exc.message, file=sys.stderr)
         return 3
     return 0

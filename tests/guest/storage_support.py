@@ -19,9 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent import contract
-from agent.secret import Secret
 from luks import volume
 from luks.run import run
+from luks.secret import Secret
 
 MIB = 1 << 20
 SECRET = bytes(range(7, 71))  # the "KBS resource" of these tests (64 bytes)

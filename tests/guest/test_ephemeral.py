@@ -236,7 +236,7 @@ def test_securemount_binds_only_the_volume_never_what_shadows_it(
     import base64
 
     from agent.mountpoints import MountRules
-    from agent.securemount_volumes import bind_mount
+    from agent.securemount.volumes import bind_mount
 
     spec = spec_for(disk, header_dir, tmp_path)
     target = (

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.secret import Secret
 from luks import libcryptsetup as lc
 from luks.header import allow_list_reasons, parse_luks2, read_header_area
 from luks.run import run
+from luks.secret import Secret
 from luks.token import derive_keys, make_token, token_json
 from luks.validate import validate_header_copy
 

@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 
 from agent.contract import DiskRef
-from agent.secret import Secret
 from luks import disk as disk_mod
 from luks import lvm, mount, volume
 from luks.header import read_header_area
 from luks.libcryptsetup import active_status
 from luks.run import run, secret_fd
+from luks.secret import Secret
 from luks.token import derive_keys
 from luks.volume_plan import CrashWindow
 from tests.guest.storage_support import (

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agent._proto.ttrpc import ttrpc_pb2
-from agent.ttrpc import CallContext, MessageType, TtrpcServer, encode_frame
-from agent.vsock import vsock_listen_socket
+from agent.rpc.ttrpc import CallContext, MessageType, TtrpcServer, encode_frame
+from agent.rpc.vsock import vsock_listen_socket
 from luks.run import run
 from tests.ttrpc_peer import RawConnection
 

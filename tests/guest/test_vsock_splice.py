@@ -1,4 +1,5 @@
-"""cva's gRPC vsock front door (agent.vsock) under hostile peers, over a real AF_VSOCK transport.
+"""cva's gRPC vsock front door (agent.rpc.vsock) under hostile peers, over a real AF_VSOCK
+transport.
 
 In the guest, `vsock_loopback` gives AF_VSOCK connections to CID 1 (VMADDR_CID_LOCAL). The
 listener is cva's own (`vsock_listen_socket` + `SpliceListener` with its default connection
@@ -35,7 +36,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from agent.vsock import DEFAULT_MAX_CONNECTIONS, SpliceListener, vsock_listen_socket
+from agent.rpc.vsock import DEFAULT_MAX_CONNECTIONS, SpliceListener, vsock_listen_socket
 from tests.tools.tcp_forward import make_handler, open_vsock
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]

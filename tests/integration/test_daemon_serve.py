@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import REPO, run_cva
 from tests.daemon_support import SAMPLE_IMAGE_CONFIG
 
-pytest.importorskip("agent.kbs")
+pytest.importorskip("agent.kbs.client")
 pytest.importorskip("luks.volume")
 
 

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent._proto.cva.v1 import agent_pb2, agent_pb2_grpc
-from agent.service import AgentServer
+from agent.rpc.grpc_service import AgentServer
 from agent.volumes import VolumeManager
 from tests.daemon_support import FakeKeySource, MemoryBackend, contract, make_bundle, volume
 

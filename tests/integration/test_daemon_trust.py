@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 import agent.trust
+from agent.binding import check_initdata_binding
 from agent.config import DaemonConfig, EvidenceConfig, InitdataSources
 from agent.contract import ContractError
 from agent.errors import CvaError
 from agent.initdata import parse_initdata
 from agent.trust import establish_trust
-from evidence.binding import check_initdata_binding
 from evidence.errors import AttesterUnavailable, BindingError
 from evidence.sample import SampleAttester
 from evidence.tdx import MRCONFIGID_SYSFS
@@ -63,7 +63,7 @@ def test_sample_image_trusts_the_example(tmp_path: Path) -> None:
 
 def test_auto_never_picks_sample_and_fails_closed(tmp_path: Path) -> None:
     path = _initdata(tmp_path, "auto")
-    with pytest.raises(CvaError) as info:
+    with pytest.raises(AttesterUnavailable) as info:
         establish_trust(_config(tmp_path, path, EvidenceConfig()), root=tmp_path)
     assert "\n" not in info.value.message
     assert "no TEE found" in info.value.message and "sample" not in info.value.message

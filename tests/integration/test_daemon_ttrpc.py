@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 from agent._proto.cva.v1 import agent_pb2
-from agent.ttrpc import Code
+from agent.rpc.ttrpc import Code
 from tests.daemon_support import KEY_MARKER, make_bundle
 from tests.integration.test_daemon_process import _start
 from tests.ttrpc_peer import GoCall, go_calls

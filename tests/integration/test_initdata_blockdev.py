@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ToolError
 from agent.initdata import InitDataError, encode_block_image, find_initdata, read_initdata_block
-from luks.run import run
+from luks.run import ToolError, run
 from tests.conftest import run_cva
 
 DOC = b'version = "0.1.0"\nalgorithm = "sha256"\n[data]\n"cva.toml" = "x"\n'

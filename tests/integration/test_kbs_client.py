@@ -1,4 +1,5 @@
-"""agent.kbs.KbsClient against the loopback Trustee KBS: sessions, faults, TLS, hostile answers."""
+"""agent.kbs.client.KbsClient against the loopback Trustee KBS: sessions, faults, TLS, hostile
+answers."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.kbs import (
+from agent.kbs.client import (
     AttestationFailed,
     JweError,
     KbsClient,
@@ -25,8 +26,8 @@ from agent.kbs import (
     ProtocolMismatch,
     ResourceNotFound,
 )
-from agent.kbs_jwe import KEY_ALGORITHMS
-from agent.kbs_wire import b64url
+from agent.kbs.jwe import KEY_ALGORITHMS
+from agent.kbs.wire import b64url
 from tests.kbs.fixtures import kbs_uri, sample_attester
 from tests.kbs.server import Fault, LoopbackKbs
 from tests.tls import make_test_tls

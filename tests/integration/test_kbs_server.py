@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from agent import kbs_wire as wire
-from agent.kbs_jwe import decrypt_resource, generate_tee_key
+from agent.kbs import wire
+from agent.kbs.jwe import decrypt_resource, generate_tee_key
 from tests.kbs.server import ERROR_PREFIX, LoopbackKbs, resource_key
 from tests.kbs.tpm_quote import _Reader, verify_tpm_evidence
 

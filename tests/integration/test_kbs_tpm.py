@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from agent.kbs import AttestationFailed, KbsClient
-from agent.kbs_jwe import KEY_ALGORITHMS
+from agent.kbs.client import AttestationFailed, KbsClient
+from agent.kbs.jwe import KEY_ALGORITHMS
 from evidence.tpm import TpmAttester
 from tests.kbs.fixtures import kbs_uri
 from tests.kbs.server import LoopbackKbs

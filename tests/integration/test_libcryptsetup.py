@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.secret import Secret
 from luks import libcryptsetup as lc
 from luks.header import (
     HEADER_AREA_BYTES,
@@ -22,6 +21,7 @@ from luks.header import (
     read_header_area,
 )
 from luks.run import run, secret_fd
+from luks.secret import Secret
 from luks.token import canonical_metadata, derive_keys, make_token, token_json, verify_token
 
 PASSPHRASE = b"PASSPHRASE-MARKER-0123456789abcdef"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.secret import Secret
 from luks import libcryptsetup as lc
 from luks.header import parse_luks2, read_header_area
+from luks.secret import Secret
 from luks.token import TokenError, derive_keys, make_token, token_json
 from luks.validate import HeaderRefused, validate_header_copy
 from tests.luks_headers import luks2_area, mutated, write_image

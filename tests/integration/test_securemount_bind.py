@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.mountpoints import MountRules, parse_root
-from agent.securemount_volumes import bind_mount
-from agent.ttrpc import Code, RpcError
+from agent.rpc.ttrpc import Code, RpcError
+from agent.securemount.volumes import bind_mount
 from luks import mount
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
@@ -73,7 +73,7 @@ def test_bind_mount_read_only_and_idempotent(tmp_path: Path) -> None:
 
 @needs_root
 def test_bind_is_seen_at_its_resolved_path_and_gone_after_unmount(tmp_path: Path) -> None:
-    from agent.securemount_volumes import is_bound
+    from agent.securemount.volumes import is_bound
 
     real = tmp_path / "real"
     real.mkdir()
@@ -91,7 +91,7 @@ def test_bind_is_seen_at_its_resolved_path_and_gone_after_unmount(tmp_path: Path
 
 @needs_root
 def test_a_symlink_out_of_the_allowed_roots_is_refused_before_mounting(tmp_path: Path) -> None:
-    from agent.securemount_volumes import link_device
+    from agent.securemount.volumes import link_device
 
     (tmp_path / "sandbox").symlink_to("/etc")
     with volume(tmp_path) as (source, device):

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent._proto.cdh import api_pb2
-from agent.securemount import (
+from agent.rpc.ttrpc import Code, TtrpcServer
+from agent.securemount.decisions import (
     EphemeralMount,
     PersistentMount,
     SecureMountPolicy,
     SecureMountService,
 )
-from agent.ttrpc import Code, TtrpcServer
 from tests.ttrpc_peer import GoCall, go_calls
 from tests.unit.test_securemount import (
     BLANK_DEVICE,

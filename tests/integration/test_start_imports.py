@@ -1,13 +1,14 @@
 """What `cva serve` imports before READY=1 (bench/footprint.py, issue 8 #5).
 
 The start path needs the config, the initdata, the contract, the evidence for the binding check
-and the gRPC service. The KBS client (httpx, cryptography), the storage code (luks.*, pyudev,
-libcryptsetup), the ttRPC/SecureMount fronts and the TPM attester are imported where they are
-first used: at the first key fetch, the first volume step, only when configured, only for that
-TEE; the other command groups' parsers not at all. These tests run the real start path
-(`cva serve` through `agent.cli.main`) in a fresh interpreter up to READY=1 and list the modules
-loaded by then, and check that the first request still reaches the lazily imported KBS client
-and storage code.
+and the gRPC service (and, of the storage stack, only its stdlib-only refusal type and key
+buffer: luks.errors, luks.secret). The KBS client (httpx, cryptography), the storage code
+(luks.*, pyudev, libcryptsetup), the ttRPC/SecureMount fronts and the TPM attester are imported
+where they are first used: at the first key fetch, the first volume step, only when configured,
+only for that TEE; the other command groups' parsers not at all. These tests run the real start
+path (`cva serve` through `agent.cli.main`) in a fresh interpreter up to READY=1 and list the
+modules loaded by then, and check that the first request still reaches the lazily imported KBS
+client and storage code.
 """
 
 from __future__ import annotations
@@ -50,13 +51,10 @@ NOT_BEFORE_READY = (
     "joserfc",
     "pyudev",
     "tpm2_pytss",
-    "agent.kbs",
-    "agent.kbs_jwe",
-    "agent.kbs_wire",
-    "agent.securemount",
-    "agent.securemount_volumes",
-    "agent.ttrpc",
-    "agent.ttrpc_service",
+    "agent.kbs",  # the whole package: client, wire, jwe, errors
+    "agent.securemount",  # the whole package: decisions, volumes, records, blockdev
+    "agent.rpc.ttrpc",
+    "agent.rpc.ttrpc_service",
     "agent._proto.cdh",
     "luks.volume",
     "luks.libcryptsetup",
@@ -71,22 +69,22 @@ NOT_BEFORE_READY = (
     "evidence.tpm_quote",
     "evidence.tdx",
     "evidence.snp",
-    # the other command groups' parsers (agent/cli.py builds only `serve`'s)
-    "agent.cli_initdata",
-    "agent.cli_kbs",
-    "evidence.cli",
-    "luks.cli",
+    # the other command groups' parsers (agent/cli/__init__.py builds only `serve`'s)
+    "agent.cli.initdata",
+    "agent.cli.kbs",
+    "agent.cli.evidence",
+    "agent.cli.luks",
 )
 # what the start path does need (so an empty or broken probe cannot pass)
 BEFORE_READY = (
-    "agent.cli_daemon",
+    "agent.cli.daemon",
     "agent.startup",
     "agent.trust",
     "agent.contract",
     "agent.initdata",
-    "agent.service",
+    "agent.rpc.grpc_service",
     "agent.luks_backend",
-    "evidence.binding",
+    "agent.binding",
     "evidence.sample",
     "evidence.tsm",  # the image's TEE decision probes configfs-tsm (sample is refused on TDX/SNP)
     "grpc",
@@ -158,7 +156,7 @@ def test_serve_reaches_ready_without_kbs_storage_or_ttrpc_code(tmp_path: Path) -
 def test_ttrpc_front_is_loaded_when_configured(tmp_path: Path) -> None:
     """The lazily imported ttRPC/SecureMount front still starts when the config asks for it."""
     modules = _modules_at_ready(_config(tmp_path, f'ttrpc = "unix://{tmp_path}/cdh.sock"'))
-    for name in ("agent.ttrpc", "agent.ttrpc_service", "agent.securemount_volumes"):
+    for name in ("agent.rpc.ttrpc", "agent.rpc.ttrpc_service", "agent.securemount.volumes"):
         assert name in modules
     lazy = ("httpx", "cryptography", "agent.kbs", "luks.ephemeral", "luks.libcryptsetup")
     loaded = [name for name in lazy if _loaded(modules, name)]
@@ -207,8 +205,8 @@ def test_attester_modules_load_for_their_tee_only(tee: str, module: str) -> None
 
 def test_first_prepare_reaches_the_kbs_and_the_storage_code(tmp_path: Path) -> None:
     """A real `cva serve`: the first PrepareVolumes attests to the KBS and fetches the key
-    (agent.kbs, imported then), then looks for the disk (luks.disk, luks.volume, imported then);
-    the host has no such disk, so the call ends with the storage layer's refusal."""
+    (agent.kbs.client, imported then), then looks for the disk (luks.disk, luks.volume, imported
+    then); the host has no such disk, so the call ends with the storage layer's refusal."""
     key = "kbs:///default/pgdata/luks"
     with LoopbackKbs({key: bytes(range(32))}) as kbs:
         cfg = _config(tmp_path, kbs_url=kbs.url, disk_wait=0.5)

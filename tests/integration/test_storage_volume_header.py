@@ -11,10 +11,10 @@ import pytest
 contract = pytest.importorskip("agent.contract")
 pytest.importorskip("luks.token")
 
-from agent.secret import Secret  # noqa: E402
 from luks import blank, volume  # noqa: E402
 from luks.header import LuksHeader, parse_luks2  # noqa: E402
 from luks.libcryptsetup import CryptDevice, header_copy  # noqa: E402
+from luks.secret import Secret  # noqa: E402
 from luks.token import derive_keys  # noqa: E402
 from luks.volume_plan import CrashWindow, decide  # noqa: E402
 

@@ -10,8 +10,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from agent.binding import check_initdata_binding
 from agent.initdata import parse_initdata
-from evidence.binding import check_initdata_binding
 from evidence.errors import AttesterUnavailable, BindingError, EvidenceError
 from evidence.tpm import AK_HANDLE, TpmAttester
 from evidence.tpm_quote import parse_attest, tpm_evidence_from_json, verify_quote

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from agent._proto.ttrpc import ttrpc_pb2
 from agent.errors import CvaError
-from agent.ttrpc import (
+from agent.rpc.ttrpc import (
     MESSAGE_LENGTH_MAX,
     CallContext,
     Code,

@@ -11,7 +11,7 @@ import pytest
 
 from agent._proto.cdh import api_pb2
 from agent.errors import CvaError, InputError
-from agent.ttrpc import CallContext, Code, RpcError, TtrpcServer
+from agent.rpc.ttrpc import CallContext, Code, RpcError, TtrpcServer
 from tests.ttrpc_peer import GoCall, go_calls
 
 

@@ -3,7 +3,7 @@ frame header within HEADER_TIMEOUT is closed, and idle connections cannot hold t
 limit against a new peer; a busy or recently active connection is never evicted.
 
 The timeouts are the module constants (monkeypatched small here), so these tests exercise the
-server as `agent.ttrpc_service` builds it, with no extra arguments."""
+server as `agent.rpc.ttrpc_service` builds it, with no extra arguments."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import ttrpc
 from agent._proto.ttrpc import ttrpc_pb2
-from agent.ttrpc import CallContext, MessageType, TtrpcServer, encode_frame
+from agent.rpc import ttrpc
+from agent.rpc.ttrpc import CallContext, MessageType, TtrpcServer, encode_frame
 from tests.ttrpc_peer import RawConnection
 
 HEADER = 0.4

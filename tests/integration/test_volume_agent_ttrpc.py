@@ -1,5 +1,5 @@
 """cva.v1.VolumeAgent and CDH SecureMount over ttRPC, driven by containerd's Go ttrpc client,
-against the daemon's ttRPC server (agent.ttrpc_service) with the in-memory storage backend and
+against the daemon's ttRPC server (agent.rpc.ttrpc_service) with the in-memory storage backend and
 the fake key source."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import pytest
 from agent import contract as C
 from agent._proto.cdh import api_pb2
 from agent._proto.cva.v1 import agent_pb2
-from agent.secret import Secret
-from agent.securemount import DeviceIdentity
-from agent.securemount_volumes import ManagerSecureMountBackend
-from agent.ttrpc import Code, TtrpcServer
-from agent.ttrpc_service import build_ttrpc_server
+from agent.rpc.ttrpc import Code, TtrpcServer
+from agent.rpc.ttrpc_service import build_ttrpc_server
+from agent.securemount.decisions import DeviceIdentity
+from agent.securemount.volumes import ManagerSecureMountBackend
 from agent.volumes import OpenedVolume, VolumeManager
+from luks.secret import Secret
 from tests.daemon_support import (
     FakeGuest,
     FakeKeySource,

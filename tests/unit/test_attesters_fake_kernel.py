@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.binding import check_initdata_binding
 from agent.initdata import parse_initdata
-from evidence.binding import check_initdata_binding
 from evidence.detect import attester_for, detect_tee
 from evidence.errors import AttesterUnavailable, BindingError, EvidenceError
 from evidence.qgs import decode_get_quote_response, encode_get_quote

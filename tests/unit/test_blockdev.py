@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.blockdev import DeviceNotFound, DeviceRefused, identify_block_device
-from agent.securemount import DeviceSelector
-from agent.ttrpc import Code, status_for
+from agent.rpc.ttrpc import Code, status_for
+from agent.securemount.blockdev import DeviceNotFound, DeviceRefused, identify_block_device
+from agent.securemount.decisions import DeviceSelector
 
 
 def fake_disk(

@@ -1,6 +1,6 @@
-"""`cva COMMAND ...` builds only COMMAND's parser group (agent/cli.py REGISTRARS): the table must
-name exactly what each registrar adds, and the partial parser must answer exactly as the full
-one (help, usage errors, parsed values)."""
+"""`cva COMMAND ...` builds only COMMAND's parser group (agent/cli/__init__.py REGISTRARS): the
+table must name exactly what each registrar adds, and the partial parser must answer exactly as
+the full one (help, usage errors, parsed values)."""
 
 from __future__ import annotations
 

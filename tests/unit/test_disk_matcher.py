@@ -1,7 +1,8 @@
 """One disk matcher: the contract's disk reference means the same disk whether cva opens a contract
 volume (luks.disk.find over /sys/block) or SecureMount's guard asks "is this a contract disk?"
-(agent.blockdev over /sys/dev/block -> DeviceIdentity.matches). Both are built here over the same
-fake sysfs tree, so the test compares the two real call paths, not two calls of one function.
+(agent.securemount.blockdev over /sys/dev/block -> DeviceIdentity.matches). Both are built here
+over the same fake sysfs tree, so the test compares the two real call paths, not two calls of one
+function.
 
 On main the two disagreed: the guard missed kata's `scsi:T:L` form (an ephemeral SecureMount
 would have formatted that contract disk) and matched a PCI bridge's address on any disk behind it.
@@ -17,10 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.blockdev import identify_block_device
 from agent.contract import ContractError, parse_disk
-from agent.errors import CvaError
-from agent.securemount import (
+from agent.securemount.blockdev import identify_block_device
+from agent.securemount.decisions import (
     DeviceIdentity,
     DeviceSelector,
     SecureMountPolicy,
@@ -29,6 +29,7 @@ from agent.securemount import (
     plan_secure_mount,
 )
 from luks import disk
+from luks.errors import StorageError
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def test_a_pci_controller_names_all_its_scsi_disks_and_find_refuses_that(tmp_pat
     sysfs, dev = tmp_path / "sys", tmp_path / "dev"
     build_sysfs(sysfs)
     dev.mkdir()
-    with pytest.raises(CvaError, match="several disks"):
+    with pytest.raises(StorageError, match="several disks"):
         disk.find(Ref("pci", "0000:00:03.0"), sysfs=sysfs, dev=dev)
     for d in (SCSI, SCSI_B):  # ... and the guard keeps an ephemeral volume off both
         ident = identify_block_device(DeviceSelector((252, d.minor), None), sys_root=sysfs)
@@ -193,9 +194,9 @@ HOSTILE = [
 def test_hostile_references_are_refused_everywhere(kind: str, value: str) -> None:
     assert disk.ref_rule(kind, value) is not None
     info = disk.BlockInfo("vdb", value, f"/sys/devices/pci0000:00/{value}/block/vdb")
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         disk.matches(kind, value, info)
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         DeviceIdentity("/dev/vdb", 252, 16, value, info.devpath).matches(kind, value)
     with pytest.raises(ContractError):
         parse_disk(f"{kind}:{value}")
@@ -235,9 +236,9 @@ def test_contract_matcher_and_guard_agree_on_anything(
         contract_ok = False
     assert contract_ok == canonical  # the contract accepts exactly what the matcher accepts
     if not canonical:
-        with pytest.raises(CvaError):
+        with pytest.raises(StorageError):
             ident.matches(kind, value)
-        with pytest.raises(CvaError):
+        with pytest.raises(StorageError):
             disk.matches(kind, value, info)
         return
     assert ident.matches(kind, value) == disk.matches(kind, value, info)

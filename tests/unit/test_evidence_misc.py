@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.binding import check_initdata_binding
 from agent.initdata import InitDataError, parse_initdata
 from evidence import snp, tdx
-from evidence.binding import check_initdata_binding
 from evidence.ccel import parse_ccel, trim_ccel
 from evidence.errors import AttesterUnavailable, BindingError, EvidenceError
 from evidence.inspect import parse_any

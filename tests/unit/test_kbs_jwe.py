@@ -1,4 +1,4 @@
-"""JWE decryption (agent.kbs_jwe): SPEC §a.12 exactly, every key type, hostile JWEs."""
+"""JWE decryption (agent.kbs.jwe): SPEC §a.12 exactly, every key type, hostile JWEs."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.kbs_errors import JweError, KbsError
-from agent.kbs_jwe import (
+from agent.kbs.errors import JweError, KbsError
+from agent.kbs.jwe import (
     KEY_ALGORITHMS,
     TeeKey,
     decrypt_resource,
     generate_tee_key,
     tee_key_from_private,
 )
-from agent.kbs_wire import b64url
+from agent.kbs.wire import b64url
 from tests.kbs.server import _wrap
 
 EXAMPLE_JWE = {
@@ -195,7 +195,7 @@ def test_kbs_types_examples(vectors: Path) -> None:
         == aad["expected_aad_ascii"]
     )
     cases = v["cases"]
-    from agent.kbs_wire import b64url_decode
+    from agent.kbs.wire import b64url_decode
 
     r = cases["parse_response"]
     assert b64url_decode(r["encrypted_key"], "k") == b"fakekey"

@@ -1,4 +1,4 @@
-"""Pure protocol functions of agent.kbs_wire against SPEC §a (byte-exact) and hostile input."""
+"""Pure protocol functions of agent.kbs.wire against SPEC §a (byte-exact) and hostile input."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import kbs_wire as wire
 from agent.contract import KbsResourceUri
-from agent.kbs_errors import (
+from agent.kbs import wire
+from agent.kbs.errors import (
     AttestationFailed,
     KbsError,
     KbsProtocolError,
@@ -22,7 +22,7 @@ from agent.kbs_errors import (
     ProtocolMismatch,
     ResourceNotFound,
 )
-from agent.kbs_jwe import tee_key_from_private
+from agent.kbs.jwe import tee_key_from_private
 from tests.kbs.fixtures import kbs_uri
 
 NONCE = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="

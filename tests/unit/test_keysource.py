@@ -8,12 +8,14 @@ import pytest
 from agent import policy
 from agent.errors import CvaError
 from agent.keysource import LazyKbsKeySource, is_transient
-from agent.secret import Secret
-from agent.service import status_for
+from agent.rpc.volume_agent import status_for
 from agent.volumes import ShuttingDown
+from evidence.errors import BindingError, EvidenceError
+from luks.errors import StorageError, StorageInputError
+from luks.secret import Secret
 
 
-class KbsError(CvaError):  # same names as agent.kbs_errors's hierarchy
+class KbsError(CvaError):  # same names as agent.kbs.errors's hierarchy
     pass
 
 
@@ -82,6 +84,11 @@ async def test_client_is_made_lazily_once_and_shared() -> None:
         (KbsError("tls"), grpc.StatusCode.FAILED_PRECONDITION),
         (PolicyDenied("kbs said no"), grpc.StatusCode.FAILED_PRECONDITION),
         (CvaError("header refused"), grpc.StatusCode.FAILED_PRECONDITION),
+        # the libraries' own refusal types map as the CvaError they were before (agent.errors)
+        (StorageError("disk not blank"), grpc.StatusCode.FAILED_PRECONDITION),
+        (StorageInputError("header refused"), grpc.StatusCode.FAILED_PRECONDITION),
+        (EvidenceError("bad quote"), grpc.StatusCode.FAILED_PRECONDITION),
+        (BindingError("initdata does not match"), grpc.StatusCode.FAILED_PRECONDITION),
         (ValueError("bug"), grpc.StatusCode.INTERNAL),
     ],
 )

@@ -28,7 +28,7 @@ from agent.log import (
     render_exception,
     render_json,
 )
-from agent.secret import Secret
+from luks.secret import Secret
 
 KEY = bytes(range(7, 39))  # 32 recognisable bytes
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.secret import Secret
 from luks.header import allow_list_reasons, parse_luks2
+from luks.secret import Secret
 from luks.token import (
     TokenError,
     canonical_metadata,

@@ -5,9 +5,8 @@ import time
 
 import pytest
 
-from agent.errors import ToolError
-from agent.secret import Secret
-from luks.run import run, secret_fd
+from luks.run import ToolError, run, secret_fd
+from luks.secret import Secret
 
 
 def test_run_captures_and_checks() -> None:

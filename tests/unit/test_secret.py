@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from agent.secret import Secret, wipe, wiping
+from luks.secret import Secret, wipe, wiping
 
 
 def test_secret_wipes_and_hides() -> None:

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from agent._proto.cdh import api_pb2
 from agent.mountpoints import MountRules, parse_root
-from agent.securemount import (
+from agent.rpc.ttrpc import CallContext, Code, status_for
+from agent.securemount.decisions import (
     DEFAULT_MOUNT_RULES,
     EPHEMERAL_MAPPER_PREFIX,
     OPTION_KEYS,
@@ -28,7 +29,6 @@ from agent.securemount import (
     parse_secure_mount,
     plan_secure_mount,
 )
-from agent.ttrpc import CallContext, Code, status_for
 
 HEADERS = Path("/run/cva/ephemeral")
 BOTH = SecureMountPolicy(persistent=True, ephemeral=True)
@@ -663,7 +663,7 @@ async def test_service_refuses_before_touching_storage() -> None:
 
 
 def test_policy_from_allow_defaults_to_nothing() -> None:
-    from agent.securemount import policy_from_allow
+    from agent.securemount.decisions import policy_from_allow
 
     default = frozenset({"PrepareVolumes", "ReleaseVolumes", "ListVolumes"})
     assert policy_from_allow(default) == SecureMountPolicy()

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.securemount import DeviceIdentity, EphemeralMount, PersistentMount
-from agent.securemount_records import MountRecord, dump_records, parse_records
-from agent.securemount_volumes import ManagerSecureMountBackend
-from agent.ttrpc import Code, RpcError
+from agent.rpc.ttrpc import Code, RpcError
+from agent.securemount.decisions import DeviceIdentity, EphemeralMount, PersistentMount
+from agent.securemount.records import MountRecord, dump_records, parse_records
+from agent.securemount.volumes import ManagerSecureMountBackend
 from agent.volumes import VolumeManager, VolumeState
 from luks.ephemeral import EphemeralRefused
 from tests.daemon_support import (
@@ -312,7 +312,7 @@ class CountingSweeps:
 
 
 async def test_sweeper_runs_until_stopped_and_survives_a_failed_sweep() -> None:
-    from agent.securemount_volumes import run_sweeper
+    from agent.securemount.volumes import run_sweeper
 
     backend, stop = CountingSweeps(fail_first=True), asyncio.Event()
     task = asyncio.create_task(run_sweeper(backend, stop, interval=0.01))  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.securemount import (
+from agent.securemount.decisions import (
     DeviceIdentity,
     EphemeralMount,
     PersistentMount,
@@ -68,7 +68,7 @@ def test_real_contract_volumes_plug_in() -> None:
 
 
 def test_contract_allow_list_switches_securemount_on() -> None:
-    from agent.securemount import policy_from_allow
+    from agent.securemount.decisions import policy_from_allow
 
     default = contract.parse_contract(CONTRACT)
     assert "SecureMount" not in default.api.allow

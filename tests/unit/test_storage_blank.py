@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import CvaError
 from luks import blank
+from luks.errors import StorageError
 
 MIB = 1024 * 1024
 
@@ -42,7 +42,7 @@ def test_plan_stays_inside_device(size: int) -> None:
 
 
 def test_too_small_device_is_refused() -> None:
-    with pytest.raises(CvaError, match="smaller than"):
+    with pytest.raises(StorageError, match="smaller than"):
         blank.sample_plan(blank.MIN_DEVICE_BYTES - 1)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import CvaError
 from luks import disk
+from luks.errors import StorageError
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,12 @@ def test_matches() -> None:
     assert not disk.matches("pci", "0000:00:05.0", SDA)
     assert disk.matches("scsi", "0:0:1:0", SDA) and not disk.matches("scsi", "0:0:1:1", SDA)
     assert disk.matches("scsi", "1:0", SDA) and not disk.matches("scsi", "0:1", SDA)
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         disk.matches("scsi", "1", SDA)
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         disk.matches("nvme", "x", VDB)
     for kind, value in (("pci", "zz"), ("pci", "00:05.0"), ("serial", ""), ("scsi", "01:0")):
-        with pytest.raises(CvaError):  # one canonical form per kind (test_disk_matcher.py)
+        with pytest.raises(StorageError):  # one canonical form per kind (test_disk_matcher.py)
             disk.matches(kind, value, VDB)
 
 
@@ -63,9 +63,9 @@ def test_find_in_fake_sysfs(tmp_path: Path) -> None:
     assert disk.find(Ref("pci", "0000:00:05.0"), sysfs=sysfs, dev=dev) == dev / "vdb"
     assert disk.find(Ref("serial", "other"), sysfs=sysfs, dev=dev) is None
     fake_sysfs(sysfs, "vdc", "pgdisk", pci="0000:00:06.0")
-    with pytest.raises(CvaError, match="several disks"):
+    with pytest.raises(StorageError, match="several disks"):
         disk.find(Ref("serial", "pgdisk"), sysfs=sysfs, dev=dev)
-    with pytest.raises(CvaError, match="serial id must be"):
+    with pytest.raises(StorageError, match="serial id must be"):
         disk.find(Ref("serial", "../x"), sysfs=sysfs, dev=dev)
 
 

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import CvaError
 from luks import dmtable
 from luks.dmtable import DmTableError
+from luks.errors import StorageError
 
 KEYREF = ":64:logon:cryptsetup:6b1f2a52-1b8a-4d6e-9a3c-0c2f0e6f9d11-d0"
 PLAIN = (
@@ -96,5 +96,5 @@ def test_any_text_parses_or_fails_cleanly(text: str) -> None:
             dmtable.compare(EXPECT, dmtable.parse_crypt(line), None)
         elif line.target == "integrity":
             dmtable.parse_integrity(line)
-    except CvaError:
+    except StorageError:
         pass

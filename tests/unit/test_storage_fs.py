@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import CvaError
 from luks import fs
+from luks.errors import StorageError
 from luks.volume_plan import fs_size_bytes, needs_grow
 
 DATA = Path(__file__).parent / "data" / "blkid"
@@ -26,7 +26,7 @@ def test_mkfs_argv() -> None:
     assert "lazy_itable_init=0" in ext_i[ext_i.index("-E") + 1]
     xfs = fs.mkfs_argv("xfs", "/dev/x", integrity=True)
     assert "-K" in xfs and "size=4096" in xfs
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         fs.mkfs_argv("btrfs", "/dev/x", integrity=False)  # type: ignore[arg-type]
     assert fs.grow_argv("xfs", "/dev/x", "/run/cva/volumes/a") == [
         "xfs_growfs", "--", "/run/cva/volumes/a"
@@ -58,12 +58,12 @@ def test_prewrite_plans() -> None:
     assert fs.grow_prewrite_ranges(100 * MIB, 200 * MIB) == ((198 * MIB, 2 * MIB),)
     assert fs.grow_prewrite_ranges(200 * MIB, 201 * MIB) == ((200 * MIB, MIB),)
     assert fs.grow_prewrite_ranges(200 * MIB, 200 * MIB) == ()
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         fs.prewrite_ranges(1000)
 
 
 def test_xfs_minimum_size() -> None:
-    with pytest.raises(CvaError, match="xfs needs"):
+    with pytest.raises(StorageError, match="xfs needs"):
         fs.check_size("xfs", 100 * MIB)
     fs.check_size("ext4", 100 * MIB)
 
@@ -186,7 +186,7 @@ def test_parse_backup_superblocks_shapes() -> None:
 def test_parse_backup_superblocks_any_text(text: str) -> None:
     try:
         blocks = fs.parse_backup_superblocks(text)
-    except CvaError:
+    except StorageError:
         return
     assert all(isinstance(b, int) and b >= 0 for b in blocks)
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import CvaError
 from luks import lvm
+from luks.errors import StorageError
 
 DATA = Path(__file__).parent / "data" / "lvm"
 GIB = 1 << 30
@@ -23,7 +23,7 @@ def test_config_accepts_only_the_disk() -> None:
     assert "global_filter=" in cfg and "auto_activation_volume_list=[]" in cfg
     assert "use_devicesfile=0" in cfg and "event_activation=0" in cfg
     assert "a|^/dev/disk/by-id/virtio-a\\.b$|" in lvm.lvm_config("/dev/disk/by-id/virtio-a.b")
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         lvm.lvm_config('/dev/x"|')
 
 
@@ -36,9 +36,9 @@ def test_every_argv_carries_the_config_and_json() -> None:
     assert create[create.index("--wipesignatures") + 1] == "n"
     assert create[-1] == "cva" and f"{GIB}b" in create
     assert lvm.vgcreate_argv("/dev/vdb", "cva")[-2:] == ["cva", "/dev/vdb"]
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         lvm.lvcreate_argv("/dev/vdb", "cva", "-rf", GIB)
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         lvm.extend("/dev/vdb", "cva", "pg", 0)
 
 
@@ -65,14 +65,14 @@ def test_lv_row_parses() -> None:
      "[" * 100000],
 )  # fmt: skip
 def test_hostile_reports_fail_cleanly(text: str) -> None:
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         lvm.parse_pvs(text)
 
 
 @given(st.text(max_size=300))
 def test_any_report_parses_or_fails_cleanly(text: str) -> None:
     for parse in (lvm.parse_pvs, lvm.parse_vgs, lvm.parse_lvs):
-        with contextlib.suppress(CvaError):
+        with contextlib.suppress(StorageError):
             parse(text)
 
 
@@ -140,13 +140,13 @@ def test_segment_report_parses() -> None:
      _segs(("pg", "cva", "linear", "linear", "public origin")), "[" * 100000],
 )  # fmt: skip
 def test_hostile_segment_reports_fail_cleanly(text: str) -> None:
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         lvm.parse_lv_segments(text)
 
 
 @given(st.text(max_size=300))
 def test_any_segment_report_parses_or_fails_cleanly(text: str) -> None:
-    with contextlib.suppress(CvaError):
+    with contextlib.suppress(StorageError):
         lvm.parse_lv_segments(text)
 
 

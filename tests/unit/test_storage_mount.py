@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import CvaError
 from luks import mount
+from luks.errors import StorageError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 
@@ -27,7 +27,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 def test_target_components() -> None:
     assert mount.target_components("/var/lib//pg/./data") == ("var", "lib", "pg", "data")
     for bad in ("relative", "/a/../b", "/", "/a\0b"):
-        with pytest.raises(CvaError):
+        with pytest.raises(StorageError):
             mount.target_components(bad)
 
 
@@ -157,7 +157,7 @@ def test_magic_link_refused(world: tuple[Path, Path, Path]) -> None:
     vol, rootfs, _ = world
     (rootfs / "proc").mkdir()
     subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
-    with pytest.raises(CvaError, match=r"magic link|symlink loop"):
+    with pytest.raises(StorageError, match=r"magic link|symlink loop"):
         bind(vol, rootfs, "/proc/self/root/etc", read_only=False)
 
 
@@ -166,7 +166,7 @@ def test_target_that_is_a_file_is_refused(world: tuple[Path, Path, Path]) -> Non
     vol, rootfs, _ = world
     (rootfs / "etc").mkdir()
     (rootfs / "etc" / "passwd").write_text("x")
-    with pytest.raises(CvaError, match="not a directory"):
+    with pytest.raises(StorageError, match="not a directory"):
         bind(vol, rootfs, "/etc/passwd", read_only=False)
 
 
@@ -175,7 +175,7 @@ def test_symlink_loop_refused(world: tuple[Path, Path, Path]) -> None:
     vol, rootfs, _ = world
     (rootfs / "a").symlink_to("b")
     (rootfs / "b").symlink_to("a")
-    with pytest.raises(CvaError):
+    with pytest.raises(StorageError):
         bind(vol, rootfs, "/a/x", read_only=False)
 
 
@@ -210,7 +210,7 @@ def test_a_shadowed_volume_mount_is_never_bound(world: tuple[Path, Path, Path]) 
     device = DEVICE[vol]
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(vol)], check=True)
     (vol / "planted").write_text("not the volume")
-    with pytest.raises(CvaError, match="is not the filesystem of"):
+    with pytest.raises(StorageError, match="is not the filesystem of"):
         bind(vol, rootfs, "/data", read_only=False)
     assert not (rootfs / "data" / "planted").exists()
     assert str(rootfs / "data") not in _mounts_under(rootfs)
@@ -223,7 +223,7 @@ def test_a_shadowed_volume_mount_is_never_bound(world: tuple[Path, Path, Path]) 
 def test_a_subdirectory_of_the_volume_is_not_its_root(world: tuple[Path, Path, Path]) -> None:
     vol, rootfs, _ = world
     (vol / "sub").mkdir()
-    with pytest.raises(CvaError, match="not the root of the filesystem"):
+    with pytest.raises(StorageError, match="not the root of the filesystem"):
         mount.bind_into_rootfs(vol / "sub", rootfs, "/data", device=DEVICE[vol], read_only=False)
     assert _mounts_under(rootfs) == []
 
@@ -235,8 +235,8 @@ def test_a_bare_directory_or_another_device_is_refused(
     vol, rootfs, _ = world
     bare = tmp_path / "bare"
     bare.mkdir()
-    with pytest.raises(CvaError, match="is not the filesystem of"):
+    with pytest.raises(StorageError, match="is not the filesystem of"):
         mount.bind_into_rootfs(bare, rootfs, "/data", device=DEVICE[vol], read_only=False)
-    with pytest.raises(CvaError, match="not a block device"):
+    with pytest.raises(StorageError, match="not a block device"):
         mount.bind_into_rootfs(vol, rootfs, "/data", device=Path("/dev/null"), read_only=False)
     assert _mounts_under(rootfs) == []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.errors import CvaError, InputError
 from luks import blank
+from luks.errors import StorageError, StorageInputError
 from luks.volume_plan import (
     CrashWindow,
     HeaderObservation,
@@ -57,7 +57,7 @@ def test_states() -> None:
 
 
 def _raise(msg: str) -> object:
-    raise InputError(msg)
+    raise StorageInputError(msg)
 
 
 def test_classify_paths() -> None:
@@ -81,7 +81,7 @@ def test_classify_lets_programming_errors_through() -> None:
 
     with pytest.raises(RuntimeError):
         classify(b"\x01", parse=boom, allow_reasons=lambda h: [], verify=lambda h: "ready")
-    assert issubclass(InputError, CvaError)
+    assert issubclass(StorageInputError, StorageError)
 
 
 def test_expected_table_and_names() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import vsock
-from agent.vsock import SpliceListener, describe_peer, vsock_listen_socket
+from agent.rpc import vsock
+from agent.rpc.vsock import SpliceListener, describe_peer, vsock_listen_socket
 
 # every gRPC connection opens with the HTTP/2 client preface (RFC 9113 §3.4); the echo backend
 # sends it back

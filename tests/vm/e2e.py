@@ -543,7 +543,7 @@ class Guest:
 
     @contextmanager
     def client(self, timeout: float = 300.0) -> Iterator[object]:
-        from agent.client import AgentClient
+        from agent.rpc.client import AgentClient
 
         with AgentClient(self.address, timeout=timeout) as client:
             yield client

@@ -160,7 +160,7 @@ def test_grpc_reaches_cva_only_over_its_vsock_listener_and_the_peer_cid_is_logge
 def test_rpc_not_allowed_by_the_contract_gets_permission_denied(guest: Guest) -> None:
     import grpc
 
-    from agent.client import RpcFailed
+    from agent.rpc.client import RpcFailed
 
     before = len(_vsock_connections(guest))
     with guest.client(timeout=30) as client, pytest.raises(RpcFailed) as caught:
@@ -175,7 +175,7 @@ def test_kbs_denying_the_key_is_a_clean_error_and_formats_nothing(
 ) -> None:
     import grpc
 
-    from agent.client import RpcFailed
+    from agent.rpc.client import RpcFailed
 
     world.kbs_up(deny=True)
     with pytest.raises(RpcFailed) as caught:
@@ -227,7 +227,7 @@ def test_release_unbinds_and_closes(guest: Guest) -> None:
 def test_kill_9_mid_prepare_systemd_restarts_cva_and_the_next_call_completes(
     world: World, guest: Guest
 ) -> None:
-    from agent.client import RpcFailed
+    from agent.rpc.client import RpcFailed
 
     restarts = guest.restarts()
     pid = guest.main_pid()

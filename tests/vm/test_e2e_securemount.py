@@ -44,8 +44,12 @@ from pathlib import Path
 import pytest
 
 from agent._proto.cdh import api_pb2
-from agent.securemount import CDH_SOCKET_PATH, EPHEMERAL_MAPPER_PREFIX, SECURE_MOUNT_METHOD
-from agent.ttrpc import Code
+from agent.rpc.ttrpc import Code
+from agent.securemount.decisions import (
+    CDH_SOCKET_PATH,
+    EPHEMERAL_MAPPER_PREFIX,
+    SECURE_MOUNT_METHOD,
+)
 from tests.ttrpc_peer import GoCall, GoResult, go_job, parse_go_results
 from tests.vm import preflight
 from tests.vm.build import ensure_image

@@ -35,7 +35,7 @@ from agent._proto.cdh import api_pb2
 from agent.contract import ContractError, parse_kbs_uri
 from agent.errors import InputError
 from agent.mountpoints import MountPointError, MountRules, normalise_request_path
-from agent.ttrpc import CallContext, Code, TtrpcServer
+from agent.rpc.ttrpc import CallContext, Code, TtrpcServer
 from luks.disk import BlockInfo
 from luks.disk import matches as disk_matches
 

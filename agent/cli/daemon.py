@@ -49,21 +49,21 @@ def _print(doc: dict[str, Any]) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from agent.client import AgentClient, to_json_dict  # noqa: PLC0415 - lazy: keeps `cva --help` fast
+    from agent.rpc.client import AgentClient, to_json_dict  # noqa: PLC0415 - lazy: keeps `cva --help` fast
 
     with AgentClient(args.address, timeout=args.timeout) as client:
         return _print(to_json_dict(client.prepare(args.container_id)))
 
 
 def _release(args: argparse.Namespace) -> int:
-    from agent.client import AgentClient, to_json_dict  # noqa: PLC0415 - lazy: keeps `cva --help` fast
+    from agent.rpc.client import AgentClient, to_json_dict  # noqa: PLC0415 - lazy: keeps `cva --help` fast
 
     with AgentClient(args.address, timeout=args.timeout) as client:
         return _print(to_json_dict(client.release(args.container_id)))
 
 
 def _list(args: argparse.Namespace) -> int:
-    from agent.client import AgentClient, to_json_dict  # noqa: PLC0415 - lazy: keeps `cva --help` fast
+    from agent.rpc.client import AgentClient, to_json_dict  # noqa: PLC0415 - lazy: keeps `cva --help` fast
 
     with AgentClient(args.address, timeout=args.timeout) as client:
         return _print(to_json_dict(client.list()))

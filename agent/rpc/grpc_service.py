@@ -24,12 +24,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AioHealthServicer
 
-from agent import policy, volume_rpc
+from agent import policy
 from agent._proto.cva.v1 import agent_pb2, agent_pb2_grpc
-from agent.errors import CvaError, InputError
-from agent.keysource import is_transient
+from agent.errors import REFUSALS
 from agent.log import get_logger
-from agent.volumes import ShuttingDown, VolumeManager
+from agent.rpc import volume_agent
+from agent.rpc.volume_agent import status_for
+from agent.volumes import VolumeManager
 
 T = TypeVar("T")
 log = get_logger("cva.service")
@@ -44,21 +45,6 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_concurrent_streams", 32),
     ("grpc.so_reuseport", 0),
 )
-
-
-def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status a refusal maps to (see the module docstring)."""
-    if isinstance(exc, policy.PolicyDenied):
-        return grpc.StatusCode.PERMISSION_DENIED
-    if isinstance(exc, policy.RequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, policy.ContainerNotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, ShuttingDown) or is_transient(exc):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(exc, CvaError | InputError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    return grpc.StatusCode.INTERNAL
 
 
 class VolumeAgentService(agent_pb2_grpc.VolumeAgentServicer):
@@ -82,7 +68,7 @@ class VolumeAgentService(agent_pb2_grpc.VolumeAgentServicer):
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"{name} did not finish within {timeout:g}s; the work continues, call again",
             )
-        except CvaError as exc:
+        except REFUSALS as exc:
             code = status_for(exc)
             log.info("rpc_refused", rpc=name, code=code.name, error=exc.message)
             await context.abort(code, exc.message)
@@ -100,7 +86,7 @@ class VolumeAgentService(agent_pb2_grpc.VolumeAgentServicer):
         request: agent_pb2.PrepareVolumesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> agent_pb2.PrepareVolumesResponse:
-        work = volume_rpc.prepare_volumes(self._manager, request)
+        work = volume_agent.prepare_volumes(self._manager, request)
         return await self._call("PrepareVolumes", context, work)
 
     async def ReleaseVolumes(
@@ -108,7 +94,7 @@ class VolumeAgentService(agent_pb2_grpc.VolumeAgentServicer):
         request: agent_pb2.ReleaseVolumesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> agent_pb2.ReleaseVolumesResponse:
-        work = volume_rpc.release_volumes(self._manager, request)
+        work = volume_agent.release_volumes(self._manager, request)
         return await self._call("ReleaseVolumes", context, work)
 
     async def ListVolumes(
@@ -117,7 +103,7 @@ class VolumeAgentService(agent_pb2_grpc.VolumeAgentServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> agent_pb2.ListVolumesResponse:
         return await self._call(
-            "ListVolumes", context, volume_rpc.list_volumes(self._manager, request)
+            "ListVolumes", context, volume_agent.list_volumes(self._manager, request)
         )
 
 
@@ -143,7 +129,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler[Any, Any]:
         method = handler_call_details.method
         try:
-            volume_rpc.check_allowed(self._manager, method)
+            volume_agent.check_allowed(self._manager, method)
         except policy.PolicyDenied as exc:
             log.warning("rpc_denied", method=method[:120])
             return _denied_handler(exc.message)

@@ -15,7 +15,7 @@ Nothing in CDH's API unmounts: kata-agent unmounts `mount_point` itself when the
 goes. cva notices: every SecureMount call and a periodic `sweep` release what is no longer at
 its mount point (ephemeral: unmount, deactivate -- the key is gone -- and delete the header;
 persistent: drop the holder, and close the volume if no container still has it). What cva
-served is recorded in tmpfs (`agent.securemount_records`), so a restarted daemon keeps
+served is recorded in tmpfs (`agent.securemount.records`), so a restarted daemon keeps
 sweeping, and a record left "creating" by a crash is cleaned up at start.
 
 Repeating a SecureMount that is already in place answers OK (kata-agent may retry); another
@@ -33,19 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.blockdev import identify_block_device
-from agent.errors import CvaError
+from agent.errors import REFUSALS, CvaError
 from agent.log import get_logger
 from agent.mountpoints import MountRules
-from agent.securemount import (
+from agent.rpc.ttrpc import Code, RpcError
+from agent.securemount.blockdev import identify_block_device
+from agent.securemount.decisions import (
     DeviceIdentity,
     DeviceSelector,
     EphemeralMount,
     PersistentMount,
     SecureMountBackend,
 )
-from agent.securemount_records import MountRecord, RecordStore
-from agent.ttrpc import Code, RpcError
+from agent.securemount.records import MountRecord, RecordStore
 from agent.volumes import HOLDER_PREFIX, VolumeManager
 from luks import mount
 
@@ -400,7 +400,7 @@ class ManagerSecureMountBackend:
                 continue  # cannot happen under the lock; never touch work in progress
             try:
                 await self._release(record)
-            except (CvaError, OSError) as exc:
+            except (*REFUSALS, OSError) as exc:
                 log.warning(
                     "securemount_release_failed",
                     at=record.mount_point,

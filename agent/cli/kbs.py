@@ -71,7 +71,7 @@ def get_resource(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose)  # before anything that might log
     # lazy imports: agent.cli keeps `cva --help` and the daemon's start fast
     from agent.contract import parse_kbs_uri  # noqa: PLC0415
-    from agent.kbs import KbsClient  # noqa: PLC0415
+    from agent.kbs.client import KbsClient  # noqa: PLC0415
     from evidence.detect import attester_for  # noqa: PLC0415
 
     _configure_logging(args.verbose)

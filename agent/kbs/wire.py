@@ -4,7 +4,7 @@ Everything here is byte-exact to SPEC §a and free of I/O, so it is unit-tested 
 the Request and Attestation bodies, the JCS + SHA-384 runtime-data digest (§a.5), the per-TEE
 report data, the Challenge / token / error-body parsers (every KBS answer is hostile input: size
 caps, strict types, clean `KbsError`s), the resource path of a `kbs://` URI (§a.8) and the
-mapping of Trustee's error bodies to the error classes of `agent.kbs_errors`.
+mapping of Trustee's error bodies to the error classes of `agent.kbs.errors`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from agent.kbs_errors import (
+from agent.kbs.errors import (
     AttestationFailed,
     KbsError,
     KbsProtocolError,

@@ -8,7 +8,7 @@ share one in-flight handshake (single flight). A resource 401 that a fresh sessi
 (token or session trouble) re-attests once; a second 401, a policy denial or a missing resource
 is terminal. Transient faults (connect errors, resets, timeouts, 5xx/429) are retried with full-
 jitter exponential backoff under an overall deadline, and the final error names the last real
-cause. Errors are the classes of `agent.kbs_errors` (re-exported here).
+cause. Errors are the classes of `agent.kbs.errors` (re-exported here).
 
 Transport: **httpx** rather than aiohttp. Measured here (DEPENDENCIES.md): httpx imports in about a
 third of aiohttp's time (51 vs 150 ms; this runs at boot in a small guest), and aiohttp silently
@@ -37,8 +37,8 @@ from typing import Any, Protocol
 import httpx
 from structlog.typing import FilteringBoundLogger
 
-from agent import kbs_wire as wire
-from agent.kbs_errors import (
+from agent.kbs import wire
+from agent.kbs.errors import (
     AttestationFailed,
     JweError,
     KbsError,
@@ -49,17 +49,17 @@ from agent.kbs_errors import (
     ProtocolMismatch,
     ResourceNotFound,
 )
-from agent.kbs_jwe import (
+from agent.kbs.jwe import (
     DEFAULT_KEY_ALGORITHM,
     KeyAlgorithm,
     TeeKey,
     decrypt_resource,
     generate_tee_key,
 )
-from agent.kbs_wire import ResourceRef
+from agent.kbs.wire import ResourceRef
 from agent.log import get_logger
-from agent.secret import Secret
 from evidence.base import Attester
+from luks.secret import Secret
 
 __all__ = [
     "AttestationFailed",
@@ -78,7 +78,7 @@ __all__ = [
 def _log() -> FilteringBoundLogger:
     """The module's logger, fetched per use: `agent.log.get_logger` binds the configuration
     current at call time, and the CLI/daemon configure logging after importing this module."""
-    return get_logger("agent.kbs")
+    return get_logger("agent.kbs.client")
 
 
 MAX_RESOURCE_BYTES = 1024 * 1024  # the JWE of one resource (volume keys are 32..64 bytes)

@@ -1,11 +1,12 @@
-"""The ttRPC face of cva: cva.v1.VolumeAgent (same handlers and policy as gRPC, agent.volume_rpc)
-and, when the contract allows it, CDH's `api.SecureMountService/SecureMount` (agent.securemount).
+"""The ttRPC face of cva: cva.v1.VolumeAgent (same handlers and policy as gRPC,
+agent.rpc.volume_agent) and, when the contract allows it, CDH's
+`api.SecureMountService/SecureMount` (agent.securemount).
 
 VolumeAgent calls are checked against the contract's `[api] allow` list before the payload is
 decoded; a refused call gets PERMISSION_DENIED naming the rule. SecureMount is registered only
 when `[api] allow` names `SecureMount` or `SecureMountEphemeral` (otherwise: UNIMPLEMENTED, as for
-any unknown service). Status codes are the gRPC front's (agent.service.status_for), so a client
-sees the same code over either protocol.
+any unknown service). Status codes are the gRPC front's (agent.rpc.volume_agent.status_for), so a
+client sees the same code over either protocol.
 """
 
 from __future__ import annotations
@@ -14,19 +15,19 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError, Message
 
-from agent import volume_rpc
-from agent.errors import CvaError
+from agent.errors import REFUSALS
 from agent.log import get_logger
 from agent.mountpoints import MountRules
-from agent.securemount import (
+from agent.rpc import volume_agent
+from agent.rpc.ttrpc import CallContext, Code, RawHandler, RpcError, TtrpcServer
+from agent.rpc.ttrpc import status_for as ttrpc_status_for
+from agent.rpc.volume_agent import status_for as grpc_status_for
+from agent.securemount.decisions import (
     DEFAULT_MOUNT_RULES,
     SecureMountBackend,
     SecureMountService,
     policy_from_allow,
 )
-from agent.service import status_for as grpc_status_for
-from agent.ttrpc import CallContext, Code, RawHandler, RpcError, TtrpcServer
-from agent.ttrpc import status_for as ttrpc_status_for
 from agent.volumes import VolumeManager
 
 log = get_logger("cva.ttrpc_service")
@@ -38,7 +39,7 @@ def status_for(exc: BaseException) -> tuple[Code, str]:
         code, message = ttrpc_status_for(exc)
         log.info("ttrpc_refused", code=code.name, error=message)
         return code, message
-    if isinstance(exc, CvaError):
+    if isinstance(exc, REFUSALS):
         code = Code(grpc_status_for(exc).value[0])
         log.info("ttrpc_refused", code=code.name, error=exc.message)
         return code, exc.message
@@ -48,11 +49,11 @@ def status_for(exc: BaseException) -> tuple[Code, str]:
 
 
 def _volume_handler(manager: VolumeManager, method: str) -> RawHandler:
-    spec = volume_rpc.METHODS[method]
-    method_path = volume_rpc.full_method(method)
+    spec = volume_agent.METHODS[method]
+    method_path = volume_agent.full_method(method)
 
     async def handle(payload: bytes, ctx: CallContext) -> Message:
-        volume_rpc.check_allowed(manager, method_path)  # before the payload is decoded
+        volume_agent.check_allowed(manager, method_path)  # before the payload is decoded
         request = spec.request_type()
         try:
             request.ParseFromString(payload)
@@ -67,8 +68,8 @@ def _volume_handler(manager: VolumeManager, method: str) -> RawHandler:
 
 def register_volume_agent(server: TtrpcServer, manager: VolumeManager) -> None:
     """Serve every cva.v1.VolumeAgent method (the allow list is checked per call)."""
-    for method in volume_rpc.METHODS:
-        server.register(volume_rpc.full_method(method), _volume_handler(manager, method))
+    for method in volume_agent.METHODS:
+        server.register(volume_agent.full_method(method), _volume_handler(manager, method))
 
 
 def build_ttrpc_server(

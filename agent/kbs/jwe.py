@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
-from agent.kbs_errors import JweError
-from agent.kbs_wire import b64url, b64url_decode
-from agent.secret import Secret, wipe
+from agent.kbs.errors import JweError
+from agent.kbs.wire import b64url, b64url_decode
+from luks.secret import Secret, wipe
 
 KeyAlgorithm = Literal["ECDH-ES+A256KW-P256", "ECDH-ES+A256KW-P521", "RSA-OAEP-256", "RSA1_5"]
 KEY_ALGORITHMS: tuple[KeyAlgorithm, ...] = (

@@ -2,6 +2,8 @@
 
 Each front does its own transport (deadline, status encoding) and calls `check_allowed` (the
 contract's `[api] allow` list, agent.policy) before it decodes the request, then one of `METHODS`.
+`status_for` is the one refusal -> status mapping (the table in agent.rpc.grpc_service's
+docstring); the ttRPC front answers with the same codes.
 """
 
 from __future__ import annotations
@@ -10,12 +12,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from google.protobuf.message import Message
 
 from agent import policy
 from agent._proto.cva.v1 import agent_pb2
+from agent.errors import REFUSALS
+from agent.keysource import is_transient
 from agent.log import get_logger
-from agent.volumes import BoundVolume, VolumeManager, VolumeState, VolumeStatus
+from agent.volumes import (
+    BoundVolume,
+    ShuttingDown,
+    VolumeManager,
+    VolumeState,
+    VolumeStatus,
+)
 
 log = get_logger("cva.volume_rpc")
 
@@ -28,6 +39,21 @@ _STATE = {
     VolumeState.BOUND: agent_pb2.VOLUME_STATE_BOUND,
     VolumeState.CLOSED: agent_pb2.VOLUME_STATE_CLOSED,
 }
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status a refusal maps to (see the module docstring)."""
+    if isinstance(exc, policy.PolicyDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(exc, policy.RequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, policy.ContainerNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, ShuttingDown) or is_transient(exc):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, REFUSALS):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INTERNAL
 
 
 def bound_to_pb(b: BoundVolume) -> agent_pb2.BoundVolume:

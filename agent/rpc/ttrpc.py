@@ -56,10 +56,10 @@ then, if a socket exists at that path, it connects its CDH client to it (once, a
 1. boot the guest with `agent.guest_components_procs=none` (or `attestation-agent`), so
    kata-agent does not start (and does not replace) a CDH;
 2. have cva listen on `/run/confidential-containers/cdh.sock` (config `[listen] ttrpc =
-   "unix:///run/confidential-containers/cdh.sock"`; `agent.ttrpc_service` builds the server, the
-   directory is created, the socket is mode 0600) with `agent.securemount`'s service registered,
-   *before* kata-agent starts (systemd: cva.service `Before=kata-agent.service`, ready only once
-   the socket listens).
+   "unix:///run/confidential-containers/cdh.sock"`; `agent.rpc.ttrpc_service` builds the
+   server, the directory is created, the socket is mode 0600) with `agent.securemount`'s service
+   registered, *before* kata-agent starts (systemd: cva.service `Before=kata-agent.service`,
+   ready only once the socket listens).
 
 What is lost when cva, not CDH, owns that socket: every other CDH service answers UNIMPLEMENTED,
 so the features built on them fail closed -- `api.SealedSecretService/UnsealSecret` (sealed
@@ -90,7 +90,7 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from agent._proto.ttrpc import ttrpc_pb2
-from agent.errors import CvaError, InputError
+from agent.errors import INPUT_REFUSALS, REFUSALS, CvaError, InputError
 
 log = logging.getLogger("cva.ttrpc")
 
@@ -212,10 +212,10 @@ M = TypeVar("M", bound=Message)
 def status_for(exc: BaseException) -> tuple[Code, str]:
     """The default mapping of a handler's exception onto a ttRPC status."""
     code = getattr(exc, "rpc_code", None)
-    if isinstance(exc, CvaError):
+    if isinstance(exc, REFUSALS):
         if isinstance(code, int) and 0 < code <= 16:
             return Code(code), exc.message
-        if isinstance(exc, InputError):
+        if isinstance(exc, INPUT_REFUSALS):
             return Code.INVALID_ARGUMENT, exc.message
         return Code.UNKNOWN, exc.message
     if isinstance(exc, TimeoutError):

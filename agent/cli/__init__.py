@@ -1,9 +1,11 @@
-"""The `cva` command line.
+"""The `cva` command line: `main` (the console script `agent.cli:main`, `python -m agent`) and
+one module per command group (`daemon`, `initdata`, `kbs`, `evidence`, `luks`).
 
 Each command group lives in its own module and registers itself here; heavy imports happen
 inside the handlers, so `cva --help` and the daemon's start stay fast. Machine-readable output is
 JSON on stdout; errors are one line on stderr; exit 0 only on success; never a traceback for bad
-input.
+input. The CLI is the application's outermost layer: it may import anything in agent, luks and
+evidence; nothing imports it but `agent.__main__`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from agent.errors import CvaError
+from agent.errors import REFUSALS
 
 # "module:function" registrars, each `register(subparsers) -> None`, and the top-level commands
 # each adds; each added parser sets `func=handler(args) -> int` via `set_defaults`. `cva COMMAND`
@@ -21,11 +23,11 @@ from agent.errors import CvaError
 # anything else, `cva --help` included, loads them all. tests/unit/test_cli_parser.py checks
 # that these names are what the registrars add.
 REGISTRARS: dict[str, tuple[str, ...]] = {
-    "agent.cli_daemon:register": ("serve", "prepare", "release", "list"),
-    "agent.cli_initdata:register": ("initdata",),
-    "evidence.cli:register": ("evidence",),
-    "agent.cli_kbs:register": ("kbs",),
-    "luks.cli:register": ("luks",),
+    "agent.cli.daemon:register": ("serve", "prepare", "release", "list"),
+    "agent.cli.initdata:register": ("initdata",),
+    "agent.cli.evidence:register": ("evidence",),
+    "agent.cli.kbs:register": ("kbs",),
+    "agent.cli.luks:register": ("luks",),
 }
 
 Handler = Callable[[argparse.Namespace], int]
@@ -63,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return func(args)
-    except CvaError as exc:
+    except REFUSALS as exc:
         sys.stderr.write(f"cva: {exc.message}\n")
         return exc.exit_code
     except KeyboardInterrupt:

@@ -2,8 +2,8 @@
 
 `deviceId` ("MAJ:MIN") is looked up as `/sys/dev/block/MAJ:MIN` (its `uevent` gives `DEVNAME`, as
 CDH does); `devicePath` is stat()ed for its device number and then looked up the same way. The
-result carries what `agent.securemount` matches against the contract's disks: the virtio serial,
-and the resolved sysfs path (whose components hold the PCI address / SCSI H:C:T:L), and the
+result carries what `agent.securemount.decisions` matches against the contract's disks: the virtio
+serial, and the resolved sysfs path (whose components hold the PCI address / SCSI H:C:T:L), and the
 devices stacked on it (holders). A device that is not a whole disk or is a device-mapper node is
 refused here; one with holders is refused by the ephemeral path (SecureMount must never format
 something already in use) unless it is cva's own volume already in place at that mount point.
@@ -16,8 +16,8 @@ import re
 import stat
 from pathlib import Path
 
-from agent.securemount import DeviceIdentity, DeviceSelector, SecureMountRefused
-from agent.ttrpc import Code
+from agent.rpc.ttrpc import Code
+from agent.securemount.decisions import DeviceIdentity, DeviceSelector, SecureMountRefused
 from luks.disk import serial_from_sysfs
 
 _DEVNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}(/[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}){0,3}")
@@ -97,7 +97,7 @@ def identify_block_device(
 def _holders(holders_dir: Path) -> tuple[str, ...]:
     """The devices stacked on this disk (dm-crypt, LVM, md: `dm-3`, ...). Reported, not refused
     here: a contract volume's disk is held by cva's own mapping once open, and an ephemeral
-    request decides with cva's record of what it mounted (agent.securemount_volumes)."""
+    request decides with cva's record of what it mounted (agent.securemount.volumes)."""
     try:
         names = sorted(p.name for p in holders_dir.iterdir())
     except FileNotFoundError:
