@@ -4,6 +4,7 @@ the upstream field numbers; the daemon's VolumeManager fails closed when the AA 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +14,18 @@ import pytest
 from agent.aa_client import AaUnavailable, extend_runtime_measurement
 from agent.config import MeasureConfig
 from agent.measure import MeasureError, Measurer
+from agent.securemount import DeviceIdentity, EphemeralMount, PersistentMount
+from agent.securemount_volumes import ManagerSecureMountBackend
 from agent.volumes import VolumeManager
 from evidence.volume_event import VolumeOperation, parse_volume_content
-from tests.daemon_support import FakeKeySource, MemoryBackend, contract, make_bundle, volume
+from tests.daemon_support import (
+    FakeGuest,
+    FakeKeySource,
+    MemoryBackend,
+    contract,
+    make_bundle,
+    volume,
+)
 from tests.fake_aa import FakeAA, upstream_classes
 
 
@@ -192,3 +202,95 @@ async def test_auto_without_any_sink_fails_closed(tmp_path: Path, aa_path: Path)
     with pytest.raises(MeasureError, match="no measurement sink"):
         await m.prepare("c1")
     assert not backend.bound
+
+
+# -- SecureMount (kata-agent's CDH calls), persistent and ephemeral ------------------------------
+
+SCRATCH = DeviceIdentity("/dev/vdc", 252, 32, "scratch", "/sys/devices/pci0000:00/y/block/vdc")
+PG_DEVICE = DeviceIdentity("/dev/vdb", 252, 16, "pg", "/sys/devices/pci0000:00/x/block/vdb")
+EMPTYDIR = "/run/kata-containers/sandbox/storage/emptydir"
+PG_MOUNT = "/run/kata-containers/sandbox/storage/pg"
+
+
+def _securemount(
+    tmp_path: Path, measurer: Measurer, fake_aa: FakeAA | None
+) -> tuple[ManagerSecureMountBackend, FakeGuest, list[int]]:
+    pg = volume("pg")
+    manager = VolumeManager(
+        contract(pg, allow=("SecureMount", "SecureMountEphemeral")),
+        MemoryBackend(),
+        FakeKeySource(),
+        rootfs_base=tmp_path / "kata",
+        measurer=measurer,
+    )
+    guest = FakeGuest({(252, 16): PG_DEVICE, (252, 32): SCRATCH})
+    seen_at_bind: list[int] = []
+    bind = guest.bind
+
+    def checking_bind(*args: object) -> Path:
+        seen_at_bind.append(len(fake_aa.calls) if fake_aa else -1)
+        return bind(*args)  # type: ignore[arg-type]
+
+    guest.bind = checking_bind  # type: ignore[method-assign]
+    return (
+        ManagerSecureMountBackend(manager, tmp_path / "state", ops=guest.ops()),
+        guest,
+        seen_at_bind,
+    )
+
+
+def _ephemeral(tmp_path: Path) -> EphemeralMount:
+    return EphemeralMount(
+        device=SCRATCH,
+        mapper_name="cva-eph-1",
+        header_path=tmp_path / "headers" / "cva-eph-1.header",
+        integrity=True,
+        target="filesystem",
+        filesystem="ext4",
+        mkfs_args=(),
+        mount_point=EMPTYDIR,
+        read_only=False,
+    )
+
+
+async def test_securemount_ephemeral_measured_before_bind_and_closed_after_release(
+    tmp_path: Path, fake_aa: FakeAA, aa_path: Path
+) -> None:
+    backend, guest, seen = _securemount(tmp_path, _measurer(tmp_path, aa_path), fake_aa)
+    assert await backend.mount_ephemeral(_ephemeral(tmp_path)) == EMPTYDIR
+    assert seen == [1]
+    guest.unmount(Path(EMPTYDIR))
+    await backend.sweep()
+    reqs = fake_aa.decoded()
+    assert [r.Operation for r in reqs] == ["volume-create", "volume-close"]
+    ev = parse_volume_content(VolumeOperation.CREATE, reqs[0].Content)
+    assert (ev.name, ev.filesystem, ev.sequence) == ("cva-eph-1", "ext4", None)
+
+
+async def test_securemount_ephemeral_fails_closed(tmp_path: Path, aa_path: Path) -> None:
+    aa = FakeAA(aa_path, "not-enabled")
+    try:
+        backend, guest, seen = _securemount(tmp_path, _measurer(tmp_path, aa_path), aa)
+        with pytest.raises(MeasureError, match="measure-required"):
+            await backend.mount_ephemeral(_ephemeral(tmp_path))
+        assert seen == [] and guest.released == ["cva-eph-1"]
+        assert (
+            not (tmp_path / "state" / "securemount" / "mounts.json").exists()
+            or json.loads((tmp_path / "state" / "securemount" / "mounts.json").read_text()) == []
+        )
+    finally:
+        aa.close()
+
+
+async def test_securemount_persistent_measured_before_bind(
+    tmp_path: Path, fake_aa: FakeAA, aa_path: Path
+) -> None:
+    backend, _guest, seen = _securemount(tmp_path, _measurer(tmp_path, aa_path), fake_aa)
+    plan = PersistentMount(
+        volume=volume("pg"), device=PG_DEVICE, mount_point=PG_MOUNT, read_only=False,
+        allow_create=True,
+    )  # fmt: skip
+    assert await backend.mount_persistent(plan) == PG_MOUNT
+    assert seen == [1]
+    [req] = fake_aa.decoded()
+    assert req.Operation == "volume-create" and " name=pg " in req.Content
