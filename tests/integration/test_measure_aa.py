@@ -14,8 +14,8 @@ import pytest
 from agent.aa_client import AaUnavailable, extend_runtime_measurement
 from agent.config import MeasureConfig
 from agent.measure import MeasureError, Measurer
-from agent.securemount import DeviceIdentity, EphemeralMount, PersistentMount
-from agent.securemount_volumes import ManagerSecureMountBackend
+from agent.securemount.decisions import DeviceIdentity, EphemeralMount, PersistentMount
+from agent.securemount.volumes import ManagerSecureMountBackend
 from agent.volumes import VolumeManager
 from evidence.volume_event import VolumeOperation, parse_volume_content
 from tests.daemon_support import (
