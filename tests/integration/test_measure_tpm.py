@@ -189,3 +189,15 @@ def swtpm_fresh():  # type: ignore[no-untyped-def]
     from tests.swtpm import swtpm_process
 
     return swtpm_process()
+
+
+def test_tpm_unreachable_fails_closed_with_one_line(tmp_path: Path) -> None:
+    m = Measurer(
+        MeasureConfig(sink="tpm", tcti="swtpm:host=127.0.0.1,port=1"),
+        log_path=tmp_path / "eventlog",
+        state_path=tmp_path / "measured.json",
+    )
+    with pytest.raises(MeasureError, match="measure-required") as err:
+        m.opened(_ident("pg"), created=True)
+    assert "\n" not in err.value.message
+    assert not m.is_measured("pg")
