@@ -40,6 +40,20 @@ allow_sample = false               # true only in test images: permits tee = "sa
 vtpm_in_tee = false                # true: the vTPM is part of the TEE (a paravisor vTPM), so
                                    # tee = "tpm" may be chosen while TDX/SNP is present
 
+[measure]                          # measured volumes: one AAEL event per create/open/close
+sink = "auto"                      # auto | aa | tpm | none; auto = at the first event: the
+                                   # sink this boot already uses (cva's log exists -> tpm), else
+                                   # the Attestation Agent when its socket exists, else the TPM
+                                   # (/dev/tpmrm0), else none available (refused when required)
+pcr = 23                           # the PCR: tpm default 23; aa default: unset = AA's init_pcr.
+                                   # tpm/auto allow 9..16 and 23 (not 0-8: firmware/boot and
+                                   # initdata; not 17-22: DRTM, locality > 0, start at 0xFF..)
+required = true                    # a failure to measure fails the operation (closed); false
+                                   # only logs a warning (the image may relax it, nothing else)
+log = "/run/cva/eventlog"          # tpm sink: its TCG2/AAEL log (default <state_dir>/eventlog)
+aa_socket = "/run/confidential-containers/attestation-agent/attestation-agent.sock"
+tcti = "device:/dev/tpmrm0"        # tpm sink: the TPM (tpm2-pytss TCTI string)
+
 [securemount]
 mount_roots = []                   # more SecureMount mount points beyond kata's own two
                                    # (/run/kata-containers/image, .../sandbox/storage/<id>):
@@ -113,6 +127,24 @@ class EvidenceConfig:
     vtpm_in_tee: bool = False
 
 
+MEASURE_SINKS = ("auto", "aa", "tpm", "none")
+AA_SOCKET = Path("/run/confidential-containers/attestation-agent/attestation-agent.sock")
+DEFAULT_MEASURE_PCR = 23
+TPM_MEASURE_PCRS = frozenset({*range(9, 17), 23})
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """Where volume measurements go (agent.measure); `pcr` None = the sink's default."""
+
+    sink: str = "auto"
+    pcr: int | None = None
+    required: bool = True
+    log: Path | None = None  # None: <state_dir>/eventlog
+    aa_socket: Path = AA_SOCKET
+    tcti: str = "device:/dev/tpmrm0"
+
+
 @dataclass(frozen=True)
 class SecureMountConfig:
     mount_roots: tuple[MountRoot, ...] = ()  # opt-in beyond kata's two (agent.mountpoints)
@@ -127,6 +159,12 @@ class DaemonConfig:
     log_level: str = "info"
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     securemount: SecureMountConfig = field(default_factory=SecureMountConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+    @property
+    def measure_log(self) -> Path:
+        """cva's own event log (tpm sink)."""
+        return self.measure.log or self.paths.state_dir / "eventlog"
 
     @property
     def mount_rules(self) -> MountRules:
@@ -151,6 +189,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
     "log": frozenset({"level"}),
     "evidence": frozenset({"tee", "allow_sample", "vtpm_in_tee"}),
     "securemount": frozenset({"mount_roots"}),
+    "measure": frozenset({"sink", "pcr", "required", "log", "aa_socket", "tcti"}),
 }
 
 
@@ -300,7 +339,42 @@ def parse_config(text: str) -> DaemonConfig:
             " listen.ttrpc or listen.ttrpc_vsock_port)"
         )
     securemount = _securemount(_table(doc, "securemount"), listen, paths)
-    return DaemonConfig(listen, initdata, paths, timeouts, str(level), _evidence(doc), securemount)
+    return DaemonConfig(
+        listen,
+        initdata,
+        paths,
+        timeouts,
+        str(level),
+        _evidence(doc),
+        securemount,
+        _measure(_table(doc, "measure")),
+    )
+
+
+def _measure(table: dict[str, Any]) -> MeasureConfig:
+    sink = table.get("sink", "auto")
+    if not isinstance(sink, str) or sink not in MEASURE_SINKS:
+        raise ConfigError(f"config: measure.sink must be one of {', '.join(MEASURE_SINKS)}")
+    pcr = table.get("pcr")
+    if pcr is not None:
+        if isinstance(pcr, bool) or not isinstance(pcr, int) or not 0 <= pcr <= 23:
+            raise ConfigError("config: measure.pcr must be a PCR index 0..23")
+        if sink in ("auto", "tpm") and pcr not in TPM_MEASURE_PCRS:
+            raise ConfigError(
+                "config: measure.pcr must be 9..16 or 23 when cva extends the TPM itself"
+                " (0-7 firmware/boot, 8 initdata, 17-22 DRTM: not extendable at locality 0)"
+            )
+    tcti = table.get("tcti", MeasureConfig.tcti)
+    if not isinstance(tcti, str) or not tcti or len(tcti) > 256 or "\0" in tcti:
+        raise ConfigError("config: measure.tcti must be a TCTI string (device:/dev/tpmrm0)")
+    return MeasureConfig(
+        sink=sink,
+        pcr=pcr,
+        required=_flag(table.get("required", True), "measure.required"),
+        log=_abs_path(table["log"], "measure.log") if "log" in table else None,
+        aa_socket=_abs_path(table.get("aa_socket", str(AA_SOCKET)), "measure.aa_socket"),
+        tcti=tcti,
+    )
 
 
 def _flag(value: object, key: str) -> bool:

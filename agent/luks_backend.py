@@ -51,8 +51,21 @@ class LuksBackend:
             runtime_dir=self._runtime_dir,
             mount_base=self._mount_base,
         )
+        from agent.measure import VolumeIdentity  # noqa: PLC0415
+
+        identity = VolumeIdentity(
+            vol.name,
+            prepared.luks_uuid,
+            prepared.header_sha256,
+            vol.filesystem,
+            vol.read_only,
+        )
         return OpenedVolume(
-            vol.name, Path(prepared.guest_path), str(prepared.device), bool(prepared.created)
+            vol.name,
+            Path(prepared.guest_path),
+            str(prepared.device),
+            bool(prepared.created),
+            identity,
         )
 
     def bind(self, vol: Volume, opened: OpenedVolume, rootfs: Path) -> None:

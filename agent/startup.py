@@ -20,6 +20,7 @@ from agent.errors import REFUSALS
 from agent.keysource import LazyKbsKeySource
 from agent.log import configure_logging, get_logger
 from agent.luks_backend import LuksBackend
+from agent.measure import Measurer
 from agent.sdnotify import Notifier
 from agent.trust import Trusted, establish_trust
 from agent.volumes import BindingStore, VolumeManager
@@ -49,6 +50,8 @@ def production_manager(trusted: Trusted) -> ManagerFactory:
             )
 
         keys = LazyKbsKeySource(kbs_client)
+        measurer = Measurer.from_config(config)
+        measurer.start()  # finishes an interrupted measurement; refuses when it cannot
         return VolumeManager(
             trusted.contract,
             LuksBackend(config),
@@ -56,6 +59,7 @@ def production_manager(trusted: Trusted) -> ManagerFactory:
             rootfs_base=config.paths.rootfs_base,
             bindings=BindingStore(config.paths.state_dir / "bindings.json"),
             on_status=on_status,
+            measurer=measurer,
         )
 
     return make

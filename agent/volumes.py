@@ -32,6 +32,7 @@ from luks.secret import Secret
 
 if TYPE_CHECKING:
     from agent.contract import Contract, KbsResourceUri, Volume
+    from agent.measure import Measurer, VolumeIdentity
 
 T = TypeVar("T")
 
@@ -65,6 +66,7 @@ class OpenedVolume:
     guest_path: Path
     device: str
     created: bool  # formatted by this daemon run (False: an existing volume was opened)
+    identity: VolumeIdentity | None = None  # for the measured event (None: not known)
 
 
 @dataclass(frozen=True)
@@ -190,8 +192,10 @@ class VolumeManager:
         rootfs_base: Path,
         bindings: BindingStore | None = None,
         on_status: Callable[[str], None] | None = None,
+        measurer: Measurer | None = None,
     ) -> None:
         self._contract = contract
+        self._measurer = measurer
         self._backend = backend
         self._keys = keys
         self._rootfs_base = rootfs_base
@@ -206,6 +210,10 @@ class VolumeManager:
     @property
     def contract(self) -> Contract:
         return self._contract
+
+    @property
+    def measurer(self) -> Measurer | None:
+        return self._measurer
 
     # -- tracked, shielded storage jobs -------------------------------------------------------
 
@@ -299,8 +307,7 @@ class VolumeManager:
             self._bindings.remove(holder, name)
             if self._bindings.containers_of(name) or name not in self._opened:
                 return False
-            await asyncio.to_thread(self._backend.close, vol)
-            self._opened.pop(name, None)
+            await self._close(vol)
             return True
 
         return await self._job(name, work)
@@ -326,19 +333,55 @@ class VolumeManager:
         )
 
     async def _ensure_open(self, vol: Volume) -> OpenedVolume:
-        """Called with the volume's lock held."""
+        """Called with the volume's lock held. A volume opened here is measured before it is
+        returned (and so before any bind); if that fails it is closed again."""
         known = self._opened.get(vol.name)
         if known is not None:
             return known
         opened = await asyncio.to_thread(self._backend.current, vol)
-        if opened is None:
+        if opened is not None:
+            if self._measurer is not None and not self._measurer.is_measured(vol.name):
+                from agent.measure import MeasureError  # noqa: PLC0415
+
+                raise MeasureError(
+                    f"volume {vol.name} is open but this boot has no measurement of it (cva"
+                    " stopped between open and measure); release it and prepare it again"
+                    " (rule measure-required)"
+                )
+        else:
             secret = await self._keys.get_resource(vol.key)
             try:
                 opened = await asyncio.to_thread(self._backend.open, vol, secret)
             finally:
                 secret.wipe()
+            if self._measurer is not None:
+                try:
+                    await asyncio.to_thread(self._measure_open, vol, opened)
+                except BaseException:
+                    await asyncio.to_thread(self._backend.close, vol)  # fail closed
+                    raise
         self._opened[vol.name] = opened
         return opened
+
+    def _measure_open(self, vol: Volume, opened: OpenedVolume) -> None:
+        from agent.measure import MeasureError  # noqa: PLC0415
+
+        assert self._measurer is not None
+        if opened.identity is None:
+            if self._measurer.enabled:
+                raise MeasureError(
+                    f"volume {vol.name}: the storage layer gave no header identity to measure"
+                    " (rule measure-required)"
+                )
+            return
+        self._measurer.opened(opened.identity, created=opened.created)
+
+    async def _close(self, vol: Volume) -> None:
+        """Close the volume, then record its close event (a failure there is only logged)."""
+        await asyncio.to_thread(self._backend.close, vol)
+        self._opened.pop(vol.name, None)
+        if self._measurer is not None:
+            await asyncio.to_thread(self._measurer.closed, vol.name)
 
     async def release(self, cid: str) -> Released:
         policy.validate_container_id(cid)
@@ -353,8 +396,7 @@ class VolumeManager:
                 await asyncio.to_thread(self._backend.unbind, vol, rootfs)
                 self._bindings.remove(cid, vol.name)
                 if not self._bindings.containers_of(vol.name):
-                    await asyncio.to_thread(self._backend.close, vol)
-                    self._opened.pop(vol.name, None)
+                    await self._close(vol)
                     closed.append(vol.name)
 
             await self._job(vol.name, work)

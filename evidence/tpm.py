@@ -172,14 +172,32 @@ class TpmAttester:
 
     def extend_initdata(self, digest: bytes) -> None:
         """Extend PCR8 (SHA-256 bank) with a 32-byte initdata digest."""
-        tss = _tss()
         if len(digest) != 32:
             raise EvidenceError(
                 f"PCR8 takes a 32-byte SHA-256 digest, got {len(digest)} bytes"
                 ' (initdata needs algorithm = "sha256" on TPM platforms)'
             )
+        self.extend_pcr(INITDATA_PCR, digest)
+
+    def read_pcr(self, pcr: int) -> bytes:
+        """One PCR of the SHA-256 bank."""
+        _check_pcr(pcr)
+        with self._esapi(f"PCR{pcr} read") as ctx:
+            return self._read_pcrs(ctx)[pcr]
+
+    def extend_pcr(self, pcr: int, digest: bytes) -> None:
+        """Extend one PCR of the SHA-256 bank with a 32-byte digest: PCR' = SHA-256(PCR || d)."""
+        tss = _tss()
+        _check_pcr(pcr)
+        if len(digest) != 32:
+            raise EvidenceError(f"a SHA-256 PCR extend takes 32 bytes, got {len(digest)}")
         values = tss.TPML_DIGEST_VALUES(
             [tss.TPMT_HA(hashAlg=tss.TPM2_ALG.SHA256, digest=tss.TPMU_HA(sha256=bytes(digest)))]
         )
-        with self._esapi("PCR8 extend") as ctx:
-            ctx.pcr_extend(tss.ESYS_TR.PCR8, values)
+        with self._esapi(f"PCR{pcr} extend") as ctx:
+            ctx.pcr_extend(getattr(tss.ESYS_TR, f"PCR{pcr}"), values)
+
+
+def _check_pcr(pcr: int) -> None:
+    if isinstance(pcr, bool) or not isinstance(pcr, int) or not 0 <= pcr < PCR_COUNT:
+        raise EvidenceError(f"PCR index {pcr!r} is outside 0..{PCR_COUNT - 1}")

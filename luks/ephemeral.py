@@ -39,6 +39,7 @@ written to.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,18 @@ class EphemeralVolume:
     mapper_device: Path
     header: Path
     mount_dir: Path | None
+    luks_uuid: str = ""  # of the header cva made in its tmpfs (measured volume events)
+    header_sha256: bytes = b""  # luks.token.metadata_sha256 of that header
+
+
+def header_identity(header: Path) -> tuple[str, bytes]:
+    """(UUID, metadata SHA-256) of the detached header cva made in guest tmpfs."""
+    from luks.header import parse_luks2  # noqa: PLC0415
+    from luks.token import metadata_sha256  # noqa: PLC0415
+
+    with header.open("rb") as fh:
+        hdr = parse_luks2(fh.read(DETACHED_HEADER_BYTES))
+    return hdr.uuid, metadata_sha256(hdr)
 
 
 def mount_fstype(path: Path, entries: tuple[mount.MountEntry, ...]) -> str | None:
@@ -186,6 +199,8 @@ def create_ephemeral(spec: EphemeralSpec) -> EphemeralVolume:
             cd.format_luks2(integrity=spec.integrity, detached=True)
             cd.activate_by_volume_key(spec.mapper, no_journal=spec.integrity)
             activated = True
+        uuid, digest = header_identity(spec.header)
+        made = dataclasses.replace(made, luks_uuid=uuid, header_sha256=digest)
         dmtable.check_live(
             spec.mapper,
             dmtable.Expected(

@@ -104,6 +104,12 @@ def canonical_metadata(hdr: LuksHeader) -> bytes:
     return text.encode("ascii")
 
 
+def metadata_sha256(hdr: LuksHeader) -> bytes:
+    """SHA-256 of M: what a measured volume event names as the validated header's digest
+    (stable across state changes and header rewrites; no secret in it, M is on the disk)."""
+    return hashlib.sha256(canonical_metadata(hdr)).digest()
+
+
 def _lp(data: bytes) -> bytes:
     return len(data).to_bytes(8, "big") + data
 

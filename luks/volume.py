@@ -95,7 +95,7 @@ from luks.libcryptsetup import (
 )
 from luks.secret import Secret
 from luks.spec import VolumeSpec
-from luks.token import derive_keys, make_token, token_json, verify_token
+from luks.token import derive_keys, make_token, metadata_sha256, token_json, verify_token
 from luks.volume_plan import (
     INITIALIZING,
     READY,
@@ -150,6 +150,8 @@ class PreparedVolume:
     device: Path  # the opened mapper device
     mapper_name: str
     created: bool  # this run formatted the volume
+    luks_uuid: str = ""  # of the validated in-memory header copy (measured volume events)
+    header_sha256: bytes = b""  # luks.token.metadata_sha256 of that copy
 
 
 # ---- the shell ----------------------------------------------------------------------------
@@ -539,7 +541,17 @@ def _prepare(vol: VolumeSpec, secret: Secret, *, disk: Path, mount_base: Path) -
         _window(CrashWindow.MOUNTED)
         if not vol.read_only:
             _grow_if_needed(vol, mapper_dev, target)
-    return PreparedVolume(vol.name, State.MOUNTED, target, mapper_dev, mapper, created)
+        validated = parse_luks2(area)  # the copy cva validated and activated from, not the disk
+    return PreparedVolume(
+        vol.name,
+        State.MOUNTED,
+        target,
+        mapper_dev,
+        mapper,
+        created,
+        validated.uuid,
+        metadata_sha256(validated),
+    )
 
 
 def _grow_if_needed(vol: VolumeSpec, mapper_dev: Path, target: Path) -> None:

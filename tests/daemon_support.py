@@ -5,8 +5,10 @@ a fake key source (the only fakes: storage and KBS are real in their own suites 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,8 +115,21 @@ class MemoryBackend:
             raise self.fail_open[vol.name]
         created = vol.name not in self.formatted
         self.formatted.add(vol.name)
+        from agent.measure import VolumeIdentity
+
+        identity = VolumeIdentity(
+            vol.name,
+            str(uuid.uuid5(uuid.NAMESPACE_DNS, vol.name)),
+            hashlib.sha256(vol.name.encode()).digest(),
+            vol.filesystem,
+            vol.read_only,
+        )
         opened = OpenedVolume(
-            vol.name, Path(f"/run/cva/volumes/{vol.name}"), f"/dev/mapper/cva-{vol.name}", created
+            vol.name,
+            Path(f"/run/cva/volumes/{vol.name}"),
+            f"/dev/mapper/cva-{vol.name}",
+            created,
+            identity,
         )
         self.mounted[vol.name] = opened
         return opened
@@ -217,6 +232,8 @@ class FakeGuest:
             mapper_device=Path("/dev/mapper") / spec.mapper,
             header=spec.header,
             mount_dir=spec.mount_dir,
+            luks_uuid=str(uuid.uuid5(uuid.NAMESPACE_DNS, spec.mapper)),
+            header_sha256=hashlib.sha256(spec.mapper.encode()).digest(),
         )
 
     def release_ephemeral(self, vol: Any) -> None:

@@ -1,4 +1,5 @@
-"""`cva evidence parse FILE` and `cva evidence collect --report-data HEX [--tee T]`."""
+"""`cva evidence parse FILE`, `cva evidence collect --report-data HEX [--tee T]` and
+`cva evidence events LOG [--register INDEX=HEX ...] [--initial INDEX=HEX ...]`."""
 
 from __future__ import annotations
 
@@ -73,8 +74,95 @@ def _collect(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_NOT_VERIFIED = 1
+EXIT_MALFORMED = 2
+
+
+def _register_values(items: list[str] | None, option: str) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    for item in items or ():
+        index_text, sep, hex_text = item.partition("=")
+        if not sep or not index_text.isdigit() or len(index_text) > 10:
+            raise InputError(f"{option} {item[:80]!r} must be INDEX=HEX (e.g. 23=00ff...)")
+        index = int(index_text)
+        if index > 0xFFFFFFFF:
+            raise InputError(f"{option}: register index {index} does not fit a u32")
+        hex_text = hex_text.removeprefix("0x").removeprefix("0X")
+        try:
+            value = bytes.fromhex(hex_text)
+        except ValueError:
+            raise InputError(f"{option} {index}: the value is not hex") from None
+        if len(value) not in (32, 48, 64):
+            raise InputError(f"{option} {index}: {len(value)} bytes; 32, 48 or 64 expected")
+        if index in out:
+            raise InputError(f"{option} {index} is given twice")
+        out[index] = value
+    return out
+
+
+def _events(args: argparse.Namespace) -> int:
+    from evidence.eventlog import (  # noqa: PLC0415
+        MAX_LOG_BYTES,
+        EventLogError,
+        check_registers,
+        parse_log,
+        replay,
+    )
+
+    claimed = _register_values(args.register, "--register")
+    initial = _register_values(args.initial, "--initial")
+    try:
+        with Path(args.log).open("rb") as fh:
+            data = fh.read(MAX_LOG_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read event log {args.log}: {exc.strerror or exc}") from None
+    try:
+        events = parse_log(data)
+        replayed = replay(events, initial)
+    except EventLogError as exc:
+        sys.stderr.write(f"cva: malformed event log {args.log}: {exc.message}\n")
+        return EXIT_MALFORMED
+    check = check_registers(replayed, claimed, initial)
+    doc = {
+        "registers": {str(i): v.hex() for i, v in sorted(replayed.items())},
+        "events": [
+            {
+                "register": ev.register,
+                "domain": ev.domain,
+                "operation": ev.operation,
+                "content": ev.content,
+                "digest": ev.digest.hex(),
+            }
+            for ev in events
+        ],
+        "verified": check.verified,
+    }
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    if not check.verified:
+        why = (
+            "no --register value given"
+            if not claimed
+            else "; ".join(
+                part
+                for part in (
+                    f"mismatch: {', '.join(map(str, check.mismatched))}"
+                    if check.mismatched
+                    else "",
+                    f"not checked: {', '.join(map(str, check.unchecked))}"
+                    if check.unchecked
+                    else "",
+                )
+                if part
+            )
+        )
+        sys.stderr.write(f"cva: event log not verified ({why})\n")
+        return EXIT_NOT_VERIFIED
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `cva evidence parse|collect`."""
+    """Add `cva evidence parse|collect|events`."""
     group = sub.add_parser("evidence", help="TEE evidence: parse quotes/reports, collect evidence")
     cmds = group.add_subparsers(dest="evidence_command", metavar="COMMAND")
     cmds.required = True
@@ -98,3 +186,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     c.add_argument("--tcti", metavar="TCTI", help="TPM TCTI (default device:/dev/tpmrm0)")
     c.set_defaults(func=_collect)
+
+    e = cmds.add_parser(
+        "events",
+        help="parse an AAEL/TCG2 runtime-measurement log (the AA's or cva's), replay it per"
+        " register and check it against register values (exit 0 verified, 1 not, 2 malformed)",
+    )
+    e.add_argument("log", metavar="LOG", help="the event log file")
+    e.add_argument(
+        "--register",
+        action="append",
+        metavar="INDEX=HEX",
+        help="a register value from a verified quote/report (repeat per register); every"
+        " register the log extends must be given",
+    )
+    e.add_argument(
+        "--initial",
+        action="append",
+        metavar="INDEX=HEX",
+        help="a register's value before the log (default zeros; TPM PCR 17-22: ff..ff)",
+    )
+    e.set_defaults(func=_events)

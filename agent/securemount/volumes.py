@@ -50,6 +50,7 @@ from agent.volumes import HOLDER_PREFIX, VolumeManager
 from luks import mount
 
 if TYPE_CHECKING:  # luks.ephemeral (libcryptsetup, blkid, dm tables) loads at first use
+    from agent.measure import Measurer
     from luks.ephemeral import EphemeralSpec, EphemeralVolume
 
 log = get_logger("cva.securemount")
@@ -348,6 +349,12 @@ class ManagerSecureMountBackend:
             except BaseException:
                 self._records.drop(plan.mount_point)
                 raise
+            try:  # measured before anyone gets it; not measured -> released (fail closed)
+                await asyncio.to_thread(self._measure_ephemeral, made, plan)
+            except BaseException:
+                await asyncio.to_thread(self._ops.release_ephemeral, made)
+                self._records.drop(plan.mount_point)
+                raise
             target = Path(plan.mount_point)
             try:
                 if made.mount_dir is not None:
@@ -383,6 +390,30 @@ class ManagerSecureMountBackend:
             await self._sweep_locked()
 
     # -- internals ---------------------------------------------------------------------------
+
+    @property
+    def _measurer(self) -> Measurer | None:
+        return self._manager.measurer if self._manager is not None else None
+
+    def _measure_ephemeral(self, made: EphemeralVolume, plan: EphemeralMount) -> None:
+        measurer = self._measurer
+        if measurer is None or not measurer.enabled:
+            return
+        from agent.measure import EPHEMERAL_KEY, MeasureError, VolumeIdentity  # noqa: PLC0415
+
+        if not made.luks_uuid:
+            raise MeasureError(
+                f"ephemeral volume {made.mapper}: no header identity to measure"
+                " (rule measure-required)"
+            )
+        ident = VolumeIdentity(
+            made.mapper,
+            made.luks_uuid,
+            made.header_sha256,
+            "ext4" if made.mount_dir is not None else "none",
+            plan.read_only,
+        )
+        measurer.opened(ident, created=True, key=EPHEMERAL_KEY + made.mapper)
 
     async def _still_there(self, record: MountRecord) -> bool:
         where = Path(record.bound_at or record.mount_point)
@@ -422,6 +453,10 @@ class ManagerSecureMountBackend:
             await asyncio.to_thread(self._ops.unlink, vol.mapper_device, where)
         await asyncio.to_thread(self._ops.release_ephemeral, vol)
         self._records.drop(record.mount_point)
+        if self._measurer is not None:
+            from agent.measure import EPHEMERAL_KEY  # noqa: PLC0415
+
+            await asyncio.to_thread(self._measurer.closed, EPHEMERAL_KEY + record.name)
         log.info("securemount_released", mapper=record.name, was=record.state)
 
 

@@ -77,9 +77,42 @@ def test_tpm_attestation_binds_pcr8_and_prepares_the_volume(world: World) -> Non
         assert cids == {1}, cids
         with guest.client() as client:
             client.release(SCENARIO.container_id)  # type: ignore[attr-defined]
+            again = client.prepare(SCENARIO.container_id)  # type: ignore[attr-defined]
+            assert again.volumes[0].created is False
+            client.release(SCENARIO.container_id)  # type: ignore[attr-defined]
+        _check_measured_volume(
+            world, guest, ["volume-create", "volume-close", "volume-open", "volume-close"]
+        )
         assert guest.poweroff().finished
     finally:
         guest.kill()
+
+
+def _check_measured_volume(world: World, guest: object, operations: list[str]) -> None:
+    """cva's own event log (tpm sink, PCR 23) replays to the guest's PCR 23, `cva evidence
+    events` verifies it, and neither the log nor the journal holds the volume key."""
+    import base64
+
+    from evidence.eventlog import parse_log, replay
+
+    run = guest.control.run  # type: ignore[attr-defined]
+    log = base64.b64decode(run(["base64", "-w0", "/run/cva/eventlog"]).check().stdout.strip())
+    events = parse_log(log)
+    assert [(e.register, e.domain, e.operation) for e in events] == [
+        (23, "cva", op) for op in operations
+    ]
+    pcr = replay(events)[23]
+    out = run(["tpm2_pcrread", "sha256:23"]).check().stdout
+    assert pcr.hex() in out.lower().replace("0x", ""), out
+    verdict = run(
+        ["/opt/venv/bin/python", "-m", "agent", "evidence", "events", "/run/cva/eventlog",
+         "--register", f"23={pcr.hex()}"]
+    )  # fmt: skip
+    assert verdict.rc == 0 and json.loads(verdict.stdout)["verified"] is True
+    journal = guest.journal()  # type: ignore[attr-defined]
+    for blob in (log, journal.encode()):
+        assert world.key not in blob and world.key.hex().encode() not in blob
+        assert base64.b64encode(world.key) not in blob
 
 
 def test_pcr8_for_other_initdata_makes_cva_refuse_to_start(world: World) -> None:

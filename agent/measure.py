@@ -1,0 +1,347 @@
+"""Measured volumes: one AAEL event per volume create/open/close, before anyone gets the volume.
+
+The event (`evidence.volume_event`): domain `cva`, operation `volume-create` | `volume-open` |
+`volume-close`, content `v=1 name=… uuid=… header-sha256=… fs=… ro=…`: the LUKS UUID and the
+SHA-256 of the header metadata cva validated (the canonical metadata its token MAC covers,
+luks.token.canonical_metadata: keyslots, segments, digests, config; no tokens, no seqid), from
+the in-memory copy cva checked and activated from -- never re-read from the disk. Typed fields
+only: no key material can get into an event.
+
+Where it goes is the image's choice (`[measure]` in /etc/cva/config.toml, agent.config):
+* `aa`: the Attestation Agent's `ExtendRuntimeMeasurement` over ttRPC (agent.aa_client); the
+  AA keeps the log (/run/attestation-agent/eventlog) and extends its register (RegisterIndex =
+  `pcr`, or unset: the AA's `init_pcr`, 17 by default);
+* `tpm`: cva extends a TPM PCR itself (default 23: the application PCR, extendable at locality
+  0, not used by firmware, the boot chain, IMA, systemd or cva's initdata binding (8); it starts
+  at zero each boot) and keeps its own log in the AA's format at `log` (tmpfs) with the AA's
+  write-ahead recovery (evidence.measure_log), run at start;
+* `auto` (default): decided at the first event and then kept: cva's own log already exists this
+  boot -> tpm; else the AA when its socket exists (kata-agent starts the AA before it calls
+  anything); else the TPM when the TCTI's device exists; else no sink;
+* `none`: nothing is measured.
+`required = true` (default): when an event cannot be recorded the operation fails and the
+volume is closed again before anyone got it; `false`: a warning, and the volume is handed out.
+A volume-close event is recorded after the close; if it fails the volume stays closed and the
+failure is logged (a log without the close event errs on the side of "still open").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.config import DEFAULT_MEASURE_PCR, DaemonConfig, MeasureConfig
+from agent.errors import REFUSALS, CvaError
+from agent.log import get_logger
+from evidence.errors import EvidenceFailure
+from evidence.volume_event import DOMAIN, VolumeEvent, VolumeOperation, volume_aael
+
+if TYPE_CHECKING:
+    from evidence.measure_log import DirectLog, Register
+
+RegisterFactory = Callable[[str, int], "Register"]  # (tcti, pcr) -> the register
+
+log = get_logger("cva.measure")
+_FAILED_PRECONDITION = 9  # gRPC / ttRPC status code
+EPHEMERAL_KEY = "ephemeral:"
+
+
+class MeasureError(CvaError):
+    """A volume event could not be recorded while the image requires it."""
+
+    rpc_code = _FAILED_PRECONDITION
+
+
+@dataclass(frozen=True)
+class VolumeIdentity:
+    """What a volume event says about a volume (everything but the operation)."""
+
+    name: str
+    luks_uuid: str
+    header_sha256: bytes
+    filesystem: str
+    read_only: bool
+    sequence: int | None = None
+
+    def event(self, operation: VolumeOperation) -> VolumeEvent:
+        return VolumeEvent(
+            operation,
+            self.name,
+            self.luks_uuid,
+            self.header_sha256,
+            self.filesystem,
+            self.read_only,
+            self.sequence,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "uuid": self.luks_uuid,
+            "header_sha256": self.header_sha256.hex(),
+            "fs": self.filesystem,
+            "ro": self.read_only,
+            "seq": self.sequence,
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> VolumeIdentity | None:
+        if not isinstance(doc, dict):
+            return None
+        try:
+            ident = cls(
+                str(doc["name"]),
+                str(doc["uuid"]),
+                bytes.fromhex(str(doc["header_sha256"])),
+                str(doc["fs"]),
+                bool(doc["ro"]),
+                doc["seq"] if isinstance(doc.get("seq"), int) else None,
+            )
+            ident.event(VolumeOperation.OPEN)  # validates every field
+        except (KeyError, ValueError, EvidenceFailure):
+            return None
+        return ident
+
+
+class _TpmRegister:
+    """One SHA-256 PCR through evidence.tpm (tpm2-pytss), as an evidence.measure_log.Register."""
+
+    def __init__(self, tcti: str, pcr: int) -> None:
+        from evidence.tpm import TpmAttester  # noqa: PLC0415 - lazy: loads libtss2
+
+        self._tpm = TpmAttester(tcti)
+        self._pcr = pcr
+
+    def read(self) -> bytes:
+        return self._tpm.read_pcr(self._pcr)
+
+    def extend(self, digest: bytes) -> None:
+        self._tpm.extend_pcr(self._pcr, digest)
+
+
+class Measurer:
+    """Records volume events in the sink the image config chose; blocking (worker threads).
+
+    It also remembers (in `<state_dir>/measured.json`, tmpfs) which volumes this boot measured
+    as opened, with their identity: the close event needs it, and a volume a restarted cva
+    finds mounted is handed out only if it was measured."""
+
+    def __init__(
+        self,
+        config: MeasureConfig,
+        *,
+        log_path: Path,
+        state_path: Path | None = None,
+        register_factory: RegisterFactory | None = None,
+    ) -> None:
+        self._config = config
+        self._log_path = log_path
+        self._state_path = state_path
+        self._register_factory: RegisterFactory = register_factory or _TpmRegister
+        self._lock = threading.Lock()
+        self._sink: str | None = None if config.sink == "auto" else config.sink
+        self._direct: DirectLog | None = None
+        self._opened: dict[str, VolumeIdentity] = self._load()
+
+    @classmethod
+    def from_config(cls, config: DaemonConfig) -> Measurer:
+        return cls(
+            config.measure,
+            log_path=config.measure_log,
+            state_path=config.paths.state_dir / "measured.json",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self._config.sink != "none"
+
+    @property
+    def sink(self) -> str | None:
+        """The sink in use (None: `auto`, not decided yet)."""
+        return self._sink
+
+    # -- identities of opened volumes (tmpfs) -------------------------------------------------
+
+    def _load(self) -> dict[str, VolumeIdentity]:
+        if self._state_path is None:
+            return {}
+        try:
+            doc = json.loads(self._state_path.read_text())
+        except (OSError, ValueError, RecursionError):
+            return {}
+        out: dict[str, VolumeIdentity] = {}
+        if isinstance(doc, dict):
+            for name, item in doc.items():
+                ident = VolumeIdentity.from_json(item)
+                if ident is not None and isinstance(name, str):
+                    out[name] = ident
+        return out
+
+    def _save(self) -> None:
+        if self._state_path is None:
+            return
+        self._state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self._state_path.with_name(self._state_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({n: i.to_json() for n, i in self._opened.items()}, fh, sort_keys=True)
+        tmp.replace(self._state_path)
+
+    def is_measured(self, name: str) -> bool:
+        """True when volume `name` may be handed out without a new open event."""
+        return not self.enabled or not self._config.required or name in self._opened
+
+    def identity(self, name: str) -> VolumeIdentity | None:
+        return self._opened.get(name)
+
+    # -- sinks -------------------------------------------------------------------------------
+
+    def _tpm_pcr(self) -> int:
+        return DEFAULT_MEASURE_PCR if self._config.pcr is None else self._config.pcr
+
+    def _direct_log(self) -> DirectLog:
+        if self._direct is None:
+            from evidence.measure_log import DirectLog  # noqa: PLC0415
+
+            pcr = self._tpm_pcr()
+            register = self._register_factory(self._config.tcti, pcr)
+            direct = DirectLog(self._log_path, register, log_index=pcr)
+            finished = direct.recover()
+            if finished is not None:
+                log.warning("measurement_recovered", log=str(self._log_path), action=finished.value)
+            self._direct = direct
+        return self._direct
+
+    def _decide(self) -> str:
+        if self._sink is not None:
+            return self._sink
+        from evidence.measure_log import wal_path  # noqa: PLC0415
+
+        if self._log_path.exists() or wal_path(self._log_path).exists():
+            sink = "tpm"
+        elif _is_socket(self._config.aa_socket):
+            sink = "aa"
+        elif _tcti_present(self._config.tcti):
+            sink = "tpm"
+        else:
+            raise MeasureError(
+                "no measurement sink: no attestation agent socket at"
+                f" {self._config.aa_socket} and no TPM ({self._config.tcti}); start the AA"
+                " (kata agent.guest_components_procs=attestation-agent) or set [measure] in"
+                " /etc/cva/config.toml"
+            )
+        self._sink = sink
+        log.info("measurement_sink", sink=sink)
+        return sink
+
+    def start(self) -> None:
+        """At daemon start: finish a measurement a crash interrupted (tpm sink) and check the
+        log explains the register. Raises (the daemon refuses to start) when required."""
+        if not self.enabled:
+            return
+        from evidence.measure_log import wal_path  # noqa: PLC0415
+
+        used = self._log_path.exists() or wal_path(self._log_path).exists()
+        if self._config.sink == "tpm" or (self._config.sink == "auto" and used):
+            with self._lock:
+                try:
+                    self._sink = "tpm"
+                    self._direct_log()
+                except (*REFUSALS, OSError) as exc:
+                    self._fail(f"cannot resume cva's measurement log: {_text(exc)}")
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _fail(self, message: str) -> None:
+        if self._config.required:
+            raise MeasureError(f"{message} (rule measure-required)")
+        log.warning("measurement_skipped", error=message)
+
+    def _send(self, event: VolumeEvent) -> str:
+        aael = volume_aael(event)
+        sink = self._decide()
+        if sink == "aa":
+            from agent.aa_client import extend_runtime_measurement  # noqa: PLC0415
+
+            extend_runtime_measurement(
+                self._config.aa_socket, DOMAIN, aael.operation, aael.content, self._config.pcr
+            )
+            return sink
+        self._direct_log().record(aael)
+        return sink
+
+    def record(
+        self, operation: VolumeOperation, ident: VolumeIdentity, key: str | None = None
+    ) -> None:
+        """Record one event; raises MeasureError when it cannot and the image requires it.
+        `key` names the volume in the opened set (default its name; ephemeral volumes use
+        `EPHEMERAL_KEY + mapper`, so a host-chosen mapper name never aliases a contract
+        volume)."""
+        key = ident.name if key is None else key
+        if not self.enabled:
+            return
+        with self._lock:
+            try:
+                event = ident.event(operation)
+                sink = self._send(event)
+            except (*REFUSALS, OSError) as exc:
+                self._fail(f"volume {ident.name}: {operation.value} not measured: {_text(exc)}")
+                sink = None
+            if operation is VolumeOperation.CLOSE:
+                self._opened.pop(key, None)
+            else:
+                self._opened[key] = ident
+            self._save()
+        if sink is not None:
+            log.info(
+                "volume_measured",
+                operation=operation.value,
+                volume=ident.name,
+                uuid=ident.luks_uuid,
+                header_sha256=ident.header_sha256.hex(),
+                seq=ident.sequence,
+                sink=sink,
+            )
+
+    def opened(self, ident: VolumeIdentity, *, created: bool, key: str | None = None) -> None:
+        self.record(VolumeOperation.CREATE if created else VolumeOperation.OPEN, ident, key)
+
+    def closed(self, key: str) -> None:
+        """The close event of a volume this boot measured as opened (else nothing); a failure
+        is logged, never raised: the volume is closed already."""
+        ident = self._opened.get(key)
+        if ident is None or not self.enabled:
+            return
+        try:
+            self.record(VolumeOperation.CLOSE, ident, key)
+        except MeasureError as exc:
+            log.error("volume_close_not_measured", volume=key, error=exc.message)  # noqa: TRY400
+            with self._lock:
+                self._opened.pop(key, None)
+                self._save()
+
+
+def _text(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, REFUSALS) else str(exc)
+
+
+def _is_socket(path: Path) -> bool:
+    import stat  # noqa: PLC0415
+
+    with contextlib.suppress(OSError):
+        return stat.S_ISSOCK(path.stat().st_mode)
+    return False
+
+
+def _tcti_present(tcti: str) -> bool:
+    """A `device:` TCTI whose device exists; any other TCTI (swtpm, mssim) counts as present."""
+    kind, _, rest = tcti.partition(":")
+    if kind != "device":
+        return True
+    return Path(rest or "/dev/tpmrm0").exists()
