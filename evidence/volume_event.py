@@ -7,21 +7,25 @@ LUKS header (its UUID and the SHA-256 of the header metadata cva checked), measu
 before the volume is handed to anyone, and fails closed if that fails. A verifier reads the log
 with `evidence.eventlog.parse_log` and passes each cva event to `parse_volume_event`.
 
-Event: domain `cva`, operation `volume-create` | `volume-open` | `volume-close`, content
-(one line, fields separated by single spaces, always in this order, each `key=value`):
+Event: domain `cva`, operation `volume-create` | `volume-open` | `volume-close`, content a JSON
+object canonicalised by RFC 8785 (JCS: keys sorted, no white space), as the CoCo event spec asks
+of its own AAEL contents, so the whole event line has exactly two spaces (Trustee's text-form
+AAEL parser splits an event at every space and wants exactly three fields):
 
-    v=1 name=<name> uuid=<luks-uuid> header-sha256=<64 hex> fs=<fs> ro=<true|false>[ seq=<n>]
+    {"fs":"ext4","header-sha256":"<64 hex>","name":"<name>","ro":false,
+     "uuid":"<uuid>","v":1}                  (one line; `"seq":<n>` after "ro" when present)
 
 * v: the content format version, `1`.
 * name: the volume name, `[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}`.
 * uuid: the LUKS2 header UUID, canonical lowercase `8-4-4-4-12` hex.
 * header-sha256: lowercase hex SHA-256 of the validated LUKS header metadata.
 * fs: the filesystem, `[a-z][a-z0-9]{0,15}` (e.g. ext4, xfs).
-* ro: `true` when mounted read-only, else `false`.
-* seq: persistent volumes only: the monotonic sequence from the MAC'd token, decimal u64 without
-  leading zeros. Absent for ephemeral volumes; a verifier that pins a persistent volume should
-  require it and compare it with the last sequence it saw (a rolled-back header shows a lower one).
+* ro: `true` when mounted read-only, else `false` (JSON booleans).
+* seq: persistent volumes only: a monotonic sequence (a JSON integer, 0..2^64-1). Absent for
+  ephemeral volumes and, today, for persistent ones too (the MAC'd token does not carry it yet).
 
+Every string value is restricted to ASCII letters, digits and `-_.+`, so Python's
+`json.dumps(sort_keys=True, separators=(",", ":"))` of these fields is exactly the JCS form.
 The form is canonical: `parse_volume_content(volume_content(e)) == e` and every accepted text is
 exactly what `volume_content` would write, so a policy can match on the text. Only these typed
 fields exist: there is no free-form field through which key material could get in.
@@ -34,6 +38,7 @@ work: the claim path under which the AS exposes AAEL events has not been confirm
 from __future__ import annotations
 
 import enum
+import json
 import re
 from dataclasses import dataclass
 
@@ -48,12 +53,16 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _FS = re.compile(r"[a-z][a-z0-9]{0,15}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_SEQ = re.compile(r"0|[1-9][0-9]{0,19}")
+MAX_CONTENT = 1024
 _KEYS = ("v", "name", "uuid", "header-sha256", "fs", "ro", "seq")
 
 
 class VolumeEventError(EvidenceError):
     """A volume event that is not in cva's canonical form."""
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
 
 
 class VolumeOperation(enum.Enum):
@@ -97,18 +106,18 @@ class VolumeEvent:
 
 
 def volume_content(event: VolumeEvent) -> str:
-    """The canonical content text of a volume event."""
-    parts = [
-        f"v={FORMAT_VERSION}",
-        f"name={event.name}",
-        f"uuid={event.luks_uuid}",
-        f"header-sha256={event.header_sha256.hex()}",
-        f"fs={event.filesystem}",
-        f"ro={'true' if event.read_only else 'false'}",
-    ]
+    """The canonical (RFC 8785) JSON content of a volume event."""
+    fields: dict[str, object] = {
+        "v": FORMAT_VERSION,
+        "name": event.name,
+        "uuid": event.luks_uuid,
+        "header-sha256": event.header_sha256.hex(),
+        "fs": event.filesystem,
+        "ro": event.read_only,
+    }
     if event.sequence is not None:
-        parts.append(f"seq={event.sequence}")
-    return " ".join(parts)
+        fields["seq"] = event.sequence
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def volume_aael(event: VolumeEvent) -> AaelEvent:
@@ -118,33 +127,39 @@ def volume_aael(event: VolumeEvent) -> AaelEvent:
 
 def parse_volume_content(operation: VolumeOperation, content: str) -> VolumeEvent:
     """Parse a content text; accepts only the canonical form `volume_content` writes."""
-    items = content.split(" ")
-    if not 6 <= len(items) <= 7:
-        raise VolumeEventError(f"volume event has {len(items)} fields; 6 or 7 expected")
-    values: dict[str, str] = {}
-    for item, key in zip(items, _KEYS, strict=False):
-        got, sep, value = item.partition("=")
-        if not sep or got != key:
-            raise VolumeEventError(f"volume event field {item[:32]!r} is not {key}=<value>")
-        values[key] = value
-    if values["v"] != str(FORMAT_VERSION):
-        raise VolumeEventError(f"volume event format v={values['v'][:16]!r} is not supported")
+    if len(content) > MAX_CONTENT:
+        raise VolumeEventError(f"volume event content is longer than {MAX_CONTENT} characters")
+    try:
+        values = json.loads(content, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise VolumeEventError("volume event content is not JSON") from None
+    if not isinstance(values, dict):
+        raise VolumeEventError("volume event content is not a JSON object")
+    keys = set(values)
+    required = set(_KEYS) - {"seq"}
+    if not required <= keys or not keys <= set(_KEYS):
+        missing = sorted(required - keys)
+        extra = sorted(k[:32] for k in keys - set(_KEYS))
+        raise VolumeEventError(f"volume event fields: missing {missing}, unknown {extra}")
+    if values["v"] != FORMAT_VERSION or isinstance(values["v"], bool):
+        raise VolumeEventError(f"volume event format v={str(values['v'])[:16]!r} is not supported")
+    for key in ("name", "uuid", "header-sha256", "fs"):
+        if not isinstance(values[key], str):
+            raise VolumeEventError(f"volume event {key} is not a string")
     if _HEX64.fullmatch(values["header-sha256"]) is None:
         raise VolumeEventError("volume event header-sha256 is not 64 lowercase hex digits")
-    if values["ro"] not in ("true", "false"):
+    if not isinstance(values["ro"], bool):
         raise VolumeEventError("volume event ro is not true or false")
-    sequence = None
-    if "seq" in values:
-        if _SEQ.fullmatch(values["seq"]) is None or int(values["seq"]) > MAX_SEQUENCE:
-            raise VolumeEventError("volume event seq is not a canonical decimal u64")
-        sequence = int(values["seq"])
+    sequence = values.get("seq")
+    if sequence is not None and (isinstance(sequence, bool) or not isinstance(sequence, int)):
+        raise VolumeEventError("volume event seq is not an integer")
     event = VolumeEvent(
         operation,
         values["name"],
         values["uuid"],
         bytes.fromhex(values["header-sha256"]),
         values["fs"],
-        values["ro"] == "true",
+        values["ro"],
         sequence,
     )
     if volume_content(event) != content:  # belt and braces: only the canonical text

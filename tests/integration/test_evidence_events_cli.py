@@ -40,8 +40,8 @@ AA_TEXTS = [
     "kata-agent PullImage x y",
 ]
 CVA_TEXTS = [
-    "cva volume-open v=1 name=pg uuid=6b1f8c1e-7d4a-4a55-9d0f-2c3e4b5a6d7e"
-    f" header-sha256={'ab' * 32} fs=ext4 ro=false seq=3"
+    f'cva volume-open {{"fs":"ext4","header-sha256":"{"ab" * 32}","name":"pg","ro":false,'
+    '"seq":3,"uuid":"6b1f8c1e-7d4a-4a55-9d0f-2c3e4b5a6d7e","v":1}'
 ]
 
 

@@ -293,4 +293,4 @@ async def test_securemount_persistent_measured_before_bind(
     assert await backend.mount_persistent(plan) == PG_MOUNT
     assert seen == [1]
     [req] = fake_aa.decoded()
-    assert req.Operation == "volume-create" and " name=pg " in req.Content
+    assert req.Operation == "volume-create" and '"name":"pg"' in req.Content

@@ -42,14 +42,17 @@ def _event(**kw: Any) -> VolumeEvent:
 
 def test_known_text() -> None:
     ev = _event()
+    # RFC 8785 (JCS) by hand: keys in UTF-16 code-unit order, no white space
     assert volume_content(ev) == (
-        f"v=1 name=data uuid={UUID} header-sha256={HDR.hex()} fs=ext4 ro=false seq=7"
+        f'{{"fs":"ext4","header-sha256":"{HDR.hex()}","name":"data","ro":false,"seq":7,'
+        f'"uuid":"{UUID}","v":1}}'
     )
     aael = volume_aael(ev)
     assert (aael.domain, aael.operation) == ("cva", "volume-open")
     assert aael.text == "cva volume-open " + volume_content(ev)
+    assert aael.text.count(" ") == 2  # Trustee's text-form parser: exactly three fields
     eph = _event(operation=VolumeOperation.CLOSE, sequence=None, read_only=True, name="a.b+c_d-e")
-    assert volume_aael(eph).text.endswith(" fs=ext4 ro=true")
+    assert '"ro":true,"uuid"' in volume_aael(eph).text
     assert parse_volume_event(volume_aael(eph)) == eph
 
 
@@ -101,23 +104,32 @@ GOOD = volume_content(_event())
         "",
         GOOD + " ",
         " " + GOOD,
-        GOOD.replace(" ", "  ", 1),
-        GOOD + " extra=1",
-        GOOD.replace("v=1", "v=2"),
-        GOOD.replace("name=", "nom="),
-        GOOD.replace("uuid=", "uuid:"),
-        GOOD.replace("ro=false", "ro=0"),
-        GOOD.replace("seq=7", "seq=07"),
-        GOOD.replace("seq=7", "seq=-7"),
-        GOOD.replace("seq=7", f"seq={2**64}"),
-        GOOD.replace("seq=7", "seq=+7"),
+        GOOD.replace(",", ", ", 1),
+        GOOD.replace(":", ": ", 1),
+        GOOD[:-1] + ',"extra":1}',
+        GOOD.replace('"v":1', '"v":2'),
+        GOOD.replace('"v":1', '"v":1.0'),
+        GOOD.replace('"v":1', '"v":true'),
+        GOOD.replace('"name"', '"nom"'),
+        GOOD.replace('"ro":false', '"ro":0'),
+        GOOD.replace('"ro":false', '"ro":"false"'),
+        GOOD.replace('"seq":7', '"seq":07'),
+        GOOD.replace('"seq":7', '"seq":-7'),
+        GOOD.replace('"seq":7', f'"seq":{2**64}'),
+        GOOD.replace('"seq":7', '"seq":7.0'),
+        GOOD.replace('"seq":7', '"seq":"7"'),
+        GOOD.replace('"seq":7', '"seq":NaN'),
+        GOOD.replace('"seq":7', '"seq":Infinity'),
         GOOD.replace(HDR.hex(), HDR.hex().upper()),
         GOOD.replace(HDR.hex(), HDR.hex()[:-2]),
-        " ".join(reversed(GOOD.split(" "))),
-        GOOD.replace("fs=ext4 ro=false", "ro=false fs=ext4"),
-        GOOD.replace("name=data", "name=da=ta"),
-        GOOD.replace("seq=7", "seq=\u0667"),  # ARABIC-INDIC DIGIT SEVEN
-        GOOD.replace("seq=7", "key=00112233445566778899aabbccddeeff"),
+        GOOD.replace('"fs":"ext4",', "") + "",
+        '{"v":1,' + GOOD[1:].replace(',"v":1', ""),  # keys out of order
+        GOOD.replace('"name":"data"', '"name":"data","name":"data"'),  # duplicate key
+        GOOD.replace('"name":"data"', r'"name":"d\u0061ta"'),  # escaped, not canonical
+        GOOD.replace('"seq":7', '"key":"00112233445566778899aabbccddeeff"'),
+        "[" + GOOD + "]",
+        '"' + GOOD + '"',
+        "[" * 5000,
     ],
 )
 def test_parse_refuses_non_canonical(content: str) -> None:
