@@ -177,6 +177,11 @@ class Measurer:
         return self._config.sink != "none"
 
     @property
+    def tee(self) -> str | None:
+        """The image's TEE decision this measurer was given (`auto` tries RTMR3 on tdx)."""
+        return self._tee
+
+    @property
     def sink(self) -> str | None:
         """The sink in use (None: `auto`, not decided yet)."""
         return self._sink

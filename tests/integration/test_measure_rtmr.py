@@ -309,3 +309,22 @@ def test_auto_on_tdx_refuses_a_pcr_outside_rtmr3(tmp_path: Path, tdx: FakeTdxMea
     with pytest.raises(MeasureError, match="not an RTMR3 PCR"):
         m.opened(_ident("pg"), created=True)
     assert not tdx.writes
+
+
+def test_the_daemon_passes_the_images_tee_decision(tmp_path: Path) -> None:
+    """`cva serve` hands the measurer the TEE agent.trust decided (never the contract's)."""
+    from agent.config import parse_config
+    from agent.startup import production_manager
+    from agent.trust import Trusted
+    from evidence.sample import SampleAttester
+    from tests.daemon_support import contract, volume
+
+    class _Tdx(SampleAttester):
+        @property
+        def tee(self) -> str:
+            return "tdx"
+
+    config = parse_config(f'[paths]\nstate_dir = "{tmp_path}"\n[measure]\nsink = "aa"\n')
+    trusted = Trusted(None, contract(volume("pg")), _Tdx())  # type: ignore[arg-type]
+    manager = production_manager(trusted)(config, lambda _status: None)
+    assert manager.measurer is not None and manager.measurer.tee == "tdx"
