@@ -41,13 +41,15 @@ vtpm_in_tee = false                # true: the vTPM is part of the TEE (a paravi
                                    # tee = "tpm" may be chosen while TDX/SNP is present
 
 [measure]                          # measured volumes: one AAEL event per create/open/close
-sink = "auto"                      # auto | aa | tpm | none; auto = at the first event: the
-                                   # sink this boot already uses (cva's log exists -> tpm), else
-                                   # the Attestation Agent when its socket exists, else the TPM
+sink = "auto"                      # auto | aa | tpm | rtmr | none; auto = at the first event:
+                                   # the sink this boot already uses (cva's log exists -> tpm,
+                                   # on TDX rtmr), else the Attestation Agent when its socket
+                                   # exists, else (TDX, Linux >= 6.16) RTMR3, else the TPM
                                    # (/dev/tpmrm0), else none available (refused when required)
 pcr = 23                           # the PCR: tpm default 23; aa default: unset = AA's init_pcr.
                                    # tpm/auto allow 9..16 and 23 (not 0-8: firmware/boot and
-                                   # initdata; not 17-22: DRTM, locality > 0, start at 0xFF..)
+                                   # initdata; not 17-22: DRTM, locality > 0, start at 0xFF..);
+                                   # rtmr: RTMR3 always (PCR 16..23 map to it, the AA's mapping)
 required = true                    # a failure to measure fails the operation (closed); false
                                    # only logs a warning (the image may relax it, nothing else)
 log = "/run/cva/eventlog"          # tpm sink: its TCG2/AAEL log (default <state_dir>/eventlog)
@@ -127,10 +129,11 @@ class EvidenceConfig:
     vtpm_in_tee: bool = False
 
 
-MEASURE_SINKS = ("auto", "aa", "tpm", "none")
+MEASURE_SINKS = ("auto", "aa", "tpm", "rtmr", "none")
 AA_SOCKET = Path("/run/confidential-containers/attestation-agent/attestation-agent.sock")
 DEFAULT_MEASURE_PCR = 23
 TPM_MEASURE_PCRS = frozenset({*range(9, 17), 23})
+RTMR_MEASURE_PCRS = frozenset(range(16, 24))  # the AA's pcr_to_ccmr maps these to RTMR3
 
 
 @dataclass(frozen=True)
@@ -363,6 +366,11 @@ def _measure(table: dict[str, Any]) -> MeasureConfig:
             raise ConfigError(
                 "config: measure.pcr must be 9..16 or 23 when cva extends the TPM itself"
                 " (0-7 firmware/boot, 8 initdata, 17-22 DRTM: not extendable at locality 0)"
+            )
+        if sink == "rtmr" and pcr not in RTMR_MEASURE_PCRS:
+            raise ConfigError(
+                "config: measure.pcr must be 16..23 (RTMR3) or unset with sink = rtmr: RTMR0-2"
+                " hold the firmware and boot measurements"
             )
     tcti = table.get("tcti", MeasureConfig.tcti)
     if not isinstance(tcti, str) or not tcti or len(tcti) > 256 or "\0" in tcti:

@@ -16,9 +16,15 @@ Where it goes is the image's choice (`[measure]` in /etc/cva/config.toml, agent.
   0, not used by firmware, the boot chain, IMA, systemd or cva's initdata binding (8); it starts
   at zero each boot) and keeps its own log in the AA's format at `log` (tmpfs) with the AA's
   write-ahead recovery (evidence.measure_log), run at start;
+* `rtmr` (TDX): cva extends RTMR3 itself through the kernel's measurement sysfs (Linux >= 6.16,
+  evidence.tdx_rtmr) with SHA-384 entries in its own log, register index 4 (the CC MR index
+  the AA's `pcr_to_ccmr` gives its PCRs 16..23: the AA's events land in the same register and
+  name it the same way), same write-ahead recovery;
 * `auto` (default): decided at the first event and then kept: cva's own log already exists this
-  boot -> tpm; else the AA when its socket exists (kata-agent starts the AA before it calls
-  anything); else the TPM when the TCTI's device exists; else no sink;
+  boot -> the direct sink (rtmr on TDX when the kernel has it, else tpm); else the AA when its
+  socket exists (kata-agent starts the AA before it calls anything); else, when the image's TEE
+  decision (agent.trust, never the contract) is TDX and the kernel has the RTMR sysfs, rtmr;
+  else the TPM when the TCTI's device exists; else no sink;
 * `none`: nothing is measured.
 `required = true` (default): when an event cannot be recorded the operation fails and the
 volume is closed again before anyone got it; `false`: a warning, and the volume is handed out.
@@ -37,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.config import DEFAULT_MEASURE_PCR, DaemonConfig, MeasureConfig
+from agent.config import DEFAULT_MEASURE_PCR, RTMR_MEASURE_PCRS, DaemonConfig, MeasureConfig
 from agent.errors import REFUSALS, CvaError
 from agent.log import get_logger
 from evidence.errors import EvidenceFailure
@@ -45,8 +51,11 @@ from evidence.volume_event import DOMAIN, VolumeEvent, VolumeOperation, volume_a
 
 if TYPE_CHECKING:
     from evidence.measure_log import DirectLog, Register
+    from evidence.tdx_rtmr import TdxRtmr
 
 RegisterFactory = Callable[[str, int], "Register"]  # (tcti, pcr) -> the register
+RtmrFactory = Callable[[int], "TdxRtmr"]  # RTMR index -> the register
+RTMR_INDEX = 3  # RTMR3 = CC MR 4, where the AA's pcr_to_ccmr puts PCRs 16..23 (its 17 and 23)
 
 log = get_logger("cva.measure")
 _FAILED_PRECONDITION = 9  # gRPC / ttRPC status code
@@ -140,27 +149,37 @@ class Measurer:
         log_path: Path,
         state_path: Path | None = None,
         register_factory: RegisterFactory | None = None,
+        tee: str | None = None,
+        rtmr_factory: RtmrFactory | None = None,
     ) -> None:
         self._config = config
         self._log_path = log_path
         self._state_path = state_path
         self._register_factory: RegisterFactory = register_factory or _TpmRegister
+        self._tee = tee  # the image's TEE decision (agent.trust): `auto` tries RTMR3 on tdx
+        self._rtmr_factory: RtmrFactory = rtmr_factory or _tdx_rtmr
         self._lock = threading.Lock()
         self._sink: str | None = None if config.sink == "auto" else config.sink
         self._direct: DirectLog | None = None
         self._opened: dict[str, VolumeIdentity] = self._load()
 
     @classmethod
-    def from_config(cls, config: DaemonConfig) -> Measurer:
+    def from_config(cls, config: DaemonConfig, *, tee: str | None = None) -> Measurer:
         return cls(
             config.measure,
             log_path=config.measure_log,
             state_path=config.paths.state_dir / "measured.json",
+            tee=tee,
         )
 
     @property
     def enabled(self) -> bool:
         return self._config.sink != "none"
+
+    @property
+    def tee(self) -> str | None:
+        """The image's TEE decision this measurer was given (`auto` tries RTMR3 on tdx)."""
+        return self._tee
 
     @property
     def sink(self) -> str | None:
@@ -206,13 +225,36 @@ class Measurer:
     def _tpm_pcr(self) -> int:
         return DEFAULT_MEASURE_PCR if self._config.pcr is None else self._config.pcr
 
+    def _rtmr(self) -> TdxRtmr:
+        pcr = self._tpm_pcr()
+        if pcr not in RTMR_MEASURE_PCRS:
+            raise MeasureError(
+                f"measure.pcr {pcr} is not an RTMR3 PCR (16..23): the rtmr sink never extends"
+                " RTMR0-2 (firmware and boot); set pcr 16..23 or unset in /etc/cva/config.toml"
+            )
+        return self._rtmr_factory(RTMR_INDEX)
+
+    def _rtmr_present(self) -> bool:
+        return self._tee == "tdx" and self._rtmr_factory(RTMR_INDEX).available()
+
+    def _direct_sink(self) -> str:
+        """The sink of cva's own log under `auto`: the one `_decide` would pick without an AA."""
+        return "rtmr" if self._rtmr_present() else "tpm"
+
     def _direct_log(self) -> DirectLog:
         if self._direct is None:
             from evidence.measure_log import DirectLog  # noqa: PLC0415
 
-            pcr = self._tpm_pcr()
-            register = self._register_factory(self._config.tcti, pcr)
-            direct = DirectLog(self._log_path, register, log_index=pcr)
+            if self._sink == "rtmr":
+                from evidence.eventlog import ALG_SHA384  # noqa: PLC0415
+
+                direct = DirectLog(
+                    self._log_path, self._rtmr(), log_index=RTMR_INDEX + 1, alg=ALG_SHA384
+                )
+            else:
+                pcr = self._tpm_pcr()
+                register = self._register_factory(self._config.tcti, pcr)
+                direct = DirectLog(self._log_path, register, log_index=pcr)
             finished = direct.recover()
             if finished is not None:
                 log.warning("measurement_recovered", log=str(self._log_path), action=finished.value)
@@ -225,15 +267,18 @@ class Measurer:
         from evidence.measure_log import wal_path  # noqa: PLC0415
 
         if self._log_path.exists() or wal_path(self._log_path).exists():
-            sink = "tpm"
+            sink = self._direct_sink()
         elif _is_socket(self._config.aa_socket):
             sink = "aa"
+        elif self._rtmr_present():
+            sink = "rtmr"
         elif _tcti_present(self._config.tcti):
             sink = "tpm"
         else:
+            rtmr = ", no TDX RTMR sysfs (Linux >= 6.16)" if self._tee == "tdx" else ""
             raise MeasureError(
                 "no measurement sink: no attestation agent socket at"
-                f" {self._config.aa_socket} and no TPM ({self._config.tcti}); start the AA"
+                f" {self._config.aa_socket}{rtmr} and no TPM ({self._config.tcti}); start the AA"
                 " (kata agent.guest_components_procs=attestation-agent) or set [measure] in"
                 " /etc/cva/config.toml"
             )
@@ -242,17 +287,18 @@ class Measurer:
         return sink
 
     def start(self) -> None:
-        """At daemon start: finish a measurement a crash interrupted (tpm sink) and check the
+        """At daemon start: finish a measurement a crash interrupted (tpm/rtmr) and check the
         log explains the register. Raises (the daemon refuses to start) when required."""
         if not self.enabled:
             return
         from evidence.measure_log import wal_path  # noqa: PLC0415
 
         used = self._log_path.exists() or wal_path(self._log_path).exists()
-        if self._config.sink == "tpm" or (self._config.sink == "auto" and used):
+        if self._config.sink in ("tpm", "rtmr") or (self._config.sink == "auto" and used):
             with self._lock:
                 try:
-                    self._sink = "tpm"
+                    if self._config.sink == "auto":
+                        self._sink = self._direct_sink()
                     self._direct_log()
                 except (*REFUSALS, OSError) as exc:
                     self._fail(f"cannot resume cva's measurement log: {_text(exc)}")
@@ -338,6 +384,12 @@ def _is_socket(path: Path) -> bool:
     with contextlib.suppress(OSError):
         return stat.S_ISSOCK(path.stat().st_mode)
     return False
+
+
+def _tdx_rtmr(index: int) -> TdxRtmr:
+    from evidence.tdx_rtmr import TdxRtmr  # noqa: PLC0415
+
+    return TdxRtmr(index)
 
 
 def _tcti_present(tcti: str) -> bool:

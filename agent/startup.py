@@ -50,7 +50,7 @@ def production_manager(trusted: Trusted) -> ManagerFactory:
             )
 
         keys = LazyKbsKeySource(kbs_client)
-        measurer = Measurer.from_config(config)
+        measurer = Measurer.from_config(config, tee=trusted.attester.tee)
         measurer.start()  # finishes an interrupted measurement; refuses when it cannot
         return VolumeManager(
             trusted.contract,

@@ -2,7 +2,8 @@
 the AA's format and the AA's write-ahead protocol (SPEC.md §e.6), over one register.
 
 The thin shell around `evidence.eventlog` (which stays pure): a log file of TCG2/AAEL entries, a
-write-ahead file next to it, and a `Register` (a TPM PCR via `evidence.tpm`, or a test double).
+write-ahead file next to it, and a `Register` (a TPM PCR via `evidence.tpm`, a TDX RTMR via
+`evidence.tdx_rtmr` with `alg=ALG_SHA384`, or a test double).
 
 Recording one event (one at a time: a thread lock and an flock on the log):
     1. the register must still equal the replay of the log (else someone else extended it, or
@@ -19,8 +20,9 @@ must replay to the register's value, or cva refuses to measure (a log of another
 altered log, or another writer on the register).
 
 The register field of each entry is `log_index` (the CC measurement register index,
-`pcr_to_ccmr(pcr)` in the AA; for a TPM that is the PCR itself). Nothing here ever sees a key:
-the event text is built from typed fields (`evidence.volume_event`).
+`pcr_to_ccmr(pcr)` in the AA; for a TPM that is the PCR itself, for TDX RTMRn it is n + 1).
+Nothing here ever sees a key: the event text is built from typed fields
+(`evidence.volume_event`).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class MeasureLogError(EvidenceError):
 
 
 class Register(Protocol):
-    """One measurement register (a PCR of the SHA-256 bank, say)."""
+    """One measurement register (a PCR of the SHA-256 bank, an RTMR: its digest size)."""
 
     def read(self) -> bytes: ...
 

@@ -7,12 +7,14 @@ inblob or a provider-rejected inblob size is EINVAL, no provider is ENXIO, `auxb
 exist only for sev_guest, privlevel below the floor is EINVAL. Hooks simulate a concurrent writer
 and EBUSY. The ioctl fakes check the request number and buffer size and act on the same memory
 layout the kernel does (SNP through the user-space addresses inside the request).
+`FakeTdxMeasurements` is the TSM measurement sysfs of tdx_guest (RTMR read/extend, Linux >= 6.16).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 import struct
 from collections.abc import Callable
@@ -200,3 +202,68 @@ class FakeSevGuest:
         resp = struct.pack("<II", 0, len(report)) + bytes(24) + report
         ctypes.memmove(resp_addr, resp, len(resp))
         return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# TDX: the TSM measurement sysfs (Linux >= 6.16), /sys/devices/virtual/misc/tdx_guest/measurements
+
+
+@dataclass
+class FakeTdxMeasurements:
+    """tsm-mr.c + tdx-guest.c: `rtmr0..3:sha384` (RW), `mrtd:sha384`, `mrconfigid`, `mrowner`,
+    `mrownerconfig` (RO), each a 48-byte binary attribute. Files are materialised under `root`
+    (so `is_file()` sees them); reads and writes go through this object (an `MrFs`). A write
+    must be exactly 48 bytes (else EINVAL, as tm_digest_write) and is TDG.MR.RTMR.EXTEND:
+    RTMR := SHA-384(RTMR || data). A read returns the whole value (the bin attribute's size)."""
+
+    root: Path
+    mr_config_id: bytes = bytes(48)
+    rtmrs: list[bytes] = field(default_factory=lambda: [bytes(48)] * 4)
+    fail_write: int | None = None  # errno for the next writes
+    value_size: int = 48  # what a read returns (a wrong-size file, as a non-sysfs root would give)
+    writes: list[tuple[int, bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        for name in self._names():
+            (self.base / name).touch()
+
+    @property
+    def base(self) -> Path:
+        return self.root / "sys/devices/virtual/misc/tdx_guest/measurements"
+
+    @staticmethod
+    def _names() -> list[str]:
+        rtmrs = [f"rtmr{i}:sha384" for i in range(4)]
+        return [*rtmrs, "mrtd:sha384", "mrconfigid", "mrowner", "mrownerconfig"]
+
+    def _name(self, path: Path) -> str:
+        if path.parent != self.base or path.name not in self._names():
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return path.name
+
+    def extend(self, index: int, data: bytes) -> None:
+        """What the TDX module does for TDG.MR.RTMR.EXTEND (also: a foreign writer)."""
+        self.rtmrs[index] = hashlib.sha384(self.rtmrs[index] + data).digest()
+
+    def read(self, path: Path, limit: int) -> bytes:
+        name = self._name(path)
+        if name.startswith("rtmr"):
+            value = self.rtmrs[int(name[4])]
+        elif name == "mrconfigid":
+            value = self.mr_config_id
+        else:
+            value = bytes(48)
+        value = (value * 2)[: self.value_size]
+        return value[: limit + 1]
+
+    def write(self, path: Path, data: bytes) -> None:
+        name = self._name(path)
+        if not name.startswith("rtmr"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        if len(data) != 48:
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        if self.fail_write is not None:
+            raise OSError(self.fail_write, os.strerror(self.fail_write), str(path))
+        self.writes.append((int(name[4]), bytes(data)))
+        self.extend(int(name[4]), data)

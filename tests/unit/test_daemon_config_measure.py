@@ -26,12 +26,16 @@ def test_values() -> None:
     assert (m.sink, m.pcr, m.required, m.tcti) == ("tpm", 16, False, "swtpm:port=2321")
     assert c.measure_log == Path("/run/m/log") and m.aa_socket == Path("/run/aa.sock")
     assert parse_config('[measure]\nsink = "aa"\npcr = 17\n').measure.pcr == 17
+    assert parse_config('[measure]\nsink = "rtmr"\npcr = 17\n').measure.pcr == 17
+    assert parse_config('[measure]\nsink = "rtmr"\n').measure.sink == "rtmr"
 
 
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ('sink = "rtmr"', "measure.sink"),
+        ('sink = "tdx"', "measure.sink"),
+        ('sink = "rtmr"\npcr = 15', "16..23"),
+        ('sink = "rtmr"\npcr = 0', "16..23"),
         ("pcr = 8", "9..16 or 23"),
         ("pcr = 17", "9..16 or 23"),
         ('sink = "tpm"\npcr = 0', "9..16 or 23"),
