@@ -388,13 +388,21 @@ def _metadata_size(area: bytes) -> int:
 
 
 def _activate(
-    device: Path, area: bytes, mapper: str, passphrase: Secret, *, read_only: bool, name: str
+    device: Path,
+    area: bytes,
+    mapper: str,
+    passphrase: Secret,
+    *,
+    read_only: bool,
+    name: str,
+    private: bool = False,
 ) -> None:
-    """Activate from the validated copy (a memfd), never from the disk."""
+    """Activate from the validated copy (a memfd), never from the disk. `private`: udev does
+    not probe the new mapping (a fresh integrity volume, whose unwritten blocks read as EIO)."""
     try:
         with header_copy(area) as copy, CryptDevice.open(str(device), header=copy) as cd:
             cd.load()
-            cd.activate_by_passphrase(mapper, passphrase, read_only=read_only)
+            cd.activate_by_passphrase(mapper, passphrase, read_only=read_only, private=private)
     except WrongPassphrase:
         raise VolumeRefused(
             f"volume {name}: the key from the KBS does not open this volume; nothing was changed "
@@ -685,7 +693,9 @@ def _prepare(
         initializing = obs.token_state == INITIALIZING
         if not was_active:
             ro = vol.read_only and not initializing
-            _activate(device, area, mapper, passphrase, read_only=ro, name=vol.name)
+            # a mapping over a fresh integrity format: no udev blkid probe of unwritten blocks
+            fresh = created and vol.integrity
+            _activate(device, area, mapper, passphrase, read_only=ro, name=vol.name, private=fresh)
         _check_table(mapper, vol, device)
         if initializing:
             _window(CrashWindow.OPENED_INITIALIZING)
