@@ -693,9 +693,12 @@ def _prepare(
         initializing = obs.token_state == INITIALIZING
         if not was_active:
             ro = vol.read_only and not initializing
-            # a mapping over a fresh integrity format: no udev blkid probe of unwritten blocks
-            fresh = created and vol.integrity
-            _activate(device, area, mapper, passphrase, read_only=ro, name=vol.name, private=fresh)
+            # integrity: no udev blkid probe of the mapping, whose blocks the filesystem never
+            # wrote read as EIO and log "INTEGRITY AEAD ERROR" (a fresh volume: all of them;
+            # xfs: blkid's probes at 2 MiB); cva reads the superblock itself
+            _activate(
+                device, area, mapper, passphrase, read_only=ro, name=vol.name, private=vol.integrity
+            )
         _check_table(mapper, vol, device)
         if initializing:
             _window(CrashWindow.OPENED_INITIALIZING)
@@ -718,7 +721,10 @@ def _prepare(
             _window(CrashWindow.READY_WRITTEN)
             if vol.read_only:
                 _deactivate(mapper)
-                _activate(device, area, mapper, passphrase, read_only=True, name=vol.name)
+                _activate(
+                    device, area, mapper, passphrase, read_only=True, name=vol.name,
+                    private=vol.integrity,
+                )  # fmt: skip
                 _check_table(mapper, vol, device)
         elif was_active and vol.lvm is not None and not vol.read_only and not vol.integrity:
             # the LV may have grown while the mapping stayed up (crash window LV_EXTENDED)
