@@ -25,6 +25,12 @@ CONTRACT_VERSION = 1
 # kbs.tee only *requires* a TEE: the image decides it (agent/trust.py), a different one refuses
 TEES = ("auto", "tdx", "snp", "tpm", "sample")
 FILESYSTEMS = ("ext4", "xfs")
+BLANK_CHECKS = ("full", "sampled")  # = luks.blankproof.BLANK_CHECKS (not imported: no storage
+# layer before READY=1)
+MIB = 1 << 20
+# mkfs.xfs (xfsprogs >= 5.19, the guest's 6.1) refuses a data section under 300 MiB
+XFS_MIN_BYTES = 300 * MIB
+DATA_OFFSET_MIB = 16  # the LUKS2 header region in front of the filesystem (DESIGN §5)
 DISK_KINDS = ("serial", "pci", "scsi")
 # Host-callable RPCs the contract can allow. `SecureMount` lets CDH's SecureMount interface
 # (ttRPC) open contract volumes; `SecureMountEphemeral` lets it create ephemeral encrypted
@@ -136,6 +142,9 @@ class Volume:
     create: bool
     integrity: bool
     read_only: bool
+    # DESIGN §4: "full" (every byte read as zero before a format) or "sampled" (header region +
+    # edge and spread samples only; for huge disks, documented with what it cannot see)
+    blank_check: Literal["full", "sampled"] = "full"
 
     def applies_to(self, container: str) -> bool:
         """True when this volume is for `container` (an empty list means every container)."""
@@ -378,7 +387,7 @@ def _parse_lvm(field: str, value: object) -> LvmSpec:
 
 VOLUME_KEYS = (
     "name", "key", "disk", "lvm", "filesystem", "mount", "containers", "create", "integrity",
-    "read_only",
+    "read_only", "blank_check",
 )  # fmt: skip
 
 
@@ -416,6 +425,22 @@ def _parse_volume(index: int, value: object) -> Volume:
     flags: dict[str, bool] = {}
     for flag in ("create", "integrity", "read_only"):
         flags[flag] = _typed(f"{field}.{flag}", table.get(flag, False), bool, "a bool")
+    blank_check = _typed(f"{field}.blank_check", table.get("blank_check", "full"), str, "a string")
+    if blank_check not in BLANK_CHECKS:
+        raise ContractError(
+            f"{field}.blank_check", f"{_show(blank_check)} must be one of {', '.join(BLANK_CHECKS)}"
+        )
+    if (
+        filesystem == "xfs"
+        and lvm is not None
+        and lvm.size_bytes - DATA_OFFSET_MIB * MIB < XFS_MIN_BYTES
+    ):
+        raise ContractError(
+            f"{field}.lvm.size",
+            f"xfs needs at least {XFS_MIN_BYTES // MIB} MiB of filesystem (mkfs.xfs refuses less);"
+            f" the LV holds a {DATA_OFFSET_MIB} MiB LUKS header too: give it at least "
+            f"{(XFS_MIN_BYTES // MIB) + DATA_OFFSET_MIB}M or use ext4",
+        )
     return Volume(
         name=name,
         key=key,
@@ -427,6 +452,7 @@ def _parse_volume(index: int, value: object) -> Volume:
         create=flags["create"],
         integrity=flags["integrity"],
         read_only=flags["read_only"],
+        blank_check=cast(Literal["full", "sampled"], blank_check),
     )
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from agent.config import DaemonConfig
 from agent.mountinfo import MOUNTINFO, mount_source
-from agent.volumes import OpenedVolume, VolumeState
+from agent.volumes import OpenedVolume, ScanProgress, VolumeState
 from luks.secret import Secret
 
 if TYPE_CHECKING:
@@ -39,7 +39,9 @@ class LuksBackend:
             return None
         return OpenedVolume(vol.name, self._guest_path(vol), source, created=False)
 
-    def open(self, vol: Volume, secret: Secret) -> OpenedVolume:
+    def open(
+        self, vol: Volume, secret: Secret, progress: ScanProgress | None = None
+    ) -> OpenedVolume:
         from luks import disk as luks_disk  # noqa: PLC0415 - lazy: first storage step
         from luks import volume as luks_volume  # noqa: PLC0415
 
@@ -50,6 +52,7 @@ class LuksBackend:
             disk=device,
             runtime_dir=self._runtime_dir,
             mount_base=self._mount_base,
+            progress=progress,
         )
         from agent.measure import VolumeIdentity  # noqa: PLC0415
 

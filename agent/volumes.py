@@ -52,6 +52,22 @@ class VolumeState(enum.Enum):
     OPEN = "open"
     MOUNTED = "mounted"
     BOUND = "bound"
+    PROVING_BLANK = "proving-blank"  # a zero scan before a format is running (see `progress`)
+
+
+# (what is scanned, bytes proven zero so far, bytes in total): from the backend's worker thread
+ScanProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ScanStatus:
+    what: str  # "disk" (before pvcreate), "volume" (the LV or whole disk), "data area"
+    done: int
+    total: int
+
+    @property
+    def percent(self) -> int:
+        return 100 * self.done // self.total if self.total else 100
 
 
 class ShuttingDown(CvaError):
@@ -96,6 +112,7 @@ class VolumeStatus:
     device: str | None
     container_ids: tuple[str, ...]
     containers: tuple[str, ...]
+    scan: ScanStatus | None = None  # while PROVING_BLANK
 
 
 class VolumeBackend(Protocol):
@@ -104,8 +121,11 @@ class VolumeBackend(Protocol):
     def current(self, vol: Volume) -> OpenedVolume | None:
         """The volume if already mounted at its guest path (needs no key; `created` False)."""
 
-    def open(self, vol: Volume, secret: Secret) -> OpenedVolume:
-        """Disk -> LVM -> LUKS -> filesystem -> mounted at the guest path (formats if allowed)."""
+    def open(
+        self, vol: Volume, secret: Secret, progress: ScanProgress | None = None
+    ) -> OpenedVolume:
+        """Disk -> LVM -> LUKS -> filesystem -> mounted at the guest path (formats if allowed;
+        `progress` hears about the zero scan that proves a disk blank first)."""
 
     def bind(self, vol: Volume, opened: OpenedVolume, rootfs: Path) -> None:
         """Bind the guest mount to `vol.mount` inside the container rootfs (idempotent)."""
@@ -204,6 +224,7 @@ class VolumeManager:
         self._volumes = {v.name: v for v in contract.volumes}
         self._locks = {name: asyncio.Lock() for name in self._volumes}
         self._opened: dict[str, OpenedVolume] = {}
+        self._scans: dict[str, ScanStatus] = {}  # written by worker threads (one dict store)
         self._tasks: set[asyncio.Task[object]] = set()
         self._closing = False
 
@@ -351,9 +372,12 @@ class VolumeManager:
         else:
             secret = await self._keys.get_resource(vol.key)
             try:
-                opened = await asyncio.to_thread(self._backend.open, vol, secret)
+                opened = await asyncio.to_thread(
+                    self._backend.open, vol, secret, self._scan_reporter(vol.name)
+                )
             finally:
                 secret.wipe()
+                self._scans.pop(vol.name, None)
             if self._measurer is not None:
                 try:
                     await asyncio.to_thread(self._measure_open, vol, opened)
@@ -382,6 +406,19 @@ class VolumeManager:
         self._opened.pop(vol.name, None)
         if self._measurer is not None:
             await asyncio.to_thread(self._measurer.closed, vol.name)
+
+    def _scan_reporter(self, name: str) -> ScanProgress:
+        """Progress of a volume's blank proof: ListVolumes shows it (PROVING_BLANK with bytes),
+        and systemd's STATUS= line says it."""
+
+        def report(what: str, done: int, total: int) -> None:
+            scan = ScanStatus(what, done, total)
+            self._scans[name] = scan
+            self._on_status(
+                f"proving volume {name} blank ({what}): {scan.percent}% of {total} bytes"
+            )
+
+        return report
 
     async def release(self, cid: str) -> Released:
         policy.validate_container_id(cid)
@@ -414,10 +451,13 @@ class VolumeManager:
             holders = self._bindings.containers_of(vol.name)
             cids = tuple(c for c in holders if not c.startswith(HOLDER_PREFIX))
             opened = self._opened.get(vol.name)
+            scan = self._scans.get(vol.name)
             if holders:
                 state = VolumeState.BOUND
             elif opened is not None:
                 state = VolumeState.MOUNTED
+            elif scan is not None:
+                state = VolumeState.PROVING_BLANK
             else:
                 state = await asyncio.to_thread(self._backend.state, vol)
             out.append(
@@ -428,6 +468,7 @@ class VolumeManager:
                     device=opened.device if opened else None,
                     container_ids=cids,
                     containers=tuple(vol.containers),
+                    scan=scan if state is VolumeState.PROVING_BLANK else None,
                 )
             )
         return tuple(out)

@@ -11,7 +11,11 @@ host attached (serials in the plan), for each size and integrity off/on:
              (argon2id keyslot; with integrity: --integrity hmac-sha256 and cryptsetup's full wipe)
     profile  the same steps with cva's profile via the CLI (pbkdf2-1000, 4K sectors, 16 MiB
              header, no_read/no_write_workqueue; with integrity: no-wipe + the same pre-writes
-             and mkfs options as cva)
+             and mkfs options as cva) AND the same safety: `blkid -p` finds nothing, then the
+             whole disk is checked for zeros with the fastest standard tool measured in this
+             guest (ZERO_TOOLS, the `zero-tools` item)
+- zero-scan throughput: cva's scan (luks.blank.scan_zeros) against `dd if=DEV of=/dev/null
+  bs=4M iflag=direct` on the same blank disk, and each standard zero-check tool;
 - peak memory (max RSS over the process and the tools it waited for, from wait4);
 - I/O on the 1 GiB disks: sequential (dd, O_DIRECT, 1 MiB) and 4K random (O_DIRECT, Python
   pread/pwrite; no fio in the guest image) read/write on a raw LV, dm-crypt with cva's flags,
@@ -51,6 +55,18 @@ PROFILE = (
     "--luks2-keyslots-size 16352k"
 )
 FLAGS = "--perf-no_read_workqueue --perf-no_write_workqueue"
+
+
+# Standard ways to check a whole device for zeros by hand (exit 0 = all zeros); {dev}, {size}.
+ZERO_TOOLS = {
+    "cmp": "cmp -s -n {size} {dev} /dev/zero",
+    "dd-direct|cmp": ("dd if={dev} bs=4M iflag=direct status=none | cmp -s -n {size} - /dev/zero"),
+    "dd-direct|tr|wc": (
+        "test \"$(dd if={dev} bs=4M iflag=direct status=none | tr -d '\\000' | head -c 1 "
+        '| wc -c)" = 0'
+    ),
+}
+CHOSEN = {"zero_tool": "dd-direct|cmp"}  # the fastest one the `zero-scan` item measured
 
 
 def by_id(serial: str) -> str:
@@ -192,8 +208,19 @@ def cli_close() -> None:
     quiet(["cryptsetup", "close", "bench-cli"], check=False)
 
 
+def safety_lines(dev: str) -> list[str]:
+    """(b)'s blankness proof by hand: no signature, then every byte zero (cva's full check)."""
+    size = f"$(blockdev --getsize64 {dev})"
+    return [
+        f"rc=0; blkid -p {dev} >/dev/null || rc=$?; test $rc -eq 2",
+        ZERO_TOOLS[CHOSEN["zero_tool"]].format(dev=dev, size=size),
+    ]
+
+
 def cli_create(variant: str, dev: str, integrity: bool) -> tuple[float, float]:
     head, tail = cli_steps(variant, dev, integrity)[:2]
+    if variant == "profile":
+        head = safety_lines(dev) + head
     if not (variant == "profile" and integrity):
         return sh("\n".join(head + tail))
     # cva's integrity steps: no-wipe format, open, zero exactly the blocks mkfs reads (offsets
@@ -237,6 +264,32 @@ def dd_rate(target: str, mib: int, *, write: bool) -> float:
     start = time.monotonic()
     quiet([*argv, "bs=1M", f"count={mib}", "status=none"])
     return mib / (time.monotonic() - start)
+
+
+def zero_scan_rates(dev: str) -> dict[str, float]:
+    """MiB/s over the whole blank `dev`: cva's scan, `dd ... of=/dev/null` (the read floor) and
+    each hand tool of ZERO_TOOLS; the fastest tool becomes (b)'s zero check."""
+    from luks import blank
+
+    size = int(subprocess.run(
+        ["blockdev", "--getsize64", dev], check=True, capture_output=True, text=True, timeout=30
+    ).stdout.strip())  # fmt: skip
+    out: dict[str, float] = {"bytes": float(size)}
+    for _ in range(2):  # the second round counts (the first warms the host's page cache)
+        start = time.monotonic()
+        quiet(["dd", f"if={dev}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"])
+        out["dd_null_mib_s"] = size / MIB / (time.monotonic() - start)
+        start = time.monotonic()
+        scan = blank.scan_zeros(Path(dev), 0, size)
+        out["cva_mib_s"] = size / MIB / (time.monotonic() - start)
+        if not scan.zero:
+            raise RuntimeError(f"{dev} is not blank (byte {scan.first_nonzero})")
+        for name, script in ZERO_TOOLS.items():
+            seconds, _ = sh(script.format(dev=dev, size=size))
+            out[f"tool:{name}_mib_s"] = size / MIB / seconds
+    CHOSEN["zero_tool"] = max(ZERO_TOOLS, key=lambda n: out[f"tool:{n}_mib_s"])
+    out["fastest_tool"] = float(list(ZERO_TOOLS).index(CHOSEN["zero_tool"]))
+    return out
 
 
 def random_iops(target: str, region: int, ops: int, *, write: bool) -> float:
@@ -317,6 +370,12 @@ def run(plan: dict[str, Any], out: Path) -> int:
     }
     rec.save()
     warm = plan.get("warmup_disk")
+    if warm:  # still blank: the zero-scan rates first, and (b)'s zero tool with them
+        rates = rec.item("zero-scan", zero_scan_rates, by_id(warm))
+        rec.doc["zero_tool"] = CHOSEN["zero_tool"]
+        rec.doc["zero_tools"] = ZERO_TOOLS
+        if rates:
+            rec.log(f"(b)'s zero check: {CHOSEN['zero_tool']}")
     if warm:
         # not recorded: the first run of python, libcryptsetup, mkfs and mount in a fresh guest
         # pays for cold caches; whoever went first would carry that

@@ -55,6 +55,7 @@ CRYPT_ANY_SLOT: Final = -1
 CRYPT_ANY_TOKEN: Final = -1
 CRYPT_PBKDF_NO_BENCHMARK: Final = 1 << 1
 CRYPT_ACTIVATE_READONLY: Final = 1 << 0
+CRYPT_ACTIVATE_PRIVATE: Final = 1 << 4  # udev does not scan the new device (no blkid probe)
 CRYPT_ACTIVATE_KEYRING_KEY: Final = 1 << 11
 CRYPT_ACTIVATE_NO_JOURNAL: Final = 1 << 12  # dm-integrity: direct writes, no journal
 CRYPT_ACTIVATE_NO_READ_WORKQUEUE: Final = 1 << 24
@@ -412,17 +413,22 @@ class CryptDevice:
         read_only: bool = False,
         keyslot: int = 0,
         keyring: bool = False,
+        private: bool = False,
     ) -> int:
         """Activate `/dev/mapper/<name>` (no_read/no_write_workqueue); `name=None` only checks
         the passphrase. Returns the keyslot that opened. Raises WrongPassphrase on -EPERM.
 
         `keyring=True` with `name=None` loads the volume key into the kernel keyring for a later
-        `resize` of a device whose key lives there.
+        `resize` of a device whose key lives there. `private=True`: udev's rules do not probe
+        the new device (a fresh integrity mapping reads as EIO, logged as AEAD errors, until
+        written).
         """
         lib = _library()
         flags = CRYPT_ACTIVATE_NO_READ_WORKQUEUE | CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE
         if read_only:
             flags |= CRYPT_ACTIVATE_READONLY
+        if private:
+            flags |= CRYPT_ACTIVATE_PRIVATE
         if keyring:
             flags |= CRYPT_ACTIVATE_KEYRING_KEY
         c_name = _encode(name) if name is not None else None

@@ -44,3 +44,8 @@ class VolumeSpec(Protocol):
 
     @property
     def read_only(self) -> bool: ...
+
+    @property
+    def blank_check(self) -> Literal["full", "sampled"]:
+        """How a target is proven blank before a format (luks.blankproof)."""
+        ...

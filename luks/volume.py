@@ -16,8 +16,10 @@ attested guest can derive, so the host cannot forge or roll them forward):
     MOUNTED --bind--> BOUND.   Release walks back: BOUND -> MOUNTED -> OPEN -> READY.
 
 Decisions are pure (`classify`, `decide`, `initializing_action`, `expected_table`): the shell
-observes, asks, acts. Rules that hold on every path: format only when the header region *and*
-sampled data are zero and the contract says `create = true`; never format after a failed
+observes, asks, acts. Rules that hold on every path: format only when no signature is found
+and every byte of the target (the whole disk, or the LV) reads as zeros (luks.blankproof; the
+sampled look only when the contract says `blank_check = "sampled"`) and the contract says
+`create = true`; never format after a failed
 open, a wrong key or a bad MAC (a run that tried to open never reaches the create branch, and
 a refused volume is left byte-for-byte untouched); activate only from the validated copy,
 never from the disk. libcryptsetup formats into a memfd: the token's MAC is computed over that
@@ -44,8 +46,9 @@ process via `crash_hook`, and what the next run does):
     LV_CREATED           LV exists, still zeros           -> blank -> create, continue
     LUKS_FORMATTED       header only in the memfd         -> disk still blank -> create again
                                                              (with integrity the dm-integrity
-                                                             superblock is on the disk: REFUSE,
-                                                             not blank; zero the LV to redo)
+                                                             superblock and journal are on the
+                                                             disk: REFUSE, not blank, with the
+                                                             hint to zero the LV and redo)
     KEYSLOT_ADDED        keyslot only in the memfd        -> same as LUKS_FORMATTED
     INITIALIZING_WRITTEN token "initializing" on disk     -> open; raw data area proven zero
                                                              (create = true) -> mkfs, ready;
@@ -55,17 +58,28 @@ process via `crash_hook`, and what the next run does):
                                                              only mark ready (also with
                                                              create = false)
     READY_HALF_WRITTEN   secondary copy says "ready", primary still "initializing"
-                                                          -> REFUSE: the copies disagree (no
-                                                             user data yet: zero and redo)
+                                                          -> the copies disagree: each alone
+                                                             is validated and MAC-verified; if
+                                                             they differ only in the token, the
+                                                             initializing copy is written to both
+                                                             slots (luks.header_copies), then as
+                                                             INITIALIZING: fs complete -> ready
     READY_WRITTEN        "ready" written, not mounted     -> open/reuse, mount
     MOUNTED              mounted, grow pending            -> mount is reused, grow checked again
     LV_EXTENDED          lvextend done, fs not grown      -> crypt resize + fs grow next run
 
 A crash while cva writes the header from its memfd (keyslots and secondary copy first, the
 primary last) leaves a header region that is neither zero nor valid: refused, never
-reformatted. READY_HALF_WRITTEN refuses because cva never accepts disagreeing header copies
-(the CVE-2025-59054 class); it lies between two pwrite+fsync calls of 16 KiB each, and the
-volume holds no user data yet. Refusals leave the disk untouched for inspection.
+reformatted. Disagreeing header copies are never handed to libcryptsetup (the CVE-2025-59054
+class: it would pick one itself); READY_HALF_WRITTEN is resolved by cva from its own
+validation of each copy. Refusals leave the disk untouched for inspection.
+
+Before any format the target is proven blank (luks.blankproof): no signature, and every byte
+reads as zeros (the contract's `blank_check = "sampled"` reads only the header region and
+samples). With LVM, a disk without a PV is proven blank in full before pvcreate; the LV this
+run then creates lies inside it and needs only the signature probes; an LV found on a later
+run is proven in full itself. A scan resumes within one boot from a tmpfs cursor
+(<runtime_dir>/blank/) keyed by the device's major:minor, size and diskseq.
 """
 
 from __future__ import annotations
@@ -82,7 +96,7 @@ from pathlib import Path
 
 import structlog
 
-from luks import blank, dmtable, fs, lvm, mount
+from luks import blank, blankproof, dmtable, fs, header_copies, integrity_fresh, lvm, mount
 from luks.header import allow_list_reasons, parse_luks2, read_header_area
 from luks.libcryptsetup import (
     DATA_OFFSET_BYTES,
@@ -212,6 +226,36 @@ def _format(device: Path, vol: VolumeSpec, passphrase: Secret, mac_key: Secret) 
     return area
 
 
+def _format_scratch(device: Path) -> None:
+    """cva's integrity format (header into a memfd, dm-integrity superblock and journal onto
+    `device`): what LUKS_FORMATTED leaves behind, made on a scratch device."""
+    fd = os.memfd_create("cva-luks-scratch", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, DATA_OFFSET_BYTES)
+        with CryptDevice.open(str(device), header=f"/proc/{os.getpid()}/fd/{fd}") as cd:
+            cd.format_luks2(integrity=True)
+    finally:
+        os.close(fd)
+
+
+def _fresh_integrity_only(
+    device: Path, vol: VolumeSpec, scratch_dir: Path, verdict: blank.BlankVerdict
+) -> blank.BlankVerdict:
+    """Crash windows LUKS_FORMATTED / KEYSLOT_ADDED with integrity: a zero header region over
+    a data area that holds exactly what cva's own integrity format writes (luks.integrity_fresh)
+    is as blank as it was; anything else keeps `verdict` (not blank), with the reason."""
+    ok, why = integrity_fresh.only_fresh_format(device, scratch_dir, _format_scratch)
+    _log.info(
+        "integrity data area compared with a fresh format",
+        logger=_LOGGER,
+        volume=vol.name,
+        fresh=ok,
+    )
+    if ok:
+        return blank.BlankVerdict(True, "")
+    return blank.BlankVerdict(False, f"{verdict.reason}; {why}")
+
+
 def _read_fd(fd: int, length: int) -> bytes:
     data = blank.read_range(fd, 0, length)
     if len(data) != length:
@@ -278,6 +322,52 @@ def _mark_ready(device: Path, copy: str, area: bytes, vol: VolumeSpec, mac_key: 
     return updated
 
 
+def _adopt_half_written(
+    device: Path, area: bytes, vol: VolumeSpec, mac_key: Secret
+) -> tuple[bytes, HeaderObservation]:
+    """Crash window READY_HALF_WRITTEN: the two header copies disagree. Adopt one only when
+    each alone is a valid, MAC-verified header of this volume and they differ only in the cva
+    token (luks.header_copies); write it to both slots (the disk must still hold `area`), and
+    go on with it ("initializing" then follows the replay-safe initializing rule)."""
+    result = header_copies.adopt(
+        area,
+        allow_reasons=lambda h: allow_list_reasons(h, integrity=vol.integrity),
+        verify=lambda h: verify_token(h, vol.name, mac_key),
+    )
+    if isinstance(result, str):
+        raise VolumeRefused(
+            f"volume {vol.name}: not a usable cva volume: the two LUKS2 header copies disagree "
+            f"and {result}; restore the volume's current header, or zero the disk or LV on "
+            "purpose (blkdiscard -z) to start over"
+        )
+    size = _metadata_size(result.area)
+    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if not blank.range_equals(fd, 0, area[: 2 * size]):
+            raise VolumeRefused(
+                f"volume {vol.name}: the on-disk LUKS header changed while cva was reading it; "
+                "prepare again (check who writes to the disk)"
+            )
+        view = memoryview(result.area)
+        _pwrite_all(fd, view[size : 2 * size], size)  # secondary first, as _mark_ready does
+        os.fsync(fd)
+        _pwrite_all(fd, view[:size], 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _log.warning(
+        "header copies disagreed (a cut write of the ready state); adopted one",
+        logger=_LOGGER,
+        volume=vol.name,
+        adopted=result.state,
+        other=result.other_state,
+    )
+    obs = _observe(result.area, vol, mac_key)
+    if obs.kind != "cva":
+        raise VolumeRefused(f"volume {vol.name}: internal error adopting a header copy")
+    return result.area, obs
+
+
 def _cva_token_id(cd: CryptDevice) -> int:
     for token in range(TOKEN_SCAN):
         text = cd.token_json_get(token)
@@ -298,13 +388,21 @@ def _metadata_size(area: bytes) -> int:
 
 
 def _activate(
-    device: Path, area: bytes, mapper: str, passphrase: Secret, *, read_only: bool, name: str
+    device: Path,
+    area: bytes,
+    mapper: str,
+    passphrase: Secret,
+    *,
+    read_only: bool,
+    name: str,
+    private: bool = False,
 ) -> None:
-    """Activate from the validated copy (a memfd), never from the disk."""
+    """Activate from the validated copy (a memfd), never from the disk. `private`: udev does
+    not probe the new mapping (a fresh integrity volume, whose unwritten blocks read as EIO)."""
     try:
         with header_copy(area) as copy, CryptDevice.open(str(device), header=copy) as cd:
             cd.load()
-            cd.activate_by_passphrase(mapper, passphrase, read_only=read_only)
+            cd.activate_by_passphrase(mapper, passphrase, read_only=read_only, private=private)
     except WrongPassphrase:
         raise VolumeRefused(
             f"volume {name}: the key from the KBS does not open this volume; nothing was changed "
@@ -338,23 +436,112 @@ def _crypt_resize(device: Path, area: bytes, mapper: str, passphrase: Secret) ->
         cd.resize(mapper, 0)
 
 
-def _ensure_lvm(vol: VolumeSpec, disk: Path) -> Path:
-    """Bring up vol.lvm on `disk` (create/activate/extend as planned); returns the LV device."""
+ScanProgress = Callable[[str, int, int], None]  # (what, bytes proven, bytes in total)
+LOG_EVERY = 5.0  # seconds between progress log lines of a zero scan
+
+
+class _Scans:
+    """The zero scans of one prepare: the contract's blank check, the cursor directory, and
+    progress (a log line every LOG_EVERY s with bytes and rate, and the caller's callback)."""
+
+    def __init__(self, vol: VolumeSpec, cursor_dir: Path, progress: ScanProgress | None) -> None:
+        self.vol = vol
+        self.cursor_dir = cursor_dir
+        self._progress = progress
+
+    def _reporter(self, what: str) -> blankproof.Progress:
+        started = time.monotonic()
+        state = {"logged": started, "first": -1}
+
+        def report(done: int, total: int) -> None:
+            now = time.monotonic()
+            if state["first"] < 0:
+                state["first"] = done  # a resumed scan: rate over what this run read
+            if now - state["logged"] >= LOG_EVERY or done == total:
+                state["logged"] = now
+                elapsed = max(now - started, 1e-6)
+                _log.info(
+                    "proving blank",
+                    logger=_LOGGER,
+                    volume=self.vol.name,
+                    what=what,
+                    bytes=done,
+                    total=total,
+                    mib_per_s=round((done - state["first"]) / elapsed / (1 << 20), 1),
+                )
+            if self._progress is not None:
+                self._progress(what, done, total)
+
+        return report
+
+    def prove(self, device: Path, what: str, *, known_zero_prefix: int = 0) -> blankproof.Proof:
+        started = time.monotonic()
+        proof = blankproof.prove_blank(
+            device,
+            mode=self.vol.blank_check,
+            cursor_dir=self.cursor_dir,
+            known_zero_prefix=known_zero_prefix,
+            progress=self._reporter(what),
+        )
+        _log.info(
+            "blank proof",
+            logger=_LOGGER,
+            volume=self.vol.name,
+            what=what,
+            mode=proof.mode,
+            blank=proof.blank,
+            bytes=proof.bytes_scanned,
+            resumed_from=proof.resumed_from,
+            first_nonzero=proof.first_nonzero_offset,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return proof
+
+    def scan_data_area(self, device: Path, size: int) -> blank.ZeroScan:
+        """The raw data area (16 MiB to the end), every byte, for an 'initializing' header."""
+        started = time.monotonic()
+        report = self._reporter("data area")
+        scan = blank.scan_zeros(
+            device,
+            DATA_OFFSET_BYTES,
+            max(0, size - DATA_OFFSET_BYTES),
+            progress=report,
+            progress_every=1.0,
+        )
+        _log.info(
+            "data area zero scan",
+            logger=_LOGGER,
+            volume=self.vol.name,
+            zero=scan.zero,
+            bytes=scan.bytes_scanned,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return scan
+
+
+def _ensure_lvm(vol: VolumeSpec, disk: Path, scans: _Scans) -> tuple[Path, bool]:
+    """Bring up vol.lvm on `disk` (create/activate/extend as planned); returns the LV device
+    and whether its whole extent was proven zero in this run (the disk was proven blank, in
+    full, just before this run created the PV and the LV: lvcreate neither zeroes nor wipes)."""
     spec = vol.lvm
     if spec is None:
-        return disk
+        return disk, False
     disk_s = str(disk.resolve())
     state = lvm.read_state(disk_s)
     plan = lvm.plan(state, disk_s, spec.vg, spec.lv, spec.size_bytes, create=vol.create)
     if plan.refusal:
         raise VolumeRefused(f"volume {vol.name}: {plan.refusal}")
+    disk_proven = False
     if plan.needs_blank_disk:
-        verdict = blank.probe_blank(Path(disk_s))
-        if not verdict.blank:
+        proof = scans.prove(Path(disk_s), "disk")
+        if not proof.blank:
             raise VolumeRefused(
                 f"volume {vol.name}: disk {disk} has no LVM PV and is not blank "
-                f"({verdict.reason}); " + REINIT_HINT
+                f"({proof.reason}); " + REINIT_HINT
             )
+        disk_proven = proof.mode == "full"
+        blankproof.drop_cursor(scans.cursor_dir, Path(disk_s))  # cva writes to it now
+    created_lv = False
     for step in plan.steps:
         if step == "pvcreate":
             lvm.pvcreate(disk_s)
@@ -364,6 +551,7 @@ def _ensure_lvm(vol: VolumeSpec, disk: Path) -> Path:
             _window(CrashWindow.VG_CREATED)
         elif step == "lvcreate":
             lvm.lvcreate(disk_s, spec.vg, spec.lv, spec.size_bytes)
+            created_lv = True
             _window(CrashWindow.LV_CREATED)
         elif step == "activate":
             lvm.activate(disk_s, spec.vg, spec.lv)
@@ -380,7 +568,7 @@ def _ensure_lvm(vol: VolumeSpec, disk: Path) -> Path:
                 continue
             lvm.extend(disk_s, spec.vg, spec.lv, spec.size_bytes)
             _window(CrashWindow.LV_EXTENDED)
-    return lvm.dm_path(spec.vg, spec.lv)
+    return lvm.dm_path(spec.vg, spec.lv), disk_proven and created_lv
 
 
 def _superblock(mapper_dev: Path, *, eio_is_zero: bool = True) -> tuple[bytes | None, int]:
@@ -407,12 +595,16 @@ def _superblock(mapper_dev: Path, *, eio_is_zero: bool = True) -> tuple[bytes | 
 
 
 def _initializing_decision(
-    vol: VolumeSpec, device: Path, mapper_dev: Path, *, formatted_now: bool
+    vol: VolumeSpec, device: Path, mapper_dev: Path, *, formatted_now: bool, scans: _Scans
 ) -> InitDecision:
     """Observe an opened INITIALIZING volume and decide (luks.volume_plan.initializing_action);
     the full zero scan of the raw data area runs only when the decision needs it."""
-    # a volume formatted in this run with integrity reads EIO where nothing was written yet
-    head, _ = _superblock(mapper_dev, eio_is_zero=formatted_now and vol.integrity)
+    if formatted_now:
+        # this run proved the target blank and formatted it: mkfs, without reading the fresh
+        # mapping first (with integrity every block not yet written reads as EIO and logs an
+        # "INTEGRITY AEAD ERROR" line, which must mean tampering and nothing else)
+        return InitDecision("mkfs")
+    head, _ = _superblock(mapper_dev, eio_is_zero=False)
 
     def decide_with(zero: bool | None = None, first: int | None = None) -> InitDecision:
         return initializing_action(
@@ -430,27 +622,7 @@ def _initializing_decision(
     if decision.action != "prove-zero":
         return decision
     size = blank.device_size(device)
-    started = time.monotonic()
-    scan = blank.scan_zeros(
-        device,
-        DATA_OFFSET_BYTES,
-        max(0, size - DATA_OFFSET_BYTES),
-        progress=lambda done, total: _log.info(
-            "proving the data area never written",
-            logger=_LOGGER,
-            volume=vol.name,
-            bytes=done,
-            total=total,
-        ),
-    )
-    _log.info(
-        "data area zero scan",
-        logger=_LOGGER,
-        volume=vol.name,
-        zero=scan.zero,
-        bytes=scan.bytes_scanned,
-        seconds=round(time.monotonic() - started, 3),
-    )
+    scan = scans.scan_data_area(device, size)
     decision = decide_with(scan.zero, scan.first_nonzero)
     if decision.action == "prove-zero":  # cannot happen: the proof was given
         raise VolumeRefused(f"volume {vol.name}: internal error deciding an initializing volume")
@@ -464,18 +636,23 @@ def prepare_volume(
     disk: Path,
     runtime_dir: Path,
     mount_base: Path,
+    progress: ScanProgress | None = None,
 ) -> PreparedVolume:
     """Open (or create, when allowed and provably blank) and mount one volume; idempotent.
 
     `disk` is the contract's disk (luks.disk.wait_for_disk); `runtime_dir` holds the per-volume
-    lock (tmpfs, e.g. /run/cva); the filesystem is mounted at `mount_base/<name>`.
+    lock and the blank scans' cursors (tmpfs, e.g. /run/cva); the filesystem is mounted at
+    `mount_base/<name>`. `progress(what, bytes_done, bytes_total)` hears about zero scans.
     """
+    scans = _Scans(vol, runtime_dir / "blank", progress)
     with _volume_lock(runtime_dir, vol.name):
-        return _prepare(vol, secret, disk=disk, mount_base=mount_base)
+        return _prepare(vol, secret, disk=disk, mount_base=mount_base, scans=scans)
 
 
-def _prepare(vol: VolumeSpec, secret: Secret, *, disk: Path, mount_base: Path) -> PreparedVolume:
-    device = _ensure_lvm(vol, disk)
+def _prepare(
+    vol: VolumeSpec, secret: Secret, *, disk: Path, mount_base: Path, scans: _Scans
+) -> PreparedVolume:
+    device, lv_proven = _ensure_lvm(vol, disk, scans)
     mapper = mapper_name(vol.name)
     mapper_dev = Path("/dev/mapper") / mapper
     target = mount_base / vol.name
@@ -484,11 +661,25 @@ def _prepare(vol: VolumeSpec, secret: Secret, *, disk: Path, mount_base: Path) -
     with passphrase, mac_key:
         area = _read_area(device)  # step 1: the copy; everything below uses these bytes
         obs = _observe(area, vol, mac_key)
-        verdict = blank.probe_blank(device) if obs.kind == "zero" else None
+        if obs.kind == "invalid" and all(r.startswith("header-copies") for r in obs.reasons):
+            area, obs = _adopt_half_written(device, area, vol, mac_key)
+        verdict = None
+        if obs.kind == "zero":
+            if not vol.create:  # no format possible: the cheap sampled look names the reason
+                verdict = blankproof.prove_blank(device, mode="sampled").verdict
+            elif lv_proven:  # its whole extent was proven zero moments ago, in this run
+                sigs = blankproof.signatures(device)
+                verdict = blank.BlankVerdict(not sigs, "signature found: " + ", ".join(sigs))
+            else:
+                proof = scans.prove(device, "volume", known_zero_prefix=len(area))
+                verdict = proof.verdict
+                if vol.integrity and proof.first_nonzero_offset == DATA_OFFSET_BYTES:
+                    verdict = _fresh_integrity_only(device, vol, scans.cursor_dir, verdict)
         decision = decide(obs, verdict, create=vol.create)
         if decision.action == "refuse":
             raise VolumeRefused(f"volume {vol.name}: {decision.reason}")
         if decision.action == "create":
+            blankproof.drop_cursor(scans.cursor_dir, device)  # cva writes to it now
             # the header cva made and MAC'd in memory; the disk is not read back
             area = _format(device, vol, passphrase, mac_key)
             created = True
@@ -502,7 +693,12 @@ def _prepare(vol: VolumeSpec, secret: Secret, *, disk: Path, mount_base: Path) -
         initializing = obs.token_state == INITIALIZING
         if not was_active:
             ro = vol.read_only and not initializing
-            _activate(device, area, mapper, passphrase, read_only=ro, name=vol.name)
+            # integrity: no udev blkid probe of the mapping, whose blocks the filesystem never
+            # wrote read as EIO and log "INTEGRITY AEAD ERROR" (a fresh volume: all of them;
+            # xfs: blkid's probes at 2 MiB); cva reads the superblock itself
+            _activate(
+                device, area, mapper, passphrase, read_only=ro, name=vol.name, private=vol.integrity
+            )
         _check_table(mapper, vol, device)
         if initializing:
             _window(CrashWindow.OPENED_INITIALIZING)
@@ -511,7 +707,9 @@ def _prepare(vol: VolumeSpec, secret: Secret, *, disk: Path, mount_base: Path) -
                     f"volume {vol.name}: {target} is mounted while the volume is still "
                     "initializing; unmount it and prepare again"
                 )
-            init = _initializing_decision(vol, device, mapper_dev, formatted_now=created)
+            init = _initializing_decision(
+                vol, device, mapper_dev, formatted_now=created, scans=scans
+            )
             if init.action == "refuse":
                 _deactivate(mapper)  # not mounted (checked above): leave nothing open
                 raise VolumeRefused(f"volume {vol.name}: {init.reason}")
@@ -523,7 +721,10 @@ def _prepare(vol: VolumeSpec, secret: Secret, *, disk: Path, mount_base: Path) -
             _window(CrashWindow.READY_WRITTEN)
             if vol.read_only:
                 _deactivate(mapper)
-                _activate(device, area, mapper, passphrase, read_only=True, name=vol.name)
+                _activate(
+                    device, area, mapper, passphrase, read_only=True, name=vol.name,
+                    private=vol.integrity,
+                )  # fmt: skip
                 _check_table(mapper, vol, device)
         elif was_active and vol.lvm is not None and not vol.read_only and not vol.integrity:
             # the LV may have grown while the mapping stayed up (crash window LV_EXTENDED)

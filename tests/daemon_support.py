@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import contract as C
-from agent.volumes import OpenedVolume, VolumeState
+from agent.volumes import OpenedVolume, ScanProgress, VolumeState
 from luks.secret import Secret
 
 KEY_MARKER = b"CVA-TEST-KEY-MATERIAL-DO-NOT-LOG!"  # 33 bytes: any leak is greppable
@@ -89,6 +89,7 @@ class MemoryBackend:
     open_barrier: threading.Barrier | None = None  # proves parallel opens
     open_gate: threading.Event | None = None  # holds opens until set
     open_delay: float = 0.0
+    scan_report: tuple[str, int, int] | None = None  # reported as blank-proof progress on open
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _record(self, op: str, name: str) -> None:
@@ -100,11 +101,15 @@ class MemoryBackend:
         found = self.mounted.get(vol.name)
         return dataclasses.replace(found, created=False) if found else None
 
-    def open(self, vol: C.Volume, secret: Secret) -> OpenedVolume:
+    def open(
+        self, vol: C.Volume, secret: Secret, progress: ScanProgress | None = None
+    ) -> OpenedVolume:
         self._record("open", vol.name)
         if len(secret) < 32:
             raise AssertionError("backend got a short key")
         self.keys_seen[vol.name] = len(secret)
+        if self.scan_report is not None and progress is not None:
+            progress(*self.scan_report)
         if self.open_barrier is not None:
             self.open_barrier.wait()
         if self.open_gate is not None:

@@ -38,6 +38,7 @@ _STATE = {
     VolumeState.MOUNTED: agent_pb2.VOLUME_STATE_MOUNTED,
     VolumeState.BOUND: agent_pb2.VOLUME_STATE_BOUND,
     VolumeState.CLOSED: agent_pb2.VOLUME_STATE_CLOSED,
+    VolumeState.PROVING_BLANK: agent_pb2.VOLUME_STATE_PROVING_BLANK,
 }
 
 
@@ -76,6 +77,10 @@ def status_to_pb(s: VolumeStatus) -> agent_pb2.VolumeStatus:
         device=s.device or "",
         container_ids=list(s.container_ids),
         containers=list(s.containers),
+        scan_what=s.scan.what if s.scan else "",
+        scan_done=s.scan.done if s.scan else 0,
+        scan_total=s.scan.total if s.scan else 0,
+        scan_percent=s.scan.percent if s.scan else 0,
     )
 
 

@@ -10,9 +10,12 @@ container rootfs cannot redirect the bind.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -265,8 +268,9 @@ CREATE_WINDOWS = [
 ]
 # LUKS_FORMATTED / KEYSLOT_ADDED: libcryptsetup formats into a memfd, the disk is still blank
 # and the rerun creates again; INITIALIZING_WRITTEN / OPENED_INITIALIZING: the raw data area
-# is proven all zeros, so the rerun may finish the format
-REFUSING_WINDOWS = {CrashWindow.READY_HALF_WRITTEN}
+# is proven all zeros, so the rerun may finish the format; READY_HALF_WRITTEN: each header
+# copy alone is valid and MAC'd, the initializing one is adopted, the filesystem is complete
+REFUSING_WINDOWS: set[CrashWindow] = set()  # issue 14 item 2: none refuses without integrity
 
 
 @pytest.mark.parametrize("window", CREATE_WINDOWS, ids=[w.value for w in CREATE_WINDOWS])
@@ -291,6 +295,115 @@ def test_crash_in_create_path(env: Env, tmp_path: Path, window: CrashWindow) -> 
             assert read_marker(p) == b"after-crash" * 64
         finally:
             env.release(vol, dev)
+
+
+# With integrity: before the header is on the disk, the dm-integrity superblock and journal
+# already are; the rerun recognises exactly a fresh format's bytes (luks.integrity_fresh) and
+# creates again; after mkfs the filesystem is complete and only marked ready
+INTEGRITY_WINDOWS = [
+    CrashWindow.LUKS_FORMATTED,
+    CrashWindow.KEYSLOT_ADDED,
+    CrashWindow.MKFS_DONE,
+    CrashWindow.READY_HALF_WRITTEN,
+]
+
+
+@pytest.mark.parametrize("window", INTEGRITY_WINDOWS, ids=[w.value for w in INTEGRITY_WINDOWS])
+def test_crash_in_create_path_with_integrity(env: Env, tmp_path: Path, window: CrashWindow) -> None:
+    with loop_disk(tmp_path, 256 * MIB) as dev:
+        vol = make_volume(unique("icrash"), lvm=(unique("vg"), "data", 128 * MIB), integrity=True)
+        child = env.prepare_in_child(vol, dev, window.value)
+        assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+        try:
+            p = env.prepare(vol, dev)
+            write_marker(p, b"after-icrash")
+            env.release(vol, dev)
+            p = env.prepare(replace(vol, create=False), dev)
+            assert read_marker(p) == b"after-icrash" * 64
+        finally:
+            env.release(vol, dev)
+
+
+@pytest.mark.parametrize("where", ["superblock-flags", "journal", "after-journal"])
+def test_integrity_format_window_with_anything_else_is_refused(
+    env: Env, tmp_path: Path, where: str
+) -> None:
+    """The LUKS_FORMATTED window with integrity, then one byte changed where a fresh format
+    would not have it: refused, one line saying what an operator can do, nothing written."""
+    with loop_disk(tmp_path, 256 * MIB) as dev:
+        vol = make_volume(unique("iwin"), integrity=True)
+        child = env.prepare_in_child(vol, dev, CrashWindow.LUKS_FORMATTED.value)
+        assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+        offset = {"superblock-flags": 16 * MIB + 24, "journal": 16 * MIB + 8192 + 100,
+                  "after-journal": 200 * MIB}[where]  # fmt: skip
+        _xor_range(dev, offset, 1)
+        before = _device_hash(dev)
+        with pytest.raises(volume.VolumeRefused) as exc:
+            env.prepare(vol, dev)
+        text = exc.value.message
+        assert "not blank" in text and "blkdiscard" in text and "\n" not in text, text
+        assert _device_hash(dev) == before
+
+
+# ---- the blankness proof (issue 14 item 1) -----------------------------------------------
+
+DATA_PLACES = {"first-block": 0, "64MiB": 64 * MIB, "last-sector": -512}
+
+
+@pytest.mark.parametrize("where", list(DATA_PLACES), ids=list(DATA_PLACES))
+@pytest.mark.parametrize("layout", ["disk", "lvm"])
+def test_data_anywhere_is_refused_with_create_true(
+    env: Env, tmp_path: Path, where: str, layout: str
+) -> None:
+    """A disk holding data anywhere (no signature: random bytes in the first block, at 64 MiB,
+    in the very last sector) is refused with create = true and left untouched; zeroed, the same
+    disk formats. The sampled check alone accepted data from 64 MiB (DESIGN §4 before)."""
+    size = 256 * MIB
+    with loop_disk(tmp_path, size) as dev:
+        lvm_spec = (unique("vg"), "data", 128 * MIB) if layout == "lvm" else None
+        vol = make_volume(unique("anywhere"), lvm=lvm_spec)
+        offset = DATA_PLACES[where] % size
+        blob = os.urandom(512)
+        with dev.open("r+b") as f:
+            f.seek(offset)
+            f.write(blob)
+            os.fsync(f.fileno())
+        before = _device_hash(dev)
+        with pytest.raises(volume.VolumeRefused) as exc:
+            env.prepare(vol, dev)
+        text = exc.value.message
+        assert "\n" not in text and ("not blank" in text or "not a usable" in text), text
+        assert _device_hash(dev) == before, "a refused disk is left untouched"
+        assert active_status(volume.mapper_name(vol.name)) == "inactive"
+        with dev.open("r+b") as f:
+            f.seek(offset)
+            f.write(bytes(512))
+            os.fsync(f.fileno())
+        p = env.prepare(vol, dev)
+        try:
+            assert p.guest_path.is_dir()
+            write_marker(p, b"blank-then-formatted")
+        finally:
+            env.release(vol, dev)
+
+
+def test_cli_blank_on_a_device(tmp_path: Path) -> None:
+    """`cva luks blank` on a real block device: exit 0 and every byte counted; data in the
+    very last sector: exit 1 with its offset."""
+    size = 96 * MIB
+    with loop_disk(tmp_path, size) as dev:
+        cmd = [sys.executable, "-m", "agent", "luks", "blank", str(dev)]
+        out = subprocess.run(cmd, capture_output=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["blank"] is True and doc["bytes_scanned"] == size
+        with dev.open("r+b") as f:
+            f.seek(size - 1)
+            f.write(b"\x01")
+            os.fsync(f.fileno())
+        out = subprocess.run(cmd, capture_output=True, timeout=300, check=False)
+        assert out.returncode == 1, out.stderr
+        assert json.loads(out.stdout)["first_nonzero_offset"] == size - 1
 
 
 def test_crash_windows_all_covered() -> None:
@@ -568,3 +681,55 @@ def test_virtio_disk_reopen_boot2(env: Env, boot_state: Any) -> None:
         assert read_marker(p) == state["marker"].encode() * 64
     finally:
         env.release(vol, dev)
+
+
+def test_xfs_minimum_matches_the_contract_rule(tmp_path: Path) -> None:
+    """Issue 14 item 5: the contract refuses xfs LVs below 316M (300 MiB of filesystem behind
+    the 16 MiB header) because mkfs.xfs (cva's options) refuses less than 300 MiB here."""
+    from agent.contract import XFS_MIN_BYTES
+
+    argv = ["mkfs.xfs", "-q", "-f", "-K", "-b", "size=4096", "-s", "size=4096", "--"]
+    with loop_disk(tmp_path, XFS_MIN_BYTES - 4096) as small:
+        below = run([*argv, str(small)], timeout=120, check=False)
+    with loop_disk(tmp_path, XFS_MIN_BYTES) as exact:
+        at = run([*argv, str(exact)], timeout=120, check=False)
+    assert below.returncode != 0, below.text
+    assert at.returncode == 0, at.text
+
+
+def _aead_lines() -> list[str]:
+    return [line for line in run(["dmesg"], timeout=30).text.splitlines() if "AEAD ERROR" in line]
+
+
+@pytest.mark.parametrize("filesystem", ["ext4", "xfs"])
+def test_no_integrity_aead_errors_on_create_reopen_release(
+    env: Env, tmp_path: Path, filesystem: str
+) -> None:
+    """Issue 14 item 3: with integrity, cva's own create, reopen and release paths leave no
+    "INTEGRITY AEAD ERROR" line in the kernel log (so such a line means tampering)."""
+    with loop_disk(tmp_path, 512 * MIB) as dev:
+        vol = make_volume(unique("aead"), integrity=True, filesystem=filesystem)
+        seen: dict[str, list[str]] = {}
+        start = len(_aead_lines())
+
+        def step(name: str) -> None:
+            nonlocal start
+            run(["udevadm", "settle", "--timeout=30"], timeout=60, check=False)
+            lines = _aead_lines()
+            seen[name] = lines[start:]
+            start = len(lines)
+
+        p = env.prepare(vol, dev)
+        step("create")
+        write_marker(p, b"aead-quiet")
+        step("write")
+        env.release(vol, dev)
+        step("release")
+        p = env.prepare(replace(vol, create=False), dev)
+        step("reopen")
+        assert read_marker(p) == b"aead-quiet" * 64
+        env.release(vol, dev)
+        step("release again")
+        where = {k: (len(v), sorted({line.rsplit("sector", 1)[-1].strip() for line in v}))
+                 for k, v in seen.items() if v}  # fmt: skip
+        assert not where, f"AEAD error lines per step (count, sectors): {where}"

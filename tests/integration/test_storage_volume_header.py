@@ -208,3 +208,83 @@ def test_torn_ready_write_is_refused_not_reformatted(
     obs = volume._observe(torn, vol, mac_key)
     assert obs.kind == "invalid" and any("cop" in r for r in obs.reasons), obs
     assert decide(obs, None, create=True).action == "refuse"
+
+
+def _torn(
+    img: Path, vol: contract.Volume, mac_key: Secret, monkeypatch: pytest.MonkeyPatch
+) -> bytes:
+    def hook(w: CrashWindow) -> None:
+        if w == CrashWindow.READY_HALF_WRITTEN:
+            raise Crash
+
+    area = volume._read_area(img)
+    monkeypatch.setattr(volume, "crash_hook", hook)
+    with header_copy(area) as copy, pytest.raises(Crash):
+        volume._mark_ready(img, copy, area, vol, mac_key)
+    monkeypatch.setattr(volume, "crash_hook", None)
+    return volume._read_area(img)
+
+
+def test_torn_ready_write_adopts_the_initializing_copy(
+    img: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14 item 2: READY_HALF_WRITTEN no longer refuses forever. Each copy alone is a
+    valid, MAC-verified header of this volume differing only in the token: the initializing
+    copy is adopted and written to both slots (then the initializing rule applies)."""
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    initializing = volume._format(img, vol, passphrase, mac_key)
+    torn = _torn(img, vol, mac_key, monkeypatch)
+    area, obs = volume._adopt_half_written(img, torn, vol, mac_key)
+    assert (obs.kind, obs.token_state) == ("cva", "initializing")
+    disk_now = volume._read_area(img)
+    assert disk_now == area
+    assert parse_luks2(area).metadata == parse_luks2(initializing).metadata
+    assert area[32 * 1024 :] == initializing[32 * 1024 :]  # the keyslot area never changes
+    assert not any(
+        r.startswith("header-copies") for r in volume._observe(area, vol, mac_key).reasons
+    )
+    # a second copy-level view: the ready state is then written as usual
+    with header_copy(area) as copy:
+        ready = volume._mark_ready(img, copy, area, vol, mac_key)
+    assert volume._observe(ready, vol, mac_key).token_state == "ready"
+
+
+def test_torn_copies_are_not_adopted_with_a_wrong_key_or_a_foreign_copy(
+    img: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    volume._format(img, vol, passphrase, mac_key)
+    torn = _torn(img, vol, mac_key, monkeypatch)
+    _, wrong_mac = keys(secret=bytes(64))
+    with pytest.raises(volume.VolumeRefused, match=r"copies disagree.*does not verify"):
+        volume._adopt_half_written(img, torn, vol, wrong_mac)
+    # the host splices in the secondary copy of another header (another volume key)
+    other = tmp_path / "other.img"
+    with other.open("wb") as f:
+        f.truncate(64 * MIB)
+    volume._format(other, vol, passphrase, mac_key)
+    foreign = volume._read_area(other)
+    spliced = torn[: 16 * 1024] + foreign[16 * 1024 : 32 * 1024] + torn[32 * 1024 :]
+    with pytest.raises(volume.VolumeRefused, match="copies disagree"):
+        volume._adopt_half_written(img, spliced, vol, mac_key)
+    # a broken secondary (garbage) is never adopted either
+    garbage = torn[: 16 * 1024] + bytes([7]) * (16 * 1024) + torn[32 * 1024 :]
+    with pytest.raises(volume.VolumeRefused, match="copies disagree"):
+        volume._adopt_half_written(img, garbage, vol, mac_key)
+    assert volume._read_area(img) == torn  # refusals write nothing
+
+
+def test_adoption_refused_when_the_disk_changed_meanwhile(
+    img: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    volume._format(img, vol, passphrase, mac_key)
+    torn = _torn(img, vol, mac_key, monkeypatch)
+    with img.open("r+b") as f:
+        f.seek(100)
+        f.write(b"x")
+    with pytest.raises(volume.VolumeRefused, match="changed"):
+        volume._adopt_half_written(img, torn, vol, mac_key)

@@ -17,7 +17,7 @@ from agent.rpc.ttrpc import Code, TtrpcServer
 from agent.rpc.ttrpc_service import build_ttrpc_server
 from agent.securemount.decisions import DeviceIdentity
 from agent.securemount.volumes import ManagerSecureMountBackend
-from agent.volumes import OpenedVolume, VolumeManager
+from agent.volumes import OpenedVolume, ScanProgress, VolumeManager
 from luks.secret import Secret
 from tests.daemon_support import (
     FakeGuest,
@@ -43,9 +43,11 @@ class CreateRecordingBackend(MemoryBackend):
 
     create_flags: list[bool] = field(default_factory=list)
 
-    def open(self, vol: C.Volume, secret: Secret) -> OpenedVolume:
+    def open(
+        self, vol: C.Volume, secret: Secret, progress: ScanProgress | None = None
+    ) -> OpenedVolume:
         self.create_flags.append(vol.create)
-        return super().open(vol, secret)
+        return super().open(vol, secret, progress)
 
 
 @dataclass

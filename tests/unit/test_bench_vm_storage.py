@@ -70,3 +70,19 @@ def test_targets_values_and_reasons() -> None:
 
 def test_no_document_content_gives_no_crash() -> None:
     assert convert({}) == []
+
+
+def test_zero_scan_rows() -> None:
+    """Issue 14 item 4: cva's zero scan against dd's read floor (>= 0.8x), and the hand tools."""
+    doc = {
+        "plan": {"warmup_disk": "bwarm", "cases": []},
+        "items": {"zero-scan": {"bytes": 1 << 30, "dd_null_mib_s": 400.0, "cva_mib_s": 380.0,
+                                "tool:cmp_mib_s": 90.0, "tool:dd-direct|cmp_mib_s": 350.0}},
+    }  # fmt: skip
+    rows = {r.name: r for r in convert(doc)}
+    main = rows["zero scan, 1 GiB blank disk: cva vs dd of=/dev/null"]
+    assert main.value == 380.0 and main.baseline == 400.0 and main.met
+    assert "(b)'s zero check" in rows["zero check by hand, dd-direct|cmp"].note
+    assert rows["zero check by hand, cmp"].note == ""
+    missing = convert({"plan": {"warmup_disk": "bwarm", "cases": []}, "items": {}})
+    assert [r.value for r in missing] == [None]

@@ -481,6 +481,31 @@ def test_bad_filesystem(fs: str) -> None:
     refused(contract(volume(filesystem=f'"{fs}"')), "filesystem", "must be one of ext4, xfs")
 
 
+def test_blank_check_is_full_unless_the_contract_says_sampled() -> None:
+    assert parse_contract(contract(volume())).volumes[0].blank_check == "full"
+    text = contract(volume(blank_check='"sampled"'))
+    assert parse_contract(text).volumes[0].blank_check == "sampled"
+    for bad in ('"none"', '"FULL"', '""', "true", "1"):
+        refused(
+            contract(volume(blank_check=bad)),
+            "blank_check",
+            "must be one of full, sampled|a string",
+        )
+
+
+@pytest.mark.parametrize(("size", "ok"), [("64M", False), ("300M", False), ("315M", False),
+                                          ("316M", True), ("1G", True)])  # fmt: skip
+def test_xfs_needs_300_mib_of_filesystem_behind_the_header(size: str, ok: bool) -> None:
+    """Issue 14 item 5: mkfs.xfs refuses a data section under 300 MiB; the LV also holds the
+    16 MiB LUKS2 header, so an xfs LV needs 316M. ext4 keeps the 64M minimum."""
+    text = contract(volume(filesystem='"xfs"', lvm=lvm(size=size)))
+    if ok:
+        assert parse_contract(text).volumes[0].filesystem == "xfs"
+    else:
+        refused(text, "lvm.size", "xfs needs at least 300 MiB.*316M or use ext4")
+    assert parse_contract(contract(volume(lvm=lvm(size=size)))).volumes[0].lvm
+
+
 # --- rules between volumes ----------------------------------------------------------------
 
 

@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import policy
+from agent._proto.cva.v1 import agent_pb2
 from agent.errors import CvaError
+from agent.rpc import volume_agent as volume_rpc
 from agent.volumes import BindingStore, ShuttingDown, VolumeManager, VolumeState
 from tests.daemon_support import FakeKeySource, MemoryBackend, contract, make_bundle, volume
 
@@ -193,6 +195,38 @@ async def test_deadline_does_not_abort_storage_work(tmp_path: Path) -> None:
     gate.set()
     assert await m.drain(10)
     assert "pg" in backend.mounted  # the job finished although the caller gave up
+
+
+async def test_blank_proof_progress_is_listed_and_sent_as_status(tmp_path: Path) -> None:
+    """Issue 14 item 1: while the zero scan runs (here: the open is held after its progress
+    report), ListVolumes says PROVING_BLANK with bytes and percent and systemd's STATUS= line
+    says it; a deadline cuts the call, not the scan, and the next call finds it done."""
+    gate = threading.Event()
+    statuses: list[str] = []
+    backend = MemoryBackend(open_gate=gate, scan_report=("volume", 3 << 30, 4 << 30))
+    c = contract(volume("pg", containers=("postgres",)))
+    m = VolumeManager(
+        c, backend, FakeKeySource(), rootfs_base=tmp_path / "kata", on_status=statuses.append
+    )
+    make_bundle(tmp_path / "kata", "c1", "postgres")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await m.prepare("c1")
+    (st,) = await m.list()
+    assert st.state is VolumeState.PROVING_BLANK
+    assert st.scan is not None and (st.scan.done, st.scan.total, st.scan.percent) == (
+        3 << 30, 4 << 30, 75,
+    )  # fmt: skip
+    pb = volume_rpc.status_to_pb(st)
+    assert (pb.state, pb.scan_percent, pb.scan_what) == (
+        agent_pb2.VOLUME_STATE_PROVING_BLANK, 75, "volume",
+    )  # fmt: skip
+    assert any("proving volume pg blank (volume): 75%" in t for t in statuses), statuses
+    gate.set()
+    assert await m.drain(10)
+    (st,) = await m.list()
+    assert st.state is VolumeState.BOUND and st.scan is None  # the job went on and bound it
+    assert volume_rpc.status_to_pb(st).scan_total == 0
 
 
 async def test_drain_refuses_new_work(tmp_path: Path) -> None:

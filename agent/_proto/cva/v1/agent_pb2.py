@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63va/v1/agent.proto\x12\x06\x63va.v1\"-\n\x15PrepareVolumesRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"\x9f\x01\n\x0b\x42oundVolume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cva.v1.VolumeState\x12\x12\n\nguest_path\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontainer_path\x18\x04 \x01(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x11\n\tread_only\x18\x07 \x01(\x08\"T\n\x16PrepareVolumesResponse\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12$\n\x07volumes\x18\x02 \x03(\x0b\x32\x13.cva.v1.BoundVolume\"-\n\x15ReleaseVolumesRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"P\n\x16ReleaseVolumesResponse\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x10\n\x08released\x18\x02 \x03(\t\x12\x0e\n\x06\x63losed\x18\x03 \x03(\t\"\x14\n\x12ListVolumesRequest\"\x8f\x01\n\x0cVolumeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cva.v1.VolumeState\x12\x12\n\nguest_path\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x15\n\rcontainer_ids\x18\x05 \x03(\t\x12\x12\n\ncontainers\x18\x06 \x03(\t\"<\n\x13ListVolumesResponse\x12%\n\x07volumes\x18\x01 \x03(\x0b\x32\x14.cva.v1.VolumeStatus*\xdd\x01\n\x0bVolumeState\x12\x1c\n\x18VOLUME_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13VOLUME_STATE_ABSENT\x10\x01\x12\x1d\n\x19VOLUME_STATE_INITIALIZING\x10\x02\x12\x16\n\x12VOLUME_STATE_READY\x10\x03\x12\x15\n\x11VOLUME_STATE_OPEN\x10\x04\x12\x18\n\x14VOLUME_STATE_MOUNTED\x10\x05\x12\x16\n\x12VOLUME_STATE_BOUND\x10\x06\x12\x17\n\x13VOLUME_STATE_CLOSED\x10\x07\x32\xf7\x01\n\x0bVolumeAgent\x12O\n\x0ePrepareVolumes\x12\x1d.cva.v1.PrepareVolumesRequest\x1a\x1e.cva.v1.PrepareVolumesResponse\x12O\n\x0eReleaseVolumes\x12\x1d.cva.v1.ReleaseVolumesRequest\x1a\x1e.cva.v1.ReleaseVolumesResponse\x12\x46\n\x0bListVolumes\x12\x1a.cva.v1.ListVolumesRequest\x1a\x1b.cva.v1.ListVolumesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63va/v1/agent.proto\x12\x06\x63va.v1\"-\n\x15PrepareVolumesRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"\x9f\x01\n\x0b\x42oundVolume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cva.v1.VolumeState\x12\x12\n\nguest_path\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontainer_path\x18\x04 \x01(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x11\n\tread_only\x18\x07 \x01(\x08\"T\n\x16PrepareVolumesResponse\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12$\n\x07volumes\x18\x02 \x03(\x0b\x32\x13.cva.v1.BoundVolume\"-\n\x15ReleaseVolumesRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"P\n\x16ReleaseVolumesResponse\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x10\n\x08released\x18\x02 \x03(\t\x12\x0e\n\x06\x63losed\x18\x03 \x03(\t\"\x14\n\x12ListVolumesRequest\"\xdf\x01\n\x0cVolumeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cva.v1.VolumeState\x12\x12\n\nguest_path\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x15\n\rcontainer_ids\x18\x05 \x03(\t\x12\x12\n\ncontainers\x18\x06 \x03(\t\x12\x11\n\tscan_what\x18\x07 \x01(\t\x12\x11\n\tscan_done\x18\x08 \x01(\x04\x12\x12\n\nscan_total\x18\t \x01(\x04\x12\x14\n\x0cscan_percent\x18\n \x01(\r\"<\n\x13ListVolumesResponse\x12%\n\x07volumes\x18\x01 \x03(\x0b\x32\x14.cva.v1.VolumeStatus*\xfd\x01\n\x0bVolumeState\x12\x1c\n\x18VOLUME_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13VOLUME_STATE_ABSENT\x10\x01\x12\x1d\n\x19VOLUME_STATE_INITIALIZING\x10\x02\x12\x16\n\x12VOLUME_STATE_READY\x10\x03\x12\x15\n\x11VOLUME_STATE_OPEN\x10\x04\x12\x18\n\x14VOLUME_STATE_MOUNTED\x10\x05\x12\x16\n\x12VOLUME_STATE_BOUND\x10\x06\x12\x17\n\x13VOLUME_STATE_CLOSED\x10\x07\x12\x1e\n\x1aVOLUME_STATE_PROVING_BLANK\x10\x08\x32\xf7\x01\n\x0bVolumeAgent\x12O\n\x0ePrepareVolumes\x12\x1d.cva.v1.PrepareVolumesRequest\x1a\x1e.cva.v1.PrepareVolumesResponse\x12O\n\x0eReleaseVolumes\x12\x1d.cva.v1.ReleaseVolumesRequest\x1a\x1e.cva.v1.ReleaseVolumesResponse\x12\x46\n\x0bListVolumes\x12\x1a.cva.v1.ListVolumesRequest\x1a\x1b.cva.v1.ListVolumesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cva.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VOLUMESTATE']._serialized_start=685
-  _globals['_VOLUMESTATE']._serialized_end=906
+  _globals['_VOLUMESTATE']._serialized_start=765
+  _globals['_VOLUMESTATE']._serialized_end=1018
   _globals['_PREPAREVOLUMESREQUEST']._serialized_start=30
   _globals['_PREPAREVOLUMESREQUEST']._serialized_end=75
   _globals['_BOUNDVOLUME']._serialized_start=78
@@ -46,9 +46,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTVOLUMESREQUEST']._serialized_start=454
   _globals['_LISTVOLUMESREQUEST']._serialized_end=474
   _globals['_VOLUMESTATUS']._serialized_start=477
-  _globals['_VOLUMESTATUS']._serialized_end=620
-  _globals['_LISTVOLUMESRESPONSE']._serialized_start=622
-  _globals['_LISTVOLUMESRESPONSE']._serialized_end=682
-  _globals['_VOLUMEAGENT']._serialized_start=909
-  _globals['_VOLUMEAGENT']._serialized_end=1156
+  _globals['_VOLUMESTATUS']._serialized_end=700
+  _globals['_LISTVOLUMESRESPONSE']._serialized_start=702
+  _globals['_LISTVOLUMESRESPONSE']._serialized_end=762
+  _globals['_VOLUMEAGENT']._serialized_start=1021
+  _globals['_VOLUMEAGENT']._serialized_end=1268
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,8 @@ class _VolumeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VolumeSta
     VOLUME_STATE_MOUNTED: _VolumeState.ValueType  # 5
     VOLUME_STATE_BOUND: _VolumeState.ValueType  # 6
     VOLUME_STATE_CLOSED: _VolumeState.ValueType  # 7
+    VOLUME_STATE_PROVING_BLANK: _VolumeState.ValueType  # 8
+    """Proving the disk (or LV) blank before formatting it: every byte is read; see scan_*."""
 
 class VolumeState(_VolumeState, metaclass=_VolumeStateEnumTypeWrapper):
     """DESIGN.md section 4: the per-volume state machine, plus BOUND (bind-mounted into a container)
@@ -51,6 +53,8 @@ VOLUME_STATE_OPEN: VolumeState.ValueType  # 4
 VOLUME_STATE_MOUNTED: VolumeState.ValueType  # 5
 VOLUME_STATE_BOUND: VolumeState.ValueType  # 6
 VOLUME_STATE_CLOSED: VolumeState.ValueType  # 7
+VOLUME_STATE_PROVING_BLANK: VolumeState.ValueType  # 8
+"""Proving the disk (or LV) blank before formatting it: every byte is read; see scan_*."""
 Global___VolumeState: _TypeAlias = VolumeState  # noqa: Y015
 
 @_typing.final
@@ -214,10 +218,21 @@ class VolumeStatus(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     CONTAINER_IDS_FIELD_NUMBER: _builtins.int
     CONTAINERS_FIELD_NUMBER: _builtins.int
+    SCAN_WHAT_FIELD_NUMBER: _builtins.int
+    SCAN_DONE_FIELD_NUMBER: _builtins.int
+    SCAN_TOTAL_FIELD_NUMBER: _builtins.int
+    SCAN_PERCENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: Global___VolumeState.ValueType
     guest_path: _builtins.str
     device: _builtins.str
+    scan_what: _builtins.str
+    """While PROVING_BLANK: what is scanned ("disk", "volume" or "data area"), bytes proven zero
+    so far, bytes in total, and the percentage (scan_done * 100 / scan_total).
+    """
+    scan_done: _builtins.int
+    scan_total: _builtins.int
+    scan_percent: _builtins.int
     @_builtins.property
     def container_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """containers the volume is bound into"""
@@ -235,10 +250,14 @@ class VolumeStatus(_message.Message):
         device: _builtins.str = ...,
         container_ids: _abc.Iterable[_builtins.str] | None = ...,
         containers: _abc.Iterable[_builtins.str] | None = ...,
+        scan_what: _builtins.str = ...,
+        scan_done: _builtins.int = ...,
+        scan_total: _builtins.int = ...,
+        scan_percent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_ids", b"container_ids", "containers", b"containers", "device", b"device", "guest_path", b"guest_path", "name", b"name", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_ids", b"container_ids", "containers", b"containers", "device", b"device", "guest_path", b"guest_path", "name", b"name", "scan_done", b"scan_done", "scan_percent", b"scan_percent", "scan_total", b"scan_total", "scan_what", b"scan_what", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
