@@ -62,6 +62,7 @@ class LuksBackend:
             prepared.header_sha256,
             vol.filesystem,
             vol.read_only,
+            prepared.sequence,
         )
         return OpenedVolume(
             vol.name,

@@ -21,8 +21,9 @@ AAEL parser splits an event at every space and wants exactly three fields):
 * header-sha256: lowercase hex SHA-256 of the validated LUKS header metadata.
 * fs: the filesystem, `[a-z][a-z0-9]{0,15}` (e.g. ext4, xfs).
 * ro: `true` when mounted read-only, else `false` (JSON booleans).
-* seq: persistent volumes only: a monotonic sequence (a JSON integer, 0..2^64-1). Absent for
-  ephemeral volumes and, today, for persistent ones too (the MAC'd token does not carry it yet).
+* seq: persistent volumes only: the monotonic sequence in the volume's MAC'd LUKS token (a JSON
+  integer, 0..2^64-1; luks.token): raised by every read-write open before the event is
+  recorded, unchanged by a read-only open. Absent for ephemeral volumes.
 
 Every string value is restricted to ASCII letters, digits and `-_.+`, so Python's
 `json.dumps(sort_keys=True, separators=(",", ":"))` of these fields is exactly the JCS form.

@@ -68,6 +68,8 @@ ALLOWED_CONFIG_FLAGS: Final = frozenset({"no-read-workqueue", "no-write-workqueu
 TOKEN_TYPE: Final = "cva"  # noqa: S105 - a token type name, not a password
 TOKEN_STATES: Final = ("initializing", "ready")
 TOKEN_FIELDS: Final = frozenset({"type", "keyslots", "state", "volume", "mac"})
+TOKEN_OPTIONAL_FIELDS: Final = frozenset({"seq"})  # absent in tokens made before it existed
+TOKEN_SEQ_MAX: Final = (1 << 64) - 1
 VOLUME_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
 _UUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _U64_RE: Final = re.compile(r"0|[1-9][0-9]{0,19}")
@@ -607,7 +609,7 @@ def token_shape_reasons(
     where: str, tok: Mapping[str, Json], add: Callable[[str, str], None]
 ) -> None:
     """Structural checks of a `cva` token (the MAC needs the key: see luks.token)."""
-    unknown = sorted(set(tok) - TOKEN_FIELDS)
+    unknown = sorted(set(tok) - TOKEN_FIELDS - TOKEN_OPTIONAL_FIELDS)
     if unknown:
         add("token-fields", f"{where} has unknown fields {', '.join(map(repr, unknown))}")
     missing = sorted(TOKEN_FIELDS - set(tok))
@@ -623,6 +625,11 @@ def token_shape_reasons(
     mac = tok.get("mac")
     if "mac" in tok and not (isinstance(mac, str) and re.fullmatch(r"[0-9a-f]{64}", mac)):
         add("token-fields", f"{where}.mac is not 64 lower-case hex digits")
+    seq = tok.get("seq")
+    if "seq" in tok and not (
+        type(seq) is int and 0 <= seq <= TOKEN_SEQ_MAX  # not bool, float or text
+    ):
+        add("token-fields", f"{where}.seq {_desc(seq)} is not an integer 0..2^64-1")
 
 
 def allow_list_reasons(hdr: LuksHeader, *, integrity: bool) -> list[str]:

@@ -5,13 +5,27 @@ output) derives
     passphrase = HKDF(secret, info="cva/v1/luks-passphrase/" + name)
     mac_key    = HKDF(secret, info="cva/v1/header-mac/" + name)
 
-Token: `{"type": "cva", "keyslots": [], "state": S, "volume": NAME, "mac": HEX}` stored as
-LUKS2 token 0. `keyslots` stays empty so no libcryptsetup token plugin is ever tried for it.
+Token: `{"type": "cva", "keyslots": [], "state": S, "volume": NAME, "seq": N, "mac": HEX}`
+stored as LUKS2 token 0. `keyslots` stays empty so no libcryptsetup token plugin is ever tried
+for it.
 
-    mac = HMAC-SHA256(mac_key, "cva/v1/token-mac" 0x00 || lp(M) || lp(S) || lp(NAME) || lp(UUID))
+    mac = HMAC-SHA256(mac_key, "cva/v1/token-mac" 0x00 || lp(M) || lp(S) || lp(NAME) || lp(UUID)
+                               || lp(u64be(N)))
 
 where lp(x) = 8-byte big-endian length of x || x, every string UTF-8, UUID the binary header's
-UUID, and M the **canonical header metadata without tokens**:
+UUID, u64be(N) the 8-byte big-endian sequence, and M the **canonical header metadata without
+tokens** (below).
+
+Sequence N (`seq`, a JSON integer 0..2^64-1): a monotonic counter a verifier uses to detect a
+rolled-back header (measured volume events carry it, agent.measure). cva writes N + 1 on every
+read-write open (luks.volume: before the volume is mounted or measured) and when it marks a
+volume ready (so the first ready token of a new volume has seq 1); a read-only open writes
+nothing. A token without `seq` (volumes made before it existed) is read as seq 0 and its MAC is
+the one above without the last field; cva writes a seq at the next write. The two MAC messages
+cannot collide: every field is length-prefixed, so the form with seq is strictly longer with the
+same prefix. Stripping `seq` from a token therefore breaks its MAC.
+
+M:
 
     M = json.dumps(
             {"luks2": <the primary copy's JSON object without its "tokens" member>,
@@ -34,6 +48,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from cryptography.hazmat.primitives import hashes
@@ -41,6 +56,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from luks.errors import StorageInputError
 from luks.header import (
+    TOKEN_SEQ_MAX,
     TOKEN_STATES,
     TOKEN_TYPE,
     VOLUME_NAME_RE,
@@ -114,8 +130,16 @@ def _lp(data: bytes) -> bytes:
     return len(data).to_bytes(8, "big") + data
 
 
-def token_mac(hdr: LuksHeader, state: str, volume_name: str, mac_key: Secret) -> str:
-    """The hex MAC binding state and volume name to this header (see the module docstring)."""
+def _check_seq(seq: int) -> None:
+    if type(seq) is not int or not 0 <= seq <= TOKEN_SEQ_MAX:
+        raise TokenError(f"token seq must be an integer 0..{TOKEN_SEQ_MAX}")
+
+
+def token_mac(
+    hdr: LuksHeader, state: str, volume_name: str, mac_key: Secret, seq: int | None = None
+) -> str:
+    """The hex MAC binding state, volume name and sequence to this header (module docstring);
+    `seq` None: the form of tokens made before the sequence existed (verification only)."""
     message = (
         MAC_DOMAIN
         + _lp(canonical_metadata(hdr))
@@ -123,21 +147,40 @@ def token_mac(hdr: LuksHeader, state: str, volume_name: str, mac_key: Secret) ->
         + _lp(volume_name.encode("utf-8"))
         + _lp(hdr.uuid.encode("utf-8"))
     )
+    if seq is not None:
+        _check_seq(seq)
+        message += _lp(seq.to_bytes(8, "big"))
     return hmac.new(mac_key.data, message, hashlib.sha256).hexdigest()
 
 
-def make_token(hdr: LuksHeader, state: str, volume_name: str, mac_key: Secret) -> dict[str, Json]:
-    """The token object for `state` (store it with `token_json(...)` as LUKS2 token 0)."""
+def make_token(
+    hdr: LuksHeader, state: str, volume_name: str, mac_key: Secret, *, seq: int = 0
+) -> dict[str, Json]:
+    """The token object for `state` and sequence `seq` (store it with `token_json(...)` as
+    LUKS2 token 0). cva always writes a seq."""
     if state not in TOKEN_STATES:
         raise TokenError(f"token state {state!r} is not one of {TOKEN_STATES}")
     _check_name(volume_name)
+    _check_seq(seq)
     return {
         "type": TOKEN_TYPE,
         "keyslots": [],
         "state": state,
         "volume": volume_name,
-        "mac": token_mac(hdr, state, volume_name, mac_key),
+        "seq": seq,
+        "mac": token_mac(hdr, state, volume_name, mac_key, seq),
     }
+
+
+def next_sequence(seq: int) -> int:
+    """The sequence the next write records; refuses to wrap (a verifier would see a rollback)."""
+    _check_seq(seq)
+    if seq == TOKEN_SEQ_MAX:
+        raise TokenError(
+            f"the volume's sequence is at its maximum ({TOKEN_SEQ_MAX}); refusing to wrap it "
+            "(open the volume read-only, or copy the data to a new volume)"
+        )
+    return seq + 1
 
 
 def token_json(token: Mapping[str, Json]) -> str:
@@ -145,8 +188,19 @@ def token_json(token: Mapping[str, Json]) -> str:
     return json.dumps(dict(token), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+@dataclass(frozen=True)
+class VerifiedToken:
+    state: str
+    seq: int  # 0 for a token made before the sequence existed
+
+
 def verify_token(hdr: LuksHeader, volume_name: str, mac_key: Secret) -> str:
     """The volume's state from its `cva` token; TokenError unless the MAC proves it is ours."""
+    return verified_token(hdr, volume_name, mac_key).state
+
+
+def verified_token(hdr: LuksHeader, volume_name: str, mac_key: Secret) -> VerifiedToken:
+    """State and sequence of the `cva` token; TokenError unless the MAC proves it is ours."""
     _check_name(volume_name)
     tokens = hdr.cva_tokens()
     if not tokens:
@@ -168,10 +222,12 @@ def verify_token(hdr: LuksHeader, volume_name: str, mac_key: Secret) -> str:
             f"volume {volume_name!r}: the header belongs to volume {volume!r} (wrong disk "
             "attached?); refusing it"
         )
-    expected = token_mac(hdr, state, volume_name, mac_key)
+    seq = tok.get("seq")  # shape-checked above: absent or an int 0..2^64-1
+    assert seq is None or type(seq) is int
+    expected = token_mac(hdr, state, volume_name, mac_key, seq)
     if not hmac.compare_digest(expected, mac):
         raise TokenError(
             f"volume {volume_name!r}: the cva token's MAC does not match (header changed by "
             "someone without this volume's key, or a different key); refusing it"
         )
-    return state
+    return VerifiedToken(state, 0 if seq is None else seq)

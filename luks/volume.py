@@ -65,6 +65,16 @@ process via `crash_hook`, and what the next run does):
                                                              slots (luks.header_copies), then as
                                                              INITIALIZING: fs complete -> ready
     READY_WRITTEN        "ready" written, not mounted     -> open/reuse, mount
+    SEQ_HALF_WRITTEN     read-write open: secondary copy has seq N+1, primary still N
+                                                          -> the copies differ only in the
+                                                             token and each verifies alone:
+                                                             the primary (seq N) is written to
+                                                             both slots (luks.header_copies),
+                                                             the open writes N+1 again; nothing
+                                                             was recorded or handed out with N+1
+    SEQ_WRITTEN          seq N+1 on disk, mapping up, not mounted, not measured
+                                                          -> reuse the mapping (no new write),
+                                                             mount, record N+1
     MOUNTED              mounted, grow pending            -> mount is reused, grow checked again
     LV_EXTENDED          lvextend done, fs not grown      -> crypt resize + fs grow next run
 
@@ -80,6 +90,15 @@ samples). With LVM, a disk without a PV is proven blank in full before pvcreate;
 run then creates lies inside it and needs only the signature probes; an LV found on a later
 run is proven in full itself. A scan resumes within one boot from a tmpfs cursor
 (<runtime_dir>/blank/) keyed by the device's major:minor, size and diskseq.
+
+Sequence (luks.token: `seq` in the MAC'd token, what measured volume events carry so a
+verifier sees a rolled-back header): the first ready token has seq 1; every read-write open
+that activates the mapping writes seq + 1 (both copies, secondary first, from the validated
+copy, only if the disk still holds it) after the volume is found complete and before it is
+mounted, measured or handed out, so an event never names a seq the header does not hold.
+A read-only open writes nothing and reports the current seq; reusing an active mapping (a
+restarted cva) writes nothing either. A host that puts back an older header makes the next
+open report a seq not above one already in the log.
 """
 
 from __future__ import annotations
@@ -109,7 +128,15 @@ from luks.libcryptsetup import (
 )
 from luks.secret import Secret
 from luks.spec import VolumeSpec
-from luks.token import derive_keys, make_token, metadata_sha256, token_json, verify_token
+from luks.token import (
+    derive_keys,
+    make_token,
+    metadata_sha256,
+    next_sequence,
+    token_json,
+    verified_token,
+    verify_token,
+)
 from luks.volume_plan import (
     INITIALIZING,
     READY,
@@ -166,6 +193,7 @@ class PreparedVolume:
     created: bool  # this run formatted the volume
     luks_uuid: str = ""  # of the validated in-memory header copy (measured volume events)
     header_sha256: bytes = b""  # luks.token.metadata_sha256 of that copy
+    sequence: int | None = None  # the token's seq the volume was opened with (luks.token)
 
 
 # ---- the shell ----------------------------------------------------------------------------
@@ -217,7 +245,8 @@ def _format(device: Path, vol: VolumeSpec, passphrase: Secret, mac_key: Secret) 
             cd.keyslot_add_by_volume_key(passphrase, keyslot=0)
             _window(CrashWindow.KEYSLOT_ADDED)
             hdr = parse_luks2(_read_fd(fd, DATA_OFFSET_BYTES))
-            cd.token_json_set(0, token_json(make_token(hdr, INITIALIZING, vol.name, mac_key)))
+            token = make_token(hdr, INITIALIZING, vol.name, mac_key, seq=0)
+            cd.token_json_set(0, token_json(token))
         area = _read_fd(fd, DATA_OFFSET_BYTES)
     finally:
         os.close(fd)
@@ -285,14 +314,25 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
-def _mark_ready(device: Path, copy: str, area: bytes, vol: VolumeSpec, mac_key: Secret) -> bytes:
-    """INITIALIZING -> READY: update the token in the copy, then write the copy's metadata back.
+def _mark_ready(
+    device: Path,
+    copy: str,
+    area: bytes,
+    vol: VolumeSpec,
+    mac_key: Secret,
+    *,
+    half_window: CrashWindow = CrashWindow.READY_HALF_WRITTEN,
+) -> bytes:
+    """Write a READY token with the next sequence (INITIALIZING -> READY, or a read-write
+    open): update the token in the copy, then write the copy's metadata back.
 
     The disk is only written with bytes derived from cva's validated copy, and only if the
     disk's header region still equals that copy (a swap in between is refused). Returns the
     new header area.
     """
-    token = token_json(make_token(parse_luks2(area), READY, vol.name, mac_key))
+    hdr = parse_luks2(area)
+    seq = next_sequence(verified_token(hdr, vol.name, mac_key).seq)
+    token = token_json(make_token(hdr, READY, vol.name, mac_key, seq=seq))
     with CryptDevice.open(str(device), header=copy) as cd:
         cd.load()
         cd.token_json_set(_cva_token_id(cd), token)
@@ -314,7 +354,7 @@ def _mark_ready(device: Path, copy: str, area: bytes, vol: VolumeSpec, mac_key: 
         # that disagree, which the next run refuses (never a format)
         os.pwrite(fd, metadata[half:], half)
         os.fsync(fd)
-        _window(CrashWindow.READY_HALF_WRITTEN)
+        _window(half_window)
         os.pwrite(fd, metadata[:half], 0)
         os.fsync(fd)
     finally:
@@ -738,11 +778,23 @@ def _prepare(
                 f"volume {vol.name}: no complete {vol.filesystem} filesystem inside the volume; "
                 "refusing to mount (the contract's filesystem must match the volume's)"
             )
+        if not was_active and not initializing and not vol.read_only:
+            try:  # a read-write open: the next sequence on disk before anyone sees the volume
+                with header_copy(area) as copy:
+                    area = _mark_ready(
+                        device, copy, area, vol, mac_key, half_window=CrashWindow.SEQ_HALF_WRITTEN
+                    )
+            except BaseException:
+                if not mount.is_mounted(target):
+                    _deactivate(mapper)
+                raise
+            _window(CrashWindow.SEQ_WRITTEN)
         mount.mount_volume(mapper_dev, target, fs=vol.filesystem, read_only=vol.read_only)
         _window(CrashWindow.MOUNTED)
         if not vol.read_only:
             _grow_if_needed(vol, mapper_dev, target)
         validated = parse_luks2(area)  # the copy cva validated and activated from, not the disk
+        sequence = verified_token(validated, vol.name, mac_key).seq
     return PreparedVolume(
         vol.name,
         State.MOUNTED,
@@ -752,6 +804,7 @@ def _prepare(
         created,
         validated.uuid,
         metadata_sha256(validated),
+        sequence,
     )
 
 

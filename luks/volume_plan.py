@@ -50,6 +50,8 @@ class CrashWindow(enum.Enum):
     MKFS_DONE = "mkfs-done"
     READY_HALF_WRITTEN = "ready-half-written"
     READY_WRITTEN = "ready-written"
+    SEQ_HALF_WRITTEN = "seq-half-written"
+    SEQ_WRITTEN = "seq-written"
     MOUNTED = "mounted"
     LV_EXTENDED = "lv-extended"
 

@@ -24,7 +24,11 @@ from typing import Any
 
 import pytest
 
+from agent.config import MeasureConfig
 from agent.contract import DiskRef
+from agent.measure import Measurer, VolumeIdentity
+from evidence.eventlog import parse_log
+from evidence.volume_event import DOMAIN, VolumeOperation, parse_volume_content
 from luks import disk as disk_mod
 from luks import lvm, mount, volume
 from luks.header import read_header_area
@@ -324,6 +328,30 @@ def test_crash_in_create_path_with_integrity(env: Env, tmp_path: Path, window: C
             env.release(vol, dev)
 
 
+SEQ_WINDOWS = [CrashWindow.SEQ_HALF_WRITTEN, CrashWindow.SEQ_WRITTEN]
+
+
+@pytest.mark.parametrize("window", SEQ_WINDOWS, ids=[w.value for w in SEQ_WINDOWS])
+def test_crash_in_the_seq_write_of_an_open(env: Env, tmp_path: Path, window: CrashWindow) -> None:
+    """A read-write open writes seq + 1 (both copies) before the mount; a crash there."""
+    with loop_disk(tmp_path, 128 * MIB) as dev:
+        vol = make_volume(unique("seqcrash"))
+        write_marker(env.prepare(vol, dev), b"seq-data")
+        env.release(vol, dev)
+        reopen = replace(vol, create=False)
+        child = env.prepare_in_child(reopen, dev, window.value)
+        assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+        try:
+            # SEQ_HALF_WRITTEN: the copies differ only in the token (seq 2 in the secondary,
+            # 1 in the primary), each verifies alone: the primary is adopted and the open
+            # writes seq 2 again. SEQ_WRITTEN: the mapping is reused, seq 2 is on disk already.
+            p = env.prepare(reopen, dev)
+            assert p.sequence == 2
+            assert read_marker(p) == b"seq-data" * 64
+        finally:
+            env.release(vol, dev)
+
+
 @pytest.mark.parametrize("where", ["superblock-flags", "journal", "after-journal"])
 def test_integrity_format_window_with_anything_else_is_refused(
     env: Env, tmp_path: Path, where: str
@@ -407,8 +435,111 @@ def test_cli_blank_on_a_device(tmp_path: Path) -> None:
 
 
 def test_crash_windows_all_covered() -> None:
-    tested = set(CREATE_WINDOWS) | {CrashWindow.LV_EXTENDED}
+    tested = set(CREATE_WINDOWS) | set(SEQ_WINDOWS) | {CrashWindow.LV_EXTENDED}
     assert tested == set(CrashWindow)
+
+
+class _SoftRegister:
+    """A SHA-256 register in memory (the guest's PCR 23 belongs to other tests)."""
+
+    def __init__(self) -> None:
+        self.value = bytes(32)
+
+    def read(self) -> bytes:
+        return self.value
+
+    def extend(self, digest: bytes) -> None:
+        self.value = hashlib.sha256(self.value + digest).digest()
+
+
+def test_seq_in_the_log_and_a_rolled_back_header(env: Env, tmp_path: Path) -> None:
+    """create -> seq 1, two read-write opens -> 2, 3, a read-only open writes nothing and
+    records 3; the host puts back the header from before the first open: the next open records
+    seq 2, below the 3 already in the log (what a verifier detects)."""
+    register = _SoftRegister()
+    log_path = tmp_path / "eventlog"
+    measurer = Measurer(
+        MeasureConfig(sink="tpm"),
+        log_path=log_path,
+        state_path=tmp_path / "measured.json",
+        register_factory=lambda _tcti, _pcr: register,
+    )
+    with loop_disk(tmp_path, 128 * MIB) as dev:
+        vol = make_volume(unique("seq"))
+
+        def open_(v: Any) -> volume.PreparedVolume:
+            p = env.prepare(v, dev)
+            ident = VolumeIdentity(
+                v.name, p.luks_uuid, p.header_sha256, v.filesystem, v.read_only, p.sequence
+            )
+            measurer.opened(ident, created=p.created)
+            return p
+
+        def close(v: Any) -> None:
+            env.release(v, dev)
+            measurer.closed(v.name)
+
+        p = open_(vol)
+        assert (p.created, p.sequence) == (True, 1)
+        write_marker(p, b"seq-log")
+        close(vol)
+        old_header = read_header_area(str(dev))  # a copy the host keeps (seq 1)
+        rw = replace(vol, create=False)
+        for expected in (2, 3):
+            assert open_(rw).sequence == expected
+            close(rw)
+        before = read_header_area(str(dev))
+        ro = replace(vol, create=False, read_only=True)
+        assert open_(ro).sequence == 3
+        assert read_header_area(str(dev)) == before  # a read-only open writes nothing
+        close(ro)
+        with dev.open("r+b") as f:  # the host rolls the header back
+            f.write(old_header)
+            f.flush()
+            os.fsync(f.fileno())
+        p = open_(rw)
+        try:
+            assert p.sequence == 2
+            assert read_marker(p) == b"seq-log" * 64  # the data is there: only seq tells
+        finally:
+            close(rw)
+    events = [
+        parse_volume_content(VolumeOperation(e.operation), e.content)
+        for e in parse_log(log_path.read_bytes())
+        if e.domain == DOMAIN
+    ]
+    opens = [
+        (e.operation.value, e.sequence, e.read_only)
+        for e in events
+        if e.operation is not VolumeOperation.CLOSE
+    ]
+    assert opens == [
+        ("volume-create", 1, False),
+        ("volume-open", 2, False),
+        ("volume-open", 3, False),
+        ("volume-open", 3, True),
+        ("volume-open", 2, False),
+    ]
+    closes = [e.sequence for e in events if e.operation is VolumeOperation.CLOSE]
+    assert closes == [1, 2, 3, 3, 2]
+    assert register.value == _replay(log_path)
+    # the verifier's rule: a read-write open must be above every seq seen before it
+    seen = 0
+    rolled_back = []
+    for e in events:
+        if e.operation is not VolumeOperation.CLOSE and not e.read_only:
+            assert e.sequence is not None
+            if e.sequence <= seen:
+                rolled_back.append(e.sequence)
+            seen = max(seen, e.sequence)
+    assert rolled_back == [2]
+
+
+def _replay(log_path: Path) -> bytes:
+    value = bytes(32)
+    for e in parse_log(log_path.read_bytes()):
+        value = hashlib.sha256(value + e.digest).digest()
+    return value
 
 
 def test_crash_while_reopening_or_growing_keeps_data(env: Env, tmp_path: Path) -> None:

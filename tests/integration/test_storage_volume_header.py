@@ -157,9 +157,9 @@ def test_header_swapped_on_disk_during_format_is_never_macd(
     macd: list[str] = []
     real_make_token = volume.make_token
 
-    def spy(hdr: LuksHeader, *args: object) -> object:
+    def spy(hdr: LuksHeader, *args: object, **kwargs: object) -> object:
         macd.append(hdr.uuid)
-        return real_make_token(hdr, *args)  # type: ignore[arg-type]
+        return real_make_token(hdr, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(volume, "crash_hook", hook)
     monkeypatch.setattr(volume, "make_token", spy)

@@ -83,7 +83,7 @@ def test_token_round_trip() -> None:
     _, mac_key = derive_keys(Secret(SECRET), "pgdata")
     hdr = _header()
     token = make_token(hdr, "initializing", "pgdata", mac_key)
-    assert set(token) == {"type", "keyslots", "state", "volume", "mac"}
+    assert set(token) == {"type", "keyslots", "state", "volume", "seq", "mac"}
     marked = _with_token(json.loads(token_json(token)))
     assert allow_list_reasons(marked, integrity=False) == []
     assert verify_token(marked, "pgdata", mac_key) == "initializing"

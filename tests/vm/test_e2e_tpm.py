@@ -81,19 +81,26 @@ def test_tpm_attestation_binds_pcr8_and_prepares_the_volume(world: World) -> Non
             assert again.volumes[0].created is False
             client.release(SCENARIO.container_id)  # type: ignore[attr-defined]
         _check_measured_volume(
-            world, guest, ["volume-create", "volume-close", "volume-open", "volume-close"]
+            world,
+            guest,
+            ["volume-create", "volume-close", "volume-open", "volume-close"],
+            sequences=[1, 1, 2, 2],  # the token's seq: 1 at create, 2 after the reopen
         )
         assert guest.poweroff().finished
     finally:
         guest.kill()
 
 
-def _check_measured_volume(world: World, guest: object, operations: list[str]) -> None:
+def _check_measured_volume(
+    world: World, guest: object, operations: list[str], *, sequences: list[int] | None = None
+) -> None:
     """cva's own event log (tpm sink, PCR 23) replays to the guest's PCR 23, `cva evidence
-    events` verifies it, and neither the log nor the journal holds the volume key."""
+    events` verifies it, each event carries the volume's seq, and neither the log nor the
+    journal holds the volume key."""
     import base64
 
     from evidence.eventlog import parse_log, replay
+    from evidence.volume_event import VolumeOperation, parse_volume_content
 
     run = guest.control.run  # type: ignore[attr-defined]
     log = base64.b64decode(run(["base64", "-w0", "/run/cva/eventlog"]).check().stdout.strip())
@@ -101,6 +108,10 @@ def _check_measured_volume(world: World, guest: object, operations: list[str]) -
     assert [(e.register, e.domain, e.operation) for e in events] == [
         (23, "cva", op) for op in operations
     ]
+    if sequences is not None:
+        seqs = [parse_volume_content(VolumeOperation(e.operation), e.content).sequence
+                for e in events]  # fmt: skip
+        assert seqs == sequences, seqs
     pcr = replay(events)[23]
     out = run(["tpm2_pcrread", "sha256:23"]).check().stdout
     assert pcr.hex() in out.lower().replace("0x", ""), out
