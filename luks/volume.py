@@ -701,8 +701,10 @@ def _prepare(
     with passphrase, mac_key:
         area = _read_area(device)  # step 1: the copy; everything below uses these bytes
         obs = _observe(area, vol, mac_key)
+        adopted = False  # a cut write of the ready state or of a seq (crash windows *_HALF_*)
         if obs.kind == "invalid" and all(r.startswith("header-copies") for r in obs.reasons):
             area, obs = _adopt_half_written(device, area, vol, mac_key)
+            adopted = True
         verdict = None
         if obs.kind == "zero":
             if not vol.create:  # no format possible: the cheap sampled look names the reason
@@ -778,8 +780,11 @@ def _prepare(
                 f"volume {vol.name}: no complete {vol.filesystem} filesystem inside the volume; "
                 "refusing to mount (the contract's filesystem must match the volume's)"
             )
-        if not was_active and not initializing and not vol.read_only:
-            try:  # a read-write open: the next sequence on disk before anyone sees the volume
+        # a read-write open writes the next sequence before anyone sees the volume; so does a
+        # rerun after SEQ_HALF_WRITTEN, whose mapping the killed run left up: the adopted copy
+        # holds the old seq, which an event may already carry
+        if (not was_active or adopted) and not initializing and not vol.read_only:
+            try:
                 with header_copy(area) as copy:
                     area = _mark_ready(
                         device, copy, area, vol, mac_key, half_window=CrashWindow.SEQ_HALF_WRITTEN

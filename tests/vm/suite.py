@@ -38,7 +38,7 @@ Log = Callable[[str], None]
 class Settings:
     disk_count: int = 6
     disk_size: int = 2 * 1024**3
-    timeout: float = 900.0
+    timeout: float = 2400.0
     keep: bool = False
     pytest_args: tuple[str, ...] = ()
 
@@ -48,7 +48,7 @@ class Settings:
         return cls(
             disk_count=int(env.get("CVA_VM_DISKS", "6")),
             disk_size=int(env.get("CVA_VM_DISK_GIB", "2")) * 1024**3,
-            timeout=float(env.get("CVA_VM_TIMEOUT", "900")),
+            timeout=float(env.get("CVA_VM_TIMEOUT", "2400")),
             keep=env.get("CVA_VM_KEEP", "") == "1",
             pytest_args=tuple(shlex.split(env.get("CVA_VM_PYTEST_ARGS", ""))),
         )
