@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING
 from agent.config import DEFAULT_MEASURE_PCR, RTMR_MEASURE_PCRS, DaemonConfig, MeasureConfig
 from agent.errors import REFUSALS, CvaError
 from agent.log import get_logger
+from agent.statefile import write_private
 from evidence.errors import EvidenceFailure
 from evidence.volume_event import DOMAIN, VolumeEvent, VolumeOperation, volume_aael
 
@@ -206,12 +206,8 @@ class Measurer:
     def _save(self) -> None:
         if self._state_path is None:
             return
-        self._state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self._state_path.with_name(self._state_path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({n: i.to_json() for n, i in self._opened.items()}, fh, sort_keys=True)
-        tmp.replace(self._state_path)
+        doc = {n: i.to_json() for n, i in self._opened.items()}
+        write_private(self._state_path, json.dumps(doc, sort_keys=True))
 
     def is_measured(self, name: str) -> bool:
         """True when volume `name` may be handed out without a new open event."""

@@ -9,16 +9,13 @@ CVA_BENCH_KATA_CALLS (default 1000), CVA_BENCH_KATA_TIMEOUT (s, default 600).
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.results import Result, Target, measured, not_measured
+from bench.vm_guest import Disks, run_guest_job
 
-REPO = Path(__file__).resolve().parents[1]
 GROUP_RPC = "7. gRPC over AF_VSOCK (qemu guest)"
 GROUP_SM = "8. SecureMount vs CDH (qemu guest)"
 CDH_API_TIMEOUT = 50.0  # kata-agent's agent.cdh_api_timeout default (SPEC e.5)
@@ -96,13 +93,8 @@ def planned(reason: str) -> list[Result]:
 
 
 def _plan(job: Path) -> tuple[dict[str, Any], list[Any]]:
-    from tests.vm.machine import Disk, make_sparse_disk
-
-    disks: list[Any] = []
-
-    def disk(serial: str, size: int) -> str:
-        disks.append(Disk(make_sparse_disk(job / "disks" / f"{serial}.img", size), serial))
-        return serial
+    disks = Disks(job)
+    disk = disks.add
 
     cases = []
     for size in sizes():
@@ -116,61 +108,22 @@ def _plan(job: Path) -> tuple[dict[str, Any], list[Any]]:
         "cases": cases,
         "warmup_disk": disk("kwarm", 256 << 20),
     }
-    return plan, disks
-
-
-JOB = """#!/bin/bash
-export CVA_IN_GUEST=1 PYTHONPATH=/mnt/vmsrc PYTHONDONTWRITEBYTECODE=1 HOME=/root
-export PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-cd /mnt/vmsrc
-exec /opt/venv/bin/python -m bench.guest_kata run /mnt/vmjob/plan.json /mnt/vmjob/kata.json
-"""
+    return plan, disks.all
 
 
 def collect() -> list[Result]:
-    missing = [
-        m
-        for m in ("tests.vm.machine", "tests.vm.build", "tests.vm.preflight", "luks.ephemeral")
-        if importlib.util.find_spec(m) is None
-    ]
-    if missing:
-        return planned(f"{', '.join(missing)} not in this tree")
-    from tests.vm import preflight
-    from tests.vm.build import ensure_image
-    from tests.vm.machine import Machine, MachineSpec
-
-    tools = preflight.missing_tools()
-    if tools:
-        return planned(preflight.missing_message(tools))
-    image = ensure_image(log=lambda s: print(s, flush=True))
-    timeout = float(os.environ.get("CVA_BENCH_KATA_TIMEOUT", "600"))
-    with tempfile.TemporaryDirectory(prefix="cva-bench-kata-", dir="/var/tmp") as d:
-        job = Path(d)
-        plan, disks = _plan(job)
-        (job / "plan.json").write_text(json.dumps(plan, indent=2))
-        (job / "run.sh").write_text(JOB)
-        print(f"vm_kata: job folder {job}; plan {json.dumps(plan)}", flush=True)
-        spec = MachineSpec(
-            image=image,
-            job_dir=job,
-            src_dir=REPO,
-            disks=tuple(disks),
-            timeout=timeout,
-            start_timeout=300.0,
-        )
-        result = Machine(spec).run()
-        output = job / "output.log"
-        if output.exists():
-            print(output.read_text(errors="replace"), flush=True)
-        doc_path = job / "kata.json"
-        doc = json.loads(doc_path.read_text()) if doc_path.exists() else None
-        problem = None if result.finished and result.job_rc == 0 else result.failure()
-    if problem:
-        print(f"vm_kata: {problem}", flush=True)
-    if doc is None:
-        reason = (problem or "the guest wrote no results").splitlines()[0]
-        return planned(f"guest run failed: {reason}")
-    return convert(doc, problem)
+    run = run_guest_job(
+        "vm_kata",
+        module="bench.guest_kata",
+        out_name="kata.json",
+        needs="luks.ephemeral",
+        plan=_plan,
+        timeout=float(os.environ.get("CVA_BENCH_KATA_TIMEOUT", "600")),
+        tmp_prefix="cva-bench-kata-",
+    )
+    if isinstance(run, str):
+        return planned(run)
+    return convert(run.doc, run.problem)
 
 
 def fit_within(points: list[tuple[float, float]], budget: float) -> float | None:

@@ -14,16 +14,13 @@ CVA_BENCH_IO_MIB (default 64), CVA_BENCH_IO_OPS (default 2000), CVA_BENCH_VM_TIM
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.results import Result, Target, measured, not_measured
+from bench.vm_guest import Disks, run_guest_job
 
-REPO = Path(__file__).resolve().parents[1]
 GROUP_READY = "1. Time to ready volume (qemu guest)"
 GROUP_MEM = "2. Peak memory during format/open (qemu guest)"
 GROUP_IO = "4. I/O (qemu guest)"
@@ -135,13 +132,8 @@ def planned(reason: str) -> list[Result]:
 
 
 def _plan(job: Path) -> tuple[dict[str, Any], list[Any]]:
-    from tests.vm.machine import Disk, make_sparse_disk
-
-    disks: list[Any] = []
-
-    def disk(serial: str, size: int) -> str:
-        disks.append(Disk(make_sparse_disk(job / "disks" / f"{serial}.img", size), serial))
-        return serial
+    disks = Disks(job)
+    disk = disks.add
 
     plan_cases: list[dict[str, Any]] = []
     wipe_max = int(os.environ.get("CVA_BENCH_CDH_WIPE_MAX_GIB", "1"))
@@ -170,60 +162,23 @@ def _plan(job: Path) -> tuple[dict[str, Any], list[Any]]:
         "reopen_rounds": 3,
         "warmup_disk": disk("bwarm", 1 << 30),
     }
-    return plan, disks
-
-
-JOB = """#!/bin/bash
-export CVA_IN_GUEST=1 PYTHONPATH=/mnt/vmsrc PYTHONDONTWRITEBYTECODE=1 HOME=/root
-export PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-cd /mnt/vmsrc
-exec /opt/venv/bin/python -m bench.guest_storage run /mnt/vmjob/plan.json /mnt/vmjob/storage.json
-"""
+    return plan, disks.all
 
 
 def collect() -> list[Result]:
-    missing = [
-        m
-        for m in ("tests.vm.machine", "tests.vm.build", "tests.vm.preflight", "luks.volume")
-        if importlib.util.find_spec(m) is None
-    ]
-    if missing:
-        return planned(f"{', '.join(missing)} not in this tree yet")
-    from tests.vm import preflight
-    from tests.vm.build import ensure_image
-    from tests.vm.machine import Machine, MachineSpec
-
-    tools = preflight.missing_tools()
-    if tools:
-        return planned(preflight.missing_message(tools))
-    image = ensure_image(log=lambda s: print(s, flush=True))
-    timeout = float(os.environ.get("CVA_BENCH_VM_TIMEOUT", "780"))
-    with tempfile.TemporaryDirectory(prefix="cva-bench-vm-", dir="/var/tmp") as d:
-        job = Path(d)
-        plan, disks = _plan(job)
-        (job / "plan.json").write_text(json.dumps(plan, indent=2))
-        (job / "run.sh").write_text(JOB)
-        print(f"vm_storage: job folder {job}; plan {json.dumps(plan)}", flush=True)
-        spec = MachineSpec(
-            image=image,
-            job_dir=job,
-            src_dir=REPO,
-            disks=tuple(disks),
-            timeout=timeout,
-            start_timeout=300.0,
-        )
-        result = Machine(spec).run()
-        output = job / "output.log"
-        if output.exists():
-            print(output.read_text(errors="replace"), flush=True)
-        doc_path = job / "storage.json"
-        doc = json.loads(doc_path.read_text()) if doc_path.exists() else None
-        problem = None if result.finished and result.job_rc == 0 else result.failure()
-    if problem:
-        print(f"vm_storage: {problem}", flush=True)
-    if doc is None:
-        reason = (problem or "the guest wrote no results").splitlines()[0]
-        return planned(f"guest run failed: {reason}")
+    run = run_guest_job(
+        "vm_storage",
+        module="bench.guest_storage",
+        out_name="storage.json",
+        needs="luks.volume",
+        plan=_plan,
+        timeout=float(os.environ.get("CVA_BENCH_VM_TIMEOUT", "780")),
+        tmp_prefix="cva-bench-vm-",
+        absent="not in this tree yet",
+    )
+    if isinstance(run, str):
+        return planned(run)
+    doc, problem = run.doc, run.problem
     guest = doc.get("guest", {})
     NOTES.append(
         (

@@ -14,13 +14,13 @@ Record states:
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from agent.log import get_logger
+from agent.statefile import write_private
 
 log = get_logger("cva.securemount")
 
@@ -111,12 +111,7 @@ class RecordStore:
     def _save(self) -> None:
         if self._path is None:
             return
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self._path.with_name(self._path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(dump_records(tuple(self._records.values())))
-        tmp.replace(self._path)
+        write_private(self._path, dump_records(tuple(self._records.values())))
 
     def all(self) -> tuple[MountRecord, ...]:
         return tuple(self._records.values())

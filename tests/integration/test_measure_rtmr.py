@@ -11,8 +11,6 @@ import errno
 import hashlib
 import json
 import socket
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,25 +25,9 @@ from evidence.tdx_rtmr import TdxRtmr, pcr_to_ccmr, rtmr_path
 from evidence.volume_event import VolumeOperation, parse_volume_content
 from tests.conftest import run_cva
 from tests.fake_kernel import FakeTdxMeasurements
+from tests.measure_support import Crash, ident
 
 CCMR = 4  # the log's register index for RTMR3 (CC MR index, as the AA writes it)
-
-
-class _Crash(Exception):
-    pass
-
-
-@pytest.fixture
-def crash_at() -> Iterator[list[str]]:
-    points: list[str] = []
-
-    def hook(name: str) -> None:
-        if name in points:
-            raise _Crash(name)
-
-    measure_log.crash_hook = hook
-    yield points
-    measure_log.crash_hook = None
 
 
 @pytest.fixture
@@ -54,10 +36,7 @@ def tdx(tmp_path: Path) -> FakeTdxMeasurements:
 
 
 def _ident(name: str) -> VolumeIdentity:
-    return VolumeIdentity(
-        name, str(uuid.uuid5(uuid.NAMESPACE_DNS, name)), hashlib.sha256(name.encode()).digest(),
-        "ext4", False, 3,
-    )  # fmt: skip
+    return ident(name, 3)
 
 
 def _measurer(
@@ -201,7 +180,7 @@ def test_crash_between_wal_and_extend_recovers(
     m.start()
     m.opened(_ident("a"), created=True)
     crash_at.append(point)
-    with pytest.raises(_Crash):  # the process dies after the WAL (or after the extend)
+    with pytest.raises(Crash):  # the process dies after the WAL (or after the extend)
         m.opened(_ident("b"), created=True)
     crash_at.clear()
     log = tmp_path / "eventlog"

@@ -4,22 +4,19 @@ refused, and `cva evidence events` verifies the log against the PCR value."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.config import MeasureConfig
-from agent.measure import MeasureError, Measurer, VolumeIdentity
-from evidence import measure_log
+from agent.measure import MeasureError, Measurer
 from evidence.eventlog import RecoveryAction, parse_log, replay
 from evidence.measure_log import DirectLog, MeasureLogError, wal_path
 from evidence.tpm import TpmAttester
 from evidence.volume_event import VolumeOperation, parse_volume_content
 from tests.conftest import run_cva
+from tests.measure_support import Crash, ident
 
 PCR = 23
 
@@ -33,34 +30,6 @@ class _Pcr:
 
     def extend(self, digest: bytes) -> None:
         self.tpm.extend_pcr(self.pcr, digest)
-
-
-class _Crash(Exception):
-    pass
-
-
-@pytest.fixture
-def crash_at() -> Iterator[list[str]]:
-    points: list[str] = []
-
-    def hook(name: str) -> None:
-        if name in points:
-            raise _Crash(name)
-
-    measure_log.crash_hook = hook
-    yield points
-    measure_log.crash_hook = None
-
-
-def _ident(name: str, seq: int | None = None) -> VolumeIdentity:
-    return VolumeIdentity(
-        name,
-        str(uuid.uuid5(uuid.NAMESPACE_DNS, name)),
-        hashlib.sha256(name.encode()).digest(),
-        "ext4",
-        False,
-        seq,
-    )
 
 
 def _measurer(tmp_path: Path, tcti: str) -> Measurer:
@@ -78,9 +47,9 @@ def _replayed(log: Path) -> bytes:
 def test_events_replay_to_the_pcr_and_the_cli_verifies(tmp_path: Path, swtpm_tcti: str) -> None:
     m = _measurer(tmp_path, swtpm_tcti)
     m.start()
-    m.opened(_ident("pg"), created=True)
+    m.opened(ident("pg"), created=True)
     m.closed("pg")
-    m.opened(_ident("pg"), created=False)
+    m.opened(ident("pg"), created=False)
     log = tmp_path / "eventlog"
     events = parse_log(log.read_bytes())
     assert [(e.register, e.domain, e.operation) for e in events] == [
@@ -118,7 +87,7 @@ def test_crash_between_wal_and_entry_recovers(
     first.recover()
     first.record(_aael("a"))
     crash_at.append(point)
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         first.record(_aael("b"))
     crash_at.clear()
     assert wal_path(log).exists()
@@ -142,8 +111,8 @@ def test_measurer_start_recovers_a_wal(
 ) -> None:
     m = _measurer(tmp_path, swtpm_tcti)
     crash_at.append("wal-written")
-    with pytest.raises(_Crash):  # the process dies after writing the WAL
-        m.opened(_ident("pg"), created=True)
+    with pytest.raises(Crash):  # the process dies after writing the WAL
+        m.opened(ident("pg"), created=True)
     crash_at.clear()
     restarted = Measurer(
         MeasureConfig(sink="auto", tcti="device:/nonexistent"),  # auto: cva's log exists -> tpm
@@ -182,7 +151,7 @@ def test_a_log_from_another_boot_refuses_start(tmp_path: Path, swtpm_tcti: str) 
 def _aael(name: str):  # type: ignore[no-untyped-def]
     from evidence.volume_event import volume_aael
 
-    return volume_aael(_ident(name).event(VolumeOperation.OPEN))
+    return volume_aael(ident(name).event(VolumeOperation.OPEN))
 
 
 def swtpm_fresh():  # type: ignore[no-untyped-def]
@@ -198,6 +167,6 @@ def test_tpm_unreachable_fails_closed_with_one_line(tmp_path: Path) -> None:
         state_path=tmp_path / "measured.json",
     )
     with pytest.raises(MeasureError, match="measure-required") as err:
-        m.opened(_ident("pg"), created=True)
+        m.opened(ident("pg"), created=True)
     assert "\n" not in err.value.message
     assert not m.is_measured("pg")

@@ -17,6 +17,7 @@ from agent.mountpoints import MountRules, parse_root
 from agent.rpc.ttrpc import Code, RpcError
 from agent.securemount.volumes import bind_mount
 from luks import mount
+from tests.loopfs import loop_ext4
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 
@@ -35,20 +36,14 @@ def _umount_all(target: Path) -> None:
 @contextlib.contextmanager
 def volume(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """(mounted ext4 on a loop device, the loop device): the stand-in for cva's staging mount."""
-    img, at = tmp_path / "vol.img", tmp_path / "volume"
-    with img.open("wb") as f:
-        f.truncate(8 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
-    loop = subprocess.run(
-        ["losetup", "-f", "--show", str(img)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
-        mount.mount_volume(Path(loop), at, fs="ext4", read_only=False)
-        (at / "marker").write_text("volume")
-        yield at, Path(loop)
-    finally:
-        _umount_all(at)
-        subprocess.run(["losetup", "-d", loop], check=False)
+    at = tmp_path / "volume"
+    with loop_ext4(tmp_path / "vol.img") as loop:
+        try:
+            mount.mount_volume(loop, at, fs="ext4", read_only=False)
+            (at / "marker").write_text("volume")
+            yield at, loop
+        finally:
+            _umount_all(at)
 
 
 def rules_for(tmp_path: Path) -> MountRules:

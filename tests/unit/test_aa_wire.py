@@ -1,13 +1,12 @@
 """evidence.aa_wire against an independent encoder: the protobuf runtime, with a descriptor built
-here from the upstream field numbers (GC protos/attestation-agent.proto), not from cva's code."""
+from the upstream field numbers (GC protos/attestation-agent.proto) in tests/fake_aa.py, not from
+cva's code."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,47 +21,10 @@ from evidence.aa_wire import (
     encode_response,
 )
 from evidence.errors import EvidenceError
+from tests.fake_aa import upstream_classes
 
-_F = descriptor_pb2.FieldDescriptorProto
-
-
-def _upstream_classes() -> tuple[Any, Any]:
-    fdp = descriptor_pb2.FileDescriptorProto(
-        name="attestation-agent-test.proto", package="attestation_agent", syntax="proto3"
-    )
-    req = fdp.message_type.add(name="ExtendRuntimeMeasurementRequest")
-    for name, number in (("Domain", 1), ("Operation", 2), ("Content", 3)):
-        req.field.add(name=name, number=number, type=_F.TYPE_STRING, label=_F.LABEL_OPTIONAL)
-    req.oneof_decl.add(name="_RegisterIndex")
-    req.field.add(
-        name="RegisterIndex",
-        number=4,
-        type=_F.TYPE_UINT64,
-        label=_F.LABEL_OPTIONAL,
-        proto3_optional=True,
-        oneof_index=0,
-    )
-    enum = fdp.enum_type.add(name="RuntimeMeasurementResult")
-    for name, number in (("OK", 0), ("NOT_SUPPORTED", 1), ("NOT_ENABLED", 2)):
-        enum.value.add(name=name, number=number)
-    resp = fdp.message_type.add(name="ExtendRuntimeMeasurementResponse")
-    resp.field.add(
-        name="Result",
-        number=1,
-        type=_F.TYPE_ENUM,
-        type_name=".attestation_agent.RuntimeMeasurementResult",
-        label=_F.LABEL_OPTIONAL,
-    )
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    get = message_factory.GetMessageClass
-    return (
-        get(pool.FindMessageTypeByName("attestation_agent.ExtendRuntimeMeasurementRequest")),
-        get(pool.FindMessageTypeByName("attestation_agent.ExtendRuntimeMeasurementResponse")),
-    )
-
-
-Req, Resp = _upstream_classes()
+# The descriptor the fake AA decodes with: upstream field numbers, no cva code.
+Req, Resp, _, _ = upstream_classes()
 
 
 def _theirs(r: ExtendRuntimeMeasurementRequest) -> bytes:

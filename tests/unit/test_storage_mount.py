@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from luks import mount
 from luks.errors import StorageError
+from tests.loopfs import loop_ext4
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 
@@ -66,19 +67,12 @@ DEVICE: dict[Path, Path] = {}  # volume dir -> the loop device mounted there
 @contextlib.contextmanager
 def _loop_fs(tmp_path: Path, at: Path) -> Iterator[Path]:
     """A small ext4 on a loop device, mounted at `at` (the stand-in for an opened volume)."""
-    img = tmp_path / f"{at.name}.img"
-    with img.open("wb") as f:
-        f.truncate(8 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
-    loop = subprocess.run(
-        ["losetup", "-f", "--show", str(img)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
-        mount.mount_volume(Path(loop), at, fs="ext4", read_only=False)
-        yield Path(loop)
-    finally:
-        mount.unmount(at)
-        subprocess.run(["losetup", "-d", loop], check=False)
+    with loop_ext4(tmp_path / f"{at.name}.img") as loop:
+        try:
+            mount.mount_volume(loop, at, fs="ext4", read_only=False)
+            yield loop
+        finally:
+            mount.unmount(at)
 
 
 @pytest.fixture
@@ -181,25 +175,18 @@ def test_symlink_loop_refused(world: tuple[Path, Path, Path]) -> None:
 
 @needs_root
 def test_mount_volume_on_loop_device(tmp_path: Path) -> None:
-    img = tmp_path / "fs.img"
-    with img.open("wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
-    loop = subprocess.run(
-        ["losetup", "-f", "--show", str(img)], check=True, capture_output=True, text=True
-    ).stdout.strip()
     target = tmp_path / "volumes" / "pg"
-    try:
-        mount.mount_volume(Path(loop), target, fs="ext4", read_only=False)
-        mount.mount_volume(Path(loop), target, fs="ext4", read_only=False)  # idempotent
-        assert mount.is_mounted(target, Path(loop))
-        e = mount.mounts_at(mount.parse_mountinfo(Path("/proc/self/mountinfo").read_text()),
-                            str(target))  # fmt: skip
-        assert len(e) == 1 and {"nodev", "nosuid"} <= set(e[0].options)
-        assert oct((tmp_path / "volumes").stat().st_mode & 0o777) == "0o700"
-    finally:
-        mount.unmount(target)
-        subprocess.run(["losetup", "-d", loop], check=False)
+    with loop_ext4(tmp_path / "fs.img", 32 << 20) as loop:
+        try:
+            mount.mount_volume(loop, target, fs="ext4", read_only=False)
+            mount.mount_volume(loop, target, fs="ext4", read_only=False)  # idempotent
+            assert mount.is_mounted(target, loop)
+            e = mount.mounts_at(mount.parse_mountinfo(Path("/proc/self/mountinfo").read_text()),
+                                str(target))  # fmt: skip
+            assert len(e) == 1 and {"nodev", "nosuid"} <= set(e[0].options)
+            assert oct((tmp_path / "volumes").stat().st_mode & 0o777) == "0o700"
+        finally:
+            mount.unmount(target)
     assert not mount.is_mounted(target)
 
 
