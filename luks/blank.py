@@ -15,13 +15,16 @@ functions; `probe_blank` is the thin shell that reads the device.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from luks.errors import StorageError
 from luks.run import run
@@ -35,6 +38,9 @@ MIN_DEVICE_BYTES = HEADER_REGION_BYTES + 2 * MIB
 READ_CHUNK = MIB
 SCAN_CHUNK = 4 * MIB  # one O_DIRECT read of the full zero scan
 SCAN_ALIGN = 4096  # O_DIRECT: offsets, lengths and the buffer aligned to this
+# A constant zero buffer: calloc'd by CPython, so its pages are the kernel's shared zero page
+# (no RSS, always in cache). memcmp against it is the zero test.
+_ZEROS = bytes(SCAN_CHUNK)
 
 # (offset, magic, what) for the signatures cva checks itself, whatever blkid says
 KNOWN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
@@ -145,8 +151,11 @@ def verdict(evidence: BlankEvidence) -> BlankVerdict:
 
 
 def is_zero(buf: bytes | bytearray | memoryview) -> bool:
-    data = buf if isinstance(buf, bytes) else bytes(buf)
-    return data.count(0) == len(data)
+    """Every byte zero: memcmp against the constant zero buffer, a chunk at a time (no copy)."""
+    view = memoryview(buf).cast("B")
+    return all(
+        _ZEROS.startswith(view[at : at + SCAN_CHUNK]) for at in range(0, len(view), SCAN_CHUNK)
+    )
 
 
 def range_is_zero(fd: int, offset: int, length: int) -> bool:
@@ -163,13 +172,16 @@ def range_is_zero(fd: int, offset: int, length: int) -> bool:
 def range_equals(fd: int, offset: int, expected: bytes | bytearray | memoryview) -> bool:
     """Whether the device holds exactly `expected` at `offset`, read and compared chunk by
     chunk (never a second copy of a large area in memory)."""
-    want = memoryview(expected).cast("B")
+    want = expected if isinstance(expected, (bytes, bytearray)) else bytes(expected)
+    buf = bytearray(min(READ_CHUNK, len(want)))  # one reused buffer
+    view = memoryview(buf)
     done = 0
     while done < len(want):
-        chunk = os.pread(fd, min(READ_CHUNK, len(want) - done), offset + done)
-        if not chunk or want[done : done + len(chunk)] != chunk:
+        got = os.preadv(fd, [view[: min(READ_CHUNK, len(want) - done)]], offset + done)
+        # startswith at an offset is a memcmp (a memoryview `!=` compares byte by byte)
+        if got <= 0 or not want.startswith(view[:got], done):
             return False
-        done += len(chunk)
+        done += got
     return True
 
 
@@ -183,8 +195,13 @@ def device_size(path: Path) -> int:
 
 
 def read_range(fd: int, offset: int, length: int) -> bytes:
-    chunks = []
-    done = 0
+    """`length` bytes at `offset` (fewer at the end of the file): one read into one buffer
+    when the kernel gives it all at once (a memfd, a file), else chunk by chunk."""
+    first = os.pread(fd, length, offset)
+    if len(first) == length or not first:
+        return first
+    chunks = [first]
+    done = len(first)
     while done < length:
         chunk = os.pread(fd, min(READ_CHUNK, length - done), offset + done)
         if not chunk:
@@ -234,7 +251,18 @@ def zero_samples_required(plan: Sequence[Sample]) -> int:
 
 # ---- the full zero scan ---------------------------------------------------------------------
 
-_ZEROS = bytes(SCAN_CHUNK)  # compared with `startswith` over a memoryview: memcmp, no copy
+SCAN_WORKERS = 4  # reads in flight; each worker reads, then tests, both without the GIL
+
+
+def _libc_memcmp() -> Callable[[int, bytes, int], int]:
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc (glibc or musl)
+    fn = libc.memcmp
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    return cast(Callable[[int, bytes, int], int], fn)
+
+
+_memcmp = _libc_memcmp()  # a foreign call: the GIL is released while it runs
 
 
 @dataclass(frozen=True)
@@ -251,8 +279,77 @@ class ZeroScan:
         return self.first_nonzero is None and self.bytes_scanned == self.length
 
 
-# progress(bytes_scanned, length): called after each read, and at most every `progress_every` s
+# progress(bytes_scanned, length): called at most every `progress_every` s, and at the end
 ScanProgress = Callable[[int, int], None]
+
+
+class _Buffer:
+    """One page-aligned read buffer (pre-faulted: one syscall, not a fault per page) and its
+    address for memcmp."""
+
+    def __init__(self, size: int) -> None:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        self.map = mmap.mmap(-1, size, flags=flags)
+        self.view = memoryview(self.map)
+        self._cbuf = (ctypes.c_char * size).from_buffer(self.map)
+        self.address = ctypes.addressof(self._cbuf)
+
+    def close(self) -> None:
+        del self._cbuf
+        self.view.release()
+        self.map.close()
+
+
+def _first_nonzero(buf: _Buffer, length: int) -> int:
+    """Index of the first non-zero byte of buf[:length] (memcmp per 4 KiB, then bytes)."""
+    for block in range(0, length, SCAN_ALIGN):
+        n = min(SCAN_ALIGN, length - block)
+        if _memcmp(buf.address + block, _ZEROS, n):
+            data = bytes(buf.view[block : block + n])
+            return block + n - len(data.lstrip(b"\0"))
+    raise AssertionError("memcmp said non-zero, no byte is")  # pragma: no cover
+
+
+@dataclass
+class _ScanState:
+    """What the workers share (under `cond`): the next chunk to claim, the chunks done, and
+    the lowest failing chunk (non-zero data or a read error)."""
+
+    fd: int
+    path: Path
+    offset: int
+    length: int
+    chunk: int
+    chunks: int
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    next_chunk: int = 0
+    done: set[int] = field(default_factory=set)
+    prefix: int = 0  # chunks 0..prefix-1 are all proven zero
+    failed: dict[int, int | BaseException] = field(default_factory=dict)  # chunk -> offset/error
+    running: int = 0
+
+    def claim(self) -> int | None:
+        with self.cond:
+            if self.failed or self.next_chunk >= self.chunks:
+                return None  # after a failure no later chunk matters
+            self.next_chunk += 1
+            return self.next_chunk - 1
+
+    def finish(self, chunk: int, failure: int | BaseException | None) -> None:
+        with self.cond:
+            if failure is None:
+                self.done.add(chunk)
+                while self.prefix in self.done:
+                    self.done.discard(self.prefix)
+                    self.prefix += 1
+            else:
+                self.failed[chunk] = failure
+            self.cond.notify_all()
+
+    def exit(self) -> None:
+        with self.cond:
+            self.running -= 1
+            self.cond.notify_all()
 
 
 def scan_zeros(
@@ -262,19 +359,28 @@ def scan_zeros(
     *,
     progress: ScanProgress | None = None,
     progress_every: float = 2.0,
+    workers: int = SCAN_WORKERS,
+    chunk: int = SCAN_CHUNK,
 ) -> ZeroScan:
     """Prove that `length` bytes of `path` from `offset` all read as zeros (every byte, no
     sampling); stops at the first non-zero byte.
 
     O_DIRECT (no page cache: it reads what is on the medium, not what a cache remembers, and
-    does not evict the guest's cache), SCAN_CHUNK reads into one reused page-aligned buffer,
-    and a memcmp against a constant zero buffer. A file system without O_DIRECT (tmpfs image
+    does not evict the guest's cache), `chunk`-sized reads by `workers` threads, each with its
+    own pre-faulted page-aligned buffer, so reads stay in flight while other chunks are tested;
+    the test is libc's memcmp against a constant zero buffer (a foreign call: it runs without
+    the GIL, on every CPU). Chunks are claimed in order, so when a chunk fails every chunk
+    before it has been claimed and is finished before the result is known: the result is the
+    lowest failure, and `first_nonzero` is the true first non-zero byte. Progress reports the
+    proven prefix (what a resume cursor may keep). A file system without O_DIRECT (tmpfs image
     files in tests) falls back to buffered reads. A short read before `offset + length` (the
     device is smaller than asked) or a read error raises OSError: it is never "zero".
     `offset` must be SCAN_ALIGN-aligned; `length` may end anywhere.
     """
     if offset < 0 or length < 0 or offset % SCAN_ALIGN:
         raise ValueError(f"scan range {offset}+{length} must be non-negative and aligned")
+    if chunk <= 0 or chunk % SCAN_ALIGN or chunk > SCAN_CHUNK or workers < 1:
+        raise ValueError(f"scan chunk {chunk} / workers {workers} out of range")
     flags = os.O_RDONLY | os.O_CLOEXEC
     try:
         fd = os.open(path, flags | os.O_DIRECT)
@@ -282,31 +388,80 @@ def scan_zeros(
         if exc.errno != errno.EINVAL:
             raise
         fd = os.open(path, flags)
-    buf = mmap.mmap(-1, SCAN_CHUNK)
-    view = memoryview(buf)
-    done = 0
-    last_report = time.monotonic()
+    state = _ScanState(fd, path, offset, length, chunk, -(-length // chunk))
+    threads: list[threading.Thread] = []
     try:
-        while done < length:
-            want = min(SCAN_CHUNK, length - done)
-            aligned = -(-want // SCAN_ALIGN) * SCAN_ALIGN  # O_DIRECT reads whole blocks
-            got = os.preadv(fd, [view[:aligned]], offset + done)
-            if got < want:
-                if got <= 0 or got % SCAN_ALIGN:
-                    raise OSError(
-                        errno.EIO,
-                        f"short read at {offset + done} of {path} (device smaller than expected)",
-                    )
-                want = got  # O_DIRECT may return fewer whole blocks: keep going from there
-            chunk = view[:want]
-            if not _ZEROS.startswith(chunk):
-                first = next(i for i in range(want) if chunk[i])
-                return ZeroScan(offset, length, done + first, offset + done + first)
-            done += want
+        for _ in range(min(workers, max(state.chunks, 1))):
+            state.running += 1
+            t = threading.Thread(
+                target=_scan_worker,
+                args=(state,),
+                name="cva-zero-scan",
+                daemon=True,
+            )
+            threads.append(t)
+            t.start()
+        last_report = time.monotonic()
+        while True:
+            with state.cond:
+                if not state.running:
+                    break
+                state.cond.wait(timeout=max(progress_every, 0.05))
+                proven = min(state.prefix * chunk, length)
             now = time.monotonic()
-            if progress is not None and (now - last_report >= progress_every or done == length):
+            if progress is not None and now - last_report >= progress_every:
                 last_report = now
-                progress(done, length)
+                progress(proven, length)  # outside the lock: the workers go on meanwhile
+    except BaseException:
+        with state.cond:
+            state.failed.setdefault(-1, RuntimeError("scan abandoned"))  # stop claiming
+        raise
     finally:
-        os.close(fd)  # the buffer goes with its last view (slices keep it exported)
-    return ZeroScan(offset, length, done, None)
+        for t in threads:
+            t.join()
+        os.close(fd)
+    if state.failed:
+        first = min(state.failed)
+        failure = state.failed[first]
+        if isinstance(failure, BaseException):
+            raise failure
+        return ZeroScan(offset, length, failure - offset, failure)
+    if progress is not None:
+        progress(length, length)
+    return ZeroScan(offset, length, length, None)
+
+
+def _scan_worker(state: _ScanState) -> None:
+    buf: _Buffer | None = None
+    try:
+        buf = _Buffer(state.chunk)
+        while (index := state.claim()) is not None:
+            start = index * state.chunk
+            want = min(state.chunk, state.length - start)
+            try:
+                _read_chunk(state.fd, buf, state.offset + start, want, state.path)
+                failure: int | BaseException | None = None
+                if _memcmp(buf.address, _ZEROS, want):
+                    failure = state.offset + start + _first_nonzero(buf, want)
+            except OSError as exc:
+                failure = exc
+            state.finish(index, failure)
+    except Exception as exc:  # noqa: BLE001  (e.g. MemoryError for the buffer: never hang)
+        state.finish(-1, exc)
+    finally:
+        if buf is not None:
+            buf.close()
+        state.exit()
+
+
+def _read_chunk(fd: int, buf: _Buffer, at: int, want: int, path: Path) -> None:
+    """Fill buf[:want] from `at`; O_DIRECT reads whole blocks and may return fewer."""
+    got = 0
+    while got < want:
+        aligned = -(-(want - got) // SCAN_ALIGN) * SCAN_ALIGN
+        n = os.preadv(fd, [buf.view[got : got + aligned]], at + got)
+        if n <= 0 or (n < aligned and n % SCAN_ALIGN and got + n < want):
+            raise OSError(
+                errno.EIO, f"short read at {at + got} of {path} (device smaller than expected)"
+            )
+        got += n

@@ -584,6 +584,9 @@ def disable_metadata_locking() -> None:
             raise _error("crypt_metadata_locking", rc, "libcryptsetup")
 
 
+_ZERO_BLOCK = bytes(64 * 1024)  # header_copy's unit: an all-zero block is not written
+
+
 @contextmanager
 def header_copy(
     area: bytes | bytearray | memoryview, name: str = "cva-luks-header"
@@ -596,9 +599,13 @@ def header_copy(
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         view = memoryview(area).cast("B")
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written:])
+        os.ftruncate(fd, len(view))
+        for at in range(0, len(view), len(_ZERO_BLOCK)):
+            block = view[at : at + len(_ZERO_BLOCK)]
+            if not _ZERO_BLOCK.startswith(block):  # zero blocks stay holes: they read as zeros
+                done = 0
+                while done < len(block):
+                    done += os.pwrite(fd, block[done:], at + done)
         yield f"/proc/{os.getpid()}/fd/{fd}"
     finally:
         os.close(fd)

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from luks import blank
@@ -177,3 +177,65 @@ def test_scan_zeros_short_device_is_an_error_not_zero(tmp_path: Path) -> None:
         blank.scan_zeros(img, 0, blank.SCAN_CHUNK + 4096)
     with pytest.raises(ValueError):
         blank.scan_zeros(img, 100, 10)
+
+
+# ---- the parallel scan: the lowest failure wins, whatever the workers' order -------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size_blocks=st.integers(min_value=1, max_value=64),
+    tail=st.integers(min_value=0, max_value=4095),
+    writes=st.lists(st.integers(min_value=0), max_size=5),
+    workers=st.integers(min_value=1, max_value=6),
+    chunk_blocks=st.integers(min_value=1, max_value=4),
+)
+def test_parallel_scan_finds_the_first_nonzero_byte(
+    tmp_path_factory: pytest.TempPathFactory,
+    size_blocks: int,
+    tail: int,
+    writes: list[int],
+    workers: int,
+    chunk_blocks: int,
+) -> None:
+    size = size_blocks * blank.SCAN_ALIGN + tail
+    where = sorted({w % size for w in writes})
+    img = _scan_image(tmp_path_factory.mktemp("scan"), size, dict.fromkeys(where, b"\x80"))
+    seen: list[int] = []
+    scan = blank.scan_zeros(
+        img, 0, size, workers=workers, chunk=chunk_blocks * blank.SCAN_ALIGN,
+        progress=lambda done, _total: seen.append(done), progress_every=0,
+    )  # fmt: skip
+    if where:
+        assert scan.first_nonzero == where[0] and scan.bytes_scanned == where[0]
+        assert all(done <= where[0] for done in seen)  # progress = a proven-zero prefix only
+    else:
+        assert scan.zero and scan.bytes_scanned == size and seen[-1] == size
+    assert seen == sorted(seen)
+
+
+def test_parallel_scan_error_before_data_raises_and_data_before_an_error_wins(
+    tmp_path: Path,
+) -> None:
+    chunk = blank.SCAN_ALIGN
+    img = _scan_image(tmp_path, 8 * chunk, {3 * chunk + 5: b"\x01"})
+    # the file ends at 8 blocks: asking for 12 is a short read after the data -> the data
+    scan = blank.scan_zeros(img, 0, 12 * chunk, workers=4, chunk=chunk)
+    assert scan.first_nonzero == 3 * chunk + 5
+    img.write_bytes(bytes(2 * chunk))
+    with pytest.raises(OSError, match="short read"):
+        blank.scan_zeros(img, 0, 12 * chunk, workers=4, chunk=chunk)
+
+
+def test_scan_arguments_out_of_range(tmp_path: Path) -> None:
+    img = _scan_image(tmp_path, blank.SCAN_ALIGN)
+    for kwargs in ({"workers": 0}, {"chunk": 100}, {"chunk": 2 * blank.SCAN_CHUNK}):
+        with pytest.raises(ValueError, match="out of range"):
+            blank.scan_zeros(img, 0, blank.SCAN_ALIGN, **kwargs)  # type: ignore[arg-type]
+
+
+def test_is_zero_and_range_equals_fast_paths() -> None:
+    assert blank.is_zero(b"") and blank.is_zero(bytes(blank.SCAN_CHUNK + 7))
+    buf = bytearray(blank.SCAN_CHUNK + 7)
+    buf[-1] = 1
+    assert not blank.is_zero(buf) and not blank.is_zero(memoryview(buf))
