@@ -103,6 +103,7 @@ open report a seq not above one already in the log.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -229,12 +230,19 @@ def _volume_lock(runtime_dir: Path, name: str) -> Iterator[None]:
 def _format(device: Path, vol: VolumeSpec, passphrase: Secret, mac_key: Secret) -> bytes:
     """ABSENT -> INITIALIZING on a device proved blank just before; returns the header area.
 
-    libcryptsetup formats into a memfd (guest memory, a detached header with cva's on-disk
-    layout: data at 16 MiB of `device`) and adds the keyslot there; cva MACs the token over
-    that in-memory copy and only then writes the whole header region to the disk itself. No
-    byte the host could swap in between is ever read back and MAC'd. With integrity, format
-    also writes dm-integrity's superblock into the data area of `device` (needs device-mapper).
+    The header is made in memory (`_format_in_memory`); cva writes the whole header region to
+    the disk itself. With integrity, format also writes dm-integrity's superblock into the
+    data area of `device` (needs device-mapper).
     """
+    return _write_formatted(device, _format_in_memory(device, vol, passphrase, mac_key))
+
+
+def _format_in_memory(device: Path, vol: VolumeSpec, passphrase: Secret, mac_key: Secret) -> bytes:
+    """libcryptsetup formats into a memfd (guest memory, a detached header with cva's on-disk
+    layout: data at 16 MiB of `device`) and adds the keyslot there; cva MACs the token over
+    that in-memory copy. No byte the host could swap in between is ever read back and MAC'd.
+    Without integrity nothing is written to `device` (so it may run while the blank proof
+    reads it: `_FormatAhead`)."""
     fd = os.memfd_create("cva-luks-format", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, DATA_OFFSET_BYTES)
@@ -247,12 +255,42 @@ def _format(device: Path, vol: VolumeSpec, passphrase: Secret, mac_key: Secret) 
             hdr = parse_luks2(_read_fd(fd, DATA_OFFSET_BYTES))
             token = make_token(hdr, INITIALIZING, vol.name, mac_key, seq=0)
             cd.token_json_set(0, token_json(token))
-        area = _read_fd(fd, DATA_OFFSET_BYTES)
+        return _read_fd(fd, DATA_OFFSET_BYTES)
     finally:
         os.close(fd)
+
+
+def _write_formatted(device: Path, area: bytes) -> bytes:
     _write_header(device, area)
     _window(CrashWindow.INITIALIZING_WRITTEN)
     return area
+
+
+class _FormatAhead:
+    """The in-memory format of a create without integrity, run in a thread while the blank
+    proof reads the disk (libcryptsetup's calls are foreign calls: they run without the GIL).
+    It writes nothing to the disk; its header is used only if the proof then says blank and
+    the plan says create, else dropped. Leaving the block waits for it (the keys it borrows
+    are wiped only after). With integrity (the format writes the data area) it does nothing."""
+
+    def __init__(self, device: Path, vol: VolumeSpec, passphrase: Secret, mac_key: Secret):
+        self._args = (device, vol, passphrase, mac_key)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._future: concurrent.futures.Future[bytes] | None = None
+
+    def __enter__(self) -> _FormatAhead:
+        if not self._args[1].integrity:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "cva-format-ahead")
+            self._future = self._pool.submit(_format_in_memory, *self._args)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def area(self) -> bytes | None:
+        """The header made ahead (raises what the format raised), or None (none was made)."""
+        return None if self._future is None else self._future.result()
 
 
 def _format_scratch(device: Path) -> None:
@@ -706,6 +744,7 @@ def _prepare(
             area, obs = _adopt_half_written(device, area, vol, mac_key)
             adopted = True
         verdict = None
+        ahead: bytes | None = None  # the header formatted in memory during the blank proof
         if obs.kind == "zero":
             if not vol.create:  # no format possible: the cheap sampled look names the reason
                 verdict = blankproof.prove_blank(device, mode="sampled").verdict
@@ -713,8 +752,11 @@ def _prepare(
                 sigs = blankproof.signatures(device)
                 verdict = blank.BlankVerdict(not sigs, "signature found: " + ", ".join(sigs))
             else:
-                proof = scans.prove(device, "volume", known_zero_prefix=len(area))
+                with _FormatAhead(device, vol, passphrase, mac_key) as formatting:
+                    proof = scans.prove(device, "volume", known_zero_prefix=len(area))
                 verdict = proof.verdict
+                if proof.blank:
+                    ahead = formatting.area()
                 if vol.integrity and proof.first_nonzero_offset == DATA_OFFSET_BYTES:
                     verdict = _fresh_integrity_only(device, vol, scans.cursor_dir, verdict)
         decision = decide(obs, verdict, create=vol.create)
@@ -723,7 +765,10 @@ def _prepare(
         if decision.action == "create":
             blankproof.drop_cursor(scans.cursor_dir, device)  # cva writes to it now
             # the header cva made and MAC'd in memory; the disk is not read back
-            area = _format(device, vol, passphrase, mac_key)
+            if ahead is not None:
+                area = _write_formatted(device, ahead)
+            else:
+                area = _format(device, vol, passphrase, mac_key)
             created = True
             obs = _observe(area, vol, mac_key)
             if obs.kind != "cva" or obs.token_state != INITIALIZING:

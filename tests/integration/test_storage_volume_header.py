@@ -4,6 +4,7 @@ the two format crash windows (which must refuse, never reformat)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,46 @@ def test_adoption_refused_when_the_disk_changed_meanwhile(
         f.write(b"x")
     with pytest.raises(volume.VolumeRefused, match="changed"):
         volume._adopt_half_written(img, torn, vol, mac_key)
+
+
+def test_format_ahead_writes_nothing_until_the_proof_says_blank(img: Path) -> None:
+    """Issue 14 item 4: without integrity the in-memory format runs while the blank proof
+    reads the disk; the disk stays all zeros until cva writes the header it made."""
+    vol = make_volume()
+    passphrase, mac_key = keys()
+    with volume._FormatAhead(img, vol, passphrase, mac_key) as ahead:
+        assert blank.scan_zeros(img, 0, 64 * MIB).zero
+    area = ahead.area()
+    assert area is not None and len(area) == 16 * MIB
+    assert blank.scan_zeros(img, 0, 64 * MIB).zero  # made in memory only
+    obs = volume._observe(area, vol, mac_key)
+    assert (obs.kind, obs.token_state) == ("cva", "initializing")
+    assert volume._write_formatted(img, area) == area
+    assert volume._read_area(img) == area
+
+
+def test_format_ahead_does_nothing_with_integrity(img: Path) -> None:
+    """With integrity the format writes dm-integrity's superblock into the data area: never
+    while the disk is still being proven blank."""
+    vol = dataclasses.replace(make_volume(), integrity=True)
+    passphrase, mac_key = keys()
+    with volume._FormatAhead(img, vol, passphrase, mac_key) as ahead:
+        pass
+    assert ahead.area() is None
+    assert blank.scan_zeros(img, 0, 64 * MIB).zero
+
+
+def test_format_ahead_hands_back_what_the_format_raised(
+    img: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def hook(w: CrashWindow) -> None:
+        if w == CrashWindow.KEYSLOT_ADDED:
+            raise Crash
+
+    monkeypatch.setattr(volume, "crash_hook", hook)
+    passphrase, mac_key = keys()
+    with volume._FormatAhead(img, make_volume(), passphrase, mac_key) as ahead:
+        pass
+    with pytest.raises(Crash):
+        ahead.area()
+    assert blank.scan_zeros(img, 0, 64 * MIB).zero
