@@ -184,7 +184,7 @@ def collect() -> list[Result]:
         out_name="storage.json",
         needs="luks.volume",
         plan=_plan,
-        timeout=float(os.environ.get("CVA_BENCH_VM_TIMEOUT", "780")),
+        timeout=float(os.environ.get("CVA_BENCH_VM_TIMEOUT", "1500")),
         tmp_prefix="cva-bench-vm-",
         absent="not in this tree yet",
     )
