@@ -9,7 +9,7 @@ becomes "not measured: <reason>".
 Knobs (environment): CVA_BENCH_VM_SIZES (GiB, default "1,8"), CVA_BENCH_VM_INTEGRITY_SIZES
 (default "1,8"), CVA_BENCH_CDH_WIPE_MAX_GIB (default 1: the CLI-default baseline with integrity
 wipes the whole device, about a minute per GiB under TCG; bigger ones are skipped and say so),
-CVA_BENCH_IO_MIB (default 64), CVA_BENCH_IO_OPS (default 2000), CVA_BENCH_VM_TIMEOUT (s, 780).
+CVA_BENCH_IO_MIB (default 64), CVA_BENCH_IO_OPS (default 2000), CVA_BENCH_VM_TIMEOUT (s, 1500).
 """
 
 from __future__ import annotations
