@@ -39,7 +39,7 @@ class Module:
 
 
 MODULES = (
-    Module("vm_storage", 840.0, prepare=("-m", "tests.vm.build")),
+    Module("vm_storage", 1600.0, prepare=("-m", "tests.vm.build")),
     Module("vm_kata", 660.0, prepare=("-m", "tests.vm.build")),
     Module("kbs_roundtrips", 180.0),
     Module("footprint", 120.0),
