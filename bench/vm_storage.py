@@ -27,6 +27,10 @@ GROUP_MEM = "2. Peak memory during format/open (qemu guest)"
 GROUP_IO = "4. I/O (qemu guest)"
 GROUP_ZERO = "1b. Blankness proof: zero-scan throughput (qemu guest)"
 ZERO_TARGET = Target("ratio", ">=", 0.8, "cva ≥ 0.8x dd's read floor")
+CREATE_VS_CDH = (
+    "cva's create reads every byte of the disk first (1b: at dd's read speed), (a) formats "
+    "without looking, so the gap closes as the disk grows: cva ≈ a fixed part + size / read speed"
+)
 WARM_NOTE = (
     "the second pass over one disk: the host's page cache holds the image, so a read costs "
     "the host a memcpy and only the guest's emulated (TCG) CPU limits a tool that looks at "
@@ -337,6 +341,8 @@ def convert(doc: dict[str, Any], problem: str | None = None) -> list[Result]:
                 note = f"cva child incl. interpreter start: {wall:.2f} s" if wall else ""
                 if note_int and base == "cdh":
                     note = f"{note}; {note_int}" if note else note_int
+                if step == "create" and base == "cdh":
+                    note = f"{note}; {CREATE_VS_CDH}" if note else CREATE_VS_CDH
                 out.append(
                     measured(
                         name,
