@@ -15,8 +15,8 @@ host attached (serials in the plan), for each size and integrity off/on:
              whole disk is checked for zeros with the fastest standard tool measured in this
              guest (ZERO_TOOLS, the `zero-tools` item)
 - zero-scan throughput: cva's scan (luks.blank.scan_zeros) against `dd if=DEV of=/dev/null
-  bs=4M iflag=direct`, and each standard zero-check tool, on the first read of a fresh disk
-  each and again with the host's page cache warm (zero_scan_rates says why both);
+  bs=4M iflag=direct`, and each standard zero-check tool, on the first read of fresh 1 GiB
+  regions and again with the host's page cache warm (zero_scan_rates says why both);
 - peak memory (max RSS over the process and the tools it waited for, from wait4);
 - I/O on the 1 GiB disks: sequential (dd, O_DIRECT, 1 MiB) and 4K random (O_DIRECT, Python
   pread/pwrite; no fio in the guest image) read/write on a raw LV, dm-crypt with cva's flags,
@@ -60,11 +60,14 @@ FLAGS = "--perf-no_read_workqueue --perf-no_write_workqueue"
 
 # Standard ways to check a whole device for zeros by hand (exit 0 = all zeros); {dev}, {size}.
 ZERO_TOOLS = {
-    "cmp": "cmp -s -n {size} {dev} /dev/zero",
-    "dd-direct|cmp": ("dd if={dev} bs=4M iflag=direct status=none | cmp -s -n {size} - /dev/zero"),
+    "cmp": "cmp -s -i {offset}:0 -n {size} {dev} /dev/zero",
+    "dd-direct|cmp": (
+        "dd if={dev} bs=4M iflag=direct,skip_bytes,count_bytes skip={offset} count={size} "
+        "status=none | cmp -s -n {size} - /dev/zero"
+    ),
     "dd-direct|tr|wc": (
-        "test \"$(dd if={dev} bs=4M iflag=direct status=none | tr -d '\\000' | head -c 1 "
-        '| wc -c)" = 0'
+        'test "$(dd if={dev} bs=4M iflag=direct,skip_bytes,count_bytes skip={offset} '
+        "count={size} status=none | tr -d '\\000' | head -c 1 | wc -c)\" = 0"
     ),
 }
 CHOSEN = {"zero_tool": "dd-direct|cmp"}  # the fastest one the `zero-scan` item measured
@@ -214,7 +217,7 @@ def safety_lines(dev: str) -> list[str]:
     size = f"$(blockdev --getsize64 {dev})"
     return [
         f"rc=0; blkid -p {dev} >/dev/null || rc=$?; test $rc -eq 2",
-        ZERO_TOOLS[CHOSEN["zero_tool"]].format(dev=dev, size=size),
+        ZERO_TOOLS[CHOSEN["zero_tool"]].format(dev=dev, size=size, offset=0),
     ]
 
 
@@ -267,11 +270,22 @@ def dd_rate(target: str, mib: int, *, write: bool) -> float:
     return mib / (time.monotonic() - start)
 
 
-def zero_scan_rates(dev: str, cold: dict[str, str]) -> dict[str, float]:
-    """MiB/s over a whole blank 1 GiB disk: cva's scan, `dd ... of=/dev/null` (the read floor)
-    and each hand tool of ZERO_TOOLS, twice:
-    - `cold:` each on its own fresh disk (serials in `cold`), the first read of it, as a create
-      sees a new disk: the host reads its image (sparse holes) through its page cache;
+ZERO_REGION = 1 << 30  # each zero check reads 1 GiB
+ZERO_COLD_ROUNDS = 3  # first-read rounds of dd and cva (median); the hand tools once
+
+
+def zero_cold_regions() -> int:
+    """How many fresh 1 GiB regions `zero_scan_rates` reads (the plan's cold disk size)."""
+    return 2 * ZERO_COLD_ROUNDS + len(ZERO_TOOLS)
+
+
+def zero_scan_rates(dev: str, cold_dev: str | None) -> dict[str, float]:
+    """MiB/s over 1 GiB of blank disk: cva's scan, `dd ... of=/dev/null` (the read floor) and
+    each hand tool of ZERO_TOOLS, measured two ways:
+    - `cold:` on the first read of a region (a fresh 1 GiB region of `cold_dev` for every
+      measurement), as a create sees a new disk: the host reads its image (sparse holes)
+      through its page cache. dd and cva alternate over ZERO_COLD_ROUNDS rounds (median); the
+      slow hand tools run once;
     - warm, the second round over `dev`: the host's page cache holds the image, so the read
       costs the host a memcpy, and the guest's emulated (TCG) CPU is all that limits a tool
       that looks at the bytes; dd, which never looks, is not limited by it.
@@ -279,36 +293,38 @@ def zero_scan_rates(dev: str, cold: dict[str, str]) -> dict[str, float]:
     disks)."""
     from luks import blank
 
-    def size_of(path: str) -> int:
-        return int(subprocess.run(
-            ["blockdev", "--getsize64", path], check=True, capture_output=True, text=True,
-            timeout=30,
-        ).stdout.strip())  # fmt: skip
-
-    def measure(key: str, path: str) -> None:
-        size = size_of(path)
+    def measure(key: str, path: str, offset: int) -> float:
         start = time.monotonic()
         if key == "dd_null":
-            quiet(["dd", f"if={path}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"])
+            quiet([
+                "dd", f"if={path}", "of=/dev/null", "bs=4M", "iflag=direct,skip_bytes,count_bytes",
+                f"skip={offset}", f"count={ZERO_REGION}", "status=none",
+            ])  # fmt: skip
         elif key == "cva":
-            scan = blank.scan_zeros(Path(path), 0, size)
+            scan = blank.scan_zeros(Path(path), offset, ZERO_REGION)
             if not scan.zero:
                 raise RuntimeError(f"{path} is not blank (byte {scan.first_nonzero})")
         else:
-            sh(ZERO_TOOLS[key.removeprefix("tool:")].format(dev=path, size=size))
-        rate = size / MIB / (time.monotonic() - start)
-        out[f"{prefix}{key}_mib_s"] = rate
+            tool = ZERO_TOOLS[key.removeprefix("tool:")]
+            sh(tool.format(dev=path, size=ZERO_REGION, offset=offset))
+        return ZERO_REGION / MIB / (time.monotonic() - start)
 
-    keys = ["dd_null", "cva", *(f"tool:{n}" for n in ZERO_TOOLS)]
-    out: dict[str, float] = {"bytes": float(size_of(dev))}
-    prefix = "cold:"
-    for key in keys:
-        if key in cold:
-            measure(key, by_id(cold[key]))
-    prefix = ""
+    tools = [f"tool:{n}" for n in ZERO_TOOLS]
+    out: dict[str, float] = {"bytes": float(ZERO_REGION)}
+    if cold_dev:
+        regions = iter(range(0, zero_cold_regions() * ZERO_REGION, ZERO_REGION))
+        rounds: dict[str, list[float]] = {"dd_null": [], "cva": []}
+        for n in range(ZERO_COLD_ROUNDS):
+            for key in ("dd_null", "cva") if n % 2 == 0 else ("cva", "dd_null"):
+                rounds[key].append(measure(key, cold_dev, next(regions)))
+        for key, rates in rounds.items():
+            out[f"cold:{key}_mib_s"] = statistics.median(rates)
+            out[f"cold:{key}_rounds"] = float(len(rates))
+        for key in tools:
+            out[f"cold:{key}_mib_s"] = measure(key, cold_dev, next(regions))
     for _ in range(2):  # the second round counts (the first warms the host's page cache)
-        for key in keys:
-            measure(key, dev)
+        for key in ("dd_null", "cva", *tools):
+            out[f"{key}_mib_s"] = measure(key, dev, 0)
     rates = {n: out.get(f"cold:tool:{n}_mib_s", out[f"tool:{n}_mib_s"]) for n in ZERO_TOOLS}
     CHOSEN["zero_tool"] = max(ZERO_TOOLS, key=lambda n: rates[n])
     out["fastest_tool"] = float(list(ZERO_TOOLS).index(CHOSEN["zero_tool"]))
@@ -394,8 +410,8 @@ def run(plan: dict[str, Any], out: Path) -> int:
     rec.save()
     warm = plan.get("warmup_disk")
     if warm:  # still blank: the zero-scan rates first, and (b)'s zero tool with them
-        cold = dict(plan.get("zero_cold_disks", {}))
-        rates = rec.item("zero-scan", zero_scan_rates, by_id(warm), cold)
+        cold = plan.get("zero_cold_disk")
+        rates = rec.item("zero-scan", zero_scan_rates, by_id(warm), cold and by_id(cold))
         rec.doc["zero_tool"] = CHOSEN["zero_tool"]
         rec.doc["zero_tools"] = ZERO_TOOLS
         if rates:
