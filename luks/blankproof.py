@@ -2,10 +2,10 @@
 
 Blank = no signature of any kind (cva's own magics, then `blkid -p`) AND every byte of the
 target reads as zeros (`mode = "full"`, the default: `blank.scan_zeros`, O_DIRECT 4 MiB reads
-by four threads, memcmp outside the GIL). `mode = "sampled"` (the contract's explicit `blank_check = "sampled"`)
-reads only the 16 MiB header region, the first and last MiB after it and 32 x 64 KiB spread
-samples (`blank.sample_plan`): it cannot see data anywhere else, e.g. a filesystem whose header
-region was zeroed and whose files lie between two samples.
+by four threads, memcmp outside the GIL). `mode = "sampled"` (the contract's explicit
+`blank_check = "sampled"`) reads only the 16 MiB header region, the first and last MiB after
+it and 32 x 64 KiB spread samples (`blank.sample_plan`): it cannot see data anywhere else,
+e.g. a filesystem whose header region was zeroed and whose files lie between two samples.
 
 Resuming within one boot: a full scan interrupted (the daemon killed or restarted; a call's
 deadline does not stop it) leaves a cursor in tmpfs (`<state_dir>/blank/`), keyed by the block
