@@ -336,3 +336,15 @@ def test_foreign_token_refused(tmp_path: Path) -> None:
         cd.token_json_set(0, '{"type":"hostile-plugin","keyslots":["0"]}')
     reasons = allow_list_reasons(parse_luks2(read_header_area(img)), integrity=False)
     assert any(r.startswith("token-type:") for r in reasons)
+
+
+@pytest.mark.parametrize("length", [16 * 1024 * 1024, 3 * 65536 + 17, 100])
+def test_header_copy_is_byte_exact_with_zero_blocks_left_as_holes(length: int) -> None:
+    """Zero 64 KiB blocks are not written (holes read as zeros); a block with a single
+    non-zero byte, the first, the last and a partial last block all are."""
+    area = bytearray(length)
+    for where in (w for w in (0, 65536 + 4095, length // 2, length - 1) if w < length):
+        area[where] = 0xA5
+    with lc.header_copy(area) as path:
+        copy = Path(path).read_bytes()
+    assert copy == bytes(area)

@@ -239,3 +239,16 @@ def test_is_zero_and_range_equals_fast_paths() -> None:
     buf = bytearray(blank.SCAN_CHUNK + 7)
     buf[-1] = 1
     assert not blank.is_zero(buf) and not blank.is_zero(memoryview(buf))
+
+
+def test_read_range_stops_at_the_end_of_a_short_file(tmp_path: Path) -> None:
+    img = tmp_path / "short.img"
+    data = os.urandom(3 * blank.READ_CHUNK + 5)
+    img.write_bytes(data)
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        assert blank.read_range(fd, 7, len(data)) == data[7:]  # asks past the end
+        assert blank.read_range(fd, 0, 10) == data[:10]
+        assert blank.read_range(fd, len(data), 10) == b""
+    finally:
+        os.close(fd)
