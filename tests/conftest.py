@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.swtpm import swtpm_tcti  # noqa: F401 - shared fixture: a fresh swtpm per test
 
@@ -19,6 +20,11 @@ IN_CI = os.environ.get("CI") == "true"
 # tests/guest runs only inside the qemu guest (the VM suite, `make vm-test`), never on the host.
 if os.environ.get("CVA_IN_GUEST") != "1":
     collect_ignore = ["guest"]
+
+# No per-example time limit: a deadline is a timing assertion, and on a loaded 2-core machine
+# (or under TCG) a slow example is not a failure. Speed is measured by `make bench`.
+settings.register_profile("cva", deadline=None)
+settings.load_profile("cva")
 
 
 @pytest.fixture(scope="session")

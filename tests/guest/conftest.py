@@ -49,7 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
         with contextlib.suppress(ImportError):
             from hypothesis import settings
 
-            settings.register_profile("cva-guest", database=None)
+            settings.register_profile("cva-guest", database=None, deadline=None)
             settings.load_profile("cva-guest")
 
 
