@@ -45,7 +45,9 @@ sink = "auto"                      # auto | aa | tpm | rtmr | none; auto = at th
                                    # the sink this boot already uses (cva's log exists -> tpm,
                                    # on TDX rtmr), else the Attestation Agent when its socket
                                    # exists, else (TDX, Linux >= 6.16) RTMR3, else the TPM
-                                   # (/dev/tpmrm0), else none available (refused when required)
+                                   # (/dev/tpmrm0) when [evidence] decided tpm, else none
+                                   # available (refused when required); tpm (auto or named)
+                                   # only when the image's TEE is tpm
 pcr = 23                           # the PCR: tpm default 23; aa default: unset = AA's init_pcr.
                                    # tpm/auto allow 9..16 and 23 (not 0-8: firmware/boot and
                                    # initdata; not 17-22: DRTM, locality > 0, start at 0xFF..);

@@ -15,16 +15,20 @@ Where it goes is the image's choice (`[measure]` in /etc/cva/config.toml, agent.
 * `tpm`: cva extends a TPM PCR itself (default 23: the application PCR, extendable at locality
   0, not used by firmware, the boot chain, IMA, systemd or cva's initdata binding (8); it starts
   at zero each boot) and keeps its own log in the AA's format at `log` (tmpfs) with the AA's
-  write-ahead recovery (evidence.measure_log), run at start;
+  write-ahead recovery (evidence.measure_log), run at start. Only when the image's TEE
+  decision (agent.trust) is `tpm` (which `vtpm_in_tee` covers): the host can attach an
+  emulated TPM to any VM, so on TDX/SNP (or sample) a TPM register is the host's, and an
+  event in it would satisfy `required` while no verifier of the TEE's evidence ever sees it;
 * `rtmr` (TDX): cva extends RTMR3 itself through the kernel's measurement sysfs (Linux >= 6.16,
   evidence.tdx_rtmr) with SHA-384 entries in its own log, register index 4 (the CC MR index
   the AA's `pcr_to_ccmr` gives its PCRs 16..23: the AA's events land in the same register and
   name it the same way), same write-ahead recovery;
 * `auto` (default): decided at the first event and then kept: cva's own log already exists this
-  boot -> the direct sink (rtmr on TDX when the kernel has it, else tpm); else the AA when its
-  socket exists (kata-agent starts the AA before it calls anything); else, when the image's TEE
-  decision (agent.trust, never the contract) is TDX and the kernel has the RTMR sysfs, rtmr;
-  else the TPM when the TCTI's device exists; else no sink;
+  boot -> the direct sink (rtmr on TDX when the kernel has it, tpm when the TEE is tpm); else
+  the AA when its socket exists (kata-agent starts the AA before it calls anything); else, when
+  the image's TEE decision (agent.trust, never the contract) is TDX and the kernel has the RTMR
+  sysfs, rtmr; else, when that decision is tpm and the TCTI's device exists, tpm; else no sink
+  (on TDX/SNP: the error names the AA and, on TDX, a Linux >= 6.16 kernel);
 * `none`: nothing is measured.
 `required = true` (default): when an event cannot be recorded the operation fails and the
 volume is closed again before anyone got it; `false`: a warning, and the volume is handed out.
@@ -235,7 +239,24 @@ class Measurer:
 
     def _direct_sink(self) -> str:
         """The sink of cva's own log under `auto`: the one `_decide` would pick without an AA."""
-        return "rtmr" if self._rtmr_present() else "tpm"
+        if self._rtmr_present():
+            return "rtmr"
+        self._check_tpm_allowed()
+        return "tpm"
+
+    def _check_tpm_allowed(self) -> None:
+        """The `tpm` sink only when the image's TEE is the TPM (issue 21 #2): any other TEE's
+        evidence never covers a TPM PCR, and the host can attach an emulated TPM to any VM."""
+        if self._tee == "tpm":
+            return
+        tee = self._tee or "not decided"
+        rtmr = " or a Linux >= 6.16 kernel for the rtmr sink" if self._tee == "tdx" else ""
+        raise MeasureError(
+            f"the tpm measurement sink is refused: this image's TEE is {tee}, not tpm, so a TPM"
+            " PCR is the host's (it can attach an emulated TPM to any VM) and no evidence of"
+            f" this TEE covers it; use the Attestation Agent (sink aa){rtmr}, or set [evidence]"
+            ' tee = "tpm" (vtpm_in_tee = true for a paravisor vTPM) in /etc/cva/config.toml'
+        )
 
     def _direct_log(self) -> DirectLog:
         if self._direct is None:
@@ -248,6 +269,7 @@ class Measurer:
                     self._log_path, self._rtmr(), log_index=RTMR_INDEX + 1, alg=ALG_SHA384
                 )
             else:
+                self._check_tpm_allowed()
                 pcr = self._tpm_pcr()
                 register = self._register_factory(self._config.tcti, pcr)
                 direct = DirectLog(self._log_path, register, log_index=pcr)
@@ -268,19 +290,33 @@ class Measurer:
             sink = "aa"
         elif self._rtmr_present():
             sink = "rtmr"
-        elif _tcti_present(self._config.tcti):
+        elif self._tee == "tpm" and _tcti_present(self._config.tcti):
             sink = "tpm"
         else:
-            rtmr = ", no TDX RTMR sysfs (Linux >= 6.16)" if self._tee == "tdx" else ""
-            raise MeasureError(
-                "no measurement sink: no attestation agent socket at"
-                f" {self._config.aa_socket}{rtmr} and no TPM ({self._config.tcti}); start the AA"
-                " (kata agent.guest_components_procs=attestation-agent) or set [measure] in"
-                " /etc/cva/config.toml"
-            )
+            raise MeasureError(self._no_sink())
         self._sink = sink
         log.info("measurement_sink", sink=sink)
         return sink
+
+    def _no_sink(self) -> str:
+        aa = f"no attestation agent socket at {self._config.aa_socket}"
+        start_aa = "start the AA (kata agent.guest_components_procs=attestation-agent)"
+        if self._tee == "tpm":
+            return (
+                f"no measurement sink: {aa} and no TPM ({self._config.tcti}); {start_aa} or set"
+                " [measure] in /etc/cva/config.toml"
+            )
+        if self._tee == "tdx":
+            return (
+                f"no measurement sink: {aa} and no TDX RTMR sysfs (Linux >= 6.16); {start_aa}"
+                " or boot a Linux >= 6.16 guest kernel (the tpm sink is refused on tdx: a TPM"
+                " is the host's)"
+            )
+        return (
+            f"no measurement sink: {aa}, and on a {self._tee or 'not decided'} TEE only the AA"
+            f" can measure (the tpm sink is refused: a TPM is the host's); {start_aa}, or set"
+            ' [measure] sink = "none" in /etc/cva/config.toml (a test image)'
+        )
 
     def start(self) -> None:
         """At daemon start: finish a measurement a crash interrupted (tpm/rtmr) and check the
