@@ -34,6 +34,18 @@ Where it goes is the image's choice (`[measure]` in /etc/cva/config.toml, agent.
 volume is closed again before anyone got it; `false`: a warning, and the volume is handed out.
 A volume-close event is recorded after the close; if it fails the volume stays closed and the
 failure is logged (a log without the close event errs on the side of "still open").
+
+What the host can drive is bounded (issue 21 #5e): every open/close cycle it requests
+(PrepareVolumes/ReleaseVolumes, SecureMount and the pod's end) adds two events, and a log past
+the parser's limits (evidence.eventlog: 65,536 entries, 16 MiB) would make every later event
+and cva's own restart fail for the rest of the boot. So each boot has an event budget
+(`EventBudget`, counted in `<state_dir>/measure-budget.json`, tmpfs, so a restarted cva keeps
+counting): `per_volume` events for each contract volume (at most 64 volumes) and one shared
+`ephemeral` pool for SecureMount's ephemeral volumes (any mapper name). An open is recorded only
+while its pool has room for it and its later close (so a close always fits); past that, opening
+that volume (or any ephemeral one) is refused, naming the budget, until the next boot. The
+defaults keep cva's whole log under the parser's limits at the largest event cva can write, so
+the daemon always starts again and keeps handing out the volumes still open (measured).
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ if TYPE_CHECKING:
     from evidence.measure_log import DirectLog, Register
     from evidence.tdx_rtmr import TdxRtmr
 
+BUDGET_FILE = "measure-budget.json"
 RegisterFactory = Callable[[str, int], "Register"]  # (tcti, pcr) -> the register
 RtmrFactory = Callable[[int], "TdxRtmr"]  # RTMR index -> the register
 RTMR_INDEX = 3  # RTMR3 = CC MR 4, where the AA's pcr_to_ccmr puts PCRs 16..23 (its 17 and 23)
@@ -70,6 +83,30 @@ class MeasureError(CvaError):
     """A volume event could not be recorded while the image requires it."""
 
     rpc_code = _FAILED_PRECONDITION
+
+
+MAX_CONTRACT_VOLUMES = 64  # agent.contract: a contract names 0..64 volumes
+EPHEMERAL_POOL = "ephemeral"
+
+
+@dataclass(frozen=True)
+class EventBudget:
+    """Events per boot: per contract volume, and shared by all ephemeral volumes."""
+
+    per_volume: int = 512  # 256 open/close cycles of one volume per boot
+    ephemeral: int = 4096  # 2048 ephemeral volumes per boot
+
+    def limit(self, pool: str) -> int:
+        return self.ephemeral if pool == EPHEMERAL_POOL else self.per_volume
+
+    @property
+    def total(self) -> int:
+        return MAX_CONTRACT_VOLUMES * self.per_volume + self.ephemeral
+
+
+def budget_pool(key: str) -> str:
+    """The pool an opened-set key counts against: its contract volume, or the ephemeral pool."""
+    return EPHEMERAL_POOL if key.startswith(EPHEMERAL_KEY) else key
 
 
 @dataclass(frozen=True)
@@ -155,6 +192,7 @@ class Measurer:
         register_factory: RegisterFactory | None = None,
         tee: str | None = None,
         rtmr_factory: RtmrFactory | None = None,
+        budget: EventBudget | None = None,
     ) -> None:
         self._config = config
         self._log_path = log_path
@@ -166,6 +204,8 @@ class Measurer:
         self._sink: str | None = None if config.sink == "auto" else config.sink
         self._direct: DirectLog | None = None
         self._opened: dict[str, VolumeIdentity] = self._load()
+        self._budget = budget or EventBudget()
+        self._used: dict[str, int] = self._load_used()
 
     @classmethod
     def from_config(cls, config: DaemonConfig, *, tee: str | None = None) -> Measurer:
@@ -212,6 +252,57 @@ class Measurer:
             return
         doc = {n: i.to_json() for n, i in self._opened.items()}
         write_private(self._state_path, json.dumps(doc, sort_keys=True))
+
+    def _used_path(self) -> Path | None:
+        return None if self._state_path is None else self._state_path.with_name(BUDGET_FILE)
+
+    def _load_used(self) -> dict[str, int]:
+        path = self._used_path()
+        if path is None:
+            return {}
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, RecursionError) as exc:
+            # tmpfs, written only by cva: unreadable means tampering or a bug, never "fresh"
+            raise MeasureError(
+                f"cannot read the event budget {path} ({exc}); restart the VM"
+            ) from None
+        if not isinstance(doc, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in doc.items()
+        ):
+            raise MeasureError(f"the event budget {path} is malformed; restart the VM")
+        return dict(doc)
+
+    def _save_used(self) -> None:
+        path = self._used_path()
+        if path is not None:
+            write_private(path, json.dumps(self._used, sort_keys=True))
+
+    def _spend(self, key: str, operation: VolumeOperation, name: str) -> None:
+        """Count one event against its pool; an open needs room for itself and its close."""
+        pool = budget_pool(key)
+        used = self._used.get(pool, 0)
+        limit = self._budget.limit(pool)
+        if operation is VolumeOperation.CLOSE:
+            need = 1  # reserved when its volume was opened
+        else:  # this open, its close, and the closes of the pool's volumes still open
+            still_open = sum(1 for k in self._opened if k != key and budget_pool(k) == pool)
+            need = 2 + still_open
+        if used + need > limit:
+            what = "ephemeral volumes" if pool == EPHEMERAL_POOL else f"volume {name}"
+            raise MeasureError(
+                f"volume {name}: {operation.value} refused: the {limit} events this boot allows"
+                f" for {what} are used up (the host drove {used // 2} open/close cycles);"
+                " volumes still open are served, this one opens again after a VM restart"
+            )
+        self._used[pool] = used + 1
+        self._save_used()
+
+    def events_used(self, key: str) -> int:
+        return self._used.get(budget_pool(key), 0)
 
     def is_measured(self, name: str) -> bool:
         """True when volume `name` may be handed out without a new open event."""
@@ -368,6 +459,7 @@ class Measurer:
         with self._lock:
             try:
                 event = ident.event(operation)
+                self._spend(key, operation, ident.name)
                 sink = self._send(event)
             except (*REFUSALS, OSError) as exc:
                 self._fail(f"volume {ident.name}: {operation.value} not measured: {_text(exc)}")
