@@ -1,7 +1,7 @@
 """Measured volumes: one AAEL event per volume create/open/close, before anyone gets the volume.
 
 The event (`evidence.volume_event`): domain `cva`, operation `volume-create` | `volume-open` |
-`volume-close`, content canonical (RFC 8785) JSON with fs, header-sha256, name, ro, seq
+`volume-close` (ephemeral SecureMount volumes: `ephemeral-create` | `ephemeral-close`), content canonical (RFC 8785) JSON with fs, header-sha256, name, ro, seq
 (persistent volumes: the sequence in the MAC'd token, luks.token), uuid, v: the LUKS UUID and the
 SHA-256 of the header metadata cva validated (the canonical metadata its token MAC covers,
 luks.token.canonical_metadata: keyslots, segments, digests, config; no tokens, no seqid), from
@@ -286,7 +286,7 @@ class Measurer:
         pool = budget_pool(key)
         used = self._used.get(pool, 0)
         limit = self._budget.limit(pool)
-        if operation is VolumeOperation.CLOSE:
+        if operation.closes:
             need = 1  # reserved when its volume was opened
         else:  # this open, its close, and the closes of the pool's volumes still open
             still_open = sum(1 for k in self._opened if k != key and budget_pool(k) == pool)
@@ -452,8 +452,10 @@ class Measurer:
         """Record one event; raises MeasureError when it cannot and the image requires it.
         `key` names the volume in the opened set (default its name; ephemeral volumes use
         `EPHEMERAL_KEY + mapper`, so a host-chosen mapper name never aliases a contract
-        volume)."""
+        volume, and their events are `ephemeral-create` / `ephemeral-close`)."""
         key = ident.name if key is None else key
+        if key.startswith(EPHEMERAL_KEY):  # their own operations (issue 21 #5c)
+            operation = _EPHEMERAL_OPERATION.get(operation, operation)
         if not self.enabled:
             return
         with self._lock:
@@ -464,7 +466,7 @@ class Measurer:
             except (*REFUSALS, OSError) as exc:
                 self._fail(f"volume {ident.name}: {operation.value} not measured: {_text(exc)}")
                 sink = None
-            if operation is VolumeOperation.CLOSE:
+            if operation.closes:
                 self._opened.pop(key, None)
             else:
                 self._opened[key] = ident
@@ -496,6 +498,13 @@ class Measurer:
             with self._lock:
                 self._opened.pop(key, None)
                 self._save()
+
+
+_EPHEMERAL_OPERATION = {
+    VolumeOperation.CREATE: VolumeOperation.EPHEMERAL_CREATE,
+    VolumeOperation.OPEN: VolumeOperation.EPHEMERAL_CREATE,  # never reopened: a new key each time
+    VolumeOperation.CLOSE: VolumeOperation.EPHEMERAL_CLOSE,
+}
 
 
 def _text(exc: BaseException) -> str:

@@ -71,7 +71,8 @@ def test_the_default_budget_keeps_cvas_log_under_the_parsers_limits() -> None:
         for op in VolumeOperation:
             for fs in ("ext4", "xfs", "none"):
                 uuid = "00000000-0000-0000-0000-000000000000"
-                event = VolumeIdentity(name, uuid, bytes(32), fs, False, (1 << 64) - 1)
+                seq = None if op.ephemeral else (1 << 64) - 1
+                event = VolumeIdentity(name, uuid, bytes(32), fs, False, seq)
                 sizes.append(len(encode_entry(4, ALG_SHA384, volume_aael(event.event(op)))))
         return max(sizes)
 
