@@ -2,8 +2,9 @@
 
 The event (`evidence.volume_event`): domain `cva`, operation `volume-create` | `volume-open` |
 `volume-close` (ephemeral SecureMount volumes: `ephemeral-create` | `ephemeral-close`), content
-canonical (RFC 8785) JSON with fs, header-sha256, name, ro, seq (persistent volumes: the sequence in the MAC'd token, luks.token), uuid, v: the LUKS UUID and the
-SHA-256 of the header metadata cva validated (the canonical metadata its token MAC covers,
+canonical (RFC 8785) JSON with fs, header-sha256, name, ro, seq (persistent volumes: the
+sequence in the MAC'd token, luks.token), uuid, v: the LUKS UUID and the SHA-256 of the header
+metadata cva validated (the canonical metadata its token MAC covers,
 luks.token.canonical_metadata: keyslots, segments, digests, config; no tokens, no seqid), from
 the in-memory copy cva checked and activated from -- never re-read from the disk. Typed fields
 only: no key material can get into an event.
