@@ -37,3 +37,10 @@ def test_one_pcr8_writer_and_the_bounds_are_documented() -> None:
     assert "capped per method, 16 KiB by default" in README
     assert "**512 events per contract volume**" in README
     assert "`ephemeral-create` and `ephemeral-close`" in README
+
+
+def test_key_material_residue_is_documented() -> None:
+    """tests/unit/test_key_material_buffers.py"""
+    text = _section("## Key material in memory", "## Code map")
+    assert "ECDH shared secret Z" in text and "unwrapped content key" in text
+    assert "`derive_into`" in text
