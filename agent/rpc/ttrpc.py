@@ -20,9 +20,10 @@ absent or code 0 means success. See `protos/ttrpc/ttrpc.proto`.
 
 What this server does with hostile input, following containerd's server (server.go):
 
-- request size: every method has a cap on its request payload (`register(...,
-  max_request_bytes=)`, default the server's `max_request_bytes`, 16 KiB like cva's gRPC; the
-  real requests, VolumeAgent's and SecureMount's, are well under 4 KiB), and a frame is read
+- request size: every call has a cap on its request payload: its method's (`register(...,
+  max_request_bytes=)`, or `set_method_limits` for a method served some other way, e.g. by a
+  front that forwards it), else the server's `max_request_bytes`, 16 KiB like cva's gRPC (the
+  real requests, VolumeAgent's and SecureMount's, are well under 4 KiB); a frame is read
   only up to the largest cap plus `REQUEST_ENVELOPE_BYTES` for the ttrpc.Request around it
   (service and method names, timeout, metadata). A frame longer than that is read and thrown
   away, and RESOURCE_EXHAUSTED is the answer on that stream id, as in containerd; a length
@@ -48,9 +49,10 @@ What this server does with hostile input, following containerd's server (server.
   negative = already expired); on expiry the handler is cancelled and the answer is
   DEADLINE_EXCEEDED;
 - calls in flight: at most `max_inflight` (16) per connection, `max_server_inflight` (64) over
-  all the server's connections, and a method's own `max_inflight` when it was registered with
-  one; a call beyond any of them gets RESOURCE_EXHAUSTED at once (its request is dropped, so
-  what the server holds is bounded by max_server_inflight x the frame limit);
+  all the server's connections, and a method's own `max_inflight` when it has one (`register`
+  or `set_method_limits`); a call beyond any of them gets RESOURCE_EXHAUSTED at once (its
+  request is dropped, so what the server holds is bounded by max_server_inflight x the frame
+  limit); these bounds and caps apply to every call, registered or not;
 - a handler's `RpcError` becomes its status; a `CvaError` its one-line message (INVALID_ARGUMENT
   for `InputError`, or the exception's `rpc_code`, else UNKNOWN); anything else INTERNAL with a
   fixed message (logged, never sent).
@@ -241,8 +243,9 @@ def status_for(exc: BaseException) -> tuple[Code, str]:
 
 
 @dataclass
-class _Method:
-    handler: RawHandler
+class _Limits:
+    """One method's caps (`set_method_limits`) and its calls in flight now."""
+
     max_request_bytes: int
     max_inflight: int | None  # None: only the connection's and the server's bounds
     inflight: int = 0
@@ -306,7 +309,8 @@ class TtrpcServer:
         self.max_connections = max_connections
         self.max_discard_bytes = max_discard_bytes
         self._error_status = error_status
-        self._handlers: dict[tuple[str, str], _Method] = {}
+        self._handlers: dict[tuple[str, str], RawHandler] = {}
+        self._limits: dict[tuple[str, str], _Limits] = {}
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
         self._connections: set[_Connection] = set()
@@ -326,30 +330,46 @@ class TtrpcServer:
         returns the response message (or its bytes). `max_request_bytes`: this method's cap on
         its request payload (default: the server's); `max_inflight`: at most this many of its
         calls at once (default: only the connection's and the server's bounds)."""
-        service, sep, method = full_method.lstrip("/").rpartition("/")
-        if not sep or not service or not method:
-            raise ValueError(f"ttrpc method name {full_method!r} is not 'package.Service/Method'")
-        if (service, method) in self._handlers:
+        key = _method_key(full_method)
+        if key in self._handlers:
             raise ValueError(f"ttrpc method {full_method!r} is already registered")
+        if max_request_bytes is not None or max_inflight is not None:
+            self.set_method_limits(
+                full_method, max_request_bytes=max_request_bytes, max_inflight=max_inflight
+            )
+        self._handlers[key] = handler
+
+    def set_method_limits(
+        self,
+        full_method: str,
+        *,
+        max_request_bytes: int | None = None,
+        max_inflight: int | None = None,
+    ) -> None:
+        """Caps for one method, whoever serves it (a registered handler, or a front that
+        forwards it): its request payload cap (default: the server's `max_request_bytes`) and
+        its calls in flight (default: only the connection's and the server's bounds)."""
+        key = _method_key(full_method)
         cap = self.max_request_bytes if max_request_bytes is None else max_request_bytes
         if not 0 < cap <= self.max_message_bytes - REQUEST_ENVELOPE_BYTES:
             raise ValueError(f"ttrpc method {full_method!r}: max_request_bytes out of range")
         if max_inflight is not None and max_inflight < 1:
             raise ValueError(f"ttrpc method {full_method!r}: max_inflight must be positive")
-        self._handlers[(service, method)] = _Method(handler, cap, max_inflight)
+        if key in self._limits and self._limits[key].inflight:
+            raise ValueError(f"ttrpc method {full_method!r}: limits changed with calls in flight")
+        self._limits[key] = _Limits(cap, max_inflight)
 
     @property
     def request_frame_limit(self) -> int:
         """The longest request frame read: the largest method cap plus the envelope."""
-        caps = [m.max_request_bytes for m in self._handlers.values()]
+        caps = [m.max_request_bytes for m in self._limits.values()]
         largest = max([self.max_request_bytes, *caps])
         return min(self.max_message_bytes, largest + REQUEST_ENVELOPE_BYTES)
 
-    def request_limit(self, full_method: str) -> int | None:
-        """A registered method's request payload cap."""
-        service, _, method = full_method.lstrip("/").rpartition("/")
-        entry = self._handlers.get((service, method))
-        return None if entry is None else entry.max_request_bytes
+    def request_limit(self, full_method: str) -> int:
+        """The request payload cap of calls to `full_method`."""
+        limits = self._limits.get(_method_key(full_method))
+        return self.max_request_bytes if limits is None else limits.max_request_bytes
 
     def register_unary(
         self,
@@ -581,7 +601,7 @@ class TtrpcServer:
                     conn, encode_response(header.stream_id, Code.RESOURCE_EXHAUSTED, refusal)
                 )
                 continue
-            entry = self._handlers.get((request.service, request.method))
+            entry = self._limits.get((request.service, request.method))
             self._server_inflight += 1
             if entry is not None:
                 entry.inflight += 1
@@ -596,20 +616,17 @@ class TtrpcServer:
             return f"more than {self.max_inflight} calls in flight on this connection"
         if self._server_inflight >= self.max_server_inflight:
             return f"more than {self.max_server_inflight} calls in flight on this server"
-        entry = self._handlers.get((request.service, request.method))
-        if entry is None:
-            return None  # answered UNIMPLEMENTED
+        entry = self._limits.get((request.service, request.method))
+        cap = self.max_request_bytes if entry is None else entry.max_request_bytes
         name = f"{_clip(request.service)}/{_clip(request.method)}"
-        if len(request.payload) > entry.max_request_bytes:
-            return (
-                f"request of {len(request.payload)} bytes exceeds the {entry.max_request_bytes}"
-                f" bytes {name} accepts"
-            )
-        if entry.max_inflight is not None and entry.inflight >= entry.max_inflight:
-            return f"more than {entry.max_inflight} {name} calls in flight"
+        if len(request.payload) > cap:
+            return f"request of {len(request.payload)} bytes exceeds the {cap} bytes {name} accepts"
+        bound = None if entry is None else entry.max_inflight
+        if entry is not None and bound is not None and entry.inflight >= bound:
+            return f"more than {bound} {name} calls in flight"
         return None
 
-    def _release(self, entry: _Method | None) -> Callable[[object], None]:
+    def _release(self, entry: _Limits | None) -> Callable[[object], None]:
         def done(_task: object) -> None:
             self._server_inflight -= 1
             if entry is not None:
@@ -627,8 +644,8 @@ class TtrpcServer:
     async def _dispatch(
         self, conn: _Connection, stream_id: int, request: ttrpc_pb2.Request
     ) -> tuple[Code, str, bytes]:
-        entry = self._handlers.get((request.service, request.method))
-        if entry is None:
+        handler = self._handlers.get((request.service, request.method))
+        if handler is None:
             if not any(s == request.service for s, _ in self._handlers):
                 return Code.UNIMPLEMENTED, f"service {_clip(request.service)}", b""
             return Code.UNIMPLEMENTED, f"method {_clip(request.method)}", b""
@@ -647,7 +664,7 @@ class TtrpcServer:
         )
         try:
             async with asyncio.timeout(timeout):
-                result = await entry.handler(bytes(request.payload), ctx)
+                result = await handler(bytes(request.payload), ctx)
             data = result if isinstance(result, bytes) else result.SerializeToString()
         except TimeoutError:
             log.warning("ttrpc: %s/%s exceeded its deadline", request.service, request.method)
@@ -716,6 +733,13 @@ async def _discard(reader: asyncio.StreamReader, length: int) -> None:
         if not chunk:
             raise asyncio.IncompleteReadError(b"", remaining)
         remaining -= len(chunk)
+
+
+def _method_key(full_method: str) -> tuple[str, str]:
+    service, sep, method = full_method.lstrip("/").rpartition("/")
+    if not sep or not service or not method:
+        raise ValueError(f"ttrpc method name {full_method!r} is not 'package.Service/Method'")
+    return service, method
 
 
 def _clip(name: str, limit: int = 200) -> str:

@@ -169,3 +169,28 @@ async def test_a_method_with_its_own_inflight_bound(sock: Path, gate: _Gate) -> 
     assert _status(await conn.read_frame()) == (0, "", b"done")
     await _call(conn, 7, "One")  # released
     assert _status(await conn.read_frame()) == (0, "", b"done")
+
+
+async def test_limits_apply_to_methods_served_without_a_handler(tmp_path: Path) -> None:
+    """A front that forwards methods it does not register (issue 24's CDH relay) sets their
+    caps with set_method_limits; every other call gets the server's default cap."""
+    srv = TtrpcServer()
+    srv.set_method_limits("t.Fwd/Big", max_request_bytes=64 * KIB, max_inflight=2)
+    assert srv.request_limit("t.Fwd/Big") == 64 * KIB
+    assert srv.request_limit("t.Fwd/Other") == DEFAULT_MAX_REQUEST_BYTES
+    assert srv.request_frame_limit == 64 * KIB + REQUEST_ENVELOPE_BYTES
+    await srv.listen_unix(tmp_path / "f.sock")
+    try:
+        conn = await RawConnection.open(tmp_path / "f.sock")
+
+        async def call(sid: int, method: str, size: int) -> tuple[int, str, bytes]:
+            frame = ttrpc_pb2.Request(service="t.Fwd", method=method, payload=b"x" * size)
+            await conn.send(encode_frame(sid, MessageType.REQUEST, frame.SerializeToString()))
+            return _status(await conn.read_frame())
+
+        assert (await call(1, "Big", 64 * KIB))[0] == Code.UNIMPLEMENTED  # within its cap
+        assert (await call(3, "Big", 64 * KIB + 1))[0] == Code.RESOURCE_EXHAUSTED
+        assert (await call(5, "Other", 16 * KIB + 1))[0] == Code.RESOURCE_EXHAUSTED
+        assert (await call(7, "Other", 16 * KIB))[0] == Code.UNIMPLEMENTED
+    finally:
+        await srv.close(grace=0.1)
