@@ -39,13 +39,19 @@ allow_sample = false               # true only in test images: permits tee = "sa
                                    # no security), still refused when a TDX/SNP device is present
 vtpm_in_tee = false                # true: the vTPM is part of the TEE (a paravisor vTPM), so
                                    # tee = "tpm" may be chosen while TDX/SNP is present
+pcr8_extender = "cva"              # TPM images: who extends PCR8 with the initdata digest,
+                                   # once per boot: "cva" (no Attestation Agent in the image)
+                                   # or "aa" (the image runs the AA, which extends it when
+                                   # kata-agent starts it with initdata; cva only verifies)
 
 [measure]                          # measured volumes: one AAEL event per create/open/close
 sink = "auto"                      # auto | aa | tpm | rtmr | none; auto = at the first event:
                                    # the sink this boot already uses (cva's log exists -> tpm,
                                    # on TDX rtmr), else the Attestation Agent when its socket
                                    # exists, else (TDX, Linux >= 6.16) RTMR3, else the TPM
-                                   # (/dev/tpmrm0), else none available (refused when required)
+                                   # (/dev/tpmrm0) when [evidence] decided tpm, else none
+                                   # available (refused when required); tpm (auto or named)
+                                   # only when the image's TEE is tpm
 pcr = 23                           # the PCR: tpm default 23; aa default: unset = AA's init_pcr.
                                    # tpm/auto allow 9..16 and 23 (not 0-8: firmware/boot and
                                    # initdata; not 17-22: DRTM, locality > 0, start at 0xFF..);
@@ -83,6 +89,7 @@ CDH_TTRPC_SOCKET = Path("/run/confidential-containers/cdh.sock")  # kata-agent's
 MAX_CONFIG_BYTES = 64 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 IMAGE_TEES = ("auto", "tdx", "snp", "tpm", "sample")
+PCR8_EXTENDERS = ("cva", "aa")
 MAX_MOUNT_ROOTS = 32
 
 
@@ -127,6 +134,7 @@ class EvidenceConfig:
     tee: str = "auto"
     allow_sample: bool = False
     vtpm_in_tee: bool = False
+    pcr8_extender: str = "cva"  # TPM: "cva" extends PCR8 itself, "aa": the AA does (agent.binding)
 
 
 MEASURE_SINKS = ("auto", "aa", "tpm", "rtmr", "none")
@@ -190,7 +198,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
     "paths": frozenset({"rootfs_base", "state_dir", "mount_base"}),
     "timeouts": frozenset({"call", "disk_wait", "kbs", "shutdown_grace"}),
     "log": frozenset({"level"}),
-    "evidence": frozenset({"tee", "allow_sample", "vtpm_in_tee"}),
+    "evidence": frozenset({"tee", "allow_sample", "vtpm_in_tee", "pcr8_extender"}),
     "securemount": frozenset({"mount_roots"}),
     "measure": frozenset({"sink", "pcr", "required", "log", "aa_socket", "tcti"}),
 }
@@ -408,7 +416,13 @@ def _evidence(doc: dict[str, Any]) -> EvidenceConfig:
             'config: evidence.vtpm_in_tee = true needs evidence.tee = "tpm" (it only lets'
             " a paravisor vTPM be the root of trust while TDX/SNP is present)"
         )
-    return EvidenceConfig(tee, allow_sample, vtpm_in_tee)
+    extender = et.get("pcr8_extender", "cva")
+    if not isinstance(extender, str) or extender not in PCR8_EXTENDERS:
+        raise ConfigError(
+            "config: evidence.pcr8_extender must be cva (no Attestation Agent in the image) or"
+            " aa (the image runs the AA, which extends PCR8 with the initdata itself)"
+        )
+    return EvidenceConfig(tee, allow_sample, vtpm_in_tee, extender)
 
 
 def _securemount(

@@ -1,9 +1,10 @@
 """Measured volumes: one AAEL event per volume create/open/close, before anyone gets the volume.
 
 The event (`evidence.volume_event`): domain `cva`, operation `volume-create` | `volume-open` |
-`volume-close`, content canonical (RFC 8785) JSON with fs, header-sha256, name, ro, seq
-(persistent volumes: the sequence in the MAC'd token, luks.token), uuid, v: the LUKS UUID and the
-SHA-256 of the header metadata cva validated (the canonical metadata its token MAC covers,
+`volume-close` (ephemeral SecureMount volumes: `ephemeral-create` | `ephemeral-close`), content
+canonical (RFC 8785) JSON with fs, header-sha256, name, ro, seq (persistent volumes: the
+sequence in the MAC'd token, luks.token), uuid, v: the LUKS UUID and the SHA-256 of the header
+metadata cva validated (the canonical metadata its token MAC covers,
 luks.token.canonical_metadata: keyslots, segments, digests, config; no tokens, no seqid), from
 the in-memory copy cva checked and activated from -- never re-read from the disk. Typed fields
 only: no key material can get into an event.
@@ -15,21 +16,37 @@ Where it goes is the image's choice (`[measure]` in /etc/cva/config.toml, agent.
 * `tpm`: cva extends a TPM PCR itself (default 23: the application PCR, extendable at locality
   0, not used by firmware, the boot chain, IMA, systemd or cva's initdata binding (8); it starts
   at zero each boot) and keeps its own log in the AA's format at `log` (tmpfs) with the AA's
-  write-ahead recovery (evidence.measure_log), run at start;
+  write-ahead recovery (evidence.measure_log), run at start. Only when the image's TEE
+  decision (agent.trust) is `tpm` (which `vtpm_in_tee` covers): the host can attach an
+  emulated TPM to any VM, so on TDX/SNP (or sample) a TPM register is the host's, and an
+  event in it would satisfy `required` while no verifier of the TEE's evidence ever sees it;
 * `rtmr` (TDX): cva extends RTMR3 itself through the kernel's measurement sysfs (Linux >= 6.16,
   evidence.tdx_rtmr) with SHA-384 entries in its own log, register index 4 (the CC MR index
   the AA's `pcr_to_ccmr` gives its PCRs 16..23: the AA's events land in the same register and
   name it the same way), same write-ahead recovery;
 * `auto` (default): decided at the first event and then kept: cva's own log already exists this
-  boot -> the direct sink (rtmr on TDX when the kernel has it, else tpm); else the AA when its
-  socket exists (kata-agent starts the AA before it calls anything); else, when the image's TEE
-  decision (agent.trust, never the contract) is TDX and the kernel has the RTMR sysfs, rtmr;
-  else the TPM when the TCTI's device exists; else no sink;
+  boot -> the direct sink (rtmr on TDX when the kernel has it, tpm when the TEE is tpm); else
+  the AA when its socket exists (kata-agent starts the AA before it calls anything); else, when
+  the image's TEE decision (agent.trust, never the contract) is TDX and the kernel has the RTMR
+  sysfs, rtmr; else, when that decision is tpm and the TCTI's device exists, tpm; else no sink
+  (on TDX/SNP: the error names the AA and, on TDX, a Linux >= 6.16 kernel);
 * `none`: nothing is measured.
 `required = true` (default): when an event cannot be recorded the operation fails and the
 volume is closed again before anyone got it; `false`: a warning, and the volume is handed out.
 A volume-close event is recorded after the close; if it fails the volume stays closed and the
 failure is logged (a log without the close event errs on the side of "still open").
+
+What the host can drive is bounded (issue 21 #5e): every open/close cycle it requests
+(PrepareVolumes/ReleaseVolumes, SecureMount and the pod's end) adds two events, and a log past
+the parser's limits (evidence.eventlog: 65,536 entries, 16 MiB) would make every later event
+and cva's own restart fail for the rest of the boot. So each boot has an event budget
+(`EventBudget`, counted in `<state_dir>/measure-budget.json`, tmpfs, so a restarted cva keeps
+counting): `per_volume` events for each contract volume (at most 64 volumes) and one shared
+`ephemeral` pool for SecureMount's ephemeral volumes (any mapper name). An open is recorded only
+while its pool has room for it and its later close (so a close always fits); past that, opening
+that volume (or any ephemeral one) is refused, naming the budget, until the next boot. The
+defaults keep cva's whole log under the parser's limits at the largest event cva can write, so
+the daemon always starts again and keeps handing out the volumes still open (measured).
 """
 
 from __future__ import annotations
@@ -53,6 +70,7 @@ if TYPE_CHECKING:
     from evidence.measure_log import DirectLog, Register
     from evidence.tdx_rtmr import TdxRtmr
 
+BUDGET_FILE = "measure-budget.json"
 RegisterFactory = Callable[[str, int], "Register"]  # (tcti, pcr) -> the register
 RtmrFactory = Callable[[int], "TdxRtmr"]  # RTMR index -> the register
 RTMR_INDEX = 3  # RTMR3 = CC MR 4, where the AA's pcr_to_ccmr puts PCRs 16..23 (its 17 and 23)
@@ -66,6 +84,30 @@ class MeasureError(CvaError):
     """A volume event could not be recorded while the image requires it."""
 
     rpc_code = _FAILED_PRECONDITION
+
+
+MAX_CONTRACT_VOLUMES = 64  # agent.contract: a contract names 0..64 volumes
+EPHEMERAL_POOL = "ephemeral"
+
+
+@dataclass(frozen=True)
+class EventBudget:
+    """Events per boot: per contract volume, and shared by all ephemeral volumes."""
+
+    per_volume: int = 512  # 256 open/close cycles of one volume per boot
+    ephemeral: int = 4096  # 2048 ephemeral volumes per boot
+
+    def limit(self, pool: str) -> int:
+        return self.ephemeral if pool == EPHEMERAL_POOL else self.per_volume
+
+    @property
+    def total(self) -> int:
+        return MAX_CONTRACT_VOLUMES * self.per_volume + self.ephemeral
+
+
+def budget_pool(key: str) -> str:
+    """The pool an opened-set key counts against: its contract volume, or the ephemeral pool."""
+    return EPHEMERAL_POOL if key.startswith(EPHEMERAL_KEY) else key
 
 
 @dataclass(frozen=True)
@@ -151,6 +193,7 @@ class Measurer:
         register_factory: RegisterFactory | None = None,
         tee: str | None = None,
         rtmr_factory: RtmrFactory | None = None,
+        budget: EventBudget | None = None,
     ) -> None:
         self._config = config
         self._log_path = log_path
@@ -162,6 +205,8 @@ class Measurer:
         self._sink: str | None = None if config.sink == "auto" else config.sink
         self._direct: DirectLog | None = None
         self._opened: dict[str, VolumeIdentity] = self._load()
+        self._budget = budget or EventBudget()
+        self._used: dict[str, int] = self._load_used()
 
     @classmethod
     def from_config(cls, config: DaemonConfig, *, tee: str | None = None) -> Measurer:
@@ -209,6 +254,57 @@ class Measurer:
         doc = {n: i.to_json() for n, i in self._opened.items()}
         write_private(self._state_path, json.dumps(doc, sort_keys=True))
 
+    def _used_path(self) -> Path | None:
+        return None if self._state_path is None else self._state_path.with_name(BUDGET_FILE)
+
+    def _load_used(self) -> dict[str, int]:
+        path = self._used_path()
+        if path is None:
+            return {}
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, RecursionError) as exc:
+            # tmpfs, written only by cva: unreadable means tampering or a bug, never "fresh"
+            raise MeasureError(
+                f"cannot read the event budget {path} ({exc}); restart the VM"
+            ) from None
+        if not isinstance(doc, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in doc.items()
+        ):
+            raise MeasureError(f"the event budget {path} is malformed; restart the VM")
+        return dict(doc)
+
+    def _save_used(self) -> None:
+        path = self._used_path()
+        if path is not None:
+            write_private(path, json.dumps(self._used, sort_keys=True))
+
+    def _spend(self, key: str, operation: VolumeOperation, name: str) -> None:
+        """Count one event against its pool; an open needs room for itself and its close."""
+        pool = budget_pool(key)
+        used = self._used.get(pool, 0)
+        limit = self._budget.limit(pool)
+        if operation.closes:
+            need = 1  # reserved when its volume was opened
+        else:  # this open, its close, and the closes of the pool's volumes still open
+            still_open = sum(1 for k in self._opened if k != key and budget_pool(k) == pool)
+            need = 2 + still_open
+        if used + need > limit:
+            what = "ephemeral volumes" if pool == EPHEMERAL_POOL else f"volume {name}"
+            raise MeasureError(
+                f"volume {name}: {operation.value} refused: the {limit} events this boot allows"
+                f" for {what} are used up (the host drove {used // 2} open/close cycles);"
+                " volumes still open are served, this one opens again after a VM restart"
+            )
+        self._used[pool] = used + 1
+        self._save_used()
+
+    def events_used(self, key: str) -> int:
+        return self._used.get(budget_pool(key), 0)
+
     def is_measured(self, name: str) -> bool:
         """True when volume `name` may be handed out without a new open event."""
         return not self.enabled or not self._config.required or name in self._opened
@@ -235,7 +331,24 @@ class Measurer:
 
     def _direct_sink(self) -> str:
         """The sink of cva's own log under `auto`: the one `_decide` would pick without an AA."""
-        return "rtmr" if self._rtmr_present() else "tpm"
+        if self._rtmr_present():
+            return "rtmr"
+        self._check_tpm_allowed()
+        return "tpm"
+
+    def _check_tpm_allowed(self) -> None:
+        """The `tpm` sink only when the image's TEE is the TPM (issue 21 #2): any other TEE's
+        evidence never covers a TPM PCR, and the host can attach an emulated TPM to any VM."""
+        if self._tee == "tpm":
+            return
+        tee = self._tee or "not decided"
+        rtmr = " or a Linux >= 6.16 kernel for the rtmr sink" if self._tee == "tdx" else ""
+        raise MeasureError(
+            f"the tpm measurement sink is refused: this image's TEE is {tee}, not tpm, so a TPM"
+            " PCR is the host's (it can attach an emulated TPM to any VM) and no evidence of"
+            f" this TEE covers it; use the Attestation Agent (sink aa){rtmr}, or set [evidence]"
+            ' tee = "tpm" (vtpm_in_tee = true for a paravisor vTPM) in /etc/cva/config.toml'
+        )
 
     def _direct_log(self) -> DirectLog:
         if self._direct is None:
@@ -248,6 +361,7 @@ class Measurer:
                     self._log_path, self._rtmr(), log_index=RTMR_INDEX + 1, alg=ALG_SHA384
                 )
             else:
+                self._check_tpm_allowed()
                 pcr = self._tpm_pcr()
                 register = self._register_factory(self._config.tcti, pcr)
                 direct = DirectLog(self._log_path, register, log_index=pcr)
@@ -268,19 +382,33 @@ class Measurer:
             sink = "aa"
         elif self._rtmr_present():
             sink = "rtmr"
-        elif _tcti_present(self._config.tcti):
+        elif self._tee == "tpm" and _tcti_present(self._config.tcti):
             sink = "tpm"
         else:
-            rtmr = ", no TDX RTMR sysfs (Linux >= 6.16)" if self._tee == "tdx" else ""
-            raise MeasureError(
-                "no measurement sink: no attestation agent socket at"
-                f" {self._config.aa_socket}{rtmr} and no TPM ({self._config.tcti}); start the AA"
-                " (kata agent.guest_components_procs=attestation-agent) or set [measure] in"
-                " /etc/cva/config.toml"
-            )
+            raise MeasureError(self._no_sink())
         self._sink = sink
         log.info("measurement_sink", sink=sink)
         return sink
+
+    def _no_sink(self) -> str:
+        aa = f"no attestation agent socket at {self._config.aa_socket}"
+        start_aa = "start the AA (kata agent.guest_components_procs=attestation-agent)"
+        if self._tee == "tpm":
+            return (
+                f"no measurement sink: {aa} and no TPM ({self._config.tcti}); {start_aa} or set"
+                " [measure] in /etc/cva/config.toml"
+            )
+        if self._tee == "tdx":
+            return (
+                f"no measurement sink: {aa} and no TDX RTMR sysfs (Linux >= 6.16); {start_aa}"
+                " or boot a Linux >= 6.16 guest kernel (the tpm sink is refused on tdx: a TPM"
+                " is the host's)"
+            )
+        return (
+            f"no measurement sink: {aa}, and on a {self._tee or 'not decided'} TEE only the AA"
+            f" can measure (the tpm sink is refused: a TPM is the host's); {start_aa}, or set"
+            ' [measure] sink = "none" in /etc/cva/config.toml (a test image)'
+        )
 
     def start(self) -> None:
         """At daemon start: finish a measurement a crash interrupted (tpm/rtmr) and check the
@@ -325,18 +453,21 @@ class Measurer:
         """Record one event; raises MeasureError when it cannot and the image requires it.
         `key` names the volume in the opened set (default its name; ephemeral volumes use
         `EPHEMERAL_KEY + mapper`, so a host-chosen mapper name never aliases a contract
-        volume)."""
+        volume, and their events are `ephemeral-create` / `ephemeral-close`)."""
         key = ident.name if key is None else key
+        if key.startswith(EPHEMERAL_KEY):  # their own operations (issue 21 #5c)
+            operation = _EPHEMERAL_OPERATION.get(operation, operation)
         if not self.enabled:
             return
         with self._lock:
             try:
                 event = ident.event(operation)
+                self._spend(key, operation, ident.name)
                 sink = self._send(event)
             except (*REFUSALS, OSError) as exc:
                 self._fail(f"volume {ident.name}: {operation.value} not measured: {_text(exc)}")
                 sink = None
-            if operation is VolumeOperation.CLOSE:
+            if operation.closes:
                 self._opened.pop(key, None)
             else:
                 self._opened[key] = ident
@@ -368,6 +499,13 @@ class Measurer:
             with self._lock:
                 self._opened.pop(key, None)
                 self._save()
+
+
+_EPHEMERAL_OPERATION = {
+    VolumeOperation.CREATE: VolumeOperation.EPHEMERAL_CREATE,
+    VolumeOperation.OPEN: VolumeOperation.EPHEMERAL_CREATE,  # never reopened: a new key each time
+    VolumeOperation.CLOSE: VolumeOperation.EPHEMERAL_CLOSE,
+}
 
 
 def _text(exc: BaseException) -> str:

@@ -80,6 +80,7 @@ def serve(config: DaemonConfig) -> int:
         "trust_established",
         tee=trusted.attester.tee,
         initdata_digest=trusted.initdata.digest().hex(),
+        binding="checked at the first attestation" if trusted.binding_deferred else "checked",
         volumes=[v.name for v in trusted.contract.volumes],
     )
     return run_daemon(config, production_manager(trusted), notifier)

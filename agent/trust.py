@@ -5,7 +5,9 @@ any initdata is read); find and parse the initdata; parse the contract it carrie
 until the binding check), whose `kbs.tee` may only *require* the TEE the image decided (anything
 else but `auto` is refused before any attester is built); check the initdata's binding to the
 TEE (MRCONFIGID / HOST_DATA / PCR8). Only the `Trusted` result may be used to build the
-service. Every refusal is a one-line CvaError.
+service. Every refusal is a one-line CvaError. On a TPM whose PCR8 the image leaves to the
+Attestation Agent (`[evidence] pcr8_extender = "aa"`) and which the AA has not extended yet,
+the check runs at cva's first attestation instead (agent.binding.CheckedBinding).
 
 The binding check is skipped only for the sample TEE, which exists only when the image config
 allows it and no TDX/SNP device is present (evidence.detect.decide_tee): a test image's choice,
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.binding import check_initdata_binding
+from agent.binding import CheckedBinding, check_initdata_binding
 from agent.config import DaemonConfig
 from agent.contract import Contract, ContractError
 from agent.initdata import InitData, find_initdata, load_contract, parse_initdata
@@ -36,6 +38,7 @@ class Trusted:
     initdata: InitData
     contract: Contract
     attester: Attester
+    binding_deferred: bool = False  # PCR8 still zero: the AA extends it, checked at attestation
 
 
 def require_tee(contract_tee: str, decided: str) -> None:
@@ -62,6 +65,11 @@ def establish_trust(
     contract = load_contract(initdata)  # parsed, not yet trusted
     require_tee(contract.kbs.tee, tee)  # before any attester exists
     attester = attester_for(tee, root=root, fs=fs)
+    deferred = False
     if tee != "sample":  # the image's choice (allow_sample, no TDX/SNP), never the contract's
-        check_initdata_binding(initdata, attester)  # from here on the contract is measured
-    return Trusted(initdata, contract, attester)
+        # PCR8 (TPM) has one writer per boot, the image's choice (agent.binding)
+        extend = ev.pcr8_extender == "cva"
+        deferred = not check_initdata_binding(initdata, attester, extend=extend)
+    if tee == "tpm":  # PCR8 verified again before every evidence (a second writer is refused)
+        attester = CheckedBinding(attester, initdata, ev.pcr8_extender)
+    return Trusted(initdata, contract, attester, deferred)

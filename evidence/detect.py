@@ -7,6 +7,11 @@ resource manager (`/dev/tpmrm0`). A TPM is never the root of trust while TDX/SNP
 the image says its vTPM is part of the TEE (`vtpm_in_tee`); `sample` (no hardware) exists only
 when the image says `allow_sample = true` and names it, and never while TDX/SNP is present.
 
+"TDX/SNP is present" is also decided from what the CPU and the kernel report, not only from
+the guest driver's device nodes (`cc_guest_reported`): a host that keeps the tdx_guest or
+sev-guest driver from loading (say `modprobe.blacklist=` on the kernel command line) removes
+the devices but not these signals, so it cannot push `auto` down to a TPM it attached itself.
+
 `attester_for` builds an attester by name (`auto` detects, never `sample`) for the daemon's
 decision and for the operator CLIs, whose caller names the TEE. `root` lets tests point detection
 at a fake filesystem. Only the code the choice needs is imported: configfs-tsm for detection, and
@@ -52,6 +57,47 @@ def probe_cc_tee(root: Path = Path("/"), *, fs: ConfigFs | None = None) -> str |
     return None
 
 
+# What the kernel reports whatever the guest driver does (Linux sources, read for this):
+# * TDX: `tdx_early_init()` (arch/x86/coco/tdx/tdx.c) reads CPUID leaf 0x21, which the TDX
+#   module answers (not the VMM), and on the "IntelTDX    " signature forces the CPU feature
+#   X86_FEATURE_TDX_GUEST, shown as the flag `tdx_guest` in /proc/cpuinfo.
+# * SEV-SNP: the kernel creates /sys/devices/system/cpu/sev (Documentation/ABI/testing/
+#   sysfs-devices-system-cpu, "only present when running as an SEV-SNP guest", May 2024, with
+#   `vmpl`); later kernels make it a symlink to /sys/hypervisor/sev/ (sysfs-hypervisor, with
+#   `sev_status`, the SEV_STATUS MSR, which the hypervisor cannot intercept in an SNP guest).
+#   Both come from cc_platform_has(CC_ATTR_GUEST_SEV_SNP), not from the sev-guest driver.
+# A kernel older than these (SNP before the sysfs) reports nothing here: pin `tee` in the image.
+CPUINFO = "proc/cpuinfo"
+SNP_SYSFS = ("sys/devices/system/cpu/sev", "sys/hypervisor/sev")
+MAX_CPUINFO_BYTES = 16 * 1024 * 1024
+
+
+def cpu_flags(text: str) -> frozenset[str]:
+    """Every CPU's `flags` of /proc/cpuinfo text (x86: `flags\t\t: fpu vme ...`)."""
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def cc_guest_reported(root: Path = Path("/")) -> str | None:
+    """`tdx` or `snp` when the CPU/kernel says this VM is a TDX/SNP guest (with or without its
+    guest driver), else None. An unreadable /proc/cpuinfo reports nothing (never on a real
+    guest: the host cannot hide procfs)."""
+    try:
+        with (root / CPUINFO).open("rb") as f:
+            text = f.read(MAX_CPUINFO_BYTES).decode("ascii", "replace")
+    except OSError:
+        text = ""
+    if "tdx_guest" in cpu_flags(text):
+        return "tdx"
+    if any((root / path).exists() for path in SNP_SYSFS):
+        return "snp"
+    return None
+
+
 def _has_tpm(root: Path) -> bool:
     return (root / "dev/tpmrm0").exists()
 
@@ -64,12 +110,28 @@ def detect_tee(root: Path = Path("/"), *, fs: ConfigFs | None = None) -> str:
 def _detected(cc: str | None, root: Path) -> str:
     if cc is not None:
         return cc
+    reported = cc_guest_reported(root)
+    if reported is not None:
+        raise AttesterUnavailable(
+            f"this VM is a {reported} guest ({_signal(reported)}) but its guest driver is"
+            f' missing (no configfs-tsm provider, no {_DEVICE[reported]}): tee = "auto"'
+            " never falls back to a TPM in a confidential guest; load the driver (check the"
+            " kernel command line for a module blacklist), or pin [evidence] tee in"
+            " /etc/cva/config.toml (tpm only with vtpm_in_tee = true for a paravisor vTPM)"
+        )
     if _has_tpm(root):
         return "tpm"
     raise AttesterUnavailable(
         "no TEE found (no configfs-tsm provider, /dev/tdx_guest, /dev/sev-guest or /dev/tpmrm0);"
         f" {NO_TEE_NEXT_STEP}"
     )
+
+
+_DEVICE = {"tdx": "/dev/tdx_guest", "snp": "/dev/sev-guest"}
+
+
+def _signal(cc: str) -> str:
+    return "the CPU flag tdx_guest" if cc == "tdx" else "the kernel's SEV-SNP sysfs"
 
 
 def decide_tee(
@@ -89,16 +151,18 @@ def decide_tee(
     cc = probe_cc_tee(root, fs=fs)
     if choice == "auto":
         return _detected(cc, root)
+    confidential = cc or cc_guest_reported(root)  # a driver kept from loading still counts
     if choice == "sample":
         if not allow_sample:
             raise AttesterUnavailable(
                 'evidence: tee = "sample" needs allow_sample = true in the image config'
                 " (test images only; production images never allow it)"
             )
-        if cc is not None:
+        if confidential is not None:
             raise AttesterUnavailable(
-                f"evidence: the sample TEE is refused on {cc} hardware (a TEE device is"
-                ' present); set [evidence] tee = "auto" or the real TEE in the image config'
+                f"evidence: the sample TEE is refused on {confidential} hardware (a TEE device"
+                " or CPU/kernel signal is present); set [evidence] tee to the real TEE in the"
+                " image config"
             )
         return "sample"
     if choice in TSM_PROVIDERS.values():
@@ -110,11 +174,11 @@ def decide_tee(
             )
         return choice
     # tpm
-    if cc is not None and not vtpm_in_tee:
+    if confidential is not None and not vtpm_in_tee:
         raise AttesterUnavailable(
-            f"evidence: a TPM is never the root of trust while {cc} is present (image config"
-            ' tee = "tpm"); use tee = "auto", or vtpm_in_tee = true for a paravisor vTPM'
-            " that is part of the TEE"
+            f"evidence: a TPM is never the root of trust while {confidential} is present"
+            f' (image config tee = "tpm"); use tee = "{confidential}", or vtpm_in_tee = true'
+            " for a paravisor vTPM that is part of the TEE"
         )
     if not _has_tpm(root):
         raise AttesterUnavailable(

@@ -7,7 +7,10 @@ LUKS header (its UUID and the SHA-256 of the header metadata cva checked), measu
 before the volume is handed to anyone, and fails closed if that fails. A verifier reads the log
 with `evidence.eventlog.parse_log` and passes each cva event to `parse_volume_event`.
 
-Event: domain `cva`, operation `volume-create` | `volume-open` | `volume-close`, content a JSON
+Event: domain `cva`, operation `volume-create` | `volume-open` | `volume-close` (contract
+volumes) or `ephemeral-create` | `ephemeral-close` (SecureMount's random-key volumes, named by
+the host's mapperName: their own operations, so no ephemeral event ever reads as a contract
+volume's, whatever name the host picks), content a JSON
 object canonicalised by RFC 8785 (JCS: keys sorted, no white space), as the CoCo event spec asks
 of its own AAEL contents, so the whole event line has exactly two spaces (Trustee's text-form
 AAEL parser splits an event at every space and wants exactly three fields):
@@ -70,6 +73,16 @@ class VolumeOperation(enum.Enum):
     CREATE = "volume-create"
     OPEN = "volume-open"
     CLOSE = "volume-close"
+    EPHEMERAL_CREATE = "ephemeral-create"
+    EPHEMERAL_CLOSE = "ephemeral-close"
+
+    @property
+    def ephemeral(self) -> bool:
+        return self in (VolumeOperation.EPHEMERAL_CREATE, VolumeOperation.EPHEMERAL_CLOSE)
+
+    @property
+    def closes(self) -> bool:
+        return self in (VolumeOperation.CLOSE, VolumeOperation.EPHEMERAL_CLOSE)
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,8 @@ class VolumeEvent:
             or not 0 <= self.sequence <= MAX_SEQUENCE
         ):
             raise VolumeEventError(f"volume event seq must be an integer 0..{MAX_SEQUENCE}")
+        if self.operation.ephemeral and self.sequence is not None:
+            raise VolumeEventError("an ephemeral volume event carries no seq")
 
 
 def volume_content(event: VolumeEvent) -> str:

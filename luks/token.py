@@ -86,8 +86,10 @@ def _check_name(volume_name: str) -> None:
 
 def _hkdf(secret: Secret, info: str) -> Secret:
     kdf = HKDF(algorithm=hashes.SHA256(), length=DERIVED_KEY_BYTES, salt=None, info=info.encode())
-    # cryptography returns immutable bytes: copy them into a wipeable Secret at once
-    return Secret(kdf.derive(secret.data))
+    # straight into the Secret's own buffer: the derived key never exists as immutable bytes
+    out = Secret(DERIVED_KEY_BYTES)
+    kdf.derive_into(secret.data, out.data)
+    return out
 
 
 def derive_keys(secret: Secret, volume_name: str) -> tuple[Secret, Secret]:

@@ -10,10 +10,18 @@ key (no algorithm confusion), any `enc` but A256GCM, `zip`/`crit`/`apu`/`apv`/`a
 another curve or off the curve, a wrong-size IV, tag, wrapped key or CEK, and any tag failure —
 and it decrypts straight into a wipeable buffer (`update_into`), so the plaintext never exists as
 an immutable `bytes` object. The test KBS encrypts with joserfc, an independent implementation.
+
+Key material on the way (issue 21 #5f): the KEK (Concat KDF `derive_into`) and the CEK (AES key
+unwrap done here, RFC 3394 over an ECB decryptor's `update_into`) live only in bytearrays wiped
+before this returns, whatever happens. What `cryptography` hands out only as immutable `bytes`,
+and so stays in the heap until reused: the ECDH shared secret Z (`exchange` has no `_into`
+form; the reference is dropped right after the KDF) and, for the RSA algorithms, the unwrapped
+CEK (`decrypt`). OpenSSL's own contexts (key schedules) are cleansed when they are freed.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import struct
 from dataclasses import dataclass, field
@@ -24,7 +32,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
-from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 from agent.kbs.errors import JweError
 from agent.kbs.wire import b64url, b64url_decode
@@ -103,7 +110,46 @@ def _concat_kdf_otherinfo(alg: str) -> bytes:
     return struct.pack(">I", len(name)) + name + struct.pack(">II", 0, 0) + struct.pack(">I", 256)
 
 
-def _ec_cek(key: TeeKey, header: dict[str, Any], wrapped: bytes) -> bytes:
+_KW_IV = bytes.fromhex("a6a6a6a6a6a6a6a6")  # RFC 3394 2.2.3.1
+
+
+def aes_key_unwrap_into(kek: bytearray, wrapped: bytes, out: bytearray) -> None:
+    """RFC 3394 AES key unwrap of `wrapped` (8 * (n + 1) bytes) into `out` (8 * n bytes), with
+    every intermediate value in `out` or in local bytearrays wiped before returning. Raises
+    JweError when the integrity check fails."""
+    n = len(wrapped) // 8 - 1
+    if len(wrapped) % 8 or n < 2 or len(out) != 8 * n:
+        raise JweError(f"resource JWE wrapped key is {len(wrapped)} bytes; not a wrapped key")
+    decryptor = Cipher(algorithms.AES(kek), modes.ECB()).decryptor()  # noqa: S305 - RFC 3394
+    a = bytearray(wrapped[:8])
+    block = bytearray(16)
+    plain = bytearray(32)  # update_into wants room for len + block size - 1
+    av, bv, pv, ov = memoryview(a), memoryview(block), memoryview(plain), memoryview(out)
+    try:
+        ov[:] = wrapped[8:]
+        for j in range(5, -1, -1):
+            for i in range(n, 0, -1):
+                t = (n * j + i).to_bytes(8, "big")
+                for k in range(8):
+                    bv[k] = av[k] ^ t[k]
+                bv[8:] = ov[8 * (i - 1) : 8 * i]  # views: no temporary copy of key bytes
+                if decryptor.update_into(block, plain) != 16:
+                    raise JweError("resource JWE key unwrap: AES gave no block")
+                av[:] = pv[:8]
+                ov[8 * (i - 1) : 8 * i] = pv[8:16]
+        decryptor.finalize()
+        if not hmac.compare_digest(a, _KW_IV):
+            wipe(out)
+            raise JweError("resource JWE key unwrap failed (not wrapped for our key)")
+    finally:
+        for view in (av, bv, pv, ov):
+            view.release()
+        wipe(a)
+        wipe(block)
+        wipe(plain)
+
+
+def _ec_cek(key: TeeKey, header: dict[str, Any], wrapped: bytes, cek: bytearray) -> None:
     assert isinstance(key.private, ec.EllipticCurvePrivateKey)
     crv = key.jwk["crv"]
     curve, size = _CURVES[crv]
@@ -119,19 +165,21 @@ def _ec_cek(key: TeeKey, header: dict[str, Any], wrapped: bytes) -> bytes:
         ).public_key()
     except ValueError:
         raise JweError(f"resource JWE epk is not a point on {crv}; refusing it") from None
-    z = key.private.exchange(ec.ECDH(), peer)
-    kek = ConcatKDFHash(
-        hashes.SHA256(), 32, otherinfo=_concat_kdf_otherinfo("ECDH-ES+A256KW")
-    ).derive(z)
     if len(wrapped) != 40:
         raise JweError(f"resource JWE wrapped key is {len(wrapped)} bytes, not 40")
+    kek = bytearray(32)
     try:
-        return aes_key_unwrap(kek, wrapped)
-    except InvalidUnwrap:
-        raise JweError("resource JWE key unwrap failed (not wrapped for our key)") from None
+        z = key.private.exchange(ec.ECDH(), peer)  # immutable bytes: cryptography's only form
+        ConcatKDFHash(
+            hashes.SHA256(), 32, otherinfo=_concat_kdf_otherinfo("ECDH-ES+A256KW")
+        ).derive_into(z, kek)
+        del z
+        aes_key_unwrap_into(kek, wrapped, cek)
+    finally:
+        wipe(kek)
 
 
-def _rsa_cek(key: TeeKey, wrapped: bytes) -> bytes:
+def _rsa_cek(key: TeeKey, wrapped: bytes, cek: bytearray) -> None:
     assert isinstance(key.private, rsa.RSAPrivateKey)
     if len(wrapped) != key.private.key_size // 8:
         raise JweError("resource JWE wrapped key does not match our RSA modulus size")
@@ -141,9 +189,12 @@ def _rsa_cek(key: TeeKey, wrapped: bytes) -> bytes:
     else:
         pad = padding.PKCS1v15()
     try:
-        return key.private.decrypt(wrapped, pad)
+        unwrapped = key.private.decrypt(wrapped, pad)  # immutable bytes: the library's only form
     except ValueError:
         raise JweError(f"resource JWE {key.algorithm} key decryption failed") from None
+    if len(unwrapped) != len(cek):
+        raise JweError(f"resource JWE content key is {len(unwrapped)} bytes, not {len(cek)}")
+    cek[:] = unwrapped
 
 
 def decrypt_resource(jwe: dict[str, Any], key: TeeKey) -> Secret:
@@ -179,12 +230,18 @@ def decrypt_resource(jwe: dict[str, Any], key: TeeKey) -> Secret:
         raise JweError(f"resource JWE iv is {len(fields['iv'])} bytes, not 12")
     if len(fields["tag"]) != 16:
         raise JweError(f"resource JWE tag is {len(fields['tag'])} bytes, not 16 (truncated?)")
-    if alg == "ECDH-ES+A256KW":
-        cek = _ec_cek(key, header, fields["encrypted_key"])
-    else:
-        cek = _rsa_cek(key, fields["encrypted_key"])
-    if len(cek) != 32:
-        raise JweError(f"resource JWE content key is {len(cek)} bytes, not 32")
+    cek = bytearray(32)  # A256GCM's key, wiped below whatever happens
+    try:
+        if alg == "ECDH-ES+A256KW":
+            _ec_cek(key, header, fields["encrypted_key"], cek)
+        else:
+            _rsa_cek(key, fields["encrypted_key"], cek)
+        return _gcm_decrypt(cek, fields, protected)
+    finally:
+        wipe(cek)
+
+
+def _gcm_decrypt(cek: bytearray, fields: dict[str, bytes], protected: str) -> Secret:
     decryptor = Cipher(algorithms.AES(cek), modes.GCM(fields["iv"], fields["tag"])).decryptor()
     decryptor.authenticate_additional_data(protected.encode("ascii"))
     out = bytearray(len(fields["ciphertext"]) + 15)

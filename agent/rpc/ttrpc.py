@@ -10,7 +10,8 @@ Framing (github.com/containerd/ttrpc, channel.go). Every message on the stream s
     | length: u32 BE   | stream id: u32 BE| type: u8| flags:u8| payload (length bytes) |
     +------------------+------------------+---------+---------+------------------------+
 
-`length` counts the payload only (not the 10-byte header) and may be at most 4 MiB. Type 1 is a
+`length` counts the payload only (not the 10-byte header); containerd allows up to 4 MiB, cva's
+server reads requests only up to what its methods need (below). Type 1 is a
 request (client -> server, payload = `ttrpc.Request{service, method, payload, timeout_nano,
 metadata}`), type 2 a response (server -> client, payload = `ttrpc.Response{status, payload}`,
 same stream id). Clients number their calls with odd stream ids; calls on one connection run
@@ -19,10 +20,16 @@ absent or code 0 means success. See `protos/ttrpc/ttrpc.proto`.
 
 What this server does with hostile input, following containerd's server (server.go):
 
-- a payload longer than the limit: it is read and thrown away, and RESOURCE_EXHAUSTED is the
-  answer on that stream id, as in containerd; a length beyond `max_discard_bytes` (64 MiB) gets
-  the same answer and then the connection is closed (cva does not read up to 4 GiB from a
-  hostile peer to stay in sync);
+- request size: every call has a cap on its request payload: its method's (`register(...,
+  max_request_bytes=)`, or `set_method_limits` for a method served some other way, e.g. by a
+  front that forwards it), else the server's `max_request_bytes`, 16 KiB like cva's gRPC (the
+  real requests, VolumeAgent's and SecureMount's, are well under 4 KiB); a frame is read
+  only up to the largest cap plus `REQUEST_ENVELOPE_BYTES` for the ttrpc.Request around it
+  (service and method names, timeout, metadata). A frame longer than that is read and thrown
+  away, and RESOURCE_EXHAUSTED is the answer on that stream id, as in containerd; a length
+  beyond `max_discard_bytes` (64 MiB) gets the same answer and then the connection is closed
+  (cva does not read up to 4 GiB from a hostile peer to stay in sync); a request within the
+  frame limit whose payload exceeds its method's cap gets RESOURCE_EXHAUSTED before decoding;
 - a truncated header or payload (EOF mid-frame, or a frame not finished within
   `frame_timeout`): the connection is closed and its calls in flight are cancelled (a clean
   EOF between frames lets the calls in flight finish and answers them first);
@@ -41,7 +48,11 @@ What this server does with hostile input, following containerd's server (server.
 - `timeout_nano`: the call's deadline (capped at the server's `max_timeout`; 0 = the cap;
   negative = already expired); on expiry the handler is cancelled and the answer is
   DEADLINE_EXCEEDED;
-- more than `max_inflight` calls in flight on one connection: RESOURCE_EXHAUSTED;
+- calls in flight: at most `max_inflight` (16) per connection, `max_server_inflight` (64) over
+  all the server's connections, and a method's own `max_inflight` when it has one (`register`
+  or `set_method_limits`); a call beyond any of them gets RESOURCE_EXHAUSTED at once (its
+  request is dropped, so what the server holds is bounded by max_server_inflight x the frame
+  limit); these bounds and caps apply to every call, registered or not;
 - a handler's `RpcError` becomes its status; a `CvaError` its one-line message (INVALID_ARGUMENT
   for `InputError`, or the exception's `rpc_code`, else UNKNOWN); anything else INTERNAL with a
   fixed message (logged, never sent).
@@ -100,8 +111,16 @@ _HEADER = struct.Struct(">IIBB")
 
 DEFAULT_MAX_TIMEOUT = 300.0  # seconds; the cap on any call, whatever timeout_nano says
 DEFAULT_FRAME_TIMEOUT = 30.0  # a started frame must be complete within this
-DEFAULT_MAX_INFLIGHT = 64  # calls in flight per connection
+DEFAULT_MAX_INFLIGHT = 16  # calls in flight per connection
+DEFAULT_MAX_SERVER_INFLIGHT = 64  # calls in flight over all of a server's connections
 DEFAULT_MAX_CONNECTIONS = 64
+# A method's request payload cap unless it was registered with its own (issue 21 #5): 16 KiB,
+# cva's gRPC cap; VolumeAgent's and SecureMount's requests are well under 4 KiB. A front that
+# forwards other CDH methods registers them with the cap they need.
+DEFAULT_MAX_REQUEST_BYTES = 16 << 10
+# What a ttrpc.Request adds around the payload: service and method names, timeout_nano and the
+# metadata pairs (kata-agent sends none or a few short ones).
+REQUEST_ENVELOPE_BYTES = 4 << 10
 DEFAULT_MAX_DISCARD = 64 << 20  # an oversized frame up to this is skipped, larger ones end the link
 # A new connection must deliver its first complete frame header within HEADER_TIMEOUT of being
 # accepted, and every frame's header must be complete within HEADER_TIMEOUT of its first byte:
@@ -223,6 +242,15 @@ def status_for(exc: BaseException) -> tuple[Code, str]:
     return Code.INTERNAL, "internal error"
 
 
+@dataclass
+class _Limits:
+    """One method's caps (`set_method_limits`) and its calls in flight now."""
+
+    max_request_bytes: int
+    max_inflight: int | None  # None: only the connection's and the server's bounds
+    inflight: int = 0
+
+
 @dataclass(eq=False)  # identity-hashed: kept in a set
 class _Connection:
     reader: asyncio.StreamReader
@@ -249,8 +277,10 @@ class TtrpcServer:
         *,
         max_timeout: float = DEFAULT_MAX_TIMEOUT,
         max_message_bytes: int = MESSAGE_LENGTH_MAX,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_server_inflight: int = DEFAULT_MAX_SERVER_INFLIGHT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_discard_bytes: int = DEFAULT_MAX_DISCARD,
         header_timeout: float | None = None,
@@ -263,17 +293,24 @@ class TtrpcServer:
             min(max_timeout, frame_timeout, self.header_timeout) <= 0
             or self.idle_evict_after < 0
             or max_inflight < 1
+            or max_server_inflight < 1
             or max_connections < 1
+            or max_request_bytes < 1
         ):
             raise ValueError("ttrpc server limits must be positive")
         self.max_timeout = max_timeout
-        self.max_message_bytes = min(max_message_bytes, MESSAGE_LENGTH_MAX)
+        self.max_message_bytes = min(max_message_bytes, MESSAGE_LENGTH_MAX)  # responses, and
+        # the ceiling of any request frame
+        self.max_request_bytes = max_request_bytes
         self.frame_timeout = frame_timeout
         self.max_inflight = max_inflight
+        self.max_server_inflight = max_server_inflight
+        self._server_inflight = 0
         self.max_connections = max_connections
         self.max_discard_bytes = max_discard_bytes
         self._error_status = error_status
         self._handlers: dict[tuple[str, str], RawHandler] = {}
+        self._limits: dict[tuple[str, str], _Limits] = {}
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
         self._connections: set[_Connection] = set()
@@ -281,21 +318,67 @@ class TtrpcServer:
 
     # -- registry ---------------------------------------------------------------------------
 
-    def register(self, full_method: str, handler: RawHandler) -> None:
+    def register(
+        self,
+        full_method: str,
+        handler: RawHandler,
+        *,
+        max_request_bytes: int | None = None,
+        max_inflight: int | None = None,
+    ) -> None:
         """Serve `handler` for "package.Service/Method"; it gets the request payload bytes and
-        returns the response message (or its bytes)."""
-        service, sep, method = full_method.lstrip("/").rpartition("/")
-        if not sep or not service or not method:
-            raise ValueError(f"ttrpc method name {full_method!r} is not 'package.Service/Method'")
-        if (service, method) in self._handlers:
+        returns the response message (or its bytes). `max_request_bytes`: this method's cap on
+        its request payload (default: the server's); `max_inflight`: at most this many of its
+        calls at once (default: only the connection's and the server's bounds)."""
+        key = _method_key(full_method)
+        if key in self._handlers:
             raise ValueError(f"ttrpc method {full_method!r} is already registered")
-        self._handlers[(service, method)] = handler
+        if max_request_bytes is not None or max_inflight is not None:
+            self.set_method_limits(
+                full_method, max_request_bytes=max_request_bytes, max_inflight=max_inflight
+            )
+        self._handlers[key] = handler
+
+    def set_method_limits(
+        self,
+        full_method: str,
+        *,
+        max_request_bytes: int | None = None,
+        max_inflight: int | None = None,
+    ) -> None:
+        """Caps for one method, whoever serves it (a registered handler, or a front that
+        forwards it): its request payload cap (default: the server's `max_request_bytes`) and
+        its calls in flight (default: only the connection's and the server's bounds)."""
+        key = _method_key(full_method)
+        cap = self.max_request_bytes if max_request_bytes is None else max_request_bytes
+        if not 0 < cap <= self.max_message_bytes - REQUEST_ENVELOPE_BYTES:
+            raise ValueError(f"ttrpc method {full_method!r}: max_request_bytes out of range")
+        if max_inflight is not None and max_inflight < 1:
+            raise ValueError(f"ttrpc method {full_method!r}: max_inflight must be positive")
+        if key in self._limits and self._limits[key].inflight:
+            raise ValueError(f"ttrpc method {full_method!r}: limits changed with calls in flight")
+        self._limits[key] = _Limits(cap, max_inflight)
+
+    @property
+    def request_frame_limit(self) -> int:
+        """The longest request frame read: the largest method cap plus the envelope."""
+        caps = [m.max_request_bytes for m in self._limits.values()]
+        largest = max([self.max_request_bytes, *caps])
+        return min(self.max_message_bytes, largest + REQUEST_ENVELOPE_BYTES)
+
+    def request_limit(self, full_method: str) -> int:
+        """The request payload cap of calls to `full_method`."""
+        limits = self._limits.get(_method_key(full_method))
+        return self.max_request_bytes if limits is None else limits.max_request_bytes
 
     def register_unary(
         self,
         full_method: str,
         request_type: type[M],
         handler: Callable[[M, CallContext], Awaitable[Message]],
+        *,
+        max_request_bytes: int | None = None,
+        max_inflight: int | None = None,
     ) -> None:
         """Like `register`, decoding the payload into `request_type` first (INVALID_ARGUMENT
         when it does not decode)."""
@@ -311,7 +394,12 @@ class TtrpcServer:
                 ) from exc
             return await handler(request, ctx)
 
-        self.register(full_method, decode_and_call)
+        self.register(
+            full_method,
+            decode_and_call,
+            max_request_bytes=max_request_bytes,
+            max_inflight=max_inflight,
+        )
 
     @property
     def methods(self) -> frozenset[str]:
@@ -435,7 +523,7 @@ class TtrpcServer:
                     rest = await conn.reader.readexactly(HEADER_LENGTH - 1)
                 header = parse_header(first + rest)
                 conn.proven = True
-                if header.length <= self.max_message_bytes:
+                if header.length <= self.request_frame_limit:
                     return header, await conn.reader.readexactly(header.length)
                 if header.length > self.max_discard_bytes:
                     log.warning(
@@ -462,7 +550,7 @@ class TtrpcServer:
             header.stream_id,
             Code.RESOURCE_EXHAUSTED,
             f"message length {header.length} exceed maximum message size of "
-            f"{self.max_message_bytes}",
+            f"{self.request_frame_limit}",
         )
 
     async def _serve_connection(self, conn: _Connection) -> None:
@@ -507,19 +595,44 @@ class TtrpcServer:
                     encode_response(header.stream_id, Code.UNAVAILABLE, "server is shutting down"),
                 )
                 continue
-            if len(conn.inflight) >= self.max_inflight:
+            refusal = self._admit(conn, request)
+            if refusal is not None:
                 await self._send(
-                    conn,
-                    encode_response(
-                        header.stream_id,
-                        Code.RESOURCE_EXHAUSTED,
-                        f"more than {self.max_inflight} calls in flight on this connection",
-                    ),
+                    conn, encode_response(header.stream_id, Code.RESOURCE_EXHAUSTED, refusal)
                 )
                 continue
+            entry = self._limits.get((request.service, request.method))
+            self._server_inflight += 1
+            if entry is not None:
+                entry.inflight += 1
             task = asyncio.create_task(self._call(conn, header.stream_id, request))
             conn.inflight[header.stream_id] = task
             task.add_done_callback(_forget(conn.inflight, header.stream_id))
+            task.add_done_callback(self._release(entry))
+
+    def _admit(self, conn: _Connection, request: ttrpc_pb2.Request) -> str | None:
+        """Why this call is refused (RESOURCE_EXHAUSTED) before it starts, or None."""
+        if len(conn.inflight) >= self.max_inflight:
+            return f"more than {self.max_inflight} calls in flight on this connection"
+        if self._server_inflight >= self.max_server_inflight:
+            return f"more than {self.max_server_inflight} calls in flight on this server"
+        entry = self._limits.get((request.service, request.method))
+        cap = self.max_request_bytes if entry is None else entry.max_request_bytes
+        name = f"{_clip(request.service)}/{_clip(request.method)}"
+        if len(request.payload) > cap:
+            return f"request of {len(request.payload)} bytes exceeds the {cap} bytes {name} accepts"
+        bound = None if entry is None else entry.max_inflight
+        if entry is not None and bound is not None and entry.inflight >= bound:
+            return f"more than {bound} {name} calls in flight"
+        return None
+
+    def _release(self, entry: _Limits | None) -> Callable[[object], None]:
+        def done(_task: object) -> None:
+            self._server_inflight -= 1
+            if entry is not None:
+                entry.inflight -= 1
+
+        return done
 
     async def _call(self, conn: _Connection, stream_id: int, request: ttrpc_pb2.Request) -> None:
         code, message, payload = await self._dispatch(conn, stream_id, request)
@@ -620,6 +733,13 @@ async def _discard(reader: asyncio.StreamReader, length: int) -> None:
         if not chunk:
             raise asyncio.IncompleteReadError(b"", remaining)
         remaining -= len(chunk)
+
+
+def _method_key(full_method: str) -> tuple[str, str]:
+    service, sep, method = full_method.lstrip("/").rpartition("/")
+    if not sep or not service or not method:
+        raise ValueError(f"ttrpc method name {full_method!r} is not 'package.Service/Method'")
+    return service, method
 
 
 def _clip(name: str, limit: int = 200) -> str:

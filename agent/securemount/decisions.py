@@ -610,6 +610,16 @@ def _plan_ephemeral(
                 f"device {device.path} is the disk of contract volume {vol.name} "
                 f"({_disk_text(vol)}); an ephemeral volume would format it",
             )
+    if params.mapper_name is not None:
+        for vol in volumes:
+            if params.mapper_name == vol.name:
+                raise _refuse(
+                    Code.INVALID_ARGUMENT,
+                    "mapper-name",
+                    f"mapperName {_show(params.mapper_name)} is the name of contract volume"
+                    f" {vol.name}; an ephemeral volume must not be named like one (its events"
+                    " would read as that volume's); omit mapperName or choose another",
+                )
     integrity = bool(params.integrity)
     mapper = params.mapper_name or (new_mapper_name or _random_mapper_name)()
     return EphemeralMount(

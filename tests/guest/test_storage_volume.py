@@ -465,6 +465,7 @@ def test_seq_in_the_log_and_a_rolled_back_header(env: Env, tmp_path: Path) -> No
         log_path=log_path,
         state_path=tmp_path / "measured.json",
         register_factory=lambda _tcti, _pcr: register,
+        tee="tpm",
     )
     with loop_disk(tmp_path, 128 * MIB) as dev:
         vol = make_volume(unique("seq"))

@@ -262,8 +262,9 @@ async def test_securemount_ephemeral_measured_before_bind_and_closed_after_relea
     guest.unmount(Path(EMPTYDIR))
     await backend.sweep()
     reqs = fake_aa.decoded()
-    assert [r.Operation for r in reqs] == ["volume-create", "volume-close"]
-    ev = parse_volume_content(VolumeOperation.CREATE, reqs[0].Content)
+    # their own operations (issue 21 #5c): never read as a contract volume's events
+    assert [r.Operation for r in reqs] == ["ephemeral-create", "ephemeral-close"]
+    ev = parse_volume_content(VolumeOperation.EPHEMERAL_CREATE, reqs[0].Content)
     assert (ev.name, ev.filesystem, ev.sequence) == ("cva-eph-1", "ext4", None)
 
 

@@ -261,11 +261,77 @@ def test_auto_on_tdx_uses_rtmr_before_the_tpm(tmp_path: Path, tdx: FakeTdxMeasur
     assert m.sink == "rtmr" and len(tdx.writes) == 1
 
 
-def test_auto_on_tdx_without_the_sysfs_falls_back_to_the_tpm(tmp_path: Path) -> None:
-    m = _measurer(tmp_path, None, sink="auto", tcti="swtpm:port=1")
+def test_auto_on_tdx_without_the_sysfs_never_falls_back_to_the_tpm(tmp_path: Path) -> None:
+    """Issue 21 #2: a TPM on a TDX VM is the host's; `required` must not be met by it."""
+    m = _measurer(tmp_path, None, sink="auto", tcti="swtpm:port=1")  # a TPM is present
+    with pytest.raises(MeasureError) as err:
+        m._decide()
+    message = err.value.message
+    assert "no TDX RTMR sysfs (Linux >= 6.16)" in message and "start the AA" in message
+    assert "tpm sink is refused on tdx" in message and "\n" not in message
+    with pytest.raises(MeasureError, match="measure-required"):
+        m.opened(_ident("pg"), created=True)
+    assert m.sink is None and not (tmp_path / "eventlog").exists()
+
+
+@pytest.mark.parametrize("tee", ["tdx", "snp", "sample", None])
+def test_the_tpm_sink_is_refused_unless_the_tee_is_tpm(tmp_path: Path, tee: str | None) -> None:
+    """Explicit `sink = "tpm"` too: refused at start and at every event, never extended."""
+    extended: list[bytes] = []
+
+    class _Reg:
+        def read(self) -> bytes:
+            return bytes(32)
+
+        def extend(self, digest: bytes) -> None:
+            extended.append(digest)
+
+    def measurer(required: bool) -> Measurer:
+        return Measurer(
+            MeasureConfig(sink="tpm", required=required, tcti="swtpm:port=1"),
+            log_path=tmp_path / "eventlog",
+            state_path=tmp_path / "measured.json",
+            tee=tee,
+            register_factory=lambda _t, _p: _Reg(),
+        )
+
+    with pytest.raises(MeasureError, match="tpm measurement sink is refused") as err:
+        measurer(True).start()
+    assert "Attestation Agent" in err.value.message and "\n" not in err.value.message
+    with pytest.raises(MeasureError, match="measure-required"):
+        measurer(True).opened(_ident("pg"), created=True)
+    relaxed = measurer(False)
+    relaxed.start()  # a warning only
+    relaxed.opened(_ident("pg"), created=True)
+    assert not extended and not (tmp_path / "eventlog").exists()
+
+
+def test_a_leftover_log_on_snp_is_not_resumed_in_a_tpm(tmp_path: Path) -> None:
+    """`auto` with cva's log already there (the direct sink) is refused off tpm as well."""
+    (tmp_path / "eventlog").write_bytes(b"")
+    m = Measurer(
+        MeasureConfig(sink="auto", aa_socket=tmp_path / "aa.sock", tcti="swtpm:port=1"),
+        log_path=tmp_path / "eventlog",
+        state_path=tmp_path / "measured.json",
+        tee="snp",
+    )
+    with pytest.raises(MeasureError, match="tpm measurement sink is refused"):
+        m.start()
+
+
+def test_auto_on_tpm_still_uses_the_tpm(tmp_path: Path) -> None:
+    m = Measurer(
+        MeasureConfig(sink="auto", aa_socket=tmp_path / "aa.sock", tcti="swtpm:port=1"),
+        log_path=tmp_path / "eventlog",
+        tee="tpm",
+    )
     assert m._decide() == "tpm"
-    none = _measurer(tmp_path, None, sink="auto")
-    with pytest.raises(MeasureError, match=r"no TDX RTMR sysfs \(Linux >= 6\.16\)"):
+    none = Measurer(
+        MeasureConfig(sink="auto", aa_socket=tmp_path / "aa.sock", tcti="device:/nonexistent"),
+        log_path=tmp_path / "eventlog",
+        tee="tpm",
+    )
+    with pytest.raises(MeasureError, match=r"no TPM \(device:/nonexistent\)"):
         none._decide()
 
 

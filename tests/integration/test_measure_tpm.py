@@ -37,6 +37,7 @@ def _measurer(tmp_path: Path, tcti: str) -> Measurer:
         MeasureConfig(sink="tpm", tcti=tcti),
         log_path=tmp_path / "eventlog",
         state_path=tmp_path / "measured.json",
+        tee="tpm",
     )
 
 
@@ -119,6 +120,7 @@ def test_measurer_start_recovers_a_wal(
         log_path=tmp_path / "eventlog",
         state_path=tmp_path / "measured.json",
         register_factory=lambda _tcti, pcr: _Pcr(swtpm_tcti, pcr),
+        tee="tpm",
     )
     restarted.start()
     assert restarted.sink == "tpm"
@@ -165,6 +167,7 @@ def test_tpm_unreachable_fails_closed_with_one_line(tmp_path: Path) -> None:
         MeasureConfig(sink="tpm", tcti="swtpm:host=127.0.0.1,port=1"),
         log_path=tmp_path / "eventlog",
         state_path=tmp_path / "measured.json",
+        tee="tpm",
     )
     with pytest.raises(MeasureError, match="measure-required") as err:
         m.opened(ident("pg"), created=True)

@@ -11,7 +11,14 @@ import pytest
 
 from agent._proto.cdh import api_pb2
 from agent.errors import CvaError, InputError
-from agent.rpc.ttrpc import CallContext, Code, RpcError, TtrpcServer
+from agent.rpc.ttrpc import (
+    MESSAGE_LENGTH_MAX,
+    REQUEST_ENVELOPE_BYTES,
+    CallContext,
+    Code,
+    RpcError,
+    TtrpcServer,
+)
 from tests.ttrpc_peer import GoCall, go_calls
 
 
@@ -72,6 +79,8 @@ class Handlers:
 async def start(tmp_path: Path, handlers: Handlers, **limits: float) -> TtrpcServer:
     server = TtrpcServer(**limits)  # type: ignore[arg-type]
     server.register("test.Echo/Echo", handlers.echo)
+    big = MESSAGE_LENGTH_MAX - REQUEST_ENVELOPE_BYTES  # a method that needs large requests
+    server.register("test.Echo/Big", handlers.echo, max_request_bytes=big)
     server.register("test.Echo/Denied", handlers.denied)
     server.register("test.Echo/InputError", handlers.input_error)
     server.register("test.Echo/CvaError", handlers.cva_error)
@@ -218,9 +227,23 @@ async def test_large_payload_round_trip(
 ):
     _server, _handlers, sock = served
     payload = os.urandom(3 << 20)
-    [res] = await go_calls(go_binary, sock, [GoCall("test.Echo", "Echo", payload)])
+    [res] = await go_calls(go_binary, sock, [GoCall("test.Echo", "Big", payload)])
     assert res.code == 0
     assert res.payload == payload[::-1]
+
+
+async def test_requests_over_a_methods_cap_are_refused(
+    served: tuple[TtrpcServer, Handlers, Path], go_binary: Path
+):
+    """Issue 21 #5: 16 KiB by default, what a method registers otherwise (containerd's client)."""
+    _server, _handlers, sock = served
+    calls = [
+        GoCall("test.Echo", "Echo", b"x" * (16 << 10)),  # exactly the default cap
+        GoCall("test.Echo", "Echo", b"x" * ((16 << 10) + 1)),  # one byte over: in the frame
+        GoCall("test.Echo", "Echo", os.urandom(3 << 20)),  # over the frame limit: skipped
+    ]
+    results = await go_calls(go_binary, sock, calls)
+    assert [r.code for r in results] == [0, Code.RESOURCE_EXHAUSTED, Code.RESOURCE_EXHAUSTED]
 
 
 async def test_graceful_close_answers_calls_in_flight(tmp_path: Path, go_binary: Path):

@@ -224,6 +224,16 @@ def test_ephemeral_device_target_and_given_mapper_name_and_ro() -> None:
     )
 
 
+def test_ephemeral_mapper_name_of_a_contract_volume_is_refused() -> None:
+    """Issue 21 #5c: an ephemeral volume named like a contract volume is refused."""
+    for vol in VOLUMES:
+        err = plan_refused({**KATA_EMPTYDIR, "mapperName": vol.name}, BLANK_DEVICE)
+        assert (err.rpc_code, err.rule) == (Code.INVALID_ARGUMENT, "mapper-name")
+        assert f"contract volume {vol.name}" in str(err)
+    ok = plan({**KATA_EMPTYDIR, "mapperName": VOLUMES[0].name + "-x"}, BLANK_DEVICE)
+    assert isinstance(ok, EphemeralMount)
+
+
 def test_ephemeral_not_allowed_by_policy() -> None:
     err = plan_refused(KATA_EMPTYDIR, BLANK_DEVICE, policy=SecureMountPolicy(persistent=True))
     assert (err.rpc_code, err.rule) == (Code.PERMISSION_DENIED, "ephemeral-not-allowed")

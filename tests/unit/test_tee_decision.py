@@ -108,3 +108,68 @@ def test_sample_is_refused_with_a_configfs_tsm_provider(tmp_path: Path, provider
 def test_unknown_image_choices_are_refused(tmp_path: Path, choice: str) -> None:
     with pytest.raises(AttesterUnavailable, match="unknown tee"):
         decide_tee(choice, allow_sample=True, vtpm_in_tee=True, root=tmp_path)
+
+
+# -- a confidential guest whose driver the host kept from loading (issue 21 #2) ----------------
+
+CPUINFO = "processor\t: {n}\nvendor_id\t: GenuineIntel\nflags\t\t: fpu vme de pse {extra}\n\n"
+
+
+def _cpuinfo(root: Path, extra: str = "", cpus: int = 2) -> Path:
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    text = "".join(CPUINFO.format(n=n, extra=extra) for n in range(cpus))
+    (root / "proc/cpuinfo").write_text(text)
+    return root
+
+
+def _snp_sysfs(root: Path, path: str = "sys/devices/system/cpu/sev") -> Path:
+    (root / path).mkdir(parents=True)
+    (root / path / "vmpl").write_text("0\n")
+    return root
+
+
+def test_cpu_flags_are_every_flags_line() -> None:
+    from evidence.detect import cpu_flags
+
+    text = "flags\t\t: fpu tdx_guest\nbugs\t\t: spectre_v1\nflags : sse\nflagsx: nope\n"
+    assert cpu_flags(text) == frozenset({"fpu", "tdx_guest", "sse"})
+    assert cpu_flags("") == frozenset()
+    assert cpu_flags("garbage\x00\nflags\n:::\n") == frozenset()
+
+
+def test_reported_tdx_or_snp_without_the_driver_never_falls_back_to_the_tpm(
+    tmp_path: Path,
+) -> None:
+    tdx = _dev(_cpuinfo(tmp_path / "tdx", "tdx_guest"), "tpmrm0")
+    with pytest.raises(AttesterUnavailable, match=r"tdx guest \(the CPU flag tdx_guest\)"):
+        decide_tee("auto", root=tdx)
+    with pytest.raises(AttesterUnavailable, match="never falls back to a TPM"):
+        detect_tee(tdx)
+    for path in ("sys/devices/system/cpu/sev", "sys/hypervisor/sev"):
+        snp = _dev(_snp_sysfs(_cpuinfo(tmp_path / path), path), "tpmrm0")
+        with pytest.raises(AttesterUnavailable, match=r"snp guest \(the kernel's SEV-SNP sysfs"):
+            decide_tee("auto", root=snp)
+
+
+def test_a_plain_vm_with_a_tpm_still_decides_tpm(tmp_path: Path) -> None:
+    root = _dev(_cpuinfo(tmp_path, "sse sse2 hypervisor"), "tpmrm0")
+    assert decide_tee("auto", root=root) == "tpm"
+    assert decide_tee("tpm", root=root) == "tpm"
+
+
+def test_reported_guest_refuses_tpm_and_sample_unless_vtpm_in_tee(tmp_path: Path) -> None:
+    root = _dev(_cpuinfo(tmp_path, "tdx_guest"), "tpmrm0")
+    with pytest.raises(AttesterUnavailable, match="TPM is never the root of trust while tdx"):
+        decide_tee("tpm", root=root)
+    assert decide_tee("tpm", vtpm_in_tee=True, root=root) == "tpm"
+    with pytest.raises(AttesterUnavailable, match="sample TEE is refused on tdx"):
+        decide_tee("sample", allow_sample=True, root=root)
+    snp = _dev(_snp_sysfs(tmp_path / "snp"), "tpmrm0")
+    with pytest.raises(AttesterUnavailable, match="while snp is present"):
+        decide_tee("tpm", root=snp)
+
+
+def test_with_the_driver_the_reported_guest_decides_as_before(tmp_path: Path) -> None:
+    root = _dev(_cpuinfo(tmp_path, "tdx_guest"), "tpmrm0", "tdx_guest")
+    assert decide_tee("auto", root=root) == "tdx"
+    assert decide_tee("tdx", root=root) == "tdx"

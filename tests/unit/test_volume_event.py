@@ -57,7 +57,10 @@ def test_known_text() -> None:
 
 
 def test_through_a_log() -> None:
-    events = [_event(operation=op, sequence=i) for i, op in enumerate(VolumeOperation)]
+    events = [
+        _event(operation=op, sequence=None if op.ephemeral else i)
+        for i, op in enumerate(VolumeOperation)
+    ]
     log = b"".join(encode_entry(17, ALG_SHA384, volume_aael(e)) for e in events)
     log += encode_entry(17, ALG_SHA384, parse_aael_text("github.com/x PullImage {}"))
     parsed = [parse_volume_event(parse_aael_text(e.text)) for e in parse_log(log)]
@@ -159,8 +162,22 @@ _names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}", fullmatch=True)
 def test_round_trip(
     op: VolumeOperation, name: str, uuid: str, hdr: bytes, fs: str, ro: bool, seq: int | None
 ) -> None:
-    ev = VolumeEvent(op, name, uuid, hdr, fs, ro, seq)
+    ev = VolumeEvent(op, name, uuid, hdr, fs, ro, None if op.ephemeral else seq)
     assert parse_volume_event(parse_aael_text(volume_aael(ev).text)) == ev
+
+
+def test_ephemeral_events_have_their_own_operations_and_no_seq() -> None:
+    """Issue 21 #5c: an ephemeral volume named like a contract volume never reads as one."""
+    ev = _event(operation=VolumeOperation.EPHEMERAL_CREATE, sequence=None, name="pgdata")
+    aael = volume_aael(ev)
+    assert aael.operation == "ephemeral-create" and parse_volume_event(aael) == ev
+    close = _event(operation=VolumeOperation.EPHEMERAL_CLOSE, sequence=None)
+    assert volume_aael(close).operation == "ephemeral-close"
+    with pytest.raises(VolumeEventError, match="carries no seq"):
+        _event(operation=VolumeOperation.EPHEMERAL_CREATE, sequence=1)
+    content = volume_content(_event(sequence=3))
+    with pytest.raises(VolumeEventError, match="carries no seq"):
+        parse_volume_content(VolumeOperation.EPHEMERAL_CLOSE, content)
 
 
 @settings(max_examples=300)

@@ -154,9 +154,11 @@ level = "info"
 
 def evidence_config(tee: str) -> str:
     """The image config's [evidence] section: the image, never the contract, picks the TEE;
-    only a test image allows sample, and says so with both keys."""
+    only a test image allows sample, and says so with both keys. A sample image measures no
+    volume (`[measure] sink = "none"`): no register of it is attested, and the guest's TPM is
+    not the sample TEE's (agent.measure refuses the tpm sink off tee = "tpm")."""
     if tee == "sample":
-        return '[evidence]\ntee = "sample"\nallow_sample = true\n'
+        return '[evidence]\ntee = "sample"\nallow_sample = true\n\n[measure]\nsink = "none"\n'
     return f"[evidence]\ntee = {json.dumps(tee)}\n"
 
 

@@ -90,6 +90,7 @@ def test_daemon_config_and_bundle() -> None:
     config = parse_config(DAEMON_CONFIG.format(kbs_deadline=120.0) + evidence_config("sample"))
     assert parse_config(daemon_config(Scenario())) == config
     assert config.evidence == EvidenceConfig("sample", allow_sample=True)
+    assert config.measure.sink == "none"  # the guest's swtpm is not the sample TEE's register
     tpm = parse_config(daemon_config(Scenario(tee="tpm"))).evidence
     assert tpm == EvidenceConfig("tpm")  # the TPM scenarios never allow sample
     assert parse_config(daemon_config(DEMO)).evidence == config.evidence
