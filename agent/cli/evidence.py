@@ -161,6 +161,20 @@ def _events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(args: argparse.Namespace) -> int:
+    from agent.cli.initdata import load_raw  # noqa: PLC0415
+    from agent.initdata import parse_initdata  # noqa: PLC0415
+    from agent.kbs_policy import VolumePin, parse_resource_path, volume_policy  # noqa: PLC0415
+
+    pin = VolumePin(args.volume, args.uuid, args.header_sha256, args.min_seq)
+    resources = [parse_resource_path(text) for text in args.resource]
+    initdata = parse_initdata(load_raw(args.initdata, "auto")) if args.initdata else None
+    sys.stdout.write(
+        volume_policy(pin, resources, initdata, require_affirming=not args.allow_unaffirmed)
+    )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `cva evidence parse|collect|events`."""
     group = sub.add_parser("evidence", help="TEE evidence: parse quotes/reports, collect evidence")
@@ -207,3 +221,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="a register's value before the log (default zeros; TPM PCR 17-22: ff..ff)",
     )
     e.set_defaults(func=_events)
+
+    pol = cmds.add_parser(
+        "policy",
+        help="print a Trustee KBS resource policy (Rego) releasing resources only to a TDX VM"
+        " whose replayed event log shows cva opened this volume (and has not closed it)",
+    )
+    pol.add_argument("--volume", required=True, metavar="NAME", help="the volume's name")
+    pol.add_argument(
+        "--uuid", required=True, metavar="UUID", help="its LUKS UUID (from cva's event)"
+    )
+    pol.add_argument(
+        "--header-sha256", required=True, metavar="HEX", help="its header digest (from cva's event)"
+    )
+    pol.add_argument(
+        "--resource",
+        required=True,
+        action="append",
+        metavar="REPO/TYPE/TAG",
+        help="a resource to release (repeatable; kbs:///REPO/TYPE/TAG also accepted)",
+    )
+    pol.add_argument("--min-seq", type=int, metavar="N", help="require the event's seq >= N")
+    pol.add_argument(
+        "--initdata", metavar="FILE", help="also require this initdata's MRCONFIGID (TDX)"
+    )
+    pol.add_argument(
+        "--allow-unaffirmed",
+        action="store_true",
+        help='do not require ear.status == "affirming" (the AS\'s appraisal of the image)',
+    )
+    pol.set_defaults(func=_policy)

@@ -72,6 +72,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ref = add("reference", "print the MRCONFIGID / HOST_DATA / PCR8 value to register")
     ref.add_argument("--tee", required=True, choices=("tdx", "snp", "tpm"))
     ref.set_defaults(func=cmd_reference)
+    pol = isub.add_parser(
+        "policy",
+        help="print a Trustee KBS resource policy (Rego) that releases each contract key only to"
+        " a TEE whose initdata register holds this document",
+    )
+    pol.add_argument(
+        "files",
+        metavar="FILE",
+        nargs="+",
+        help="initdata (TOML, annotation, gzip, image; - = stdin); several documents make one"
+        " policy (the KBS has one)",
+    )
+    pol.add_argument(
+        "--format", choices=FORMATS, default="auto", help="how FILE is encoded (default: detect)"
+    )
+    pol.add_argument(
+        "--tee",
+        action="append",
+        choices=("tdx", "snp", "tpm"),
+        help="grant to this TEE only (repeatable); default: the contract's kbs.tee, or tdx and"
+        " snp when it is auto (tpm only when named)",
+    )
+    pol.add_argument(
+        "--allow-unaffirmed",
+        action="store_true",
+        help='do not require ear.status == "affirming" (the AS\'s appraisal of the image)',
+    )
+    pol.set_defaults(func=cmd_policy)
 
 
 # --- reading FILE -------------------------------------------------------------------------
@@ -210,3 +238,17 @@ def cmd_reference(args: argparse.Namespace) -> int:
             "digest": initdata.digest().hex(),
         }
     )
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from agent.kbs_policy import Workload, resource_policy  # noqa: PLC0415
+
+    if args.files.count("-") > 1:
+        raise InputError("stdin (-) can be read only once")
+    workloads = []
+    for name in args.files:
+        initdata = parse_initdata(load_raw(name, args.format))
+        workloads.append(Workload(initdata, load_contract(initdata)))
+    text = resource_policy(workloads, args.tee or (), require_affirming=not args.allow_unaffirmed)
+    sys.stdout.write(text)
+    return 0
