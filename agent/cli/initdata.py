@@ -99,6 +99,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help='do not require ear.status == "affirming" (the AS\'s appraisal of the image)',
     )
+    vol = pol.add_argument_group(
+        "volume-gated resources (TDX; the same rules as `cva evidence policy`)",
+        "release --resource paths only once the VM's replayed event log shows cva opened this"
+        " volume (and has not closed it); bound to FILE's MRCONFIGID",
+    )
+    vol.add_argument("--volume", metavar="NAME", help="the volume's name")
+    vol.add_argument("--uuid", metavar="UUID", help="its LUKS UUID (from cva's event)")
+    vol.add_argument("--header-sha256", metavar="HEX", help="its header digest (cva's event)")
+    vol.add_argument(
+        "--resource", action="append", metavar="REPO/TYPE/TAG", help="a resource (repeatable)"
+    )
+    vol.add_argument("--min-seq", type=int, metavar="N", help="require the event's seq >= N")
     pol.set_defaults(func=cmd_policy)
 
 
@@ -241,7 +253,13 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    from agent.kbs_policy import Workload, resource_policy  # noqa: PLC0415
+    from agent.kbs_policy import (  # noqa: PLC0415
+        VolumeGrant,
+        VolumePin,
+        Workload,
+        parse_resource_path,
+        resource_policy,
+    )
 
     if args.files.count("-") > 1:
         raise InputError("stdin (-) can be read only once")
@@ -249,6 +267,17 @@ def cmd_policy(args: argparse.Namespace) -> int:
     for name in args.files:
         initdata = parse_initdata(load_raw(name, args.format))
         workloads.append(Workload(initdata, load_contract(initdata)))
-    text = resource_policy(workloads, args.tee or (), require_affirming=not args.allow_unaffirmed)
+    volume = None
+    given = [args.volume, args.uuid, args.header_sha256, args.resource]
+    if any(v is not None for v in given):
+        if not all(v is not None for v in given):
+            raise InputError("--volume, --uuid, --header-sha256 and --resource go together")
+        pin = VolumePin(args.volume, args.uuid, args.header_sha256, args.min_seq)
+        volume = VolumeGrant(pin, tuple(parse_resource_path(r) for r in args.resource))
+    elif args.min_seq is not None:
+        raise InputError("--min-seq needs --volume")
+    text = resource_policy(
+        workloads, args.tee or (), require_affirming=not args.allow_unaffirmed, volume=volume
+    )
     sys.stdout.write(text)
     return 0

@@ -65,3 +65,33 @@ def test_evidence_policy_prints_a_policy_and_refuses_bad_values() -> None:
     )  # fmt: skip
     assert bad.returncode == 1
     assert b"--uuid" in bad.stderr
+
+
+def test_initdata_policy_with_a_volume_gated_resource() -> None:
+    doc = parse_initdata(EXAMPLE.read_bytes())
+    proc = run_cva(
+        "initdata", "policy", str(EXAMPLE), "--volume", "pgdata", "--uuid", UUID,
+        "--header-sha256", "ab" * 32, "--resource", "default/app/token",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    policy = proc.stdout.decode()
+    mr = reference_value(doc, "tdx").hex()
+    event = {
+        "type_name": "EV_EVENT_TAG",
+        "index": 4,
+        "details": {
+            "unicode_name": "AAEL",
+            "data": {
+                "domain": "cva",
+                "operation": "volume-open",
+                "content": {"name": "pgdata", "uuid": UUID, "header-sha256": "ab" * 32},
+            },
+        },
+    }
+    claims = token("tdx", mr, tee_claims={"uefi_event_logs": [event]})
+    assert allow(policy, claims, ["default", "app", "token"])
+    assert allow(policy, claims, ["default", "pgdata", "luks"])
+    assert not allow(policy, token("tdx", mr), ["default", "app", "token"])
+    partial = run_cva("initdata", "policy", str(EXAMPLE), "--volume", "pgdata")
+    assert partial.returncode == 1
+    assert b"go together" in partial.stderr

@@ -15,6 +15,7 @@ from agent.initdata import InitData, load_contract, parse_initdata, reference_va
 from agent.kbs_policy import (
     DEFAULT_TEES,
     PolicyError,
+    VolumeGrant,
     VolumePin,
     Workload,
     choose_tees,
@@ -403,3 +404,31 @@ def test_volume_pin_and_resource_path_validation() -> None:
             parse_resource_path(bad)
     with pytest.raises(PolicyError, match="at least one"):
         volume_policy(VolumePin("pgdata", UUID, HEADER), [])
+
+
+def test_one_policy_holds_the_keys_and_a_volume_gated_resource() -> None:
+    doc = initdata()
+    grant = VolumeGrant(VolumePin("pgdata", UUID, HEADER), (tuple(SECRET),))  # type: ignore[arg-type]
+    policy = resource_policy([workload(doc)], volume=grant)
+    mr = value(doc, "tdx")
+    opened = [aael("volume-open", content())]
+    # the keys: as without the volume grant (no event needed, snp too)
+    assert allow(policy, tdx_token([], mr), PG)
+    assert allow(policy, token("snp", value(doc, "snp")), PG)
+    # the gated resource: TDX, this initdata, the volume open
+    assert allow(policy, tdx_token(opened, mr), SECRET)
+    assert not allow(policy, tdx_token([], mr), SECRET)
+    assert not allow(policy, tdx_token(opened, value(initdata(salt="x"), "tdx")), SECRET)
+    assert not allow(policy, tdx_token(opened, mr, extra={"sample": {}}), SECRET)
+    assert not allow(policy, tdx_token([*opened, aael("volume-close", content())], mr), SECRET)
+    assert "Volume-gated resources" in policy.split("\npackage policy\n")[0]
+
+
+def test_volume_gated_resource_may_not_be_a_key_or_span_workloads() -> None:
+    doc = initdata()
+    key = VolumeGrant(VolumePin("pgdata", UUID, HEADER), (tuple(PG),))  # type: ignore[arg-type]
+    with pytest.raises(PolicyError, match="is a contract key"):
+        resource_policy([workload(doc)], volume=key)
+    grant = VolumeGrant(VolumePin("pgdata", UUID, HEADER), (tuple(SECRET),))  # type: ignore[arg-type]
+    with pytest.raises(PolicyError, match="exactly one"):
+        resource_policy([workload(doc), workload(initdata(salt="b"))], volume=grant)
