@@ -183,3 +183,28 @@ def test_malformed_log_leaves_the_state_alone(tmp_path: Path) -> None:
     rc, _, _ = check(log, "23=" + "00" * 32, state)
     assert rc == 2
     assert state.read_bytes() == before
+
+
+def test_a_second_verifier_waits_for_the_lock_then_gives_up(tmp_path: Path) -> None:
+    """Two verifiers on one FILE: the second cannot read the old value while the first holds it
+    (a lost update could lower a recorded seq)."""
+    import fcntl
+
+    from agent.cli.evidence import _SeqStateFile, _StateFailure
+
+    state = tmp_path / "seq.json"
+    first = _SeqStateFile(str(state))
+    with first:
+        second = _SeqStateFile(str(state))
+        second.LOCK_WAIT = 0.3
+        with pytest.raises(_StateFailure, match="held by another verifier"):
+            second.__enter__()
+    # released: the next one gets it
+    with _SeqStateFile(str(state)) as again:
+        assert again.read() is None
+    lock = tmp_path / "seq.json.lock"
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free after the with block
+    finally:
+        os.close(fd)
