@@ -52,6 +52,15 @@ def require_tee(contract_tee: str, decided: str) -> None:
         )
 
 
+def runtime_logs(config: DaemonConfig) -> tuple[Path, ...]:
+    """The event logs (paths relative to `/`) whose RTMR entries TDX evidence carries: the
+    Attestation Agent's and cva's own (`[measure] log`; only an RTMR log is ever appended)."""
+    from evidence.tdx import AA_EVENTLOG  # noqa: PLC0415
+
+    own = config.measure_log.relative_to("/")
+    return (AA_EVENTLOG,) if own == AA_EVENTLOG else (AA_EVENTLOG, own)
+
+
 def establish_trust(
     config: DaemonConfig, *, root: Path = Path("/"), fs: ConfigFs | None = None
 ) -> Trusted:
@@ -64,7 +73,8 @@ def establish_trust(
     initdata = parse_initdata(raw)
     contract = load_contract(initdata)  # parsed, not yet trusted
     require_tee(contract.kbs.tee, tee)  # before any attester exists
-    attester = attester_for(tee, root=root, fs=fs)
+    logs = runtime_logs(config) if tee == "tdx" else None  # evidence.tdx loads only on TDX
+    attester = attester_for(tee, root=root, fs=fs, runtime_logs=logs)
     deferred = False
     if tee != "sample":  # the image's choice (allow_sample, no TDX/SNP), never the contract's
         # PCR8 (TPM) has one writer per boot, the image's choice (agent.binding)

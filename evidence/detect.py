@@ -20,6 +20,7 @@ the chosen TEE's attester.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -188,8 +189,16 @@ def decide_tee(
     return "tpm"
 
 
-def attester_for(tee: str, *, root: Path = Path("/"), fs: ConfigFs | None = None) -> Attester:
-    """The attester for `tee` (`auto` detects); raises AttesterUnavailable when unusable."""
+def attester_for(
+    tee: str,
+    *,
+    root: Path = Path("/"),
+    fs: ConfigFs | None = None,
+    runtime_logs: Sequence[Path] | None = None,
+) -> Attester:
+    """The attester for `tee` (`auto` detects); raises AttesterUnavailable when unusable.
+    `runtime_logs` (TDX, paths under `root`): the event logs whose RTMR entries go into the
+    evidence (default: the Attestation Agent's)."""
     if tee not in TEES:
         raise AttesterUnavailable(f"unknown tee {tee!r}; expected one of {', '.join(TEES)}")
     if tee == "auto":
@@ -203,7 +212,9 @@ def attester_for(tee: str, *, root: Path = Path("/"), fs: ConfigFs | None = None
     if tee == "tdx":
         from evidence.tdx import TdxAttester  # noqa: PLC0415
 
-        return TdxAttester(root=root, fs=fs)
+        if runtime_logs is None:
+            return TdxAttester(root=root, fs=fs)
+        return TdxAttester(root=root, fs=fs, runtime_logs=runtime_logs)
     from evidence.snp import SnpAttester  # noqa: PLC0415
 
     return SnpAttester(root=root, fs=fs)

@@ -35,8 +35,8 @@ exactly what `volume_content` would write, so a policy can match on the text. On
 fields exist: there is no free-form field through which key material could get in.
 
 A relying party pins a volume by its uuid and header-sha256 (and, for persistent volumes, a
-minimum seq). The Trustee resource-policy snippet that checks these belongs with the CLI/README
-work: the claim path under which the AS exposes AAEL events has not been confirmed here.
+minimum seq): `agent.kbs_policy` writes the Trustee resource policy that checks them in a TDX
+token (SPEC.md §e.8), `evidence.seqstate` the per-UUID seq check across boots.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -100,7 +102,113 @@ def _register_values(items: list[str] | None, option: str) -> dict[int, bytes]:
     return out
 
 
+class _SeqStateFile:
+    """The verifier's seq state on disk: locked for the whole check (a sibling `.lock`, so two
+    verifiers never both read the old value and the later write lowers the other's), read
+    without following a symlink, replaced atomically (temp file, fsync, rename, fsync dir)."""
+
+    LOCK_WAIT = 10.0
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> _SeqStateFile:
+        import fcntl  # noqa: PLC0415
+        import time  # noqa: PLC0415
+
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise _StateFailure(f"cannot open {lock}: {exc.strerror or exc}") from None
+        deadline = time.monotonic() + self.LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise _StateFailure(
+                        f"{lock} is held by another verifier for more than"
+                        f" {self.LOCK_WAIT:.0f} s; try again"
+                    ) from None
+                time.sleep(0.1)
+        self._lock_fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    def read(self) -> bytes | None:
+        """The file's bytes, or None when it does not exist yet."""
+        from evidence.seqstate import MAX_STATE_BYTES  # noqa: PLC0415
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _StateFailure(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _StateFailure(f"{self.path} is not a regular file")
+            chunks = []
+            size = 0
+            while size <= MAX_STATE_BYTES:
+                chunk = os.read(fd, MAX_STATE_BYTES + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+        except OSError as exc:
+            raise _StateFailure(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    def replace(self, data: bytes) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(tmp, flags, 0o644)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                tmp.replace(self.path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise _StateFailure(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+
+class _StateFailure(Exception):
+    """The seq state cannot be used (exit 2, nothing written)."""
+
+
 def _events(args: argparse.Namespace) -> int:
+    if args.seq_state is None:
+        return _events_checked(args, None)
+    try:
+        with _SeqStateFile(args.seq_state) as state_file:
+            return _events_checked(args, state_file)
+    except _StateFailure as exc:
+        sys.stderr.write(f"cva: seq state: {exc}; nothing was written\n")
+        return EXIT_MALFORMED
+
+
+def _events_checked(args: argparse.Namespace, state_file: _SeqStateFile | None) -> int:
     from evidence.eventlog import (  # noqa: PLC0415
         MAX_LOG_BYTES,
         EventLogError,
@@ -108,9 +216,23 @@ def _events(args: argparse.Namespace) -> int:
         parse_log,
         replay,
     )
+    from evidence.seqstate import (  # noqa: PLC0415
+        SeqState,
+        SeqStateError,
+        check_sequences,
+        encode_state,
+        parse_state,
+    )
 
     claimed = _register_values(args.register, "--register")
     initial = _register_values(args.initial, "--initial")
+    state: SeqState | None = None
+    if state_file is not None:
+        raw_state = state_file.read()
+        try:
+            state = SeqState() if raw_state is None else parse_state(raw_state)
+        except SeqStateError as exc:
+            raise _StateFailure(f"{state_file.path}: {exc.message}") from None
     try:
         with Path(args.log).open("rb") as fh:
             data = fh.read(MAX_LOG_BYTES + 1)
@@ -123,7 +245,7 @@ def _events(args: argparse.Namespace) -> int:
         sys.stderr.write(f"cva: malformed event log {args.log}: {exc.message}\n")
         return EXIT_MALFORMED
     check = check_registers(replayed, claimed, initial)
-    doc = {
+    doc: dict[str, object] = {
         "registers": {str(i): v.hex() for i, v in sorted(replayed.items())},
         "events": [
             {
@@ -137,8 +259,51 @@ def _events(args: argparse.Namespace) -> int:
         ],
         "verified": check.verified,
     }
+    failures: list[str] = []
+    if state_file is not None and state is not None:
+        report = check_sequences(state, events)
+        failures = report.failures()
+        update = check.verified and report.ok
+        if update and (raw_state is None or report.new_state != state):
+            state_file.replace(encode_state(report.new_state))
+        else:
+            update = False
+        doc["seq"] = {
+            "state": str(state_file.path),
+            "ok": report.ok,
+            "updated": update,
+            "volumes": [
+                {
+                    "uuid": vol.uuid,
+                    "names": list(vol.names),
+                    "recorded": vol.recorded,
+                    "highest": vol.highest,
+                    "ok": vol.ok,
+                    "events": [
+                        {
+                            "index": ev.index,
+                            "operation": ev.operation,
+                            "read_only": ev.read_only,
+                            "seq": ev.seq,
+                            "before": ev.before,
+                            "ok": ev.ok,
+                            "note": ev.note,
+                        }
+                        for ev in vol.events
+                    ],
+                }
+                for vol in report.volumes
+            ],
+            "skipped": [
+                {"index": sk.index, "operation": sk.operation, "reason": sk.reason}
+                for sk in report.skipped
+            ],
+            "problems": list(report.problems),
+        }
     json.dump(doc, sys.stdout, indent=2)
     sys.stdout.write("\n")
+    for line in failures:
+        sys.stderr.write(f"cva: {line}\n")
     if not check.verified:
         why = (
             "no --register value given"
@@ -157,7 +322,26 @@ def _events(args: argparse.Namespace) -> int:
             )
         )
         sys.stderr.write(f"cva: event log not verified ({why})\n")
+        if state_file is not None:
+            sys.stderr.write("cva: seq state not updated: the log did not verify\n")
         return EXIT_NOT_VERIFIED
+    if failures:
+        sys.stderr.write("cva: seq state not updated\n")
+        return EXIT_NOT_VERIFIED
+    return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from agent.cli.initdata import load_raw  # noqa: PLC0415
+    from agent.initdata import parse_initdata  # noqa: PLC0415
+    from agent.kbs_policy import VolumePin, parse_resource_path, volume_policy  # noqa: PLC0415
+
+    pin = VolumePin(args.volume, args.uuid, args.header_sha256, args.min_seq)
+    resources = [parse_resource_path(text) for text in args.resource]
+    initdata = parse_initdata(load_raw(args.initdata, "auto")) if args.initdata else None
+    sys.stdout.write(
+        volume_policy(pin, resources, initdata, require_affirming=not args.allow_unaffirmed)
+    )
     return 0
 
 
@@ -206,4 +390,40 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="INDEX=HEX",
         help="a register's value before the log (default zeros; TPM PCR 17-22: ff..ff)",
     )
+    e.add_argument(
+        "--seq-state",
+        metavar="FILE",
+        help="rollback check: the highest seq seen per volume UUID (JSON; created if absent,"
+        " updated only when the log verifies and no volume went back); run once per log",
+    )
     e.set_defaults(func=_events)
+
+    pol = cmds.add_parser(
+        "policy",
+        help="print a Trustee KBS resource policy (Rego) releasing resources only to a TDX VM"
+        " whose replayed event log shows cva opened this volume (and has not closed it)",
+    )
+    pol.add_argument("--volume", required=True, metavar="NAME", help="the volume's name")
+    pol.add_argument(
+        "--uuid", required=True, metavar="UUID", help="its LUKS UUID (from cva's event)"
+    )
+    pol.add_argument(
+        "--header-sha256", required=True, metavar="HEX", help="its header digest (from cva's event)"
+    )
+    pol.add_argument(
+        "--resource",
+        required=True,
+        action="append",
+        metavar="REPO/TYPE/TAG",
+        help="a resource to release (repeatable; kbs:///REPO/TYPE/TAG also accepted)",
+    )
+    pol.add_argument("--min-seq", type=int, metavar="N", help="require the event's seq >= N")
+    pol.add_argument(
+        "--initdata", metavar="FILE", help="also require this initdata's MRCONFIGID (TDX)"
+    )
+    pol.add_argument(
+        "--allow-unaffirmed",
+        action="store_true",
+        help='do not require ear.status == "affirming" (the AS\'s appraisal of the image)',
+    )
+    pol.set_defaults(func=_policy)

@@ -72,6 +72,46 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ref = add("reference", "print the MRCONFIGID / HOST_DATA / PCR8 value to register")
     ref.add_argument("--tee", required=True, choices=("tdx", "snp", "tpm"))
     ref.set_defaults(func=cmd_reference)
+    pol = isub.add_parser(
+        "policy",
+        help="print a Trustee KBS resource policy (Rego) that releases each contract key only to"
+        " a TEE whose initdata register holds this document",
+    )
+    pol.add_argument(
+        "files",
+        metavar="FILE",
+        nargs="+",
+        help="initdata (TOML, annotation, gzip, image; - = stdin); several documents make one"
+        " policy (the KBS has one)",
+    )
+    pol.add_argument(
+        "--format", choices=FORMATS, default="auto", help="how FILE is encoded (default: detect)"
+    )
+    pol.add_argument(
+        "--tee",
+        action="append",
+        choices=("tdx", "snp", "tpm"),
+        help="grant to this TEE only (repeatable); default: the contract's kbs.tee, or tdx and"
+        " snp when it is auto (tpm only when named)",
+    )
+    pol.add_argument(
+        "--allow-unaffirmed",
+        action="store_true",
+        help='do not require ear.status == "affirming" (the AS\'s appraisal of the image)',
+    )
+    vol = pol.add_argument_group(
+        "volume-gated resources (TDX; the same rules as `cva evidence policy`)",
+        "release --resource paths only once the VM's replayed event log shows cva opened this"
+        " volume (and has not closed it); bound to FILE's MRCONFIGID",
+    )
+    vol.add_argument("--volume", metavar="NAME", help="the volume's name")
+    vol.add_argument("--uuid", metavar="UUID", help="its LUKS UUID (from cva's event)")
+    vol.add_argument("--header-sha256", metavar="HEX", help="its header digest (cva's event)")
+    vol.add_argument(
+        "--resource", action="append", metavar="REPO/TYPE/TAG", help="a resource (repeatable)"
+    )
+    vol.add_argument("--min-seq", type=int, metavar="N", help="require the event's seq >= N")
+    pol.set_defaults(func=cmd_policy)
 
 
 # --- reading FILE -------------------------------------------------------------------------
@@ -210,3 +250,34 @@ def cmd_reference(args: argparse.Namespace) -> int:
             "digest": initdata.digest().hex(),
         }
     )
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from agent.kbs_policy import (  # noqa: PLC0415
+        VolumeGrant,
+        VolumePin,
+        Workload,
+        parse_resource_path,
+        resource_policy,
+    )
+
+    if args.files.count("-") > 1:
+        raise InputError("stdin (-) can be read only once")
+    workloads = []
+    for name in args.files:
+        initdata = parse_initdata(load_raw(name, args.format))
+        workloads.append(Workload(initdata, load_contract(initdata)))
+    volume = None
+    given = [args.volume, args.uuid, args.header_sha256, args.resource]
+    if any(v is not None for v in given):
+        if not all(v is not None for v in given):
+            raise InputError("--volume, --uuid, --header-sha256 and --resource go together")
+        pin = VolumePin(args.volume, args.uuid, args.header_sha256, args.min_seq)
+        volume = VolumeGrant(pin, tuple(parse_resource_path(r) for r in args.resource))
+    elif args.min_seq is not None:
+        raise InputError("--min-seq needs --volume")
+    text = resource_policy(
+        workloads, args.tee or (), require_affirming=not args.allow_unaffirmed, volume=volume
+    )
+    sys.stdout.write(text)
+    return 0

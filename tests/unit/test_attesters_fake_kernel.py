@@ -114,6 +114,58 @@ def test_tdx_cc_eventlog_is_trimmed_ccel_plus_end_marker(
     assert ccel[9822:9830] in (bytes(8), b"\xff" * 8)
 
 
+def test_tdx_cc_eventlog_carries_the_rtmr_runtime_logs(
+    tmp_path: Path, tdx_quote: bytes, vectors: Path
+) -> None:
+    """Trustee replays cc_eventlog against RTMR0-3: the AA's (and cva's rtmr sink's) entries
+    must follow the CCEL, or evidence from a VM whose RTMR3 was extended is refused."""
+    from evidence.eventlog import ALG_SHA256, ALG_SHA384, aael_event, encode_entry
+    from evidence.tdx import AA_EVENTLOG
+
+    ccel = (vectors / "tdx/trustee_CCEL_data.bin").read_bytes()
+    target = tmp_path / "sys/firmware/acpi/tables/data/CCEL"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(ccel)
+    aa = encode_entry(4, ALG_SHA384, aael_event("github.com/cc", "init", "{}"))
+    own = encode_entry(4, ALG_SHA384, aael_event("cva", "volume-open", "{}"))
+    pcr_log = encode_entry(23, ALG_SHA256, aael_event("cva", "volume-open", "{}"))
+    (tmp_path / AA_EVENTLOG).parent.mkdir(parents=True)
+    (tmp_path / AA_EVENTLOG).write_bytes(aa)
+    (tmp_path / "run/cva").mkdir(parents=True)
+    (tmp_path / "run/cva/eventlog").write_bytes(own)
+    (tmp_path / "run/cva/pcrlog").write_bytes(pcr_log)
+
+    def cc_eventlog(*logs: str) -> bytes:
+        att = TdxAttester(
+            tmp_path, fs=_tdx_tsm(tmp_path, tdx_quote), runtime_logs=[Path(p) for p in logs]
+        )
+        return base64.b64decode(att.evidence(b"x")["cc_eventlog"])
+
+    base = ccel[:9822]
+    # the default: the AA's log
+    default = TdxAttester(tmp_path, fs=_tdx_tsm(tmp_path, tdx_quote)).evidence(b"x")
+    assert base64.b64decode(default["cc_eventlog"]) == base + aa + b"\xff" * 8
+    assert cc_eventlog(str(AA_EVENTLOG), "run/cva/eventlog") == base + aa + own + b"\xff" * 8
+    # a log that does not exist, or one of a TPM PCR (another register and bank): left out
+    assert cc_eventlog("run/none", "run/cva/pcrlog") == base + b"\xff" * 8
+    # a malformed runtime log fails closed
+    (tmp_path / "run/cva/eventlog").write_bytes(own[:-1])
+    with pytest.raises(AttesterUnavailable, match="malformed"):
+        cc_eventlog("run/cva/eventlog")
+
+
+def test_daemon_tdx_evidence_includes_the_aa_and_cva_logs() -> None:
+    from agent.config import DaemonConfig, MeasureConfig
+    from agent.trust import runtime_logs
+    from evidence.tdx import AA_EVENTLOG
+
+    assert runtime_logs(DaemonConfig()) == (AA_EVENTLOG, Path("run/cva/eventlog"))
+    own = DaemonConfig(measure=MeasureConfig(log=Path("/var/run/x/log")))
+    assert runtime_logs(own) == (AA_EVENTLOG, Path("var/run/x/log"))
+    same = DaemonConfig(measure=MeasureConfig(log=Path("/") / AA_EVENTLOG))
+    assert runtime_logs(same) == (AA_EVENTLOG,)
+
+
 def test_generation_race_is_retried_then_given_up(tmp_path: Path, tdx_quote: bytes) -> None:
     fake = _tdx_tsm(tmp_path, tdx_quote, race_on_inblob=1)
     TdxAttester(tmp_path, fs=fake).evidence(b"a")
