@@ -206,6 +206,9 @@ class CallContext:
 
 
 RawHandler = Callable[[bytes, CallContext], Awaitable[bytes | Message]]
+# Sees a decoded request (with its frame payload, byte for byte) before dispatch: returns a
+# serialized ttrpc.Response to send as it is, or None to dispatch the call here (see set_relay).
+Relay = Callable[[bytes, ttrpc_pb2.Request, CallContext], Awaitable[bytes | None]]
 M = TypeVar("M", bound=Message)
 
 
@@ -278,6 +281,7 @@ class TtrpcServer:
         self._unix_paths: list[Path] = []
         self._connections: set[_Connection] = set()
         self._closing = False
+        self._relay: Relay | None = None
 
     # -- registry ---------------------------------------------------------------------------
 
@@ -316,6 +320,15 @@ class TtrpcServer:
     @property
     def methods(self) -> frozenset[str]:
         return frozenset(f"{s}/{m}" for s, m in self._handlers)
+
+    def set_relay(self, relay: Relay | None) -> None:
+        """Hand every decoded request (its frame payload as received, the decoded Request and
+        its context) to `relay` first; an answer other than None is sent as the response
+        payload unchanged (a serialized ttrpc.Response, at most MESSAGE_LENGTH_MAX bytes), None
+        dispatches the call to the registered handlers as usual. A relay's exception becomes a
+        status like a handler's. Every other limit of the server applies to relayed calls too
+        (frame size, calls in flight, connections); the relay keeps its own deadline."""
+        self._relay = relay
 
     # -- listeners --------------------------------------------------------------------------
 
@@ -517,16 +530,58 @@ class TtrpcServer:
                     ),
                 )
                 continue
-            task = asyncio.create_task(self._call(conn, header.stream_id, request))
+            task = asyncio.create_task(self._call(conn, header.stream_id, request, payload))
             conn.inflight[header.stream_id] = task
             task.add_done_callback(_forget(conn.inflight, header.stream_id))
 
-    async def _call(self, conn: _Connection, stream_id: int, request: ttrpc_pb2.Request) -> None:
+    async def _call(
+        self, conn: _Connection, stream_id: int, request: ttrpc_pb2.Request, raw: bytes = b""
+    ) -> None:
+        if self._relay is not None:
+            answer = await self._relayed(self._relay, conn, stream_id, request, raw)
+            if answer is not None:
+                await self._send(conn, answer)
+                return
         code, message, payload = await self._dispatch(conn, stream_id, request)
         if len(payload) > self.max_message_bytes:
             code, message, payload = Code.INTERNAL, "response exceeds the message size limit", b""
         frame = encode_response(stream_id, code, message, payload)
         await self._send(conn, frame)
+
+    async def _relayed(
+        self,
+        relay: Relay,
+        conn: _Connection,
+        stream_id: int,
+        request: ttrpc_pb2.Request,
+        raw: bytes,
+    ) -> bytes | None:
+        """The relay's answer as a whole response frame, or None (dispatch here)."""
+        timeout = self.max_timeout
+        if request.timeout_nano > 0:
+            timeout = min(timeout, request.timeout_nano / 1e9)
+        ctx = CallContext(
+            service=request.service,
+            method=request.method,
+            stream_id=stream_id,
+            metadata=tuple((kv.key, kv.value) for kv in request.metadata),
+            timeout=timeout,
+            peer=conn.peer,
+        )
+        try:
+            answer = await relay(raw, request, ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a relay failure becomes a status, as a handler's
+            code, message = self._error_status(exc)
+            return encode_response(stream_id, code, message)
+        if answer is None:
+            return None
+        if len(answer) > MESSAGE_LENGTH_MAX:
+            return encode_response(
+                stream_id, Code.INTERNAL, "response exceeds the message size limit"
+            )
+        return encode_frame(stream_id, MessageType.RESPONSE, answer)
 
     async def _dispatch(
         self, conn: _Connection, stream_id: int, request: ttrpc_pb2.Request
