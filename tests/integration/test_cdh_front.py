@@ -383,3 +383,33 @@ async def test_no_upstream_and_unreachable_upstream_name_it(
         assert res.code == Code.UNAVAILABLE
         assert f"unix://{tmp_path / 'no-cdh.sock'}" in res.message
         assert "[cdh] upstream" in res.message
+
+
+async def test_cva_serve_forwards_to_the_configured_upstream(
+    tmp_path: Path, go_ttrpc_client: Path
+) -> None:
+    """The daemon process (`cva serve` through the harness) with `[cdh] upstream`: kata-agent's
+    image pull reaches the stand-in CDH through cva's socket, VolumeAgent stays cva's."""
+    from tests.integration.test_daemon_process import _start  # noqa: PLC0415 - its harness
+
+    sock, cdh_sock = tmp_path / "cdh" / "cdh.sock", tmp_path / "cdh-upstream.sock"
+    cdh = StandInCdh(answers=dict(ANSWERS))
+    await cdh.start(cdh_sock)
+    p = _start(
+        tmp_path,
+        {"volumes": [{"name": "pg", "containers": ["postgres"]}], "allow": ["ListVolumes"]},
+        listen_extra=f'ttrpc = "unix://{sock}"\n[cdh]\nupstream = "unix://{cdh_sock}"',
+    )
+    try:
+        await asyncio.to_thread(p.messages, "READY=1")
+        listed = GoCall("cva.v1.VolumeAgent", "ListVolumes", b"")
+        pulled, unsealed, mine = await go_calls(go_ttrpc_client, sock, [PULL, UNSEAL, listed])
+        same_answer(pulled, ANSWERS["api.ImagePullService/PullImage"])
+        same_answer(unsealed, ANSWERS["api.SealedSecretService/UnsealSecret"])
+        assert mine.code == 0, mine.message
+        assert sorted(r.request.method for r in cdh.received) == ["PullImage", "UnsealSecret"]
+    finally:
+        p.proc.terminate()
+        await asyncio.to_thread(p.proc.wait, 30)
+        p.notify.close()
+        await cdh.close()
