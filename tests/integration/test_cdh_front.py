@@ -390,7 +390,7 @@ async def test_cva_serve_forwards_to_the_configured_upstream(
 ) -> None:
     """The daemon process (`cva serve` through the harness) with `[cdh] upstream`: kata-agent's
     image pull reaches the stand-in CDH through cva's socket, VolumeAgent stays cva's."""
-    from tests.integration.test_daemon_process import _start  # noqa: PLC0415 - its harness
+    from tests.integration.test_daemon_process import _start
 
     sock, cdh_sock = tmp_path / "cdh" / "cdh.sock", tmp_path / "cdh-upstream.sock"
     cdh = StandInCdh(answers=dict(ANSWERS))
