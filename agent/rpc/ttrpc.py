@@ -61,14 +61,10 @@ then, if a socket exists at that path, it connects its CDH client to it (once, a
    registered, *before* kata-agent starts (systemd: cva.service `Before=kata-agent.service`,
    ready only once the socket listens).
 
-What is lost when cva, not CDH, owns that socket: every other CDH service answers UNIMPLEMENTED,
-so the features built on them fail closed -- `api.SealedSecretService/UnsealSecret` (sealed
-secrets in env and volumes), `api.GetResourceService/GetResource` (`kbs://` resources for pods),
-`api.ImagePullService/PullImage` (guest image pull), `api.SecureVolumeService`, and the
-`keyprovider` service that kata-agent's ocicrypt configuration points at the same socket
-(encrypted container images). SecureMount itself is served for `volume_type = "block-device"`
-only (not CDH's other volume types). Pods that need those features need the real CDH, and then
-use cva through its own gRPC/ttRPC API rather than the CDH socket.
+Every other CDH call on that socket (image pull, sealed secrets, resources, the ocicrypt key
+provider, SecureMount of other volume types) goes to the real CDH on another socket: the CDH
+front (`agent.cdh`) is this server's relay (`set_relay`) and forwards those calls unchanged to
+`[cdh] upstream`; without one they answer UNIMPLEMENTED naming it.
 """
 
 from __future__ import annotations
