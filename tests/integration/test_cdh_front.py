@@ -6,6 +6,7 @@ Refused and block-device SecureMount calls never reach it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from agent import contract as C
 from agent._proto.cdh import api_pb2
 from agent._proto.ttrpc import ttrpc_pb2
 from agent.cdh.front import FORWARD_MAX_BYTES, CdhFront, install_cdh_front
+from agent.mountpoints import MountRules, parse_root
 from agent.rpc.ttrpc import Code, MessageType, TtrpcServer, encode_frame
 from agent.rpc.ttrpc_service import build_ttrpc_server
 from agent.securemount.decisions import DeviceIdentity
@@ -413,3 +415,73 @@ async def test_cva_serve_forwards_to_the_configured_upstream(
         await asyncio.to_thread(p.proc.wait, 30)
         p.notify.close()
         await cdh.close()
+
+
+def caa_call(key: str, device: str, name: str, *, source: str = "empty") -> GoCall:
+    """cloud-api-adaptor's SecureMount request, exactly (SPEC e.9)."""
+    options = {
+        "devicePath": device,
+        "sourceType": source,
+        "targetType": "fileSystem",
+        "encryptionType": "luks2",
+        "filesystemType": "ext4",
+        "key": key,
+        "mapperName": f"caa-{name}",
+    }
+    req = api_pb2.SecureMountRequest(
+        volume_type="block-device",
+        options=options,
+        flags=[],
+        mount_point=f"/run/cloud-volumes/{name}",
+    )
+    return GoCall("api.SecureMountService", "SecureMount", req.SerializeToString())
+
+
+async def test_caa_requests_for_a_named_disk_and_a_securemount_volume(
+    tmp_path: Path, go_ttrpc_client: Path
+) -> None:
+    """CAA sends devicePath, never deviceId: the named-disk keyed path (pg on serial:pg) and a
+    `disk = "securemount"` volume both serve its exact request; each opens on its own disk."""
+
+    cloud = dataclasses.replace(
+        volume("cloud"), disk=C.DiskRef("securemount", ""), mount="", create=False
+    )
+    storage = MemoryBackend()
+    keys = FakeKeySource()
+    manager = VolumeManager(
+        contract(PG, cloud, allow=("SecureMount",)), storage, keys, rootfs_base=tmp_path / "k"
+    )
+    cloud_disk = DeviceIdentity("/dev/vdc", 252, 32, None, "/sys/devices/pci0000:00/0000:00:06.0")
+    devices = FakeGuest({(252, 16): PG_DEVICE, (252, 32): cloud_disk})
+    rules = MountRules.build((parse_root("/run/cloud-volumes/*"),))
+    adapter = ManagerSecureMountBackend(manager, tmp_path / "state", ops=devices.ops())
+    server = build_ttrpc_server(
+        manager,
+        call_timeout=30.0,
+        securemount_backend=adapter,
+        header_dir=tmp_path / "h",
+        mount_rules=rules,
+    )
+    install_cdh_front(server, None)
+    sock = tmp_path / "cdh.sock"
+    await server.listen_unix(sock)
+    try:
+        named, keyed, swapped = await go_calls(
+            go_ttrpc_client,
+            sock,
+            [
+                caa_call(str(PG.key), "/dev/vdb", "pg", source="encrypted"),
+                caa_call(str(cloud.key), "/dev/vdc", "cloud"),
+                caa_call(str(PG.key), "/dev/vdc", "pg2"),  # pg's key on another disk
+            ],
+        )
+    finally:
+        await server.close()
+    assert (named.code, named.message) == (0, "")
+    assert (keyed.code, keyed.message) == (0, "")
+    assert swapped.code == Code.PERMISSION_DENIED and "device-not-contract-disk" in swapped.message
+    assert sorted(keys.requests) == sorted([str(PG.key), str(cloud.key)])
+    assert {t for _s, t, _ro in devices.binds} == {
+        Path("/run/cloud-volumes/pg"),
+        Path("/run/cloud-volumes/cloud"),
+    }
