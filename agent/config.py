@@ -66,6 +66,11 @@ tcti = "device:/dev/tpmrm0"        # tpm sink: the TPM (tpm2-pytss TCTI string)
 mount_roots = []                   # more SecureMount mount points beyond kata's own two
                                    # (/run/kata-containers/image, .../sandbox/storage/<id>):
                                    # "/abs/dir" = that directory, "/abs/dir/*" = one <id> below
+
+[cdh]                              # cva fronts the Confidential Data Hub on listen.ttrpc
+upstream = "unix:///run/confidential-containers/cdh-upstream.sock"  # the real CDH (default
+                                   # unset: methods cva does not serve answer UNIMPLEMENTED)
+timeout = 1800.0                   # cap on a forwarded call's deadline (kata's image pull: 1200)
 ```
 Port 1040: kata uses vsock 1024 (agent), 1025 (agent logs) and 1026 (debug console).
 """
@@ -162,6 +167,14 @@ class SecureMountConfig:
 
 
 @dataclass(frozen=True)
+class CdhConfig:
+    """`[cdh]`: where the real CDH listens when cva owns kata-agent's CDH socket (agent.cdh)."""
+
+    upstream: Path | None = None  # unix socket of the real CDH; None: nothing is forwarded
+    timeout: float = 1800.0  # cap on a forwarded call's deadline (kata: image pull 1200 s)
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     initdata: InitdataSources = field(default_factory=InitdataSources)
@@ -171,6 +184,7 @@ class DaemonConfig:
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     securemount: SecureMountConfig = field(default_factory=SecureMountConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    cdh: CdhConfig = field(default_factory=CdhConfig)
 
     @property
     def measure_log(self) -> Path:
@@ -201,6 +215,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
     "evidence": frozenset({"tee", "allow_sample", "vtpm_in_tee", "pcr8_extender"}),
     "securemount": frozenset({"mount_roots"}),
     "measure": frozenset({"sink", "pcr", "required", "log", "aa_socket", "tcti"}),
+    "cdh": frozenset({"upstream", "timeout"}),
 }
 
 
@@ -359,7 +374,27 @@ def parse_config(text: str) -> DaemonConfig:
         _evidence(doc),
         securemount,
         _measure(_table(doc, "measure")),
+        _cdh(_table(doc, "cdh"), listen, paths),
     )
+
+
+def _cdh(table: dict[str, Any], listen: ListenConfig, paths: PathsConfig) -> CdhConfig:
+    upstream = None
+    if "upstream" in table:
+        upstream = parse_ttrpc_address(table["upstream"], "cdh.upstream")
+        own = (listen.ttrpc, listen.unix, paths.state_dir / "grpc.sock")
+        if upstream in own:
+            raise ConfigError(
+                f"config: cdh.upstream {upstream} is one of cva's own sockets; it must be where"
+                " the real CDH listens (e.g. /run/confidential-containers/cdh-upstream.sock)"
+            )
+        if listen.ttrpc is None:
+            raise ConfigError(
+                "config: cdh.upstream needs listen.ttrpc (the CDH socket cva serves and forwards"
+                " from)"
+            )
+    timeout = _seconds(table.get("timeout", CdhConfig.timeout), "cdh.timeout")
+    return CdhConfig(upstream=upstream, timeout=timeout)
 
 
 def _measure(table: dict[str, Any]) -> MeasureConfig:

@@ -32,6 +32,10 @@ MIB = 1 << 20
 XFS_MIN_BYTES = 300 * MIB
 DATA_OFFSET_MIB = 16  # the LUKS2 header region in front of the filesystem (DESIGN §5)
 DISK_KINDS = ("serial", "pci", "scsi")
+# `disk = "securemount"`: a disk the contract cannot name in advance (a peer-pod disk the cloud
+# attaches, a hot-plugged PVC): the volume is delivered only through CDH's SecureMount, matched by
+# its exact `key`; the request names the device and the mount point (agent.securemount).
+SECUREMOUNT_DISK: Literal["securemount"] = "securemount"
 # Host-callable RPCs the contract can allow. `SecureMount` lets CDH's SecureMount interface
 # (ttRPC) open contract volumes; `SecureMountEphemeral` lets it create ephemeral encrypted
 # volumes (random key, never a contract disk). Neither is allowed by default.
@@ -123,10 +127,12 @@ class LvmSpec:
 
 @dataclass(frozen=True)
 class DiskRef:
-    kind: Literal["serial", "pci", "scsi"]
-    value: str
+    kind: Literal["serial", "pci", "scsi", "securemount"]
+    value: str  # "" for securemount in the contract; the device path once a request names it
 
     def __str__(self) -> str:
+        if self.kind == SECUREMOUNT_DISK and not self.value:
+            return SECUREMOUNT_DISK
         return f"{self.kind}:{self.value}"
 
 
@@ -149,6 +155,11 @@ class Volume:
     def applies_to(self, container: str) -> bool:
         """True when this volume is for `container` (an empty list means every container)."""
         return not self.containers or container in self.containers
+
+    @property
+    def via_securemount(self) -> bool:
+        """`disk = "securemount"`: opened only by a SecureMount request naming its key."""
+        return self.disk.kind == SECUREMOUNT_DISK
 
 
 @dataclass(frozen=True)
@@ -402,14 +413,23 @@ def _parse_volume(index: int, value: object) -> Volume:
     key = parse_kbs_uri(
         _typed(f"{field}.key", _required(field, table, "key"), str, "a string"), f"{field}.key"
     )
-    disk = parse_disk(_required(field, table, "disk"), f"{field}.disk")
+    raw_disk = _required(field, table, "disk")
+    if raw_disk == SECUREMOUNT_DISK:
+        _check_securemount_volume(field, table)
+        disk = DiskRef(SECUREMOUNT_DISK, "")
+    else:
+        disk = parse_disk(raw_disk, f"{field}.disk")
     lvm = _parse_lvm(f"{field}.lvm", table["lvm"]) if "lvm" in table else None
     filesystem = _typed(f"{field}.filesystem", table.get("filesystem", "ext4"), str, "a string")
     if filesystem not in FILESYSTEMS:
         raise ContractError(
             f"{field}.filesystem", f"{_show(filesystem)} must be one of {', '.join(FILESYSTEMS)}"
         )
-    mount = parse_mount(_required(field, table, "mount"), f"{field}.mount")
+    mount = (
+        ""
+        if disk.kind == SECUREMOUNT_DISK
+        else parse_mount(_required(field, table, "mount"), f"{field}.mount")
+    )
     raw_containers = _typed(
         f"{field}.containers", table.get("containers", []), list, "a list of container names"
     )
@@ -456,6 +476,43 @@ def _parse_volume(index: int, value: object) -> Volume:
     )
 
 
+def _check_securemount_volume(field: str, table: Mapping[str, object]) -> None:
+    """What a `disk = "securemount"` volume cannot have: the request names the disk and the mount
+    point, and SecureMount cannot tell which container gets the mount."""
+    if "mount" in table:
+        raise ContractError(
+            f"{field}.mount",
+            'not used with disk = "securemount": the volume is mounted where the SecureMount'
+            " request says (its mount_point, inside the image's allowed roots); remove it",
+        )
+    if "lvm" in table:
+        raise ContractError(
+            f"{field}.lvm",
+            'not allowed with disk = "securemount": the contract cannot tie a VG to a disk it'
+            " does not name; the volume is the whole disk the request names",
+        )
+    if table.get("containers", []):
+        raise ContractError(
+            f"{field}.containers",
+            'must be empty with disk = "securemount": SecureMount cannot tell which container'
+            " gets the mount",
+        )
+
+
+def _check_securemount_keys(volumes: tuple[Volume, ...]) -> None:
+    """A securemount volume is found by its key alone: no other volume may have that key."""
+    for i, vol in enumerate(volumes):
+        if not vol.via_securemount:
+            continue
+        for other in volumes:
+            if other is not vol and other.key == vol.key:
+                raise ContractError(
+                    f"volumes[{i}]({vol.name}).key",
+                    f'{vol.key} is also the key of volume {other.name!r}; a disk = "securemount"'
+                    " volume is matched by its key alone, so its key must be its own",
+                )
+
+
 def _overlap(a: Volume, b: Volume) -> bool:
     return not a.containers or not b.containers or bool(set(a.containers) & set(b.containers))
 
@@ -471,6 +528,8 @@ def _check_volume_set(volumes: tuple[Volume, ...]) -> None:
         if vol.name in names:
             raise ContractError(f"{field}.name", f"{vol.name!r} is used by two volumes")
         names.add(vol.name)
+        if vol.via_securemount:
+            continue  # no disk, LVM or mount of its own in the contract (checked by key)
         vg = vol.lvm.vg if vol.lvm else None
         if vol.disk in vg_of_disk:
             other = vg_of_disk[vol.disk]
@@ -537,6 +596,7 @@ def contract_from_mapping(doc: Mapping[str, object]) -> Contract:
         raise ContractError("volumes", f"at most {MAX_VOLUMES} volumes")
     volumes = tuple(_parse_volume(i, v) for i, v in enumerate(raw_volumes))
     _check_volume_set(volumes)
+    _check_securemount_keys(volumes)
     _check_create_needs_authenticated_kbs(kbs, volumes)
     return Contract(version=version, kbs=kbs, api=api, volumes=volumes)
 

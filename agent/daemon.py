@@ -3,7 +3,8 @@
 Start (agent/startup.py establishes trust first, then calls `run_daemon`): build the service,
 listen (private unix socket for grpc.aio, the vsock splice in front
 of it, optional unix/loopback-TCP extras, and the optional ttRPC socket `listen.ttrpc` serving
-VolumeAgent and, when the contract allows, CDH SecureMount) and send READY=1.
+VolumeAgent and, when the contract allows, CDH SecureMount, and forwarding every other CDH call to
+`[cdh] upstream`: agent.cdh) and send READY=1.
 
 SIGTERM/SIGINT: STOPPING=1; close the vsock listener; gRPC stops taking calls and gives running
 ones `timeouts.shutdown_grace`; storage jobs still running get the same grace again (every step
@@ -121,6 +122,9 @@ class Daemon:
                 header_dir=config.paths.state_dir / "securemount" / "headers",
                 mount_rules=config.mount_rules,
             )
+            from agent.cdh.front import install_cdh_front  # noqa: PLC0415 - lazy, as above
+
+            install_cdh_front(ttrpc, config.cdh.upstream, forward_timeout=config.cdh.timeout)
             try:
                 await ttrpc.listen_unix(config.listen.ttrpc)
             except (OSError, CvaError) as exc:

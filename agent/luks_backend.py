@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.config import DaemonConfig
+from agent.errors import CvaError
 from agent.mountinfo import MOUNTINFO, mount_source
 from agent.volumes import OpenedVolume, ScanProgress, VolumeState
 from luks.secret import Secret
@@ -45,7 +46,12 @@ class LuksBackend:
         from luks import disk as luks_disk  # noqa: PLC0415 - lazy: first storage step
         from luks import volume as luks_volume  # noqa: PLC0415
 
-        device = luks_disk.wait_for_disk(vol.disk, timeout=self._config.timeouts.disk_wait)
+        if vol.via_securemount:
+            # the SecureMount request named it (agent.securemount: a whole disk found through
+            # sysfs, not a contract volume's named disk, not held by anything else)
+            device = _securemount_disk(vol)
+        else:
+            device = luks_disk.wait_for_disk(vol.disk, timeout=self._config.timeouts.disk_wait)
         prepared = luks_volume.prepare_volume(
             vol,
             secret,
@@ -95,7 +101,9 @@ class LuksBackend:
         from luks import volume as luks_volume  # noqa: PLC0415
 
         # the disk is needed only to deactivate the LV; a disk already gone fails that last step
-        disk = luks_disk.find(vol.disk) or Path("/dev/null")
+        # (a securemount volume is a whole disk: no LV to deactivate)
+        disk = None if vol.via_securemount else luks_disk.find(vol.disk)
+        disk = disk or Path("/dev/null")
         luks_volume.release_volume(
             vol, disk=disk, mount_base=self._mount_base, runtime_dir=self._runtime_dir
         )
@@ -103,3 +111,10 @@ class LuksBackend:
     def state(self, vol: Volume) -> VolumeState:
         # without the key the on-disk state is not inspected (the token MAC needs it)
         return VolumeState.MOUNTED if self.current(vol) is not None else VolumeState.CLOSED
+
+
+def _securemount_disk(vol: Volume) -> Path:
+    path = vol.disk.value
+    if not path.startswith("/dev/") or "/../" in path or path.endswith("/.."):
+        raise CvaError(f"volume {vol.name}: no usable device from its SecureMount request")
+    return Path(path)

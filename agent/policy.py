@@ -146,5 +146,10 @@ def _is_regular(fd: int) -> bool:
 
 
 def volumes_for_container(contract: Contract, container_name: str) -> tuple[Volume, ...]:
-    """The contract's volumes mapped to this container name (`containers = []` means all)."""
-    return tuple(v for v in contract.volumes if not v.containers or container_name in v.containers)
+    """The contract's volumes mapped to this container name (`containers = []` means all); a
+    `disk = "securemount"` volume is never one of them (only a SecureMount request opens it)."""
+    return tuple(
+        v
+        for v in contract.volumes
+        if not v.via_securemount and (not v.containers or container_name in v.containers)
+    )

@@ -294,7 +294,12 @@ class VolumeManager:
         return tuple(r for r in results if isinstance(r, BoundVolume))
 
     async def open_volume(
-        self, name: str, *, allow_create: bool = True, holder: str | None = None
+        self,
+        name: str,
+        *,
+        allow_create: bool = True,
+        holder: str | None = None,
+        device: str | None = None,
     ) -> OpenedVolume:
         """Open (fetch key, open/create, mount at its guest path) contract volume `name`, with no
         container binding (CDH SecureMount: the caller mounts it where it wants). With
@@ -302,10 +307,18 @@ class VolumeManager:
 
         `holder` (e.g. "securemount:/run/kata-containers/x") is recorded like a container
         binding: ReleaseVolumes of a container does not close the volume while a holder
-        remains; `release_holder` drops it."""
+        remains; `release_holder` drops it. `device` (a /dev path) is the disk of a
+        `disk = "securemount"` volume, named by the request (required for those, unused for
+        the others, whose disk the contract names)."""
         vol = self._volumes.get(name)
         if vol is None:
             raise policy.RequestError(f"no contract volume named {name[:64]!r}")
+        if vol.via_securemount:
+            if device is None:
+                raise policy.RequestError(
+                    f"volume {name} is delivered through SecureMount; the request names its disk"
+                )
+            vol = dataclasses.replace(vol, disk=dataclasses.replace(vol.disk, value=device))
         if not allow_create and vol.create:
             vol = dataclasses.replace(vol, create=False)
 

@@ -197,7 +197,9 @@ class FakeGuest:
     create_gate: threading.Event | None = None  # holds create_ephemeral until set
 
     def resolve(self, selector: Any) -> Any:
-        assert selector.device_id is not None
+        if selector.device_id is None:  # devicePath (CAA's requests): the device with that path
+            [found] = [d for d in self.devices.values() if d.path == selector.device_path]
+            return found
         return self.devices[selector.device_id]
 
     def bind(self, source: Path, device: Path, target: Path, read_only: bool, rules: Any) -> Path:

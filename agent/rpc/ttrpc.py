@@ -72,14 +72,10 @@ then, if a socket exists at that path, it connects its CDH client to it (once, a
    registered, *before* kata-agent starts (systemd: cva.service `Before=kata-agent.service`,
    ready only once the socket listens).
 
-What is lost when cva, not CDH, owns that socket: every other CDH service answers UNIMPLEMENTED,
-so the features built on them fail closed -- `api.SealedSecretService/UnsealSecret` (sealed
-secrets in env and volumes), `api.GetResourceService/GetResource` (`kbs://` resources for pods),
-`api.ImagePullService/PullImage` (guest image pull), `api.SecureVolumeService`, and the
-`keyprovider` service that kata-agent's ocicrypt configuration points at the same socket
-(encrypted container images). SecureMount itself is served for `volume_type = "block-device"`
-only (not CDH's other volume types). Pods that need those features need the real CDH, and then
-use cva through its own gRPC/ttRPC API rather than the CDH socket.
+Every other CDH call on that socket (image pull, sealed secrets, resources, the ocicrypt key
+provider, SecureMount of other volume types) goes to the real CDH on another socket: the CDH
+front (`agent.cdh`) is this server's relay (`set_relay`) and forwards those calls unchanged to
+`[cdh] upstream`; without one they answer UNIMPLEMENTED naming it.
 """
 
 from __future__ import annotations
@@ -225,6 +221,9 @@ class CallContext:
 
 
 RawHandler = Callable[[bytes, CallContext], Awaitable[bytes | Message]]
+# Sees a decoded request (with its frame payload, byte for byte) before dispatch: returns a
+# serialized ttrpc.Response to send as it is, or None to dispatch the call here (see set_relay).
+Relay = Callable[[bytes, ttrpc_pb2.Request, CallContext], Awaitable[bytes | None]]
 M = TypeVar("M", bound=Message)
 
 
@@ -315,6 +314,8 @@ class TtrpcServer:
         self._unix_paths: list[Path] = []
         self._connections: set[_Connection] = set()
         self._closing = False
+        self._relay: Relay | None = None
+        self._relay_max_request_bytes: int | None = None
 
     # -- registry ---------------------------------------------------------------------------
 
@@ -363,13 +364,25 @@ class TtrpcServer:
     def request_frame_limit(self) -> int:
         """The longest request frame read: the largest method cap plus the envelope."""
         caps = [m.max_request_bytes for m in self._limits.values()]
+        if self._relay_max_request_bytes is not None:
+            caps.append(self._relay_max_request_bytes)
         largest = max([self.max_request_bytes, *caps])
         return min(self.max_message_bytes, largest + REQUEST_ENVELOPE_BYTES)
 
     def request_limit(self, full_method: str) -> int:
         """The request payload cap of calls to `full_method`."""
-        limits = self._limits.get(_method_key(full_method))
-        return self.max_request_bytes if limits is None else limits.max_request_bytes
+        return self._request_cap(*_method_key(full_method))
+
+    def _request_cap(self, service: str, method: str) -> int:
+        """A method's own cap; else, for a method no handler serves while a relay is set, the
+        relay's cap (`set_relay`); else the server's."""
+        limits = self._limits.get((service, method))
+        if limits is not None:
+            return limits.max_request_bytes
+        relayed = self._relay_max_request_bytes
+        if relayed is not None and (service, method) not in self._handlers:
+            return relayed
+        return self.max_request_bytes
 
     def register_unary(
         self,
@@ -404,6 +417,22 @@ class TtrpcServer:
     @property
     def methods(self) -> frozenset[str]:
         return frozenset(f"{s}/{m}" for s, m in self._handlers)
+
+    def set_relay(self, relay: Relay | None, *, max_request_bytes: int | None = None) -> None:
+        """Hand every decoded request (its frame payload as received, the decoded Request and
+        its context) to `relay` first; an answer other than None is sent as the response
+        payload unchanged (a serialized ttrpc.Response, at most MESSAGE_LENGTH_MAX bytes), None
+        dispatches the call to the registered handlers as usual. A relay's exception becomes a
+        status like a handler's. Every other limit of the server applies to relayed calls too
+        (frame size, calls in flight, connections); the relay keeps its own deadline.
+        `max_request_bytes`: the request cap of calls to methods no handler serves (those a
+        relay forwards), default the server's; a method's own limits still win."""
+        if max_request_bytes is not None and not (
+            0 < max_request_bytes <= self.max_message_bytes - REQUEST_ENVELOPE_BYTES
+        ):
+            raise ValueError("ttrpc relay: max_request_bytes out of range")
+        self._relay = relay
+        self._relay_max_request_bytes = None if relay is None else max_request_bytes
 
     # -- listeners --------------------------------------------------------------------------
 
@@ -605,7 +634,7 @@ class TtrpcServer:
             self._server_inflight += 1
             if entry is not None:
                 entry.inflight += 1
-            task = asyncio.create_task(self._call(conn, header.stream_id, request))
+            task = asyncio.create_task(self._call(conn, header.stream_id, request, payload))
             conn.inflight[header.stream_id] = task
             task.add_done_callback(_forget(conn.inflight, header.stream_id))
             task.add_done_callback(self._release(entry))
@@ -617,7 +646,7 @@ class TtrpcServer:
         if self._server_inflight >= self.max_server_inflight:
             return f"more than {self.max_server_inflight} calls in flight on this server"
         entry = self._limits.get((request.service, request.method))
-        cap = self.max_request_bytes if entry is None else entry.max_request_bytes
+        cap = self._request_cap(request.service, request.method)
         name = f"{_clip(request.service)}/{_clip(request.method)}"
         if len(request.payload) > cap:
             return f"request of {len(request.payload)} bytes exceeds the {cap} bytes {name} accepts"
@@ -634,12 +663,54 @@ class TtrpcServer:
 
         return done
 
-    async def _call(self, conn: _Connection, stream_id: int, request: ttrpc_pb2.Request) -> None:
+    async def _call(
+        self, conn: _Connection, stream_id: int, request: ttrpc_pb2.Request, raw: bytes = b""
+    ) -> None:
+        if self._relay is not None:
+            answer = await self._relayed(self._relay, conn, stream_id, request, raw)
+            if answer is not None:
+                await self._send(conn, answer)
+                return
         code, message, payload = await self._dispatch(conn, stream_id, request)
         if len(payload) > self.max_message_bytes:
             code, message, payload = Code.INTERNAL, "response exceeds the message size limit", b""
         frame = encode_response(stream_id, code, message, payload)
         await self._send(conn, frame)
+
+    async def _relayed(
+        self,
+        relay: Relay,
+        conn: _Connection,
+        stream_id: int,
+        request: ttrpc_pb2.Request,
+        raw: bytes,
+    ) -> bytes | None:
+        """The relay's answer as a whole response frame, or None (dispatch here)."""
+        timeout = self.max_timeout
+        if request.timeout_nano > 0:
+            timeout = min(timeout, request.timeout_nano / 1e9)
+        ctx = CallContext(
+            service=request.service,
+            method=request.method,
+            stream_id=stream_id,
+            metadata=tuple((kv.key, kv.value) for kv in request.metadata),
+            timeout=timeout,
+            peer=conn.peer,
+        )
+        try:
+            answer = await relay(raw, request, ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a relay failure becomes a status, as a handler's
+            code, message = self._error_status(exc)
+            return encode_response(stream_id, code, message)
+        if answer is None:
+            return None
+        if len(answer) > MESSAGE_LENGTH_MAX:
+            return encode_response(
+                stream_id, Code.INTERNAL, "response exceeds the message size limit"
+            )
+        return encode_frame(stream_id, MessageType.RESPONSE, answer)
 
     async def _dispatch(
         self, conn: _Connection, stream_id: int, request: ttrpc_pb2.Request

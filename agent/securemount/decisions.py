@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from agent._proto.cdh import api_pb2
-from agent.contract import ContractError, parse_kbs_uri
+from agent.contract import SECUREMOUNT_DISK, ContractError, parse_kbs_uri
 from agent.errors import InputError
 from agent.mountpoints import MountPointError, MountRules, normalise_request_path
 from agent.rpc.ttrpc import CallContext, Code, TtrpcServer
@@ -81,6 +81,9 @@ _EXTENDED_VALUE = re.compile(r"[0-9]{1,10}")
 
 SourceType = Literal["empty", "encrypted"]
 TargetType = Literal["filesystem", "device"]
+FsType = Literal["ext4", "xfs", "ext3"]  # what CDH's callers send (CAA: ext4 | ext3 | xfs)
+FILESYSTEM_TYPES: tuple[FsType, ...] = ("ext4", "xfs", "ext3")
+CDH_DEFAULT_FILESYSTEM: FsType = "ext4"  # CDH's default when filesystemType is absent
 
 
 class SecureMountRefused(InputError):
@@ -122,7 +125,7 @@ class SecureMountParams:
     integrity: bool | None  # None: not given
     mapper_name: str | None
     target: TargetType
-    filesystem: Literal["ext4"] | None  # None: not given
+    filesystem: FsType | None  # None: not given
     mkfs_args: tuple[str, ...]
     mount_point: str
     read_only: bool
@@ -289,15 +292,16 @@ def _target(value: str | None) -> TargetType:
     )
 
 
-def _filesystem(value: str | None) -> Literal["ext4"] | None:
+def _filesystem(value: str | None) -> FsType | None:
     if value is None:
         return None
-    if value == "ext4":
-        return "ext4"
+    for known in FILESYSTEM_TYPES:
+        if value == known:
+            return known
     raise _refuse(
         Code.INVALID_ARGUMENT,
         "filesystem-type",
-        f"filesystemType must be 'ext4' (CDH's only value), not {_show(value)}",
+        f"filesystemType must be one of {', '.join(FILESYSTEM_TYPES)}, not {_show(value)}",
     )
 
 
@@ -504,12 +508,16 @@ def _disk_text(vol: ContractVolume) -> str:
     return f"{vol.disk.kind}:{vol.disk.value}"
 
 
-def _plan_persistent(
-    params: SecureMountParams,
-    device: DeviceIdentity,
-    volumes: Sequence[ContractVolume],
-    policy: SecureMountPolicy,
-) -> PersistentMount:
+def via_securemount(vol: ContractVolume) -> bool:
+    """`disk = "securemount"`: the request names the device (agent.contract)."""
+    return vol.disk.kind == SECUREMOUNT_DISK
+
+
+def keyed_volumes(
+    params: SecureMountParams, volumes: Sequence[ContractVolume], policy: SecureMountPolicy
+) -> list[ContractVolume]:
+    """The contract volumes a keyed request may mean, or a refusal: called before the device is
+    looked at, so a key the contract does not list never gets a device touched."""
     if not policy.persistent:
         raise _refuse(
             Code.PERMISSION_DENIED,
@@ -523,7 +531,29 @@ def _plan_persistent(
             "key-not-in-contract",
             f"key {_show(params.key or '')} is not the key of any contract volume",
         )
-    on_device = [v for v in with_key if device.matches(v.disk.kind, v.disk.value)]
+    return with_key
+
+
+def _named_disk_of(
+    device: DeviceIdentity, volumes: Sequence[ContractVolume]
+) -> ContractVolume | None:
+    """The contract volume whose named disk (serial / pci / scsi) `device` is, if any."""
+    for vol in volumes:
+        if not via_securemount(vol) and device.matches(vol.disk.kind, vol.disk.value):
+            return vol
+    return None
+
+
+def _plan_persistent(
+    params: SecureMountParams,
+    device: DeviceIdentity,
+    volumes: Sequence[ContractVolume],
+    policy: SecureMountPolicy,
+) -> PersistentMount:
+    with_key = keyed_volumes(params, volumes, policy)
+    on_device = [
+        v for v in with_key if via_securemount(v) or device.matches(v.disk.kind, v.disk.value)
+    ]
     if not on_device:
         names = ", ".join(f"{v.name} ({_disk_text(v)})" for v in with_key)
         raise _refuse(
@@ -539,6 +569,15 @@ def _plan_persistent(
             f"contract volumes {', '.join(v.name for v in on_device)} share this key and disk",
         )
     vol = on_device[0]
+    if via_securemount(vol):
+        named = _named_disk_of(device, volumes)
+        if named is not None:
+            raise _refuse(
+                Code.PERMISSION_DENIED,
+                "contract-disk",
+                f"device {device.path} is the disk of contract volume {named.name} "
+                f"({_disk_text(named)}); securemount volume {vol.name} cannot be put on it",
+            )
     if vol.containers:
         raise _refuse(
             Code.PERMISSION_DENIED,
@@ -552,12 +591,14 @@ def _plan_persistent(
             "target-type",
             f"contract volume {vol.name} is served as a filesystem only (targetType=fileSystem)",
         )
-    if params.filesystem is not None and params.filesystem != vol.filesystem:
+    asked = params.filesystem
+    if asked is None and via_securemount(vol):
+        asked = CDH_DEFAULT_FILESYSTEM  # what CDH would make: it must be the contract's too
+    if asked is not None and asked != vol.filesystem:
         raise _refuse(
             Code.INVALID_ARGUMENT,
             "filesystem-type",
-            f"filesystemType={params.filesystem} but contract volume {vol.name} is "
-            f"{vol.filesystem}",
+            f"filesystemType={asked} but contract volume {vol.name} is {vol.filesystem}",
         )
     if params.integrity is not None and params.integrity != vol.integrity:
         raise _refuse(
@@ -572,12 +613,17 @@ def _plan_persistent(
             "mkfs-opts",
             f"mkfsOpts apply to ephemeral volumes only; cva formats {vol.name} with its profile",
         )
+    # sourceType is a hint. A named disk keeps the old rule (create only for "empty"); for a
+    # securemount volume the contract alone decides (CAA sends "empty" whenever the disk does
+    # not start with the LUKS magic): the state machine opens a disk with cva's header whatever
+    # the hint, and formats a disk proven blank only when the contract says create = true.
+    hinted = params.source_type == "empty"
     return PersistentMount(
         volume=vol,
         device=device,
         mount_point=params.mount_point,
         read_only=params.read_only or vol.read_only,
-        allow_create=params.source_type == "empty" and vol.create,
+        allow_create=vol.create if via_securemount(vol) else hinted and vol.create,
     )
 
 
@@ -602,7 +648,15 @@ def _plan_ephemeral(
             "source-type",
             "sourceType=encrypted needs a key: without one only a new (empty) volume can be made",
         )
+    if params.filesystem not in (None, "ext4"):
+        raise _refuse(
+            Code.INVALID_ARGUMENT,
+            "filesystem-type",
+            f"filesystemType={params.filesystem}: ephemeral volumes are ext4 (CDH's only value)",
+        )
     for vol in volumes:
+        if via_securemount(vol):
+            continue  # no disk of its own: a disk cva holds for it is refused by its record
         if device.matches(vol.disk.kind, vol.disk.value):
             raise _refuse(
                 Code.PERMISSION_DENIED,
@@ -707,6 +761,8 @@ class SecureMountService:
             request.mount_point,
             rules=self._rules,
         )
+        if params.key is not None:
+            keyed_volumes(params, self._volumes, self._policy)  # before the device is looked at
         device = await self._backend.resolve_device(params.device)
         plan = plan_secure_mount(
             params,

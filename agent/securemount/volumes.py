@@ -44,6 +44,7 @@ from agent.securemount.decisions import (
     EphemeralMount,
     PersistentMount,
     SecureMountBackend,
+    via_securemount,
 )
 from agent.securemount.records import MountRecord, RecordStore
 from agent.volumes import HOLDER_PREFIX, VolumeManager
@@ -262,9 +263,13 @@ class ManagerSecureMountBackend:
                 if same and await self._still_there(known):
                     return plan.mount_point
                 raise _busy(f"mount point {plan.mount_point} is already served ({known.name})")
+            named_disk = None
+            if via_securemount(plan.volume):
+                self._check_securemount_disk(plan, devno)
+                named_disk = plan.device.path
             holder = HOLDER_PREFIX + plan.mount_point
             opened = await self._manager.open_volume(
-                plan.volume.name, allow_create=plan.allow_create, holder=holder
+                plan.volume.name, allow_create=plan.allow_create, holder=holder, device=named_disk
             )
             target = Path(plan.mount_point)
             try:
@@ -294,6 +299,31 @@ class ManagerSecureMountBackend:
             )
             log.info("securemount_persistent", volume=plan.volume.name, at=plan.mount_point)
             return plan.mount_point
+
+    def _check_securemount_disk(self, plan: PersistentMount, devno: str) -> None:
+        """A `disk = "securemount"` volume goes on the disk the request names only if that disk
+        backs nothing else cva serves, is not held by anything (unless it is this volume, open
+        on it already), and the volume is not already open on another disk."""
+        name = plan.volume.name
+        mine = [r for r in self._records.all() if r.kind == "persistent" and r.name == name]
+        elsewhere = [r for r in mine if r.devno != devno]
+        if elsewhere:
+            raise _busy(
+                f"volume {name} is open on device {elsewhere[0].devno} (at "
+                f"{elsewhere[0].mount_point}), not {plan.device.path} ({devno})"
+            )
+        others = [r for r in self._records.on_device(devno) if r.name != name]
+        if others:
+            raise _busy(
+                f"device {plan.device.path} already backs {others[0].name} at "
+                f"{others[0].mount_point}"
+            )
+        if plan.device.holders and not mine:
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"SecureMount refused (device-in-use): block device {plan.device.path} is in use"
+                f" (held by {', '.join(plan.device.holders[:4])})",
+            )
 
     async def _mount_ephemeral(self, plan: EphemeralMount) -> str:
         from luks.ephemeral import EphemeralRefused, EphemeralSpec  # noqa: PLC0415

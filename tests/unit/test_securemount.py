@@ -421,7 +421,7 @@ def test_device_id_wins_over_device_path() -> None:
         ({**KATA_EMPTYDIR, "mapperName": "../x"}, Code.INVALID_ARGUMENT, "mapper-name"),
         ({**KATA_EMPTYDIR, "mapperName": "cva-pgdata"}, Code.INVALID_ARGUMENT, "mapper-name"),
         ({**KATA_EMPTYDIR, "targetType": "filesystem"}, Code.INVALID_ARGUMENT, "target-type"),
-        ({**KATA_EMPTYDIR, "filesystemType": "xfs"}, Code.INVALID_ARGUMENT, "filesystem-type"),
+        ({**KATA_EMPTYDIR, "filesystemType": "btrfs"}, Code.INVALID_ARGUMENT, "filesystem-type"),
         ({**KATA_EMPTYDIR, "mkfsOpts": "-d /etc"}, Code.INVALID_ARGUMENT, "mkfs-opts"),
         ({**KATA_EMPTYDIR, "mkfsOpts": "-O ^has_journal;id"}, Code.INVALID_ARGUMENT, "mkfs-opts"),
         ({**KATA_EMPTYDIR, "mkfsOpts": "-E root_owner=0:0"}, Code.INVALID_ARGUMENT, "mkfs-opts"),

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from tests.ttrpc_peer import GoClientUnavailable, go_client
 from tests.vm import services
 from tests.vm.build import GuestImage, ImageBuildError, ensure_image
 from tests.vm.host_services import host_services
@@ -242,6 +244,7 @@ def run_suite(run_dir: Path, *, settings: Settings | None = None, log: Log = pri
         return run
     job = run_dir / "job"
     job.mkdir(parents=True, exist_ok=True)
+    _install_go_client(job, log)
     disks = {
         f"{DISK_PREFIX}{i}": make_sparse_disk(
             run_dir / "disks" / f"{DISK_PREFIX}{i}.img", settings.disk_size
@@ -290,6 +293,20 @@ def run_suite(run_dir: Path, *, settings: Settings | None = None, log: Log = pri
     finally:
         services.stop(running)
     return run
+
+
+def _install_go_client(job: Path, log: Log) -> None:
+    """containerd's Go ttrpc client (tests/ttrpc_client, static) for the guest tests that play
+    kata-agent or cloud-api-adaptor: /mnt/vmjob/cva-ttrpc-client. Without Go on the host those
+    tests fail naming it; nothing else needs it."""
+    try:
+        binary = go_client()
+    except (GoClientUnavailable, RuntimeError, OSError) as exc:
+        log(f"vm: no Go ttrpc client for the guest tests ({exc})")
+        return
+    target = job / "cva-ttrpc-client"
+    shutil.copy(binary, target)
+    target.chmod(0o755)
 
 
 def _hotplugged(job: Path) -> list[Disk]:
