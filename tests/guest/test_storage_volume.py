@@ -858,14 +858,18 @@ def _aead_lines() -> list[str]:
     return [line for line in run(["dmesg"], timeout=30).text.splitlines() if "AEAD ERROR" in line]
 
 
-@pytest.mark.parametrize("filesystem", ["ext4", "xfs"])
+@pytest.mark.parametrize(
+    ("filesystem", "layout"), [("ext4", "disk"), ("xfs", "disk"), ("ext4", "lvm")]
+)
 def test_no_integrity_aead_errors_on_create_reopen_release(
-    env: Env, tmp_path: Path, filesystem: str
+    env: Env, tmp_path: Path, filesystem: str, layout: str
 ) -> None:
     """Issue 14 item 3: with integrity, cva's own create, reopen and release paths leave no
-    "INTEGRITY AEAD ERROR" line in the kernel log (so such a line means tampering)."""
+    "INTEGRITY AEAD ERROR" line in the kernel log (so such a line means tampering); also on
+    an LV (issue 21 item 5)."""
     with loop_disk(tmp_path, 512 * MIB) as dev:
-        vol = make_volume(unique("aead"), integrity=True, filesystem=filesystem)
+        lvm_spec = (unique("vg"), "data", 256 * MIB) if layout == "lvm" else None
+        vol = make_volume(unique("aead"), integrity=True, filesystem=filesystem, lvm=lvm_spec)
         seen: dict[str, list[str]] = {}
         start = len(_aead_lines())
 
