@@ -688,13 +688,12 @@ class _Scans:
 
         return report
 
-    def prove(self, device: Path, what: str, *, known_zero_prefix: int = 0) -> blankproof.Proof:
+    def prove(self, device: Path, what: str) -> blankproof.Proof:
         started = time.monotonic()
         proof = blankproof.prove_blank(
             device,
             mode=self.vol.blank_check,
             cursor_dir=self.cursor_dir,
-            known_zero_prefix=known_zero_prefix,
             progress=self._reporter(what),
         )
         _log.info(
@@ -895,7 +894,8 @@ def _prepare(
                 verdict = blank.BlankVerdict(not sigs, "signature found: " + ", ".join(sigs))
             else:
                 with _FormatAhead(device, vol, passphrase, mac_key) as formatting:
-                    proof = scans.prove(device, "volume", known_zero_prefix=len(area))
+                    # every byte with O_DIRECT, the header region `area` (a buffered copy) too
+                    proof = scans.prove(device, "volume")
                 verdict = proof.verdict
                 if proof.blank:
                     ahead = formatting.area()

@@ -45,9 +45,7 @@ def test_names_that_are_not_volume_names_are_refused(tmp_path: Path) -> None:
 
 
 def test_dm_uuid_is_libcryptsetups_form() -> None:
-    assert mr.dm_uuid(UUID, MAPPER) == (
-        "CRYPT-LUKS2-0b5e4c1a9d1f4a8e8c3b2f6d7e8a9b0c-cva_pgdata"
-    )
+    assert mr.dm_uuid(UUID, MAPPER) == ("CRYPT-LUKS2-0b5e4c1a9d1f4a8e8c3b2f6d7e8a9b0c-cva_pgdata")
     assert mr.luks_uuid_of_dm(mr.dm_uuid(UUID, MAPPER), MAPPER) == UUID
     assert mr.luks_uuid_of_dm(mr.dm_uuid(UUID, MAPPER), "cva_other") is None
     assert mr.luks_uuid_of_dm("CRYPT-PLAIN-cva_pgdata", MAPPER) is None
