@@ -1007,9 +1007,18 @@ def _open_mapping(
             )  # fmt: skip
             _check_table(mapper, vol, device)
     elif record is not None and vol.lvm is not None and not vol.read_only and not vol.integrity:
-        # a kept mapping: the LV may have grown under it (crash window LV_EXTENDED)
-        _crypt_resize(device, area, mapper, passphrase)
-        _check_table(mapper, vol, device)
+        # a kept mapping: the LV may have grown under it (crash window LV_EXTENDED); resized
+        # only with the header it was activated from (the resize loads that header's key)
+        validated = parse_luks2(area)
+        if (validated.uuid, metadata_sha256(validated)) == (record.luks_uuid, record.header_sha256):
+            _crypt_resize(device, area, mapper, passphrase)
+            _check_table(mapper, vol, device)
+        else:
+            _log.warning(
+                "mapping not resized: the disk's header is not the one it was activated from",
+                logger=_LOGGER,
+                volume=vol.name,
+            )
     head, _size = _superblock(mapper_dev)
     if head is None or not fs_complete(vol.filesystem, head):
         raise VolumeRefused(
