@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -28,21 +29,28 @@ def test_data_under_cached_zeros_in_the_header_region_is_refused(tmp_path: Path)
     env = Env(tmp_path / "cva")
     with loop_disk(tmp_path, 128 * MIB) as dev:
         backing = run(["losetup", "-n", "-O", "BACK-FILE", str(dev)], timeout=30).text.strip()
-        with dev.open("rb") as f:  # the guest's page cache of the disk now says "zeros"
-            assert f.read(16 * MIB) == bytes(16 * MIB)
-        with Path(backing).open("r+b") as f:  # the medium changes behind that cache
-            f.seek(MIB)
-            f.write(DATA)
-            f.flush()
-            os.fsync(f.fileno())
-        with dev.open("rb") as f:
-            f.seek(MIB)
-            cached = f.read(len(DATA))
-        if cached == DATA:
-            pytest.skip("the loop device's page cache was dropped in between")
-        vol = make_volume(unique("direct"))
-        with pytest.raises(volume.VolumeRefused, match=f"non-zero data at byte {MIB}"):
-            env.prepare(vol, dev)
+        # an opener held throughout: the kernel drops a block device's page cache at its last
+        # close, so something (udev, a workload) must hold it for the cache to go stale
+        holder = dev.open("rb")
+        try:
+            _stale_cache(dev, holder, Path(backing))
+            vol = make_volume(unique("direct"))
+            with pytest.raises(volume.VolumeRefused, match=f"non-zero data at byte {MIB}"):
+                env.prepare(vol, dev)
+        finally:
+            holder.close()
         with Path(backing).open("rb") as f:
             f.seek(MIB)
             assert f.read(len(DATA)) == DATA  # nothing was formatted over it
+
+
+def _stale_cache(dev: Path, holder: BinaryIO, backing: Path) -> None:
+    assert holder.read(16 * MIB) == bytes(16 * MIB)  # the page cache now says "zeros"
+    with backing.open("r+b") as f:  # the medium changes behind that cache
+        f.seek(MIB)
+        f.write(DATA)
+        f.flush()
+        os.fsync(f.fileno())
+    with dev.open("rb") as f:
+        f.seek(MIB)
+        assert f.read(len(DATA)) == bytes(len(DATA)), "the page cache was not stale"
