@@ -181,16 +181,16 @@ def prove_blank(
     *,
     mode: BlankCheck = "full",
     cursor_dir: Path | None = None,
-    known_zero_prefix: int = 0,
     progress: Progress | None = None,
     progress_every: float = 1.0,
     timeout: float = 30.0,
 ) -> Proof:
     """Signatures first (cheap, and a refusal names what was found), then the zero proof.
 
-    `known_zero_prefix`: bytes from offset 0 the caller has just read as zeros itself (the
-    header region it copied); the full scan starts after them. `cursor_dir`: where a full
-    scan keeps its resumable cursor (tmpfs); None = no cursor.
+    The full scan reads every byte from offset 0 (or a resume cursor) with O_DIRECT, the
+    header region the caller already copied included: that copy came through the page cache,
+    which may remember zeros the medium no longer holds. `cursor_dir`: where a full scan keeps
+    its resumable cursor (tmpfs); None = no cursor.
     """
     size = blank.device_size(device)
     sigs = signatures(device, timeout=timeout)
@@ -198,9 +198,7 @@ def prove_blank(
         return Proof(False, mode, size, 0, None, ("signature found: " + ", ".join(sigs),), 0, sigs)
     if mode == "sampled":
         return _sampled(device, size)
-    return _full(
-        device, size, cursor_dir, known_zero_prefix, progress=progress, every=progress_every
-    )
+    return _full(device, size, cursor_dir, progress=progress, every=progress_every)
 
 
 def _sampled(device: Path, size: int) -> Proof:
@@ -231,14 +229,13 @@ def _full(
     device: Path,
     size: int,
     cursor_dir: Path | None,
-    known_zero_prefix: int,
     *,
     progress: Progress | None,
     every: float,
 ) -> Proof:
     ident = device_identity(device) if cursor_dir is not None else None
     resumed = load_cursor(cursor_dir, ident) if cursor_dir is not None and ident else 0
-    start = max(resumed, blank.SCAN_ALIGN * (min(known_zero_prefix, size) // blank.SCAN_ALIGN))
+    start = resumed
     last_save = time.monotonic()
 
     def on_progress(done: int, _length: int) -> None:

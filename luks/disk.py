@@ -119,25 +119,35 @@ def _read_attr(path: Path) -> str | None:
     return raw.decode("ascii", errors="replace")
 
 
+def disk_serial(sysdir: Path) -> str:
+    """A whole disk's serial from its sysfs directory (`/sys/block/X` or `/sys/dev/block/M:m`):
+    `serial` (virtio-blk), else `device/serial` (NVMe: the namespace's `device` is its
+    controller, whose serial every namespace of it shares). "" when neither is usable."""
+    return serial_from_sysfs(_read_attr(sysdir / "serial")) or serial_from_sysfs(
+        _read_attr(sysdir / "device" / "serial")
+    )
+
+
+def block_info(sysdir: Path, name: str) -> BlockInfo | None:
+    """The one builder of a disk's identity, used by `scan` (opening a contract volume) and by
+    SecureMount's device lookup (agent.securemount.blockdev), so both see the same serial and
+    device path. None when the sysfs entry vanished."""
+    try:
+        devpath = str(sysdir.resolve(strict=True))
+    except OSError:
+        return None
+    return BlockInfo(name, disk_serial(sysdir), devpath)
+
+
 def scan(sysfs: Path = Path("/sys")) -> tuple[BlockInfo, ...]:
     """Every whole disk sysfs lists, with its serial and resolved device path."""
     block = sysfs / "block"
-    infos = []
     try:
         entries = sorted(block.iterdir())
     except OSError:
         return ()
-    for entry in entries:
-        name = entry.name
-        serial = serial_from_sysfs(_read_attr(entry / "serial")) or serial_from_sysfs(
-            _read_attr(entry / "device" / "serial")
-        )
-        try:
-            devpath = str(entry.resolve(strict=True))
-        except OSError:
-            continue
-        infos.append(BlockInfo(name, serial, devpath))
-    return tuple(infos)
+    infos = (block_info(entry, entry.name) for entry in entries)
+    return tuple(info for info in infos if info is not None)
 
 
 def find(ref: DiskRefLike, *, sysfs: Path = Path("/sys"), dev: Path = Path("/dev")) -> Path | None:

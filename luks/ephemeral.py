@@ -13,7 +13,8 @@ volume on a blank disk that lives as long as the mapping. cva's version:
                 ever added: nothing on disk or in tmpfs can ever unlock the volume.
                 With integrity this is the first write to the device (dm-integrity superblock).
     ACTIVE      /dev/mapper/<mapper> made from the context's key (dm-integrity without journal,
-                as CDH: an ephemeral volume has no "after a crash"); the context is freed,
+                as CDH: an ephemeral volume has no "after a crash"; integrity mappings are
+                private: no udev probe reads their unwritten blocks); the context is freed,
                 which wipes libcryptsetup's copy: from now on the key lives only in the
                 kernel's dm-crypt table. The live table is checked against the profile.
     FILESYSTEM  (filesystem target) integrity: pre-write the edges and, learnt from a dry run
@@ -197,7 +198,11 @@ def create_ephemeral(spec: EphemeralSpec) -> EphemeralVolume:
         with CryptDevice.open(str(spec.device), header=str(spec.header)) as cd:
             written = spec.integrity  # format writes the dm-integrity superblock to the disk
             cd.format_luks2(integrity=spec.integrity, detached=True)
-            cd.activate_by_volume_key(spec.mapper, no_journal=spec.integrity)
+            # integrity: private, so udev's blkid never probes the fresh mapping, whose blocks
+            # nothing wrote yet read as EIO and log "INTEGRITY AEAD ERROR" (as luks.volume)
+            cd.activate_by_volume_key(
+                spec.mapper, no_journal=spec.integrity, private=spec.integrity
+            )
             activated = True
         uuid, digest = header_identity(spec.header)
         made = dataclasses.replace(made, luks_uuid=uuid, header_sha256=digest)

@@ -443,13 +443,19 @@ class CryptDevice:
             return self._check("crypt_activate_by_passphrase", rc)
 
     def activate_by_volume_key(
-        self, name: str, *, read_only: bool = False, no_journal: bool = False
+        self,
+        name: str,
+        *,
+        read_only: bool = False,
+        no_journal: bool = False,
+        private: bool = False,
     ) -> None:
         """Activate `/dev/mapper/<name>` with the volume key this context made at format time.
 
         For ephemeral volumes: the random key goes from libcryptsetup's memory to the kernel
         (dm-crypt table) and nowhere else; `crypt_free` wipes libcryptsetup's copy. The key is
         checked against the header's digest first. `no_journal`: dm-integrity direct writes.
+        `private`: as for `activate_by_passphrase` (no udev probe of a fresh integrity mapping).
         """
         lib = _library()
         flags = CRYPT_ACTIVATE_NO_READ_WORKQUEUE | CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE
@@ -457,6 +463,8 @@ class CryptDevice:
             flags |= CRYPT_ACTIVATE_READONLY
         if no_journal:
             flags |= CRYPT_ACTIVATE_NO_JOURNAL
+        if private:
+            flags |= CRYPT_ACTIVATE_PRIVATE
         with _LOCK:
             _log_lines.clear()
             rc = lib.crypt_activate_by_volume_key(self._cd(), _encode(name), None, 0, flags)

@@ -8,12 +8,24 @@ attested guest can derive, so the host cannot forge or roll them forward):
                   missing or half made; never held user data (it is never mounted in this state)
     READY         token state "ready": filesystem complete; the only state that is mounted
     OPEN          dm-crypt mapping `cva_<name>` active, built from the validated in-memory
-                  header copy and checked against the contract in the live dm table
+                  header copy and checked against the contract in the live dm table; the
+                  copy's identity (LUKS UUID, header digest, seq) is recorded in the state dir
+                  (luks.mapping_record, tmpfs) before the activation and completed before the
+                  mount: what a measured event names, never re-read from the disk
     MOUNTED       filesystem mounted at /run/cva/volumes/<name> (nodev,nosuid[,ro])
     BOUND         bind-mounted into container root filesystems (luks.mount.bind_into_rootfs)
 
     ABSENT --create & blank--> INITIALIZING --mkfs ok--> READY --open--> OPEN --mount-->
     MOUNTED --bind--> BOUND.   Release walks back: BOUND -> MOUNTED -> OPEN -> READY.
+
+A failure anywhere between the activation and the mount closes the mapping (and forgets its
+record) unless its filesystem is mounted. A mapping a later run still finds (a killed cva, a
+close that failed) is never taken as it is: not mounted, it is closed and activated again from
+the header the disk holds now (validated as always); mounted, or held open so that it cannot be
+closed, it is kept only when its record is complete, for the same backing device, and names the
+LUKS UUID the kernel holds in the mapping's dm UUID (`CRYPT-LUKS2-<uuid>-cva_<name>`), and its
+identity is then the record's; anything else is refused ("release the volume and prepare
+again"). So a header the host swaps in after the activation never becomes the measured one.
 
 Decisions are pure (`classify`, `decide`, `initializing_action`, `expected_table`): the shell
 observes, asks, acts. Rules that hold on every path: format only when no signature is found
@@ -53,7 +65,9 @@ process via `crash_hook`, and what the next run does):
     INITIALIZING_WRITTEN token "initializing" on disk     -> open; raw data area proven zero
                                                              (create = true) -> mkfs, ready;
                                                              else REFUSE (integrity always)
-    OPENED_INITIALIZING  mapping active, no filesystem    -> reuse mapping, same rule as above
+    OPENED_INITIALIZING  mapping active, no filesystem, record incomplete
+                                                          -> mapping closed and activated
+                                                             again, same rule as above
     MKFS_DONE            filesystem made, still "initializing" -> complete fs found: no mkfs,
                                                              only mark ready (also with
                                                              create = false)
@@ -64,19 +78,27 @@ process via `crash_hook`, and what the next run does):
                                                              initializing copy is written to both
                                                              slots (luks.header_copies), then as
                                                              INITIALIZING: fs complete -> ready
-    READY_WRITTEN        "ready" written, not mounted     -> open/reuse, mount
+    READY_WRITTEN        "ready" written, not mounted, mapping up, record incomplete
+                                                          -> mapping closed, open (writes the
+                                                             next seq), mount
     SEQ_HALF_WRITTEN     read-write open: secondary copy has seq N+1, primary still N
                                                           -> the copies differ only in the
                                                              token and each verifies alone:
                                                              the primary (seq N) is written to
                                                              both slots (luks.header_copies),
-                                                             the open writes N+1 again; nothing
-                                                             was recorded or handed out with N+1
-    SEQ_WRITTEN          seq N+1 on disk, mapping up, not mounted, not measured
-                                                          -> reuse the mapping (no new write),
-                                                             mount, record N+1
-    MOUNTED              mounted, grow pending            -> mount is reused, grow checked again
-    LV_EXTENDED          lvextend done, fs not grown      -> crypt resize + fs grow next run
+                                                             the mapping is closed, the open
+                                                             writes N+1 again; nothing was
+                                                             measured or handed out with N+1
+    SEQ_WRITTEN          seq N+1 on disk, mapping up, record incomplete, not mounted, not
+                         measured                         -> mapping closed, the open writes
+                                                             N+2 (a gap, never a repeat), mount,
+                                                             record N+2
+    MOUNTED              mounted, record complete, grow pending
+                                                          -> mount and record are reused (dm
+                                                             UUID checked), grow checked again
+    LV_EXTENDED          lvextend done, fs not grown      -> next run: a kept (mounted) mapping
+                                                             is resized, a new one spans the LV;
+                                                             the fs is grown
 
 A crash while cva writes the header from its memfd (keyslots and secondary copy first, the
 primary last) leaves a header region that is neither zero nor valid: refused, never
@@ -96,15 +118,16 @@ verifier sees a rolled-back header): the first ready token has seq 1; every read
 that activates the mapping writes seq + 1 (both copies, secondary first, from the validated
 copy, only if the disk still holds it) after the volume is found complete and before it is
 mounted, measured or handed out, so an event never names a seq the header does not hold.
-A read-only open writes nothing and reports the current seq; reusing an active mapping (a
-restarted cva) writes nothing either. A host that puts back an older header makes the next
-open report a seq not above one already in the log.
+A read-only open writes nothing and reports the current seq; keeping a mounted mapping (a
+restarted cva) writes nothing either and reports the recorded seq. A host that puts back an
+older header makes the next open report a seq not above one already in the log.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -116,7 +139,18 @@ from pathlib import Path
 
 import structlog
 
-from luks import blank, blankproof, dmtable, fs, header_copies, integrity_fresh, lvm, mount
+from luks import (
+    blank,
+    blankproof,
+    dmtable,
+    fs,
+    header_copies,
+    integrity_fresh,
+    lvm,
+    mapping_record,
+    mount,
+)
+from luks.errors import StorageError
 from luks.header import allow_list_reasons, parse_luks2, read_header_area
 from luks.libcryptsetup import (
     DATA_OFFSET_BYTES,
@@ -498,12 +532,114 @@ def _deactivate(mapper: str) -> None:
 
 
 def _check_table(mapper: str, vol: VolumeSpec, device: Path) -> None:
+    """The live table against the contract (the caller closes the mapping unless mounted)."""
     expected = expected_table(integrity=vol.integrity, backing_devno=dmtable.device_number(device))
+    dmtable.check_live(mapper, expected)
+
+
+def _activate_recorded(
+    device: Path,
+    area: bytes,
+    mapper: str,
+    passphrase: Secret,
+    mac_key: Secret,
+    *,
+    vol: VolumeSpec,
+    read_only: bool,
+    runtime_dir: Path,
+    devno: str,
+) -> mapping_record.MappingRecord:
+    """Record the copy's identity (incomplete), activate from the copy, and check that the
+    kernel's dm UUID of the new mapping names that copy. Returns the (incomplete) record."""
+    validated = parse_luks2(area)
+    record = mapping_record.MappingRecord(
+        luks_uuid=validated.uuid,
+        header_sha256=metadata_sha256(validated),
+        seq=verified_token(validated, vol.name, mac_key).seq,
+        device=devno,
+        complete=False,
+    )
+    mapping_record.save(runtime_dir, vol.name, record)  # before: an active mapping has a record
+    _activate(
+        device, area, mapper, passphrase, read_only=read_only, name=vol.name, private=vol.integrity
+    )
+    live = mapping_record.live_dm_uuid(mapper)
+    if live != mapping_record.dm_uuid(record.luks_uuid, mapper):
+        raise VolumeRefused(
+            f"volume {vol.name}: the new mapping {mapper} has dm UUID {live[:80]!r}, not the "
+            f"validated header's {record.luks_uuid}; it was closed (check for another "
+            "device-mapper user in the guest)"
+        )
+    return record
+
+
+def _leftover_mapping(
+    vol: VolumeSpec,
+    mapper: str,
+    target: Path,
+    runtime_dir: Path,
+    devno: str,
+    *,
+    initializing: bool,
+) -> mapping_record.MappingRecord | None:
+    """A mapping an earlier run left up (a failure it could not close, a killed cva).
+
+    Not mounted at `target`: it is closed, and the caller activates again from the validated
+    copy (None).
+    Mounted, or held open so it cannot be closed: reused only when cva's record of its
+    activation is complete, for this device, and names the header the kernel's dm UUID names;
+    the record (never a re-read of the disk) is then the volume's identity. Otherwise refused.
+    """
+    if not _is_active(mapper):
+        return None
+    mounted = mount.is_mounted(target, Path("/dev/mapper") / mapper)
+    why_open = f"is mounted at {target}"
+    if not mounted:
+        try:
+            deactivate_by_name(mapper)
+        except StorageError as exc:
+            why_open = f"cannot be closed ({exc})"
+        else:
+            mapping_record.drop(runtime_dir, vol.name)
+            _log.info(
+                "closed a mapping left by an earlier run; activating again from the header",
+                logger=_LOGGER,
+                volume=vol.name,
+            )
+            return None
+    if initializing:
+        raise VolumeRefused(
+            f"volume {vol.name}: the header says initializing but mapping {mapper} {why_open}; "
+            "release the volume (ReleaseVolumes, or umount and cryptsetup close) and prepare again"
+        )
+    record = mapping_record.load(runtime_dir, vol.name)
+    why = mapping_record.reuse_refusal(
+        record, live_dm_uuid=mapping_record.live_dm_uuid(mapper), mapper=mapper, device=devno
+    )
+    if why is not None:
+        raise VolumeRefused(
+            f"volume {vol.name}: mapping {mapper} {why_open} but {why}; release the volume "
+            "(ReleaseVolumes, or umount and cryptsetup close) and prepare again"
+        )
+    return record
+
+
+def _close_unless_mounted(vol: VolumeSpec, mapper: str, target: Path, runtime_dir: Path) -> None:
+    """After a failure: close the mapping unless its filesystem is mounted (then it is in use and
+    its record stays). A close that fails is logged; the next run then refuses to reuse it
+    without the record's proof."""
     try:
-        dmtable.check_live(mapper, expected)
-    except dmtable.DmTableError:
-        _deactivate(mapper)
-        raise
+        if not _is_active(mapper) or mount.is_mounted(target, Path("/dev/mapper") / mapper):
+            return
+        deactivate_by_name(mapper)
+        mapping_record.drop(runtime_dir, vol.name)
+    except Exception as exc:  # noqa: BLE001 - the original failure is what the caller raises
+        _log.warning(
+            "could not close the mapping after a failure",
+            logger=_LOGGER,
+            volume=vol.name,
+            error=str(exc)[:300],
+        )
 
 
 def _crypt_resize(device: Path, area: bytes, mapper: str, passphrase: Secret) -> None:
@@ -552,13 +688,12 @@ class _Scans:
 
         return report
 
-    def prove(self, device: Path, what: str, *, known_zero_prefix: int = 0) -> blankproof.Proof:
+    def prove(self, device: Path, what: str) -> blankproof.Proof:
         started = time.monotonic()
         proof = blankproof.prove_blank(
             device,
             mode=self.vol.blank_check,
             cursor_dir=self.cursor_dir,
-            known_zero_prefix=known_zero_prefix,
             progress=self._reporter(what),
         )
         _log.info(
@@ -724,11 +859,19 @@ def prepare_volume(
     """
     scans = _Scans(vol, runtime_dir / "blank", progress)
     with _volume_lock(runtime_dir, vol.name):
-        return _prepare(vol, secret, disk=disk, mount_base=mount_base, scans=scans)
+        return _prepare(
+            vol, secret, disk=disk, mount_base=mount_base, scans=scans, runtime_dir=runtime_dir
+        )
 
 
 def _prepare(
-    vol: VolumeSpec, secret: Secret, *, disk: Path, mount_base: Path, scans: _Scans
+    vol: VolumeSpec,
+    secret: Secret,
+    *,
+    disk: Path,
+    mount_base: Path,
+    scans: _Scans,
+    runtime_dir: Path,
 ) -> PreparedVolume:
     device, lv_proven = _ensure_lvm(vol, disk, scans)
     mapper = mapper_name(vol.name)
@@ -739,10 +882,8 @@ def _prepare(
     with passphrase, mac_key:
         area = _read_area(device)  # step 1: the copy; everything below uses these bytes
         obs = _observe(area, vol, mac_key)
-        adopted = False  # a cut write of the ready state or of a seq (crash windows *_HALF_*)
         if obs.kind == "invalid" and all(r.startswith("header-copies") for r in obs.reasons):
             area, obs = _adopt_half_written(device, area, vol, mac_key)
-            adopted = True
         verdict = None
         ahead: bytes | None = None  # the header formatted in memory during the blank proof
         if obs.kind == "zero":
@@ -753,7 +894,8 @@ def _prepare(
                 verdict = blank.BlankVerdict(not sigs, "signature found: " + ", ".join(sigs))
             else:
                 with _FormatAhead(device, vol, passphrase, mac_key) as formatting:
-                    proof = scans.prove(device, "volume", known_zero_prefix=len(area))
+                    # every byte with O_DIRECT, the header region `area` (a buffered copy) too
+                    proof = scans.prove(device, "volume")
                 verdict = proof.verdict
                 if proof.blank:
                     ahead = formatting.area()
@@ -776,75 +918,25 @@ def _prepare(
                     f"volume {vol.name}: the header cva just wrote does not validate "
                     f"({'; '.join(obs.reasons)}); nothing was mounted"
                 )
-        was_active = _is_active(mapper)
         initializing = obs.token_state == INITIALIZING
-        if not was_active:
-            ro = vol.read_only and not initializing
-            # integrity: no udev blkid probe of the mapping, whose blocks the filesystem never
-            # wrote read as EIO and log "INTEGRITY AEAD ERROR" (a fresh volume: all of them;
-            # xfs: blkid's probes at 2 MiB); cva reads the superblock itself
-            _activate(
-                device, area, mapper, passphrase, read_only=ro, name=vol.name, private=vol.integrity
-            )
-        _check_table(mapper, vol, device)
-        if initializing:
-            _window(CrashWindow.OPENED_INITIALIZING)
-            if mount.is_mounted(target):
-                raise VolumeRefused(
-                    f"volume {vol.name}: {target} is mounted while the volume is still "
-                    "initializing; unmount it and prepare again"
-                )
-            init = _initializing_decision(
-                vol, device, mapper_dev, formatted_now=created, scans=scans
-            )
-            if init.action == "refuse":
-                _deactivate(mapper)  # not mounted (checked above): leave nothing open
-                raise VolumeRefused(f"volume {vol.name}: {init.reason}")
-            if init.action == "mkfs":
-                fs.make_fs(mapper_dev, vol.filesystem, integrity=vol.integrity)
-                _window(CrashWindow.MKFS_DONE)
-            with header_copy(area) as copy:
-                area = _mark_ready(device, copy, area, vol, mac_key)
-            _window(CrashWindow.READY_WRITTEN)
-            if vol.read_only:
-                _deactivate(mapper)
-                _activate(
-                    device, area, mapper, passphrase, read_only=True, name=vol.name,
-                    private=vol.integrity,
-                )  # fmt: skip
-                _check_table(mapper, vol, device)
-        elif was_active and vol.lvm is not None and not vol.read_only and not vol.integrity:
-            # the LV may have grown while the mapping stayed up (crash window LV_EXTENDED)
-            _crypt_resize(device, area, mapper, passphrase)
-            _check_table(mapper, vol, device)
-        head, _size = _superblock(mapper_dev)
-        if head is None or not fs_complete(vol.filesystem, head):
-            if not mount.is_mounted(target):
-                _deactivate(mapper)
-            raise VolumeRefused(
-                f"volume {vol.name}: no complete {vol.filesystem} filesystem inside the volume; "
-                "refusing to mount (the contract's filesystem must match the volume's)"
-            )
-        # a read-write open writes the next sequence before anyone sees the volume; so does a
-        # rerun after SEQ_HALF_WRITTEN, whose mapping the killed run left up: the adopted copy
-        # holds the old seq, which an event may already carry
-        if (not was_active or adopted) and not initializing and not vol.read_only:
-            try:
-                with header_copy(area) as copy:
-                    area = _mark_ready(
-                        device, copy, area, vol, mac_key, half_window=CrashWindow.SEQ_HALF_WRITTEN
-                    )
-            except BaseException:
-                if not mount.is_mounted(target):
-                    _deactivate(mapper)
-                raise
-            _window(CrashWindow.SEQ_WRITTEN)
-        mount.mount_volume(mapper_dev, target, fs=vol.filesystem, read_only=vol.read_only)
+        devno = dmtable.device_number(device)
+        # a mapping left up by an earlier run: closed unless mounted, reused only with proof
+        record = _leftover_mapping(
+            vol, mapper, target, runtime_dir, devno, initializing=initializing
+        )
+        try:
+            record = _open_mapping(
+                vol, device, area, passphrase, mac_key, leftover=record, target=target,
+                runtime_dir=runtime_dir, devno=devno, initializing=initializing, created=created,
+                scans=scans,
+            )  # fmt: skip
+            mount.mount_volume(mapper_dev, target, fs=vol.filesystem, read_only=vol.read_only)
+        except BaseException:
+            _close_unless_mounted(vol, mapper, target, runtime_dir)
+            raise
         _window(CrashWindow.MOUNTED)
         if not vol.read_only:
             _grow_if_needed(vol, mapper_dev, target)
-        validated = parse_luks2(area)  # the copy cva validated and activated from, not the disk
-        sequence = verified_token(validated, vol.name, mac_key).seq
     return PreparedVolume(
         vol.name,
         State.MOUNTED,
@@ -852,10 +944,104 @@ def _prepare(
         mapper_dev,
         mapper,
         created,
-        validated.uuid,
-        metadata_sha256(validated),
-        sequence,
+        record.luks_uuid,
+        record.header_sha256,
+        record.seq,
     )
+
+
+def _open_mapping(
+    vol: VolumeSpec,
+    device: Path,
+    area: bytes,
+    passphrase: Secret,
+    mac_key: Secret,
+    *,
+    leftover: mapping_record.MappingRecord | None,
+    target: Path,
+    runtime_dir: Path,
+    devno: str,
+    initializing: bool,
+    created: bool,
+    scans: _Scans,
+) -> mapping_record.MappingRecord:
+    """OPEN: activate from the validated copy (or keep the proven `leftover` mapping), check the
+    live table, finish an initializing volume, check the filesystem, write the next seq, and
+    complete the record. Returns the identity to measure. The caller closes the mapping on any
+    failure unless it is mounted."""
+    mapper = mapper_name(vol.name)
+    mapper_dev = Path("/dev/mapper") / mapper
+    record = leftover
+    activated: mapping_record.MappingRecord | None = None
+    if record is None:
+        ro = vol.read_only and not initializing
+        # integrity: no udev blkid probe of the mapping, whose blocks the filesystem
+        # never wrote read as EIO and log "INTEGRITY AEAD ERROR" (a fresh volume: all of
+        # them; xfs: blkid's probes at 2 MiB); cva reads the superblock itself
+        activated = _activate_recorded(
+            device, area, mapper, passphrase, mac_key, vol=vol, read_only=ro,
+            runtime_dir=runtime_dir, devno=devno,
+        )  # fmt: skip
+    _check_table(mapper, vol, device)
+    if initializing:
+        _window(CrashWindow.OPENED_INITIALIZING)
+        if mount.is_mounted(target):
+            raise VolumeRefused(
+                f"volume {vol.name}: {target} is mounted while the volume is still "
+                "initializing; unmount it and prepare again"
+            )
+        init = _initializing_decision(vol, device, mapper_dev, formatted_now=created, scans=scans)
+        if init.action == "refuse":
+            raise VolumeRefused(f"volume {vol.name}: {init.reason}")
+        if init.action == "mkfs":
+            fs.make_fs(mapper_dev, vol.filesystem, integrity=vol.integrity)
+            _window(CrashWindow.MKFS_DONE)
+        with header_copy(area) as copy:
+            area = _mark_ready(device, copy, area, vol, mac_key)
+        _window(CrashWindow.READY_WRITTEN)
+        if vol.read_only:
+            _deactivate(mapper)
+            activated = _activate_recorded(
+                device, area, mapper, passphrase, mac_key, vol=vol, read_only=True,
+                runtime_dir=runtime_dir, devno=devno,
+            )  # fmt: skip
+            _check_table(mapper, vol, device)
+    elif record is not None and vol.lvm is not None and not vol.read_only and not vol.integrity:
+        # a kept mapping: the LV may have grown under it (crash window LV_EXTENDED); resized
+        # only with the header it was activated from (the resize loads that header's key)
+        validated = parse_luks2(area)
+        if (validated.uuid, metadata_sha256(validated)) == (record.luks_uuid, record.header_sha256):
+            _crypt_resize(device, area, mapper, passphrase)
+            _check_table(mapper, vol, device)
+        else:
+            _log.warning(
+                "mapping not resized: the disk's header is not the one it was activated from",
+                logger=_LOGGER,
+                volume=vol.name,
+            )
+    head, _size = _superblock(mapper_dev)
+    if head is None or not fs_complete(vol.filesystem, head):
+        raise VolumeRefused(
+            f"volume {vol.name}: no complete {vol.filesystem} filesystem inside the "
+            "volume; refusing to mount (the contract's filesystem must match the volume's)"
+        )
+    if record is None:
+        # a read-write open writes the next sequence before anyone sees the volume (also
+        # after SEQ_HALF_WRITTEN: the adopted copy holds the old seq)
+        if not initializing and not vol.read_only:
+            with header_copy(area) as copy:
+                area = _mark_ready(
+                    device, copy, area, vol, mac_key,
+                    half_window=CrashWindow.SEQ_HALF_WRITTEN,
+                )  # fmt: skip
+            _window(CrashWindow.SEQ_WRITTEN)
+        # the identity measured from now on: the activated copy's UUID and digest, and
+        # the seq cva itself just wrote (or read, read-only) in that copy
+        seq = verified_token(parse_luks2(area), vol.name, mac_key).seq
+        assert activated is not None  # record is None: activated above
+        record = dataclasses.replace(activated, seq=seq, complete=True)
+        mapping_record.save(runtime_dir, vol.name, record)
+    return record
 
 
 def _grow_if_needed(vol: VolumeSpec, mapper_dev: Path, target: Path) -> None:
@@ -895,5 +1081,7 @@ def release_volume(
                     mount.unbind_from_rootfs(target, rootfs, in_container)
         mount.unmount(target)
         _deactivate(mapper_name(vol.name))
+        if runtime_dir is not None:
+            mapping_record.drop(runtime_dir, vol.name)
         if vol.lvm is not None:
             lvm.deactivate_lv(str(disk.resolve()), vol.lvm.vg, vol.lvm.lv)

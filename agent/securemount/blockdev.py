@@ -2,11 +2,13 @@
 
 `deviceId` ("MAJ:MIN") is looked up as `/sys/dev/block/MAJ:MIN` (its `uevent` gives `DEVNAME`, as
 CDH does); `devicePath` is stat()ed for its device number and then looked up the same way. The
-result carries what `agent.securemount.decisions` matches against the contract's disks: the virtio
-serial, and the resolved sysfs path (whose components hold the PCI address / SCSI H:C:T:L), and the
-devices stacked on it (holders). A device that is not a whole disk or is a device-mapper node is
-refused here; one with holders is refused by the ephemeral path (SecureMount must never format
-something already in use) unless it is cva's own volume already in place at that mount point.
+result carries what `agent.securemount.decisions` matches against the contract's disks: the serial
+(virtio `serial` or NVMe `device/serial`) and the resolved sysfs path (whose components hold the
+PCI address / SCSI H:C:T:L), both built by `luks.disk.block_info` exactly as for a contract
+volume's disk, and the devices stacked on it (holders). A device that is not a whole disk or is
+a device-mapper node is refused here; one with holders is refused by the ephemeral path
+(SecureMount must never format something already in use) unless it is cva's own volume already
+in place at that mount point.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from agent.rpc.ttrpc import Code
 from agent.securemount.decisions import DeviceIdentity, DeviceSelector, SecureMountRefused
-from luks.disk import serial_from_sysfs
+from luks.disk import block_info
 
 _DEVNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}(/[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}){0,3}")
 MAX_SYSFS_READ = 4096
@@ -81,15 +83,17 @@ def identify_block_device(
     if devname.startswith("dm-") or (sysdir / "dm").exists():
         raise DeviceRefused(f"block device {devname} is a device-mapper node")
     holders = _holders(sysdir / "holders")
-    # empty or unprintable: None, matches no contract disk (cleaned as luks.disk.scan does)
-    serial = serial_from_sysfs(_read_small(sysdir / "serial")) or None
-    sysfs_path = os.path.realpath(sysdir)
+    # the storage layer's one identity builder (virtio `serial`, NVMe `device/serial`, the
+    # resolved path), exactly what luks.disk.scan sees when it opens a contract volume
+    info = block_info(sysdir, devname)
+    if info is None:
+        raise DeviceNotFound(f"block device {major}:{minor} vanished from sysfs")
     return DeviceIdentity(
         path=str(dev_root / devname),
         major=major,
         minor=minor,
-        serial=serial,
-        sysfs_path=sysfs_path,
+        serial=info.serial or None,  # empty or unprintable: None, matches no contract disk
+        sysfs_path=info.devpath,
         holders=holders,
     )
 

@@ -172,3 +172,20 @@ def raw_contains(device: Path, needle: bytes) -> bool:
 
 def dm_table(mapper: str) -> list[str]:
     return run(["dmsetup", "table", mapper], timeout=30).text.split()
+
+
+def aead_lines() -> list[str]:
+    """The kernel log's "INTEGRITY AEAD ERROR" lines so far (after udev settled)."""
+    run(["udevadm", "settle", "--timeout=30"], timeout=60, check=False)
+    return [line for line in run(["dmesg"], timeout=30).text.splitlines() if "AEAD ERROR" in line]
+
+
+@contextmanager
+def no_new_aead_lines() -> Iterator[None]:
+    """Fail when the block logs an "INTEGRITY AEAD ERROR": cva's own paths never read a block
+    nothing wrote, so such a line must mean tampering and nothing else."""
+    before = len(aead_lines())
+    yield
+    new = aead_lines()[before:]
+    sectors = sorted({line.rsplit("sector", 1)[-1].strip() for line in new})
+    assert not new, f"{len(new)} INTEGRITY AEAD ERROR lines in the kernel log (sectors {sectors})"

@@ -28,7 +28,7 @@ from luks.ephemeral import (
 )
 from luks.libcryptsetup import CryptDevice, active_status
 from luks.run import run
-from tests.guest.storage_support import MIB, loop_disk, raw_contains
+from tests.guest.storage_support import MIB, loop_disk, no_new_aead_lines, raw_contains
 
 if os.environ.get("CVA_IN_GUEST") != "1":  # before any guest-only mark is looked up
     pytest.skip("runs inside the qemu guest (make vm-test)", allow_module_level=True)
@@ -97,7 +97,7 @@ def test_ephemeral_volume_life(
 ) -> None:
     spec = spec_for(disk, header_dir, tmp_path, integrity=integrity)
     marker = b"cva-ephemeral-plaintext-" + uuid.uuid4().hex.encode()
-    with made(spec) as vol:
+    with no_new_aead_lines(), made(spec) as vol:
         assert vol.mount_dir is not None and mount.is_mounted(vol.mount_dir, vol.mapper_device)
         with (vol.mount_dir / "f").open("wb") as f:
             f.write(marker * 256)
@@ -150,6 +150,19 @@ def test_device_target_has_no_filesystem(disk: Path, header_dir: Path, tmp_path:
         assert vol.mapper_device.exists()
         probe = run(["blkid", "-p", str(vol.mapper_device)], timeout=30, check=False)
         assert probe.returncode == 2  # nothing on it
+    assert active_status(spec.mapper) == "inactive"
+
+
+def test_an_integrity_device_target_logs_no_aead_error(
+    disk: Path, header_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 21 item 5: the fresh integrity mapping is private, so udev's blkid never reads
+    its unwritten blocks (each such read logs an "INTEGRITY AEAD ERROR" line)."""
+    spec = spec_for(disk, header_dir, tmp_path, integrity=True, fs=False)
+    with no_new_aead_lines(), made(spec) as vol:
+        assert vol.mapper_device.exists()
+        udev = run(["udevadm", "info", "--query=property", str(vol.mapper_device)], timeout=30)
+        assert "DM_UDEV_DISABLE_DISK_RULES_FLAG=1" in udev.text
     assert active_status(spec.mapper) == "inactive"
 
 

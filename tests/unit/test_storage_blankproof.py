@@ -4,10 +4,12 @@ and what it cannot see, the cursor (keyed by device identity, hostile documents 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,13 +83,25 @@ def test_signature_refuses_before_any_scan(tmp_path: Path) -> None:
     assert "ext2/3/4 superblock" in proof.reason
 
 
-def test_known_zero_prefix_is_not_read_again(tmp_path: Path) -> None:
+def test_the_full_proof_reads_every_byte_from_zero_with_o_direct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21 item 5: the header region is proven by the O_DIRECT scan too, never taken from
+    a caller's buffered copy (the page cache may remember zeros the medium no longer holds)."""
     img = _image(tmp_path)
+    scanned: list[tuple[int, int]] = []
+    real_scan = blank.scan_zeros
+
+    def spy(path: Path, offset: int, length: int, **kw: Any) -> blank.ZeroScan:
+        scanned.append((offset, length))
+        return real_scan(path, offset, length, **kw)
+
+    monkeypatch.setattr(blank, "scan_zeros", spy)
     seen: list[int] = []
-    proof = blankproof.prove_blank(
-        img, known_zero_prefix=16 * MIB, progress=lambda d, _t: seen.append(d)
-    )
-    assert proof.blank and seen[0] == 16 * MIB
+    proof = blankproof.prove_blank(img, progress=lambda d, _t: seen.append(d))
+    assert proof.blank and seen[0] == 0
+    assert scanned == [(0, SIZE)]
+    assert "known_zero_prefix" not in inspect.signature(blankproof.prove_blank).parameters
 
 
 # ---- the cursor ---------------------------------------------------------------------------

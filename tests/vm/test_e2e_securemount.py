@@ -365,6 +365,7 @@ def test_ephemeral_secure_mount_then_umount_releases_it(
         "dataIntegrity": integrity,
     }
     before = set(dm_names(guest))
+    aead_before = aead_lines(guest)
     started = time.monotonic()
     [result] = secure_mount(guest, (options, sent))
     print(f"e2e: ephemeral SecureMount (dataIntegrity={integrity}) took "
@@ -405,6 +406,16 @@ def test_ephemeral_secure_mount_then_umount_releases_it(
         f"{left}\n{guest.journal()[-3000:]}"
     )
     assert mounted(guest, mount_point) == ("", "")
+    # issue 21 item 5: nothing read a block nothing wrote (kata's default dataIntegrity=true)
+    new_aead = aead_lines(guest)[len(aead_before) :]
+    assert not new_aead, f"{len(new_aead)} INTEGRITY AEAD ERROR lines: {new_aead[:4]}"
+
+
+def aead_lines(guest: Guest) -> list[str]:
+    """The guest kernel log's "INTEGRITY AEAD ERROR" lines so far (after udev settled)."""
+    guest.control.run(["udevadm", "settle", "--timeout=30"])
+    dmesg = guest.control.run(["dmesg"]).check().stdout
+    return [line for line in dmesg.splitlines() if "AEAD ERROR" in line]
 
 
 def leftovers(guest: Guest, mapper: str, dm: set[str]) -> list[str]:
