@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,15 @@ class _TpmRegister:
         self._tpm.extend_pcr(self._pcr, digest)
 
 
+@dataclass(frozen=True)
+class LastEvent:
+    """The last event cva tried to record for one volume key (for `cva status`)."""
+
+    operation: str  # volume-create | volume-open | volume-close | ...
+    sink: str | None  # where it went; None: not recorded (required = false)
+    at: float  # unix time
+
+
 class Measurer:
     """Records volume events in the sink the image config chose; blocking (worker threads).
 
@@ -162,6 +172,7 @@ class Measurer:
         self._sink: str | None = None if config.sink == "auto" else config.sink
         self._direct: DirectLog | None = None
         self._opened: dict[str, VolumeIdentity] = self._load()
+        self._last: dict[str, LastEvent] = {}
 
     @classmethod
     def from_config(cls, config: DaemonConfig, *, tee: str | None = None) -> Measurer:
@@ -175,6 +186,10 @@ class Measurer:
     @property
     def enabled(self) -> bool:
         return self._config.sink != "none"
+
+    @property
+    def required(self) -> bool:
+        return self._config.required
 
     @property
     def tee(self) -> str | None:
@@ -215,6 +230,10 @@ class Measurer:
 
     def identity(self, name: str) -> VolumeIdentity | None:
         return self._opened.get(name)
+
+    def last_event(self, key: str) -> LastEvent | None:
+        """The last event of volume `key` this daemon run (None: none since it started)."""
+        return self._last.get(key)
 
     # -- sinks -------------------------------------------------------------------------------
 
@@ -336,6 +355,7 @@ class Measurer:
             except (*REFUSALS, OSError) as exc:
                 self._fail(f"volume {ident.name}: {operation.value} not measured: {_text(exc)}")
                 sink = None
+            self._last[key] = LastEvent(operation.value, sink, time.time())
             if operation is VolumeOperation.CLOSE:
                 self._opened.pop(key, None)
             else:

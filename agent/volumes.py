@@ -236,6 +236,14 @@ class VolumeManager:
     def measurer(self) -> Measurer | None:
         return self._measurer
 
+    @property
+    def keys(self) -> KeySource:
+        return self._keys
+
+    def opened(self, name: str) -> OpenedVolume | None:
+        """Volume `name` as this daemon run opened or found it mounted (None: not open)."""
+        return self._opened.get(name)
+
     # -- tracked, shielded storage jobs -------------------------------------------------------
 
     async def _job(self, name: str, work: Callable[[], Awaitable[T]]) -> T:
