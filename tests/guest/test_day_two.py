@@ -208,16 +208,20 @@ def test_status_shows_the_real_stack(tmp_path: Path, monkeypatch: pytest.MonkeyP
                     _cva, "status", "--socket", str(config.control_socket)
                 )
                 assert table.returncode == 0 and name.encode() in table.stdout
+                uuid = await asyncio.to_thread(
+                    run, ["cryptsetup", "luksUUID", f"/dev/{vg}/data"], timeout=60
+                )
                 await manager.release("c1")
                 doc = json.loads(got.stdout)
                 assert isinstance(doc, dict)
+                doc["uuid_now"] = uuid.text.strip()
                 return doc
             finally:
                 await server.close()
 
         doc = asyncio.run(scenario())
         [v] = doc["volumes"]
-        uuid_now = run(["cryptsetup", "luksUUID", f"/dev/{vg}/data"], timeout=60).text.strip()
+        uuid_now = doc["uuid_now"]
         assert v["state"] == "bound" and v["holders"] == ["c1"]
         assert v["device"] == str(dev)  # the loop disk under the LV under dm-crypt
         assert v["mapper"] and Path(f"/dev/mapper/{v['mapper']}").name == v["mapper"]
