@@ -80,7 +80,12 @@ class VolumeIdentity:
     read_only: bool
     sequence: int | None = None
 
-    def event(self, operation: VolumeOperation) -> VolumeEvent:
+    def event(
+        self,
+        operation: VolumeOperation,
+        new_key_id: bytes | None = None,
+        old_key_id: bytes | None = None,
+    ) -> VolumeEvent:
         return VolumeEvent(
             operation,
             self.name,
@@ -89,6 +94,8 @@ class VolumeIdentity:
             self.filesystem,
             self.read_only,
             self.sequence,
+            new_key_id,
+            old_key_id,
         )
 
     def to_json(self) -> dict[str, object]:
@@ -339,7 +346,11 @@ class Measurer:
         return sink
 
     def record(
-        self, operation: VolumeOperation, ident: VolumeIdentity, key: str | None = None
+        self,
+        operation: VolumeOperation,
+        ident: VolumeIdentity,
+        key: str | None = None,
+        key_ids: tuple[bytes, bytes | None] | None = None,
     ) -> None:
         """Record one event; raises MeasureError when it cannot and the image requires it.
         `key` names the volume in the opened set (default its name; ephemeral volumes use
@@ -350,7 +361,7 @@ class Measurer:
             return
         with self._lock:
             try:
-                event = ident.event(operation)
+                event = ident.event(operation, *(key_ids or (None, None)))
                 sink = self._send(event)
             except (*REFUSALS, OSError) as exc:
                 self._fail(f"volume {ident.name}: {operation.value} not measured: {_text(exc)}")
@@ -358,7 +369,7 @@ class Measurer:
             self._last[key] = LastEvent(operation.value, sink, time.time())
             if operation is VolumeOperation.CLOSE:
                 self._opened.pop(key, None)
-            else:
+            elif operation is not VolumeOperation.REKEY:
                 self._opened[key] = ident
             self._save()
         if sink is not None:
@@ -371,6 +382,13 @@ class Measurer:
                 seq=ident.sequence,
                 sink=sink,
             )
+
+    def rekeyed(
+        self, ident: VolumeIdentity, *, old_key_id: bytes | None, new_key_id: bytes
+    ) -> None:
+        """The volume-rekey event of a volume this open moved to its key (luks.rotation): its
+        key ids only, never key bytes; recorded before the open event."""
+        self.record(VolumeOperation.REKEY, ident, key_ids=(new_key_id, old_key_id))
 
     def opened(self, ident: VolumeIdentity, *, created: bool, key: str | None = None) -> None:
         self.record(VolumeOperation.CREATE if created else VolumeOperation.OPEN, ident, key)

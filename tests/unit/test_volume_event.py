@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -56,8 +57,12 @@ def test_known_text() -> None:
     assert parse_volume_event(volume_aael(eph)) == eph
 
 
+def _ids(op: VolumeOperation) -> dict[str, bytes]:
+    return {"new_key_id": b"\x02" * 32} if op is VolumeOperation.REKEY else {}
+
+
 def test_through_a_log() -> None:
-    events = [_event(operation=op, sequence=i) for i, op in enumerate(VolumeOperation)]
+    events = [_event(operation=op, sequence=i, **_ids(op)) for i, op in enumerate(VolumeOperation)]
     log = b"".join(encode_entry(17, ALG_SHA384, volume_aael(e)) for e in events)
     log += encode_entry(17, ALG_SHA384, parse_aael_text("github.com/x PullImage {}"))
     parsed = [parse_volume_event(parse_aael_text(e.text)) for e in parse_log(log)]
@@ -159,8 +164,40 @@ _names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}", fullmatch=True)
 def test_round_trip(
     op: VolumeOperation, name: str, uuid: str, hdr: bytes, fs: str, ro: bool, seq: int | None
 ) -> None:
-    ev = VolumeEvent(op, name, uuid, hdr, fs, ro, seq)
+    ev = VolumeEvent(op, name, uuid, hdr, fs, ro, seq, **_ids(op))
     assert parse_volume_event(parse_aael_text(volume_aael(ev).text)) == ev
+
+
+@given(st.binary(min_size=32, max_size=32), st.none() | st.binary(min_size=32, max_size=32))
+def test_rekey_round_trip(new: bytes, old: bytes | None) -> None:
+    ev = VolumeEvent(VolumeOperation.REKEY, "pg", UUID, HDR, "ext4", False, 7, new, old)
+    text = volume_aael(ev).text
+    assert text.startswith("cva volume-rekey {") and text.count(" ") == 2
+    assert f'"new-key-id":"{new.hex()}"' in text
+    assert ("old-key-id" in text) is (old is not None)
+    assert parse_volume_event(parse_aael_text(text)) == ev
+
+
+@pytest.mark.parametrize(
+    ("op", "content"),
+    [
+        (VolumeOperation.OPEN, '"new-key-id":"' + "00" * 32 + '"'),
+        (VolumeOperation.REKEY, None),
+        (VolumeOperation.REKEY, '"new-key-id":"' + "0" * 63 + '"'),
+        (VolumeOperation.REKEY, '"new-key-id":"' + "AB" * 32 + '"'),
+        (VolumeOperation.REKEY, '"new-key-id":7'),
+        (VolumeOperation.REKEY, '"old-key-id":"' + "00" * 32 + '"'),
+    ],
+)
+def test_key_ids_only_on_rekey_and_well_formed(op: VolumeOperation, content: str | None) -> None:
+    base = volume_content(_event())[1:-1]
+    extra = "" if content is None else "," + content
+    fields = json.loads("{" + base + extra + "}")
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    with pytest.raises(VolumeEventError):
+        parse_volume_content(op, text)
+    with pytest.raises(VolumeEventError):
+        VolumeEvent(VolumeOperation.OPEN, "pg", UUID, HDR, "ext4", False, None, b"\x01" * 32)
 
 
 @settings(max_examples=300)
