@@ -4,6 +4,11 @@ Recovery without cva: a volume cva made opens with the plain `cryptsetup` CLI an
 `cva luks passphrase` derives from the KBS secret alone (the README's runbook, step by step:
 read-only open first, read-only mount, then a read-write open).
 
+Key rotation (luks.rotation): a volume made under one key is moved to another at its next open
+(contract previous_key), data intact, with no re-encryption; each crash window of the rotation
+is hit by SIGKILL in a child and the next open finishes it, and at every window one of the two
+keys opens the header as plain cryptsetup reads it.
+
 Status: `cva status` over the control socket of a VolumeManager on the real storage backend
 shows the real disk under an LVM + dm-crypt stack (sysfs), the mapper, the LUKS UUID and seq
 the header has, and the mounted filesystem's size and use.
@@ -15,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -30,8 +36,12 @@ from agent.luks_backend import LuksBackend
 from agent.measure import Measurer
 from agent.volumes import VolumeManager
 from luks import disk as luks_disk
+from luks import volume
+from luks.header import parse_luks2, read_header_area
 from luks.run import run
 from luks.secret import Secret
+from luks.token import derive_keys, key_id
+from luks.volume_plan import CrashWindow
 from tests.daemon_support import contract, make_bundle
 from tests.guest.storage_support import (
     MIB,
@@ -42,6 +52,7 @@ from tests.guest.storage_support import (
     make_volume,
     read_marker,
     unique,
+    volume_to_json,
     write_marker,
 )
 
@@ -235,3 +246,139 @@ def test_status_shows_the_real_stack(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 async def _json(manager: VolumeManager) -> dict[str, object]:
     return (await collect(manager)).to_json()
+
+
+# ---- key rotation -------------------------------------------------------------------------
+
+NEW_SECRET = bytes(range(120, 184))
+
+
+def _prepare(env: Env, vol: Any, dev: Path, secret: bytes, previous: bytes | None) -> Any:
+    return volume.prepare_volume(
+        vol,
+        Secret(bytearray(secret)),
+        disk=dev,
+        runtime_dir=env.runtime_dir,
+        mount_base=env.mount_base,
+        previous=(lambda: Secret(bytearray(previous))) if previous is not None else None,
+    )
+
+
+def _keyslots(device: Path) -> list[str]:
+    return sorted(parse_luks2(read_header_area(str(device))).section("keyslots"))
+
+
+def _opens(device: Path, secret: bytes, name: str, scratch: Path) -> bool:
+    """Plain cryptsetup on a copy of the header region (libcryptsetup repairs disagreeing copies
+    when it loads a header: the disk itself must stay as the crash left it)."""
+    passphrase, _ = derive_keys(Secret(secret), name)
+    probe = scratch / "probe.img"
+    with probe.open("wb") as f:
+        f.truncate(32 * MIB)
+        f.write(read_header_area(str(device)))
+    proc = subprocess.run(
+        ["cryptsetup", "open", "--test-passphrase", "--key-file", "-", str(probe)],
+        input=bytes(passphrase.data),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    probe.unlink()
+    return proc.returncode == 0
+
+
+@pytest.mark.parametrize("integrity", [False, True], ids=["plain", "integrity"])
+def test_rotation_moves_a_volume_to_the_new_key(env: Env, tmp_path: Path, integrity: bool) -> None:
+    name = unique("rot")
+    with loop_disk(tmp_path, 256 * MIB) as dev:
+        vol = make_volume(name, lvm=(f"vg{name.replace('-', '')}", "data", 128 * MIB),
+                          integrity=integrity)  # fmt: skip
+        assert vol.lvm is not None
+        lv = Path(f"/dev/{vol.lvm.vg}/data")
+        write_marker(env.prepare(vol, dev, secret=SECRET), b"before-rotation")
+        env.release(vol, dev)
+        run(["vgchange", "-ay", vol.lvm.vg], timeout=60)
+        uuid_before = run(["cryptsetup", "luksUUID", str(lv)], timeout=60).text.strip()
+        assert _keyslots(lv) == ["0"]
+
+        p = _prepare(env, replace(vol, create=False), dev, NEW_SECRET, SECRET)
+        try:
+            assert read_marker(p) == b"before-rotation" * 64
+            assert p.rekeyed is not None
+            assert p.rekeyed.old_key_id == key_id(Secret(SECRET), name)
+            assert p.rekeyed.new_key_id == key_id(Secret(NEW_SECRET), name)
+            assert p.luks_uuid == uuid_before  # the same volume: no re-encryption
+            write_marker(p, b"after-rotation", name="after")
+        finally:
+            env.release(vol, dev)
+        run(["vgchange", "-ay", vol.lvm.vg], timeout=60)
+        assert _keyslots(lv) == ["1"]
+        assert _opens(lv, NEW_SECRET, name, tmp_path)
+        assert not _opens(lv, SECRET, name, tmp_path)
+        # the old key alone no longer opens it (refused, untouched)
+        before = read_header_area(str(lv))
+        with pytest.raises(volume.VolumeRefused, match="MAC"):
+            _prepare(env, replace(vol, create=False), dev, SECRET, None)
+        assert read_header_area(str(lv)) == before
+        # the new key alone does; a second open rotates nothing and fetches no previous key
+        asked: list[int] = []
+
+        def previous() -> Secret:
+            asked.append(1)
+            return Secret(bytearray(SECRET))
+
+        p = volume.prepare_volume(
+            replace(vol, create=False), Secret(bytearray(NEW_SECRET)), disk=dev,
+            runtime_dir=env.runtime_dir, mount_base=env.mount_base, previous=previous,
+        )  # fmt: skip
+        try:
+            assert p.rekeyed is None and asked == []
+            assert read_marker(p, "after") == b"after-rotation" * 64
+        finally:
+            env.release(vol, dev)
+
+
+ROTATION_WINDOWS = [
+    CrashWindow.REKEY_SLOT_ADDED_HALF,
+    CrashWindow.REKEY_SLOT_ADDED,
+    CrashWindow.REKEY_OLD_REMOVED_HALF,
+    CrashWindow.REKEY_DONE,
+]
+
+
+@pytest.mark.parametrize("window", ROTATION_WINDOWS, ids=[w.value for w in ROTATION_WINDOWS])
+def test_crash_in_rotation(env: Env, tmp_path: Path, window: CrashWindow) -> None:
+    name = unique("rcrash")
+    with loop_disk(tmp_path, 128 * MIB) as dev:
+        vol = make_volume(name)
+        write_marker(env.prepare(vol, dev, secret=SECRET), b"before-crash")
+        env.release(vol, dev)
+        spec = {
+            "volume": volume_to_json(replace(vol, create=False)),
+            "disk": str(dev),
+            "runtime_dir": str(env.runtime_dir),
+            "mount_base": str(env.mount_base),
+            "crash_at": window.value,
+        }
+        child = subprocess.run(
+            [sys.executable, "-m", "tests.guest.storage_child"],
+            input=f"{NEW_SECRET.hex()}\n{SECRET.hex()}\n".encode(),
+            capture_output=True,
+            env={**os.environ, "CVA_TEST_PREPARE_SPEC": json.dumps(spec)},
+            cwd=REPO,
+            timeout=600,
+            check=False,
+        )
+        assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+        # never a header neither key opens; the old slot is intact until the new one is written
+        assert _opens(dev, SECRET, name, tmp_path) or _opens(dev, NEW_SECRET, name, tmp_path)
+        if window in (CrashWindow.REKEY_SLOT_ADDED_HALF, CrashWindow.REKEY_SLOT_ADDED):
+            assert _opens(dev, SECRET, name, tmp_path)
+        p = _prepare(env, replace(vol, create=False), dev, NEW_SECRET, SECRET)
+        try:
+            assert read_marker(p) == b"before-crash" * 64
+        finally:
+            env.release(vol, dev)
+        assert _keyslots(dev) == ["1"]
+        assert _opens(dev, NEW_SECRET, name, tmp_path)
+        assert not _opens(dev, SECRET, name, tmp_path)
