@@ -162,7 +162,7 @@ def settle(
         if copies:
             old_id: bytes | None = None
             pair = _rotation_pair(area, spec, mac_key, None)
-            if pair is None and previous is not None:
+            if pair is None and previous is not None and not _both_verify(area, spec, mac_key):
                 with _previous_keys(previous, name) as (_pp, old_mac, old_id):
                     pair = _rotation_pair(area, spec, mac_key, old_mac)
             if pair is None:
@@ -376,6 +376,20 @@ def _same_volume(a: LuksHeader, b: LuksHeader) -> bool:
         return False
     ka, kb = a.section("keyslots"), b.section("keyslots")
     return all(ka[k] == kb[k] for k in set(ka) & set(kb))
+
+
+def _both_verify(area: bytes, spec: _Spec, mac_key: Secret) -> bool:
+    """Both copies verify under the new key (a cut write of cva's ready state or seq, not of a
+    rotation's first step): the previous key cannot change the outcome, so it is not fetched."""
+    which: Which
+    for which in ("primary", "secondary"):
+        try:
+            hdr = parse_luks2(single_copy_area(area, which))
+        except StorageError:
+            return False
+        if _verify(hdr, spec.name, mac_key) is None:
+            return False
+    return True
 
 
 def _rotation_pair(

@@ -296,3 +296,31 @@ def test_wrong_passphrase_names_the_binding(img: Path) -> None:
                 Secret(b"not-the-passphrase-0123456789abcd"), Secret(b"x" * 32), keyslot=1
             )
     assert dataclasses.is_dataclass(rotation.Rekeyed)
+
+
+def test_a_cut_ready_write_does_not_fetch_the_previous_key(tmp_path: Path) -> None:
+    """Copies that disagree because cva's own ready write was cut (both under the new key) are
+    left to the open path, and the previous key is not asked for."""
+    p = tmp_path / "disk.img"
+    with p.open("wb") as f:
+        f.truncate(64 * MIB)
+    vol = make_volume()
+    passphrase, mac_key = derive_keys(Secret(NEW), NAME)
+    volume._format(p, vol, passphrase, mac_key)
+    area = volume._read_area(p)
+
+    def cut(w: CrashWindow) -> None:
+        if w is CrashWindow.READY_HALF_WRITTEN:
+            raise Cut(w.value)
+
+    volume.crash_hook = cut
+    try:
+        with header_copy(area) as copy, pytest.raises(Cut):
+            volume._mark_ready(p, copy, area, vol, mac_key)
+    finally:
+        volume.crash_hook = None
+    fetched: list[int] = []
+    before = volume._read_area(p)
+    settled = _settle(p, fetched=fetched)
+    assert settled.obs.kind == "invalid" and settled.rekeyed is None
+    assert fetched == [] and volume._read_area(p) == before
