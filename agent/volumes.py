@@ -396,14 +396,15 @@ class VolumeManager:
                 )
         else:
             secret = await self._keys.get_resource(vol.key)
+            previous = self._previous_key(vol)
+            progress = self._scan_reporter(vol.name)
             try:
-                opened = await asyncio.to_thread(
-                    self._backend.open,
-                    vol,
-                    secret,
-                    self._scan_reporter(vol.name),
-                    self._previous_key(vol),
-                )
+                if previous is None:  # the backend's 3-argument form (no rotation possible)
+                    opened = await asyncio.to_thread(self._backend.open, vol, secret, progress)
+                else:
+                    opened = await asyncio.to_thread(
+                        self._backend.open, vol, secret, progress, previous
+                    )
             finally:
                 secret.wipe()
                 self._scans.pop(vol.name, None)
