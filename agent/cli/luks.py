@@ -152,7 +152,9 @@ def _inspect(args: argparse.Namespace) -> int:
     return 1 if reasons else 0
 
 
-MAX_SECRET_FILE_BYTES = 64 * 1024  # a KBS key resource is tens of bytes; anything this big is wrong
+# the ceiling the KBS client puts on one resource (agent.kbs.client.MAX_RESOURCE_BYTES): whatever
+# cva could have been given, this command can derive from; a key resource is tens of bytes
+MAX_SECRET_FILE_BYTES = 1024 * 1024
 
 
 def _read_secret(path: str) -> Secret:

@@ -15,6 +15,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from agent.cli.luks import MAX_SECRET_FILE_BYTES
+from agent.kbs.client import MAX_RESOURCE_BYTES
 from luks import libcryptsetup as lc
 from luks.secret import Secret
 from luks.token import derive_keys
@@ -85,7 +87,7 @@ def test_output_file_is_new_and_private(tmp_path: Path) -> None:
     ("data", "volume", "needle"),
     [
         (SECRET[:31], "pgdata", b"at least 32 random bytes"),
-        (b"\x01" * (64 * 1024 + 1), "pgdata", b"not a key resource"),
+        (b"\x01" * (1024 * 1024 + 1), "pgdata", b"not a key resource"),
         (SECRET, "Bad/Name", b"is not [a-z0-9]"),
         (SECRET, "../etc", b"is not [a-z0-9]"),
     ],
@@ -189,3 +191,7 @@ def test_plain_cryptsetup_accepts_it_as_key_file(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode != 0
+
+
+def test_reads_what_the_kbs_client_could_have_been_given() -> None:
+    assert MAX_SECRET_FILE_BYTES == MAX_RESOURCE_BYTES
