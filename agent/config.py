@@ -205,6 +205,11 @@ class DaemonConfig:
         """The unix socket grpc.aio serves on; the vsock listener splices into it."""
         return self.paths.state_dir / "grpc.sock"
 
+    @property
+    def control_socket(self) -> Path:
+        """The root-only local control socket (`cva status`; agent.control.server)."""
+        return self.paths.state_dir / "control.sock"
+
 
 _SECTIONS: dict[str, frozenset[str]] = {
     "listen": frozenset({"vsock_port", "unix", "tcp", "ttrpc", "ttrpc_vsock_port"}),

@@ -151,6 +151,9 @@ class Volume:
     # DESIGN §4: "full" (every byte read as zero before a format) or "sampled" (header region +
     # edge and spread samples only; for huge disks, documented with what it cannot see)
     blank_check: Literal["full", "sampled"] = "full"
+    # key rotation (luks.rotation): the key the volume may still be under; fetched from the KBS
+    # only when the volume's header is not yet under `key`
+    previous_key: KbsResourceUri | None = None
 
     def applies_to(self, container: str) -> bool:
         """True when this volume is for `container` (an empty list means every container)."""
@@ -398,7 +401,7 @@ def _parse_lvm(field: str, value: object) -> LvmSpec:
 
 VOLUME_KEYS = (
     "name", "key", "disk", "lvm", "filesystem", "mount", "containers", "create", "integrity",
-    "read_only", "blank_check",
+    "read_only", "blank_check", "previous_key",
 )  # fmt: skip
 
 
@@ -413,6 +416,16 @@ def _parse_volume(index: int, value: object) -> Volume:
     key = parse_kbs_uri(
         _typed(f"{field}.key", _required(field, table, "key"), str, "a string"), f"{field}.key"
     )
+    previous_key = None
+    if "previous_key" in table:
+        previous_key = parse_kbs_uri(
+            _typed(f"{field}.previous_key", table["previous_key"], str, "a string"),
+            f"{field}.previous_key",
+        )
+        if previous_key == key:
+            raise ContractError(
+                f"{field}.previous_key", "must name another KBS resource than key (the old one)"
+            )
     raw_disk = _required(field, table, "disk")
     if raw_disk == SECUREMOUNT_DISK:
         _check_securemount_volume(field, table)
@@ -473,6 +486,7 @@ def _parse_volume(index: int, value: object) -> Volume:
         integrity=flags["integrity"],
         read_only=flags["read_only"],
         blank_check=cast(Literal["full", "sampled"], blank_check),
+        previous_key=previous_key,
     )
 
 
@@ -580,6 +594,13 @@ def _check_create_needs_authenticated_kbs(kbs: KbsConfig, volumes: tuple[Volume,
                 "true needs an authenticated KBS, but kbs.url is plain http to a non-loopback"
                 " host (insecure_http), where the host can hand cva its own key; use https, or"
                 " create = false to open existing volumes only",
+            )
+        if vol.previous_key is not None:  # a rotation would move the volume to the host's key
+            raise ContractError(
+                f"volumes[{i}]({vol.name}).previous_key",
+                "needs an authenticated KBS, but kbs.url is plain http to a non-loopback host"
+                " (insecure_http), where the host can hand cva its own key and a rotation would"
+                " move the volume to it; use https to rotate",
             )
 
 

@@ -4,7 +4,8 @@ Start (agent/startup.py establishes trust first, then calls `run_daemon`): build
 listen (private unix socket for grpc.aio, the vsock splice in front
 of it, optional unix/loopback-TCP extras, and the optional ttRPC socket `listen.ttrpc` serving
 VolumeAgent and, when the contract allows, CDH SecureMount, and forwarding every other CDH call to
-`[cdh] upstream`: agent.cdh) and send READY=1.
+`[cdh] upstream`: agent.cdh; last the root-only control socket for `cva status`, agent.control)
+and send READY=1.
 
 SIGTERM/SIGINT: STOPPING=1; close the vsock listener; gRPC stops taking calls and gives running
 ones `timeouts.shutdown_grace`; storage jobs still running get the same grace again (every step
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.config import DaemonConfig
+from agent.control.server import ControlServer
 from agent.errors import CvaError
 from agent.log import get_logger
 from agent.rpc.grpc_service import AgentServer
@@ -35,6 +37,7 @@ from agent.sdnotify import Notifier
 from agent.volumes import VolumeManager
 
 if TYPE_CHECKING:
+    from agent.control.collect import Records
     from agent.rpc.ttrpc import TtrpcServer
     from agent.securemount.decisions import SecureMountBackend
 
@@ -76,6 +79,7 @@ class Daemon:
         self._securemount_backend = securemount_backend
         self._notifier = notifier
         self.stop_event = asyncio.Event()
+        self._sm_records: Records | None = None  # SecureMount's, for `cva status`
 
     def _status(self, text: str) -> None:
         try:
@@ -115,6 +119,7 @@ class Daemon:
 
             make_sm_backend = self._securemount_backend or ManagerSecureMountBackend
             sm_backend = make_sm_backend(manager, config.paths.state_dir)
+            self._sm_records = getattr(sm_backend, "records", None)
             ttrpc = build_ttrpc_server(
                 manager,
                 call_timeout=config.timeouts.call,
@@ -173,6 +178,20 @@ class Daemon:
                 ) from None
             splicer = SpliceListener(sock, config.private_socket, log=log.info)
             await splicer.start()
+        control = ControlServer(config.control_socket, lambda: self._status_report(manager))
+        try:
+            await control.start()
+        except OSError as exc:
+            await server.stop(0)
+            for front in (ttrpc, ttrpc_vsock):
+                if front is not None:
+                    await front.close(0)
+            if splicer is not None:
+                await splicer.close()
+            raise StartupError(
+                f"cannot listen on {config.control_socket} ({exc.strerror})"
+            ) from None
+        addresses.append(f"control+unix:{config.control_socket}")
         volumes = len(manager.contract.volumes)
         log.info(
             "ready",
@@ -194,6 +213,7 @@ class Daemon:
         except OSError as exc:
             log.warning("sd_notify_failed", error=exc.strerror)
         grace = config.timeouts.shutdown_grace
+        await control.close()
         if splicer is not None:
             await splicer.stop_accepting()
         fronts = [t.close(grace) for t in (ttrpc, ttrpc_vsock) if t is not None]
@@ -211,6 +231,11 @@ class Daemon:
                     sock_path.unlink()
         log.info("stopped", clean=finished)
         return 0 if finished else 1
+
+    async def _status_report(self, manager: VolumeManager) -> dict[str, object]:
+        from agent.control.collect import collect  # noqa: PLC0415 - lazy: only when asked
+
+        return (await collect(manager, self._sm_records)).to_json()
 
 
 def run_daemon(

@@ -47,6 +47,13 @@ class LazyKbsKeySource:
         secret: Secret = await client.get_resource(uri)
         return secret
 
+    def session_state(self) -> tuple[str, float | None]:
+        """The shared KBS session for `cva status`: "not-started" until the first key request,
+        then the client's (agent.kbs.client.KbsClient.session_state)."""
+        if self._client is None:
+            return "not-started", None
+        return self._client.session_state()
+
     async def aclose(self) -> None:
         async with self._lock:
             if self._client is not None:

@@ -12,13 +12,14 @@ and finding an already mounted volume needs only the mount table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.config import DaemonConfig
 from agent.errors import CvaError
 from agent.mountinfo import MOUNTINFO, mount_source
-from agent.volumes import OpenedVolume, ScanProgress, VolumeState
+from agent.volumes import OpenedVolume, Rekey, ScanProgress, VolumeState
 from luks.secret import Secret
 
 if TYPE_CHECKING:
@@ -41,7 +42,11 @@ class LuksBackend:
         return OpenedVolume(vol.name, self._guest_path(vol), source, created=False)
 
     def open(
-        self, vol: Volume, secret: Secret, progress: ScanProgress | None = None
+        self,
+        vol: Volume,
+        secret: Secret,
+        progress: ScanProgress | None = None,
+        previous: Callable[[], Secret] | None = None,
     ) -> OpenedVolume:
         from luks import disk as luks_disk  # noqa: PLC0415 - lazy: first storage step
         from luks import volume as luks_volume  # noqa: PLC0415
@@ -59,6 +64,7 @@ class LuksBackend:
             runtime_dir=self._runtime_dir,
             mount_base=self._mount_base,
             progress=progress,
+            previous=previous,
         )
         from agent.measure import VolumeIdentity  # noqa: PLC0415
 
@@ -70,12 +76,14 @@ class LuksBackend:
             vol.read_only,
             prepared.sequence,
         )
+        rekeyed = prepared.rekeyed
         return OpenedVolume(
             vol.name,
             Path(prepared.guest_path),
             str(prepared.device),
             bool(prepared.created),
             identity,
+            None if rekeyed is None else Rekey(rekeyed.old_key_id, rekeyed.new_key_id),
         )
 
     def bind(self, vol: Volume, opened: OpenedVolume, rootfs: Path) -> None:

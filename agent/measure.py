@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,9 @@ class EventBudget:
 
     per_volume: int = 512  # 256 open/close cycles of one volume per boot
     ephemeral: int = 4096  # 2048 ephemeral volumes per boot
+    # of a volume's events, at most this many `volume-rekey` (the largest event: two key ids); a
+    # rotation happens once, more only when the host puts a header under the previous key back
+    rekeys_per_volume: int = 4
 
     def limit(self, pool: str) -> int:
         return self.ephemeral if pool == EPHEMERAL_POOL else self.per_volume
@@ -121,7 +125,12 @@ class VolumeIdentity:
     read_only: bool
     sequence: int | None = None
 
-    def event(self, operation: VolumeOperation) -> VolumeEvent:
+    def event(
+        self,
+        operation: VolumeOperation,
+        new_key_id: bytes | None = None,
+        old_key_id: bytes | None = None,
+    ) -> VolumeEvent:
         return VolumeEvent(
             operation,
             self.name,
@@ -130,6 +139,8 @@ class VolumeIdentity:
             self.filesystem,
             self.read_only,
             self.sequence,
+            new_key_id,
+            old_key_id,
         )
 
     def to_json(self) -> dict[str, object]:
@@ -177,6 +188,15 @@ class _TpmRegister:
         self._tpm.extend_pcr(self._pcr, digest)
 
 
+@dataclass(frozen=True)
+class LastEvent:
+    """The last event cva tried to record for one volume key (for `cva status`)."""
+
+    operation: str  # volume-create | volume-open | volume-close | ...
+    sink: str | None  # where it went; None: not recorded (required = false)
+    at: float  # unix time
+
+
 class Measurer:
     """Records volume events in the sink the image config chose; blocking (worker threads).
 
@@ -207,6 +227,7 @@ class Measurer:
         self._opened: dict[str, VolumeIdentity] = self._load()
         self._budget = budget or EventBudget()
         self._used: dict[str, int] = self._load_used()
+        self._last: dict[str, LastEvent] = {}
 
     @classmethod
     def from_config(cls, config: DaemonConfig, *, tee: str | None = None) -> Measurer:
@@ -220,6 +241,10 @@ class Measurer:
     @property
     def enabled(self) -> bool:
         return self._config.sink != "none"
+
+    @property
+    def required(self) -> bool:
+        return self._config.required
 
     @property
     def tee(self) -> str | None:
@@ -292,6 +317,14 @@ class Measurer:
         else:  # this open, its close, and the closes of the pool's volumes still open
             still_open = sum(1 for k in self._opened if k != key and budget_pool(k) == pool)
             need = 2 + still_open
+        rekeys = f"{pool}/rekey"  # never a pool name: contract names have no "/"
+        rekey_limit = self._budget.rekeys_per_volume
+        if operation is VolumeOperation.REKEY and self._used.get(rekeys, 0) >= rekey_limit:
+            raise MeasureError(
+                f"volume {name}: volume-rekey refused: {rekey_limit} key rotations this boot"
+                " are used up (a header under the previous key came back after each); the"
+                " volume opens again after a VM restart"
+            )
         if used + need > limit:
             what = "ephemeral volumes" if pool == EPHEMERAL_POOL else f"volume {name}"
             raise MeasureError(
@@ -300,6 +333,8 @@ class Measurer:
                 " volumes still open are served, this one opens again after a VM restart"
             )
         self._used[pool] = used + 1
+        if operation is VolumeOperation.REKEY:
+            self._used[rekeys] = self._used.get(rekeys, 0) + 1
         self._save_used()
 
     def events_used(self, key: str) -> int:
@@ -311,6 +346,10 @@ class Measurer:
 
     def identity(self, name: str) -> VolumeIdentity | None:
         return self._opened.get(name)
+
+    def last_event(self, key: str) -> LastEvent | None:
+        """The last event of volume `key` this daemon run (None: none since it started)."""
+        return self._last.get(key)
 
     # -- sinks -------------------------------------------------------------------------------
 
@@ -448,7 +487,11 @@ class Measurer:
         return sink
 
     def record(
-        self, operation: VolumeOperation, ident: VolumeIdentity, key: str | None = None
+        self,
+        operation: VolumeOperation,
+        ident: VolumeIdentity,
+        key: str | None = None,
+        key_ids: tuple[bytes, bytes | None] | None = None,
     ) -> None:
         """Record one event; raises MeasureError when it cannot and the image requires it.
         `key` names the volume in the opened set (default its name; ephemeral volumes use
@@ -461,15 +504,16 @@ class Measurer:
             return
         with self._lock:
             try:
-                event = ident.event(operation)
+                event = ident.event(operation, *(key_ids or (None, None)))
                 self._spend(key, operation, ident.name)
                 sink = self._send(event)
             except (*REFUSALS, OSError) as exc:
                 self._fail(f"volume {ident.name}: {operation.value} not measured: {_text(exc)}")
                 sink = None
+            self._last[key] = LastEvent(operation.value, sink, time.time())
             if operation.closes:
                 self._opened.pop(key, None)
-            else:
+            elif operation is not VolumeOperation.REKEY:
                 self._opened[key] = ident
             self._save()
         if sink is not None:
@@ -482,6 +526,13 @@ class Measurer:
                 seq=ident.sequence,
                 sink=sink,
             )
+
+    def rekeyed(
+        self, ident: VolumeIdentity, *, old_key_id: bytes | None, new_key_id: bytes
+    ) -> None:
+        """The volume-rekey event of a volume this open moved to its key (luks.rotation): its
+        key ids only, never key bytes; recorded before the open event."""
+        self.record(VolumeOperation.REKEY, ident, key_ids=(new_key_id, old_key_id))
 
     def opened(self, ident: VolumeIdentity, *, created: bool, key: str | None = None) -> None:
         self.record(VolumeOperation.CREATE if created else VolumeOperation.OPEN, ident, key)

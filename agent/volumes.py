@@ -39,6 +39,7 @@ T = TypeVar("T")
 
 # Bindings whose id starts with this are not containers but other holders (SecureMount).
 HOLDER_PREFIX = "securemount:"
+PREVIOUS_KEY_TIMEOUT = 600.0  # s; the KBS client keeps its own, shorter deadline
 
 
 class VolumeState(enum.Enum):
@@ -75,6 +76,15 @@ class ShuttingDown(CvaError):
 
 
 @dataclass(frozen=True)
+class Rekey:
+    """This open moved the volume from its previous key to its key (luks.rotation): the key ids
+    its measured volume-rekey event names (old None: not at hand)."""
+
+    old_key_id: bytes | None
+    new_key_id: bytes
+
+
+@dataclass(frozen=True)
 class OpenedVolume:
     """A volume mounted at its guest path (state MOUNTED)."""
 
@@ -83,6 +93,7 @@ class OpenedVolume:
     device: str
     created: bool  # formatted by this daemon run (False: an existing volume was opened)
     identity: VolumeIdentity | None = None  # for the measured event (None: not known)
+    rekey: Rekey | None = None  # this open rotated its key (a volume-rekey event first)
 
 
 @dataclass(frozen=True)
@@ -122,10 +133,16 @@ class VolumeBackend(Protocol):
         """The volume if already mounted at its guest path (needs no key; `created` False)."""
 
     def open(
-        self, vol: Volume, secret: Secret, progress: ScanProgress | None = None
+        self,
+        vol: Volume,
+        secret: Secret,
+        progress: ScanProgress | None = None,
+        previous: Callable[[], Secret] | None = None,
     ) -> OpenedVolume:
         """Disk -> LVM -> LUKS -> filesystem -> mounted at the guest path (formats if allowed;
-        `progress` hears about the zero scan that proves a disk blank first)."""
+        `progress` hears about the zero scan that proves a disk blank first; `previous` fetches
+        the contract's previous key, called from the worker thread only when the volume is
+        still under it)."""
 
     def bind(self, vol: Volume, opened: OpenedVolume, rootfs: Path) -> None:
         """Bind the guest mount to `vol.mount` inside the container rootfs (idempotent)."""
@@ -235,6 +252,14 @@ class VolumeManager:
     @property
     def measurer(self) -> Measurer | None:
         return self._measurer
+
+    @property
+    def keys(self) -> KeySource:
+        return self._keys
+
+    def opened(self, name: str) -> OpenedVolume | None:
+        """Volume `name` as this daemon run opened or found it mounted (None: not open)."""
+        return self._opened.get(name)
 
     # -- tracked, shielded storage jobs -------------------------------------------------------
 
@@ -384,10 +409,15 @@ class VolumeManager:
                 )
         else:
             secret = await self._keys.get_resource(vol.key)
+            previous = self._previous_key(vol)
+            progress = self._scan_reporter(vol.name)
             try:
-                opened = await asyncio.to_thread(
-                    self._backend.open, vol, secret, self._scan_reporter(vol.name)
-                )
+                if previous is None:  # the backend's 3-argument form (no rotation possible)
+                    opened = await asyncio.to_thread(self._backend.open, vol, secret, progress)
+                else:
+                    opened = await asyncio.to_thread(
+                        self._backend.open, vol, secret, progress, previous
+                    )
             finally:
                 secret.wipe()
                 self._scans.pop(vol.name, None)
@@ -400,6 +430,20 @@ class VolumeManager:
         self._opened[vol.name] = opened
         return opened
 
+    def _previous_key(self, vol: Volume) -> Callable[[], Secret] | None:
+        """For a contract with previous_key: a blocking fetch of it through the shared KBS
+        session, for the storage worker thread (asked only when the volume is still under it)."""
+        uri = vol.previous_key
+        if uri is None:
+            return None
+        loop = asyncio.get_running_loop()
+
+        def fetch() -> Secret:
+            future = asyncio.run_coroutine_threadsafe(self._keys.get_resource(uri), loop)
+            return future.result(timeout=PREVIOUS_KEY_TIMEOUT)
+
+        return fetch
+
     def _measure_open(self, vol: Volume, opened: OpenedVolume) -> None:
         from agent.measure import MeasureError  # noqa: PLC0415
 
@@ -411,6 +455,12 @@ class VolumeManager:
                     " (rule measure-required)"
                 )
             return
+        if opened.rekey is not None:  # before the open event: the open names the new header
+            self._measurer.rekeyed(
+                opened.identity,
+                old_key_id=opened.rekey.old_key_id,
+                new_key_id=opened.rekey.new_key_id,
+            )
         self._measurer.opened(opened.identity, created=opened.created)
 
     async def _close(self, vol: Volume) -> None:

@@ -27,6 +27,11 @@ AAEL parser splits an event at every space and wants exactly three fields):
 * seq: persistent volumes only: the monotonic sequence in the volume's MAC'd LUKS token (a JSON
   integer, 0..2^64-1; luks.token): raised by every read-write open before the event is
   recorded, unchanged by a read-only open. Absent for ephemeral volumes.
+* new-key-id, old-key-id: `volume-rekey` only (a volume moved from its previous key to its key,
+  luks.rotation; recorded before the open event of the same open): lowercase hex of each key's
+  public id (luks.token.key_id: HKDF of the KBS resource under its own label, never key bytes);
+  new-key-id always, old-key-id when the run that rotated had the previous key at hand (absent
+  when it finished a rotation a crash had cut after the new keyslot was written).
 
 Every string value is restricted to ASCII letters, digits and `-_.+`, so Python's
 `json.dumps(sort_keys=True, separators=(",", ":"))` of these fields is exactly the JCS form.
@@ -59,6 +64,7 @@ _FS = re.compile(r"[a-z][a-z0-9]{0,15}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_CONTENT = 1024
 _KEYS = ("v", "name", "uuid", "header-sha256", "fs", "ro", "seq")
+_REKEY_KEYS = ("new-key-id", "old-key-id")
 
 
 class VolumeEventError(EvidenceError):
@@ -75,6 +81,7 @@ class VolumeOperation(enum.Enum):
     CLOSE = "volume-close"
     EPHEMERAL_CREATE = "ephemeral-create"
     EPHEMERAL_CLOSE = "ephemeral-close"
+    REKEY = "volume-rekey"
 
     @property
     def ephemeral(self) -> bool:
@@ -96,6 +103,8 @@ class VolumeEvent:
     filesystem: str
     read_only: bool
     sequence: int | None  # persistent volumes only
+    new_key_id: bytes | None = None  # volume-rekey only (required there)
+    old_key_id: bytes | None = None  # volume-rekey only (optional)
 
     def __post_init__(self) -> None:
         if not isinstance(self.operation, VolumeOperation):
@@ -119,6 +128,14 @@ class VolumeEvent:
             raise VolumeEventError(f"volume event seq must be an integer 0..{MAX_SEQUENCE}")
         if self.operation.ephemeral and self.sequence is not None:
             raise VolumeEventError("an ephemeral volume event carries no seq")
+        rekey = self.operation is VolumeOperation.REKEY
+        if rekey and self.new_key_id is None:
+            raise VolumeEventError("a volume-rekey event needs new-key-id")
+        if not rekey and (self.new_key_id is not None or self.old_key_id is not None):
+            raise VolumeEventError("only a volume-rekey event has key ids")
+        for kid in (self.new_key_id, self.old_key_id):
+            if kid is not None and (not isinstance(kid, bytes) or len(kid) != 32):
+                raise VolumeEventError("volume event key ids must be 32 bytes")
 
 
 def volume_content(event: VolumeEvent) -> str:
@@ -133,6 +150,10 @@ def volume_content(event: VolumeEvent) -> str:
     }
     if event.sequence is not None:
         fields["seq"] = event.sequence
+    if event.new_key_id is not None:
+        fields["new-key-id"] = event.new_key_id.hex()
+    if event.old_key_id is not None:
+        fields["old-key-id"] = event.old_key_id.hex()
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
@@ -152,10 +173,12 @@ def parse_volume_content(operation: VolumeOperation, content: str) -> VolumeEven
     if not isinstance(values, dict):
         raise VolumeEventError("volume event content is not a JSON object")
     keys = set(values)
-    required = set(_KEYS) - {"seq"}
-    if not required <= keys or not keys <= set(_KEYS):
+    rekey = operation is VolumeOperation.REKEY
+    allowed = set(_KEYS) | (set(_REKEY_KEYS) if rekey else set())
+    required = set(_KEYS) - {"seq"} | ({"new-key-id"} if rekey else set())
+    if not required <= keys or not keys <= allowed:
         missing = sorted(required - keys)
-        extra = sorted(k[:32] for k in keys - set(_KEYS))
+        extra = sorted(k[:32] for k in keys - allowed)
         raise VolumeEventError(f"volume event fields: missing {missing}, unknown {extra}")
     if values["v"] != FORMAT_VERSION or isinstance(values["v"], bool):
         raise VolumeEventError(f"volume event format v={str(values['v'])[:16]!r} is not supported")
@@ -169,6 +192,12 @@ def parse_volume_content(operation: VolumeOperation, content: str) -> VolumeEven
     sequence = values.get("seq")
     if sequence is not None and (isinstance(sequence, bool) or not isinstance(sequence, int)):
         raise VolumeEventError("volume event seq is not an integer")
+    key_ids: list[bytes | None] = []
+    for key in _REKEY_KEYS:
+        text = values.get(key)
+        if text is not None and (not isinstance(text, str) or _HEX64.fullmatch(text) is None):
+            raise VolumeEventError(f"volume event {key} is not 64 lowercase hex digits")
+        key_ids.append(bytes.fromhex(text) if text is not None else None)
     event = VolumeEvent(
         operation,
         values["name"],
@@ -177,6 +206,8 @@ def parse_volume_content(operation: VolumeOperation, content: str) -> VolumeEven
         values["fs"],
         values["ro"],
         sequence,
+        key_ids[0],
+        key_ids[1],
     )
     if volume_content(event) != content:  # belt and braces: only the canonical text
         raise VolumeEventError("volume event content is not in canonical form")

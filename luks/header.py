@@ -18,11 +18,13 @@ Reasons are "<rule>: <what is wrong>", the rule being a stable name tests and us
   header-copies    the secondary copy is broken, or differs (seqid, uuid, JSON, ...)
   metadata-size, config, header-area, uuid, label, json-padding   binary/config profile
   json-fields      an unknown or missing field anywhere (top level, keyslot, segment, ...)
-  keyslot-count/-type/-key-size/-cipher/-af/-kdf/-area   exactly keyslot 0, luks2, pbkdf2
+  keyslot-count/-type/-key-size/-cipher/-af/-kdf/-area   exactly one keyslot, '0' (or '1' after
+                   a key rotation; both only while the cva token's state is "rotating",
+                   luks.rotation, their areas disjoint), luks2, pbkdf2
                    sha256 1000..10000 iterations, AF luks1/sha256/4000, raw aes-xts-plain64
                    64-byte area inside the keyslots region (not the JSON, not the data)
   segment-count/-type/-cipher/-offset/-size/-iv-tweak, sector-size, segment-integrity
-  digest-count/-binding/-kdf   exactly digest 0 binding keyslot 0 to segment 0
+  digest-count/-binding/-kdf   exactly digest 0 binding the keyslot(s) to segment 0
   token-count/-type/-fields    at most token 0, of type cva, with exactly cva's fields
   requirements, config-flags   none; only no-read/no-write-workqueue
 Any JSON parser differential with libcryptsetup's json-c (duplicate keys, NUL inside strings,
@@ -35,6 +37,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import re
@@ -66,7 +69,8 @@ PBKDF2_MIN_ITERATIONS: Final = 1000
 PBKDF2_MAX_ITERATIONS: Final = 10_000  # cva writes 1000; anything above is a cost attack
 ALLOWED_CONFIG_FLAGS: Final = frozenset({"no-read-workqueue", "no-write-workqueue"})
 TOKEN_TYPE: Final = "cva"  # noqa: S105 - a token type name, not a password
-TOKEN_STATES: Final = ("initializing", "ready")
+TOKEN_STATES: Final = ("initializing", "ready", "rotating")
+TOKEN_STATE_ROTATING: Final = "rotating"  # noqa: S105 - a state name; two keyslots (luks.rotation)
 TOKEN_FIELDS: Final = frozenset({"type", "keyslots", "state", "volume", "mac"})
 TOKEN_OPTIONAL_FIELDS: Final = frozenset({"seq"})  # absent in tokens made before it existed
 TOKEN_SEQ_MAX: Final = (1 << 64) - 1
@@ -447,12 +451,32 @@ def _check_kdf(where: str, kdf: Mapping[str, Json], r: _Reasons, rule: str) -> N
         r.add(rule, f"{where}.salt is not 32 base64 bytes")
 
 
+def _token_state(hdr: LuksHeader) -> object:
+    """The (unverified) state of the header's one cva token, else None: the allow-list is
+    structural; the MAC that makes the state count is checked with the key (luks.token)."""
+    tokens = hdr.cva_tokens()
+    return tokens[0][1].get("state") if len(tokens) == 1 else None
+
+
+def keyslot_ids_allowed(ids: list[str], token_state: object) -> bool:
+    """Exactly one keyslot, '0' or '1' (a rotated volume keeps its new key in the slot the old
+    one did not use); both exactly while the token says "rotating"."""
+    if token_state == TOKEN_STATE_ROTATING:
+        return sorted(ids) == ["0", "1"]
+    return ids in (["0"], ["1"])
+
+
 def _check_keyslots(hdr: LuksHeader, key_bytes: int, r: _Reasons) -> None:
     keyslots = _obj(r, "keyslot-count", "keyslots", hdr.metadata.get("keyslots"))
     if keyslots is None:
         return
-    if list(keyslots) != ["0"]:
-        r.add("keyslot-count", f"keyslots {sorted(keyslots)}; cva requires exactly keyslot '0'")
+    if not keyslot_ids_allowed(list(keyslots), _token_state(hdr)):
+        r.add(
+            "keyslot-count",
+            f"keyslots {sorted(keyslots)}; cva requires exactly keyslot '0' (or '1' after a key "
+            "rotation; '0' and '1' only while its token says rotating)",
+        )
+    spans: list[tuple[int, int]] = []
     for ks_id, raw in keyslots.items():
         where = f"keyslot {ks_id}"
         ks = _obj(r, "keyslot-type", where, raw)
@@ -476,6 +500,12 @@ def _check_keyslots(hdr: LuksHeader, key_bytes: int, r: _Reasons) -> None:
         area = _obj(r, "keyslot-area", f"{where}.area", ks.get("area", {}))
         if area is not None:
             _check_area(where, area, key_bytes, hdr.primary.hdr_size, r)
+            offset, size = _u64(area.get("offset")), _u64(area.get("size"))
+            if offset is not None and size is not None:
+                spans.append((offset, offset + size))
+    spans.sort()
+    if any(a_end > b_start for (_a, a_end), (b_start, _b) in itertools.pairwise(spans)):
+        r.add("keyslot-area", "keyslot areas overlap")
 
 
 def _check_area(
@@ -581,7 +611,12 @@ def _check_digests(hdr: LuksHeader, r: _Reasons) -> None:
             dg,
             {"type", "keyslots", "segments", "hash", "iterations", "salt", "digest"},
         )
-        r.equal("digest-binding", f"{where}.keyslots", dg.get("keyslots"), ["0"])
+        keyslots = hdr.metadata.get("keyslots")
+        bound = sorted(keyslots) if isinstance(keyslots, dict) and keyslots else ["0"]
+        listed = dg.get("keyslots")
+        if isinstance(listed, list) and all(isinstance(k, str) for k in listed):
+            listed = sorted(listed)  # libcryptsetup lists them in the order they were added
+        r.equal("digest-binding", f"{where}.keyslots", listed, bound)
         r.equal("digest-binding", f"{where}.segments", dg.get("segments"), ["0"])
         _check_kdf(where, dg, r, "digest-kdf")
         if dg.get("type") == "pbkdf2" and _b64_len(dg.get("digest")) != 32:

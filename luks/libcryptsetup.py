@@ -172,6 +172,8 @@ def _library() -> ctypes.CDLL:
         _c("crypt_format", i, vp, cp, cp, cp, cp, vp, sz, vp)
         _c("crypt_load", i, vp, cp, vp)
         _c("crypt_keyslot_add_by_volume_key", i, vp, i, vp, sz, vp, sz)
+        _c("crypt_keyslot_add_by_passphrase", i, vp, i, vp, sz, vp, sz)
+        _c("crypt_keyslot_destroy", i, vp, i)
         _c("crypt_activate_by_passphrase", i, vp, cp, i, vp, sz, u32)
         _c("crypt_activate_by_volume_key", i, vp, cp, vp, sz, u32)
         _c("crypt_deactivate_by_name", i, vp, cp, u32)
@@ -405,18 +407,51 @@ class CryptDevice:
                 del vk, pw
             return self._check("crypt_keyslot_add_by_volume_key", rc)
 
+    def keyslot_add_by_passphrase(self, old: Secret, new: Secret, *, keyslot: int) -> int:
+        """Add keyslot `keyslot` for passphrase `new`, unlocking the volume key with `old`
+        (PBKDF2 as cva's profile); returns its number. Raises WrongPassphrase when `old` opens
+        no keyslot."""
+        lib = _library()
+        with _LOCK:
+            _log_lines.clear()
+            cd = self._cd()
+            pbkdf = _PbkdfType(
+                type=PBKDF_TYPE.encode(),
+                hash=PBKDF_HASH.encode(),
+                iterations=PBKDF_ITERATIONS,
+                flags=CRYPT_PBKDF_NO_BENCHMARK,
+            )
+            self._check("crypt_set_pbkdf_type", lib.crypt_set_pbkdf_type(cd, ctypes.byref(pbkdf)))
+            with (
+                _key_buffer(old, "passphrase") as old_pw,
+                _key_buffer(new, "passphrase") as new_pw,
+            ):
+                rc = lib.crypt_keyslot_add_by_passphrase(
+                    cd, keyslot, old_pw, len(old), new_pw, len(new)
+                )
+                del old_pw, new_pw
+            return self._check("crypt_keyslot_add_by_passphrase", rc)
+
+    def keyslot_destroy(self, keyslot: int) -> None:
+        """Remove keyslot `keyslot` and wipe its key material area."""
+        lib = _library()
+        with _LOCK:
+            _log_lines.clear()
+            self._check("crypt_keyslot_destroy", lib.crypt_keyslot_destroy(self._cd(), keyslot))
+
     def activate_by_passphrase(
         self,
         name: str | None,
         passphrase: Secret,
         *,
         read_only: bool = False,
-        keyslot: int = 0,
+        keyslot: int = CRYPT_ANY_SLOT,
         keyring: bool = False,
         private: bool = False,
     ) -> int:
         """Activate `/dev/mapper/<name>` (no_read/no_write_workqueue); `name=None` only checks
         the passphrase. Returns the keyslot that opened. Raises WrongPassphrase on -EPERM.
+        `keyslot` defaults to any slot (the allow-list admits one, or two during a rotation).
 
         `keyring=True` with `name=None` loads the volume key into the kernel keyring for a later
         `resize` of a device whose key lives there. `private=True`: udev's rules do not probe

@@ -4,6 +4,7 @@ Keys: from the KBS resource bytes `secret` (>= 32 bytes), HKDF-SHA256 (no salt, 
 output) derives
     passphrase = HKDF(secret, info="cva/v1/luks-passphrase/" + name)
     mac_key    = HKDF(secret, info="cva/v1/header-mac/" + name)
+    key_id     = HKDF(secret, info="cva/v1/key-id/" + name)     (public: measured on rotation)
 
 Token: `{"type": "cva", "keyslots": [], "state": S, "volume": NAME, "seq": N, "mac": HEX}`
 stored as LUKS2 token 0. `keyslots` stays empty so no libcryptsetup token plugin is ever tried
@@ -70,6 +71,7 @@ MIN_SECRET_BYTES: Final = 32
 DERIVED_KEY_BYTES: Final = 32
 PASSPHRASE_INFO: Final = "cva/v1/luks-passphrase/"  # noqa: S105 - an HKDF label
 MAC_KEY_INFO: Final = "cva/v1/header-mac/"
+KEY_ID_INFO: Final = "cva/v1/key-id/"
 MAC_DOMAIN: Final = b"cva/v1/token-mac\x00"
 STATE_INITIALIZING: Final = "initializing"
 STATE_READY: Final = "ready"
@@ -101,6 +103,17 @@ def derive_keys(secret: Secret, volume_name: str) -> tuple[Secret, Secret]:
             f"{MIN_SECRET_BYTES} random bytes are required (store a longer key in the KBS)"
         )
     return _hkdf(secret, PASSPHRASE_INFO + volume_name), _hkdf(secret, MAC_KEY_INFO + volume_name)
+
+
+def key_id(secret: Secret, volume_name: str) -> bytes:
+    """A public name of volume `volume_name`'s key (HKDF under its own label, 32 bytes): what a
+    measured volume-rekey event carries. It reveals nothing of the passphrase or MAC key (other
+    HKDF outputs), and whoever holds the KBS resource can compute it to check an event."""
+    passphrase, mac_key = derive_keys(secret, volume_name)
+    passphrase.wipe()
+    mac_key.wipe()
+    with _hkdf(secret, KEY_ID_INFO + volume_name) as kid:
+        return bytes(kid.data)
 
 
 def canonical_metadata(hdr: LuksHeader) -> bytes:

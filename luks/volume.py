@@ -99,6 +99,9 @@ process via `crash_hook`, and what the next run does):
     LV_EXTENDED          lvextend done, fs not grown      -> next run: a kept (mounted) mapping
                                                              is resized, a new one spans the LV;
                                                              the fs is grown
+    REKEY_SLOT_ADDED_HALF, REKEY_SLOT_ADDED, REKEY_OLD_REMOVED_HALF, REKEY_DONE
+                         a key rotation (contract previous_key) cut: luks.rotation names each
+                                                             window and what the next open does
 
 A crash while cva writes the header from its memfd (keyslots and secondary copy first, the
 primary last) leaves a header region that is neither zero nor valid: refused, never
@@ -161,6 +164,7 @@ from luks.libcryptsetup import (
     deactivate_by_name,
     header_copy,
 )
+from luks.rotation import FetchPrevious, Rekeyed, settle
 from luks.secret import Secret
 from luks.spec import VolumeSpec
 from luks.token import (
@@ -229,6 +233,7 @@ class PreparedVolume:
     luks_uuid: str = ""  # of the validated in-memory header copy (measured volume events)
     header_sha256: bytes = b""  # luks.token.metadata_sha256 of that copy
     sequence: int | None = None  # the token's seq the volume was opened with (luks.token)
+    rekeyed: Rekeyed | None = None  # this open moved it to its key (luks.rotation)
 
 
 # ---- the shell ----------------------------------------------------------------------------
@@ -850,17 +855,26 @@ def prepare_volume(
     runtime_dir: Path,
     mount_base: Path,
     progress: ScanProgress | None = None,
+    previous: FetchPrevious | None = None,
 ) -> PreparedVolume:
     """Open (or create, when allowed and provably blank) and mount one volume; idempotent.
 
     `disk` is the contract's disk (luks.disk.wait_for_disk); `runtime_dir` holds the per-volume
     lock and the blank scans' cursors (tmpfs, e.g. /run/cva); the filesystem is mounted at
     `mount_base/<name>`. `progress(what, bytes_done, bytes_total)` hears about zero scans.
+    `previous` fetches the contract's previous key, for a volume still under it (key rotation,
+    luks.rotation: crash windows REKEY_*); None: the contract names none.
     """
     scans = _Scans(vol, runtime_dir / "blank", progress)
     with _volume_lock(runtime_dir, vol.name):
         return _prepare(
-            vol, secret, disk=disk, mount_base=mount_base, scans=scans, runtime_dir=runtime_dir
+            vol,
+            secret,
+            disk=disk,
+            mount_base=mount_base,
+            scans=scans,
+            runtime_dir=runtime_dir,
+            previous=previous,
         )
 
 
@@ -872,6 +886,7 @@ def _prepare(
     mount_base: Path,
     scans: _Scans,
     runtime_dir: Path,
+    previous: FetchPrevious | None = None,
 ) -> PreparedVolume:
     device, lv_proven = _ensure_lvm(vol, disk, scans)
     mapper = mapper_name(vol.name)
@@ -882,6 +897,12 @@ def _prepare(
     with passphrase, mac_key:
         area = _read_area(device)  # step 1: the copy; everything below uses these bytes
         obs = _observe(area, vol, mac_key)
+        settled = settle(  # a volume under its previous key, or in a cut rotation
+            device, area, obs, name=vol.name, integrity=vol.integrity, read_only=vol.read_only,
+            secret=secret, previous=previous, observe=lambda a: _observe(a, vol, mac_key),
+            window=_window,
+        )  # fmt: skip
+        area, obs = settled.area, settled.obs
         if obs.kind == "invalid" and all(r.startswith("header-copies") for r in obs.reasons):
             area, obs = _adopt_half_written(device, area, vol, mac_key)
         verdict = None
@@ -947,6 +968,7 @@ def _prepare(
         record.luks_uuid,
         record.header_sha256,
         record.seq,
+        settled.rekeyed,
     )
 
 

@@ -54,6 +54,11 @@ class CrashWindow(enum.Enum):
     SEQ_WRITTEN = "seq-written"
     MOUNTED = "mounted"
     LV_EXTENDED = "lv-extended"
+    # key rotation (luks.rotation)
+    REKEY_SLOT_ADDED_HALF = "rekey-slot-added-half"
+    REKEY_SLOT_ADDED = "rekey-slot-added"
+    REKEY_OLD_REMOVED_HALF = "rekey-old-removed-half"
+    REKEY_DONE = "rekey-done"
 
 
 # ---- pure decisions -----------------------------------------------------------------------

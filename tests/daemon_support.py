@@ -9,12 +9,13 @@ import hashlib
 import json
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent import contract as C
-from agent.volumes import OpenedVolume, ScanProgress, VolumeState
+from agent.volumes import OpenedVolume, Rekey, ScanProgress, VolumeState
 from luks.secret import Secret
 
 KEY_MARKER = b"CVA-TEST-KEY-MATERIAL-DO-NOT-LOG!"  # 33 bytes: any leak is greppable
@@ -90,6 +91,8 @@ class MemoryBackend:
     open_gate: threading.Event | None = None  # holds opens until set
     open_delay: float = 0.0
     scan_report: tuple[str, int, int] | None = None  # reported as blank-proof progress on open
+    rotate: dict[str, bool] = field(default_factory=dict)  # volume -> fetch the previous key
+    previous_seen: dict[str, int] = field(default_factory=dict)  # volume -> previous key length
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _record(self, op: str, name: str) -> None:
@@ -102,9 +105,18 @@ class MemoryBackend:
         return dataclasses.replace(found, created=False) if found else None
 
     def open(
-        self, vol: C.Volume, secret: Secret, progress: ScanProgress | None = None
+        self,
+        vol: C.Volume,
+        secret: Secret,
+        progress: ScanProgress | None = None,
+        previous: Callable[[], Secret] | None = None,
     ) -> OpenedVolume:
         self._record("open", vol.name)
+        rekey = None
+        if self.rotate.get(vol.name) and previous is not None:  # as luks.rotation asks for it
+            with previous() as old:
+                self.previous_seen[vol.name] = len(old)
+            rekey = Rekey(b"\x0b" * 32, b"\x0c" * 32)
         if len(secret) < 32:
             raise AssertionError("backend got a short key")
         self.keys_seen[vol.name] = len(secret)
@@ -135,6 +147,7 @@ class MemoryBackend:
             f"/dev/mapper/cva-{vol.name}",
             created,
             identity,
+            rekey,
         )
         self.mounted[vol.name] = opened
         return opened

@@ -314,6 +314,17 @@ class KbsClient:
 
     # -- session (single flight) ------------------------------------------------------------
 
+    def session_state(self) -> tuple[str, float | None]:
+        """("attesting" | "attested" | "expired" | "none", the token's end as a unix time or
+        None) for `cva status`; no secret in it."""
+        s = self._session
+        if self._attesting is not None:
+            return "attesting", None
+        if s is None:
+            return "none", None
+        end = s.token.exp if s.token.exp is not None else s.issued + DEFAULT_TOKEN_LIFETIME
+        return ("attested" if self._usable(s) else "expired"), end
+
     def _usable(self, s: _Session) -> bool:
         return s.token.usable(self._clock(), self._skew, DEFAULT_TOKEN_LIFETIME, s.issued)
 

@@ -414,6 +414,10 @@ class ManagerSecureMountBackend:
             )
             return plan.mount_point
 
+    def records(self) -> tuple[MountRecord, ...]:
+        """What SecureMount holds now (for `cva status`; no secret in a record)."""
+        return self._records.all()
+
     async def sweep(self) -> None:
         """Release what kata-agent has taken away (and, the first time, crash leftovers)."""
         async with self._lock:

@@ -1,6 +1,7 @@
 """Child process of the crash-window tests: prepare one volume, SIGKILL self at a window.
 
-Spec in $CVA_TEST_PREPARE_SPEC (JSON, no secret); the secret (hex) on stdin.
+Spec in $CVA_TEST_PREPARE_SPEC (JSON, no secret); the secret (hex) on stdin, optionally a second
+line with the previous key's secret (hex; key rotation, luks.rotation).
 Exit 0 = prepared; 3 = refused (message on stderr); killed by SIGKILL = crashed at the window.
 """
 
@@ -21,7 +22,9 @@ from tests.guest.storage_support import volume_from_json
 
 def main() -> int:
     spec = json.loads(os.environ["CVA_TEST_PREPARE_SPEC"])
-    secret = Secret(bytearray.fromhex(sys.stdin.read().strip()))
+    lines = sys.stdin.read().split()
+    secret = Secret(bytearray.fromhex(lines[0]))
+    old = bytearray.fromhex(lines[1]) if len(lines) > 1 else None
     crash_at = spec["crash_at"]
     if crash_at is not None:
         target = CrashWindow(crash_at)
@@ -38,6 +41,7 @@ def main() -> int:
             disk=Path(spec["disk"]),
             runtime_dir=Path(spec["runtime_dir"]),
             mount_base=Path(spec["mount_base"]),
+            previous=(lambda: Secret(bytearray(old))) if old is not None else None,
         )
     except StorageError as exc:
         print(exc.message, file=sys.stderr)

@@ -168,6 +168,19 @@ async def test_reattests_when_the_token_expires_by_the_clock(kbs: LoopbackKbs) -
     assert all(status == 200 for _, status in paths(kbs))
 
 
+async def test_session_state_for_cva_status(kbs: LoopbackKbs) -> None:
+    base = time.time()
+    now = [base]
+    kbs.token_lifetime = 600
+    async with client(kbs, clock=lambda: now[0], token_skew=10) as c:
+        assert c.session_state() == ("none", None)
+        (await c.get_resource(kbs_uri(KEY))).wipe()
+        state, expires = c.session_state()
+        assert state == "attested" and expires is not None and base < expires <= base + 700
+        now[0] = base + 1000
+        assert c.session_state() == ("expired", expires)
+
+
 async def test_token_already_expired_is_refused(kbs: LoopbackKbs) -> None:
     kbs.token_lifetime = 5  # shorter than the client's skew margin
     with pytest.raises(AttestationFailed, match="already expired"):

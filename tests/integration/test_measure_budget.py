@@ -66,20 +66,27 @@ def _replays(tmp_path: Path, pcr: _SoftPcr) -> bool:
 def test_the_default_budget_keeps_cvas_log_under_the_parsers_limits() -> None:
     """At the largest event cva can write (longest operation, name, seq; SHA-384 entries)."""
 
-    def largest(name: str) -> int:
+    def largest(name: str, *, rekey: bool = False) -> int:
         sizes = []
         for op in VolumeOperation:
+            if (op is VolumeOperation.REKEY) is not rekey:
+                continue
             for fs in ("ext4", "xfs", "none"):
                 uuid = "00000000-0000-0000-0000-000000000000"
                 seq = None if op.ephemeral else (1 << 64) - 1
                 event = VolumeIdentity(name, uuid, bytes(32), fs, False, seq)
-                sizes.append(len(encode_entry(4, ALG_SHA384, volume_aael(event.event(op)))))
+                ids = (bytes(32), bytes(32)) if op is VolumeOperation.REKEY else (None, None)
+                aael = volume_aael(event.event(op, *ids))  # a rekey carries both key ids
+                sizes.append(len(encode_entry(4, ALG_SHA384, aael)))
         return max(sizes)
 
     budget = EventBudget()
     contract_volume = largest("a" * 31)  # agent.contract: [a-z0-9][a-z0-9-]{0,30}
     ephemeral = largest("m" * 128)  # evidence.volume_event: a name of up to 128 characters
-    worst = MAX_CONTRACT_VOLUMES * budget.per_volume * contract_volume
+    rekey = largest("a" * 31, rekey=True)  # the largest event, at most rekeys_per_volume times
+    per_volume = (budget.per_volume - budget.rekeys_per_volume) * contract_volume
+    per_volume += budget.rekeys_per_volume * rekey
+    worst = MAX_CONTRACT_VOLUMES * per_volume
     worst += budget.ephemeral * ephemeral
     assert worst <= MAX_LOG_BYTES
     assert budget.total <= MAX_EVENTS
@@ -148,3 +155,17 @@ def test_a_damaged_budget_file_refuses(tmp_path: Path) -> None:
     (tmp_path / "measure-budget.json").write_text('{"pg": -1}')
     with pytest.raises(MeasureError, match="malformed"):
         _measurer(tmp_path, _SoftPcr())
+
+
+def test_rekeys_are_bounded_per_volume(tmp_path: Path) -> None:
+    """A host that puts a header under the previous key back after every rotation gets
+    `rekeys_per_volume` rotations per boot, then a refusal naming it (the log stays bounded)."""
+    pcr = _SoftPcr()
+    m = _measurer(tmp_path, pcr)
+    m.start()
+    ids = (b"\x01" * 32, b"\x02" * 32)
+    for _ in range(EventBudget().rekeys_per_volume):
+        m.record(VolumeOperation.REKEY, ident("pg"), key_ids=ids)
+    with pytest.raises(MeasureError, match="key rotations this boot are used up"):
+        m.record(VolumeOperation.REKEY, ident("pg"), key_ids=ids)
+    m.opened(ident("pg"), created=False)  # the volume's other events still count normally

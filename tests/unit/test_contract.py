@@ -575,3 +575,32 @@ def test_too_many_volumes() -> None:
 def test_error_values_are_shortened() -> None:
     err = refused(contract(volume(name='"' + "X" * 500 + '"')), "volumes[0].name", "must match")
     assert len(str(err)) < 200
+
+
+def test_previous_key_for_rotation() -> None:
+    parsed = parse_contract(contract(volume(previous_key='"kbs:///default/data/luks-2025"')))
+    prev = parsed.volumes[0].previous_key
+    assert prev is not None and str(prev) == "kbs:///default/data/luks-2025"
+    assert parse_contract(contract(volume())).volumes[0].previous_key is None
+
+
+@pytest.mark.parametrize(
+    ("value", "rule"),
+    [
+        ('"kbs:///default/data/luks"', "another KBS resource"),
+        ('"file:///x"', "kbs"),
+        ("7", "a string"),
+    ],
+)
+def test_previous_key_refusals(value: str, rule: str) -> None:
+    refused(contract(volume(previous_key=value)), "volumes[0](data).previous_key", rule)
+
+
+def test_insecure_http_never_rotates() -> None:
+    """Over plain http the host could answer `key` with its own key: a rotation would move the
+    volume to it, so previous_key needs an authenticated KBS."""
+    text = contract(
+        volume(previous_key='"kbs:///default/data/old"'),
+        kbs=kbs("http://kbs.example", 'tee = "tdx"\ninsecure_http = true\n'),
+    )
+    refused(text, "volumes[0](data).previous_key", "authenticated KBS")

@@ -11,12 +11,14 @@ README = " ".join((REPO / "README.md").read_text().split())  # one line: phrases
 
 
 def _section(start: str, end: str) -> str:
-    return README[README.index(start) : README.index(end)]
+    at = README.index(start)
+    return README[at : README.index(end, at)]
 
 
 def test_rollback_says_what_seq_detects_and_promises_no_freshness() -> None:
     """tests/guest/test_rollback_limits.py, test_storage_volume.test_seq_in_the_log_..."""
-    text = _section("**Rollback: what `seq` detects, and what it does not.**", "**Trustee")
+    start = "**Rollback: what `seq` detects, and what it does not.**"
+    text = _section(start, "**What Trustee sees")
     assert "a replayed header alone, or a whole-image restore" in text
     assert "does **not** detect a rollback of the data alone" in text
     assert "newest seq + 1" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -56,9 +57,13 @@ def test_known_text() -> None:
     assert parse_volume_event(volume_aael(eph)) == eph
 
 
+def _ids(op: VolumeOperation) -> dict[str, bytes]:
+    return {"new_key_id": b"\x02" * 32} if op is VolumeOperation.REKEY else {}
+
+
 def test_through_a_log() -> None:
     events = [
-        _event(operation=op, sequence=None if op.ephemeral else i)
+        _event(operation=op, sequence=None if op.ephemeral else i, **_ids(op))
         for i, op in enumerate(VolumeOperation)
     ]
     log = b"".join(encode_entry(17, ALG_SHA384, volume_aael(e)) for e in events)
@@ -162,7 +167,7 @@ _names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}", fullmatch=True)
 def test_round_trip(
     op: VolumeOperation, name: str, uuid: str, hdr: bytes, fs: str, ro: bool, seq: int | None
 ) -> None:
-    ev = VolumeEvent(op, name, uuid, hdr, fs, ro, None if op.ephemeral else seq)
+    ev = VolumeEvent(op, name, uuid, hdr, fs, ro, None if op.ephemeral else seq, **_ids(op))
     assert parse_volume_event(parse_aael_text(volume_aael(ev).text)) == ev
 
 
@@ -178,6 +183,38 @@ def test_ephemeral_events_have_their_own_operations_and_no_seq() -> None:
     content = volume_content(_event(sequence=3))
     with pytest.raises(VolumeEventError, match="carries no seq"):
         parse_volume_content(VolumeOperation.EPHEMERAL_CLOSE, content)
+
+
+@given(st.binary(min_size=32, max_size=32), st.none() | st.binary(min_size=32, max_size=32))
+def test_rekey_round_trip(new: bytes, old: bytes | None) -> None:
+    ev = VolumeEvent(VolumeOperation.REKEY, "pg", UUID, HDR, "ext4", False, 7, new, old)
+    text = volume_aael(ev).text
+    assert text.startswith("cva volume-rekey {") and text.count(" ") == 2
+    assert f'"new-key-id":"{new.hex()}"' in text
+    assert ("old-key-id" in text) is (old is not None)
+    assert parse_volume_event(parse_aael_text(text)) == ev
+
+
+@pytest.mark.parametrize(
+    ("op", "content"),
+    [
+        (VolumeOperation.OPEN, '"new-key-id":"' + "00" * 32 + '"'),
+        (VolumeOperation.REKEY, None),
+        (VolumeOperation.REKEY, '"new-key-id":"' + "0" * 63 + '"'),
+        (VolumeOperation.REKEY, '"new-key-id":"' + "AB" * 32 + '"'),
+        (VolumeOperation.REKEY, '"new-key-id":7'),
+        (VolumeOperation.REKEY, '"old-key-id":"' + "00" * 32 + '"'),
+    ],
+)
+def test_key_ids_only_on_rekey_and_well_formed(op: VolumeOperation, content: str | None) -> None:
+    base = volume_content(_event())[1:-1]
+    extra = "" if content is None else "," + content
+    fields = json.loads("{" + base + extra + "}")
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    with pytest.raises(VolumeEventError):
+        parse_volume_content(op, text)
+    with pytest.raises(VolumeEventError):
+        VolumeEvent(VolumeOperation.OPEN, "pg", UUID, HDR, "ext4", False, None, b"\x01" * 32)
 
 
 @settings(max_examples=300)
