@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent import __version__
 from agent.config import DaemonConfig
 from agent.errors import CvaError
 from agent.log import get_logger
@@ -172,6 +173,7 @@ class Daemon:
         volumes = len(manager.contract.volumes)
         log.info(
             "ready",
+            version=__version__,
             addresses=addresses,
             vsock_port=config.listen.vsock_port or None,
             volumes=volumes,
