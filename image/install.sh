@@ -69,6 +69,10 @@ version=$(basename "$wheel" | cut -d- -f2)
 case " $extras " in *" tpm "*) [ -f "$dist/tpm.lock" ] || die "$dist lacks tpm.lock" ;; esac
 [ -d "$rootfs/etc/lvm" ] || die "the rootfs has no /etc/lvm: install lvm2 in it first"
 if [ -n "$config" ]; then [ -f "$config" ] || die "no config file $config"; fi
+if [ -d "$hooks" ]; then
+    bad=$(find "$hooks" ! -type f ! -type d)
+    [ -z "$bad" ] || die "$hooks may hold only regular files and folders (kata skips symlinks): $bad"
+fi
 
 in_root() { chroot "$rootfs" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
     LC_ALL=C.UTF-8 PYTHONHASHSEED=0 PYTHONDONTWRITEBYTECODE=1 SOURCE_DATE_EPOCH="$epoch" "$@"; }
@@ -165,8 +169,6 @@ chmod 0644 "$rootfs/etc/modules-load.d/cva.conf"
 written="$written /etc/modules-load.d/cva.conf"
 
 if [ -d "$hooks" ]; then
-    bad=$(find "$hooks" ! -type f ! -type d)
-    [ -z "$bad" ] || die "$hooks may hold only regular files and folders (kata skips symlinks): $bad"
     for stage_dir in "$hooks"/*/; do
         [ -d "$stage_dir" ] || continue
         stage_name=$(basename "$stage_dir")
