@@ -3,19 +3,20 @@
 The image is built in two layers, each cached under ${CVA_VM_CACHE:-~/.cache/cva-vm}/:
 
 - `base-<base key>/`: a Debian bookworm tree made by mmdebstrap (kernel 6.12 from
-  bookworm-backports) with kata's guest layout (kata-containers.target as the default unit, a
-  stand-in kata-agent.service), the suite's job runner and an empty test venv /opt/venv, plus
-  the wheels of the guest tests' tools. Keyed by tests/vm/recipe/*, constraints.txt and the
-  Debian sources; rebuilt (a few minutes) only when those change.
-- `<key>/{root.img,vmlinuz,initrd.img,manifest.json}`: a copy of the base tree into which cva
-  is installed exactly as the README tells users - `image/dist.py` (make dist: the wheel,
-  its dependencies' wheels, the hash-pinned locks) then `image/install.sh --tee tpm` (make
-  rootfs: /opt/cva, the unit, LVM and module settings, the OCI hooks) -, then the test tools
-  into /opt/venv, copied into an ext4 file by `mkfs.ext4 -d` (no loop mount). <key> adds to
-  the base key everything the wheel and the install step are made of (agent/, evidence/,
-  luks/, pyproject.toml, LICENSE, image/, systemd/cva.service; not README.md, which only feeds
-  the wheel's long description): a change to cva costs a product layer (about a minute), not
-  a Debian bootstrap.
+  bookworm-backports; recipe/customize.sh) with an empty test venv /opt/venv, plus the wheels
+  of the guest tests' tools. Keyed by the recipe files BASE_FILES names, constraints.txt and
+  the Debian sources; rebuilt (a few minutes) only when those change.
+- `<key>/{root.img,vmlinuz,initrd.img,manifest.json}`: a copy of the base tree with the
+  suite's files (recipe/harness.sh: the job runner, the stage step, kata's guest layout:
+  kata-containers.target as the default unit, tmp.mount, a stand-in kata-agent.service), into
+  which cva is installed exactly as the README tells users - `image/dist.py` (make dist: the
+  wheel, its dependencies' wheels, the hash-pinned locks) then `image/install.sh --tee tpm`
+  (make rootfs: /opt/cva, the unit, LVM and module settings, the OCI hooks) -, then the test
+  tools into /opt/venv; copied into an ext4 file by `mkfs.ext4 -d` (no loop mount). <key>
+  adds to the base key every recipe file and everything the wheel and the install step are
+  made of (agent/, evidence/, luks/, pyproject.toml, LICENSE, image/, systemd/cva.service;
+  not README.md, which only feeds the wheel's long description): a change to cva or to the
+  harness costs a product layer (a minute or two), not a Debian bootstrap.
 
 A build goes to a temporary sibling folder and is renamed into place at the end: an
 interrupted build never leaves a half cache. Lock files serialise concurrent builds of a key.
@@ -46,6 +47,12 @@ RECIPE = Path(__file__).resolve().parent / "recipe"
 # Bump when build.py changes what ends up in the base tree / in the image.
 BASE_FORMAT = "cva-vm-base-1"
 BUILD_FORMAT = "cva-vm-image-2"
+# The recipe files the Debian base tree is made of (customize.sh); the others (harness.sh and
+# what it installs) are applied to each image build.
+BASE_FILES = (
+    "customize.sh", "packages.txt", "guest-python.txt", "modprobe.conf", "journald.conf",
+    "cva-vm.network",
+)  # fmt: skip
 # What the product layer is made of (paths relative to the repo; folders are walked).
 PRODUCT_INPUTS = (
     "agent", "evidence", "luks", "pyproject.toml", "LICENSE", "image", "systemd/cva.service",
@@ -129,9 +136,9 @@ def guest_debian_packages() -> list[str]:
 def base_key(repo: Path = REPO) -> str:
     digest = hashlib.sha256()
     digest.update(BASE_FORMAT.encode())
-    for path in sorted(p for p in RECIPE.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(RECIPE)).encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    for name in BASE_FILES:
+        digest.update(name.encode() + b"\0")
+        digest.update(hashlib.sha256((RECIPE / name).read_bytes()).digest())
     digest.update((repo / "constraints.txt").read_bytes())
     digest.update("\n".join(guest_test_packages()).encode())
     digest.update("\n".join((*SOURCES, KERNEL_PACKAGE)).encode())
@@ -160,6 +167,10 @@ def recipe_key(repo: Path = REPO) -> str:
     """The image's key: the base key plus every product input (name, mode, content)."""
     digest = hashlib.sha256()
     digest.update(BUILD_FORMAT.encode() + base_key(repo).encode())
+    for path in sorted(p for p in RECIPE.rglob("*") if p.is_file()):  # harness.sh and its files
+        digest.update(str(path.relative_to(RECIPE)).encode() + b"\0")
+        digest.update(b"x" if os.access(path, os.X_OK) else b"-")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
     digest.update(f"{GUEST_TEE} {GUEST_PYTHON}".encode())
     for path in product_files(repo):
         digest.update(str(path.relative_to(repo)).encode() + b"\0")
@@ -341,6 +352,8 @@ def _install_product(repo: Path, base: Path, work: Path, log_file: Path) -> None
         "make dist (image/dist.py: the wheel, its dependencies, the locks)",
     )  # fmt: skip
     _run(["cp", "-a", str(base / "rootfs"), str(rootfs)], log_file, "copying the base tree")
+    _run([str(RECIPE / "harness.sh"), str(rootfs), str(RECIPE)], log_file,
+         "tests/vm/recipe/harness.sh (the suite's job runner, kata's layout)")  # fmt: skip
     _run(
         [str(repo / "image" / "install.sh"), "--rootfs", str(rootfs), "--dist", str(dist),
          "--tee", GUEST_TEE],

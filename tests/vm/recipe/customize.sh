@@ -1,7 +1,8 @@
 #!/bin/bash
 # mmdebstrap --customize-hook: turns the minbase tree ($1) into the VM suite's base guest (the
-# Debian side; tests/vm/build.py then installs cva with image/install.sh, exactly as a user's
-# image build does, and the test tools into /opt/venv). $CVA_VM_RECIPE is this folder.
+# Debian side, cached as base-<key>; tests/vm/build.py then runs harness.sh, installs cva with
+# image/install.sh, exactly as a user's image build does, and the test tools into /opt/venv).
+# $CVA_VM_RECIPE is this folder. Only the files BASE_FILES in build.py names are used here.
 set -euo pipefail
 root=$1
 recipe=${CVA_VM_RECIPE:?}
@@ -11,27 +12,9 @@ printf '127.0.0.1 localhost\n127.0.1.1 cva-vm\n' > "$root/etc/hosts"
 printf 'LABEL=cvavmroot / ext4 rw,errors=remount-ro 0 1\n' > "$root/etc/fstab"
 chroot "$root" passwd -d root >/dev/null     # console login for debugging (cva_vm.keep=1)
 
-install -m 0755 "$recipe/cva-vm-job"           "$root/usr/local/sbin/cva-vm-job"
-install -m 0755 "$recipe/cva-vm-stage"         "$root/usr/local/sbin/cva-vm-stage"
-install -m 0755 "$recipe/kata-agent-standin"   "$root/usr/local/sbin/kata-agent-standin"
-install -m 0644 "$recipe/cva-vm-job.service"   "$root/etc/systemd/system/cva-vm-job.service"
-install -m 0644 "$recipe/cva-vm-stage.service" "$root/etc/systemd/system/cva-vm-stage.service"
 install -m 0644 "$recipe/cva-vm.network"       "$root/etc/systemd/network/20-cva-vm.network"
 install -m 0644 "$recipe/modprobe.conf"        "$root/etc/modprobe.d/cva-vm.conf"
 install -D -m 0644 "$recipe/journald.conf"     "$root/etc/systemd/journald.conf.d/cva-vm.conf"
-
-# Kata's guest layout: kata-containers.target is the default unit; it requires basic.target,
-# tmp.mount (Debian ships the unit outside the search path) and kata-agent.service (a stand-in).
-install -m 0644 "$recipe/kata-containers.target" "$root/usr/lib/systemd/system/kata-containers.target"
-install -m 0644 "$recipe/kata-agent.service"     "$root/usr/lib/systemd/system/kata-agent.service"
-install -m 0644 "$root/usr/share/systemd/tmp.mount" "$root/etc/systemd/system/tmp.mount"
-ln -sfn /usr/lib/systemd/system/kata-containers.target "$root/etc/systemd/system/default.target"
-# The suite's own services join kata's target (multi-user.target is never reached).
-wants="$root/etc/systemd/system/kata-containers.target.wants"
-mkdir -p "$wants"
-ln -sfn /etc/systemd/system/cva-vm-job.service "$wants/cva-vm-job.service"
-ln -sfn /etc/systemd/system/cva-vm-stage.service "$wants/cva-vm-stage.service"
-ln -sfn /lib/systemd/system/systemd-networkd.service "$wants/systemd-networkd.service"
 chroot "$root" systemctl enable systemd-networkd.service
 chroot "$root" systemctl mask \
     apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
