@@ -161,6 +161,8 @@ def _install(base: Path, dist: Path, *args: str) -> tuple[Path, Path, str]:
             d.mkdir(parents=True)
         for name in ("bin", "sbin", "lib", "lib64"):
             (rootfs / name).symlink_to(f"usr/{name}")
+        for path in rootfs.rglob("*"):  # the scaffolding itself: the same in every tree
+            os.utime(path, (0, 0), follow_symlinks=False)
     work.mkdir()
     script = (
         f"mount -t overlay overlay -o lowerdir=/usr,upperdir={upper},workdir={work} "
