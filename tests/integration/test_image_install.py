@@ -235,9 +235,9 @@ def test_install_sh_is_reproducible_and_writes_what_the_readme_lists(
     assert "event_activation = 0" in lvm and "auto_activation_volume_list = []" in lvm
     modules = (rootfs / "etc/modules-load.d/cva.conf").read_text().split()
     assert {"dm_crypt", "dm_integrity", "vmw_vsock_virtio_transport", "tpm_crb"} <= set(modules)
-    hook = rootfs / "usr/share/oci/hooks/prestart/cva"
+    hook = upper / "share/oci/hooks/prestart/cva"  # /usr: the overlay's upper folder
     assert hook.is_file() and not hook.is_symlink() and hook.stat().st_mode & 0o777 == 0o755
-    assert not (rootfs / "usr/share/oci/hooks/prestart/.gitkeep").exists()
+    assert not (upper / "share/oci/hooks/prestart/.gitkeep").exists()
     assert list((rootfs / "tmp").iterdir()) == []
 
 
