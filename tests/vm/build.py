@@ -360,6 +360,12 @@ def _install_product(repo: Path, base: Path, work: Path, log_file: Path) -> None
         log_file,
         "image/install.sh (make rootfs) into the guest tree",
     )  # fmt: skip
+    # The test venv sees the product venv's packages through a .pth (at the end of its path).
+    # It names the folder install.sh made (recipe/customize.sh's guess of it, with the system
+    # Python's Debian scheme, is overwritten here).
+    (product_site,) = (rootfs / "opt" / "cva").glob("lib/python3*/site-packages")
+    (test_site,) = (rootfs / "opt" / "venv").glob("lib/python3*/site-packages")
+    (test_site / "cva-product.pth").write_text(f"/{product_site.relative_to(rootfs)}\n")
     stage = rootfs / "tmp" / "cva-test-wheels"
     shutil.copytree(base / "testwheels", stage)
     chroot = ["chroot", str(rootfs), "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
