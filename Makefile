@@ -8,10 +8,10 @@ PY := $(BIN)/python
 APT_PKGS := $(shell grep -v '^\s*\#' deps/apt-packages.txt | grep -v '^\s*$$')
 PKGS := agent evidence luks
 
-.PHONY: setup apt venv lint test test-host vm-test proto proto-check demo bench clean help
+.PHONY: setup apt venv lint test test-host vm-test proto proto-check demo bench dist rootfs clean help
 
 help:
-	@echo "make setup | lint | test | test-host | vm-test | demo | bench | proto"
+	@echo "make setup | lint | test | test-host | vm-test | demo | bench | proto | dist | rootfs"
 
 setup: apt venv
 
@@ -65,5 +65,18 @@ demo: setup
 bench: venv
 	$(PY) -m bench
 
+# The cva wheel, its dependencies' wheels for the guest's CPython and the hash-pinned locks
+# (image/dist.py). GUEST_PYTHON: the guest's Python (X.Y; the host's must match for tpm2-pytss).
+GUEST_PYTHON ?= 3.11
+DIST ?= dist
+dist: venv
+	$(PY) image/dist.py --out $(DIST) --python-version $(GUEST_PYTHON)
+
+# Install cva into a guest root file system directory, as root (README "Building cva into a
+# guest image"): make rootfs ROOTFS=DIR TEE=tdx|snp|tpm [CONFIG=FILE]
+rootfs: dist
+	@[ -n "$(ROOTFS)" ] && [ -n "$(TEE)" ] || { echo "usage: make rootfs ROOTFS=DIR TEE=tdx|snp|tpm [CONFIG=FILE]" >&2; exit 2; }
+	image/install.sh --rootfs "$(ROOTFS)" --dist "$(DIST)" --tee "$(TEE)" $(if $(CONFIG),--config "$(CONFIG)")
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info dist

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent import __version__
 from agent.config import DaemonConfig
 from agent.control.server import ControlServer
 from agent.errors import CvaError
@@ -195,6 +196,7 @@ class Daemon:
         volumes = len(manager.contract.volumes)
         log.info(
             "ready",
+            version=__version__,
             addresses=addresses,
             vsock_port=config.listen.vsock_port or None,
             volumes=volumes,

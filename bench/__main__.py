@@ -44,6 +44,7 @@ MODULES = (
     Module("kbs_roundtrips", 180.0),
     Module("footprint", 120.0),
     Module("rpc_latency", 120.0),
+    Module("image_size", 600.0),
 )
 
 

@@ -200,7 +200,7 @@ def _judge(
 ) -> tuple[bool, str]:
     if before is None:
         return True, ""
-    strict = operation is VolumeOperation.CREATE or (
+    strict = operation in (VolumeOperation.CREATE, VolumeOperation.REKEY) or (
         operation is VolumeOperation.OPEN and not read_only
     )
     mode = "read-only" if read_only else "read-write"
@@ -236,6 +236,9 @@ def check_sequences(state: SeqState, events: Iterable[_Event]) -> SeqReport:
                 skipped.append(SkippedEvent(index, op, "unknown cva operation without a seq"))
             continue
         operation = VolumeOperation(event.operation)
+        if operation.ephemeral:  # a random key per volume, no seq: nothing to roll back
+            skipped.append(SkippedEvent(index, operation.value, "ephemeral volume: no seq"))
+            continue
         try:
             parsed = parse_volume_content(operation, event.content)
         except VolumeEventError as exc:
@@ -256,7 +259,8 @@ def check_sequences(state: SeqState, events: Iterable[_Event]) -> SeqReport:
             verdict = EventVerdict(
                 index, event.operation, parsed.read_only, parsed.sequence, before, ok, note
             )
-            highest[uuid] = max(parsed.sequence, before or 0)
+            if operation is not VolumeOperation.REKEY:  # its open follows with the same seq
+                highest[uuid] = max(parsed.sequence, before or 0)
         per_uuid.setdefault(uuid, []).append(verdict)
         seen = names.setdefault(uuid, [])
         if parsed.name not in seen:

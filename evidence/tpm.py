@@ -36,7 +36,13 @@ _ALL_PCRS = "sha256:" + ",".join(str(i) for i in range(PCR_COUNT))
 
 def _tss() -> Any:
     """tpm2_pytss, imported on first use (it loads libtss2 and FAPI)."""
-    import tpm2_pytss  # noqa: PLC0415 - keeps `cva --help` and non-TPM platforms fast
+    try:
+        import tpm2_pytss  # noqa: PLC0415 - keeps `cva --help` and non-TPM platforms fast
+    except ImportError:
+        raise AttesterUnavailable(
+            "vTPM evidence needs tpm2-pytss, which is not installed; install cva with its tpm"
+            " extra: pip install 'confidential-volume-agent[tpm]' (needs libtss2)"
+        ) from None
 
     return tpm2_pytss
 

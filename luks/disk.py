@@ -173,7 +173,13 @@ def wait_for_disk(
     dev: Path = Path("/dev"),
 ) -> Path:
     """Return the disk's /dev node, waiting on kernel uevents until `timeout` seconds passed."""
-    import pyudev  # noqa: PLC0415 - only the waiter needs it; the matcher is imported widely
+    try:
+        import pyudev  # noqa: PLC0415 - only the waiter needs it; the matcher is imported widely
+    except ImportError:
+        raise StorageError(
+            "waiting for a disk needs pyudev, which is not installed; install cva with its"
+            " udev extra: pip install 'confidential-volume-agent[udev]' (image/install.sh does)"
+        ) from None
 
     deadline = time.monotonic() + timeout
     monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")

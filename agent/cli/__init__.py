@@ -15,6 +15,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from agent import __version__
 from agent.errors import REFUSALS
 
 # "module:function" registrars, each `register(subparsers) -> None`, and the top-level commands
@@ -45,6 +46,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `cva` parser: with only `command`'s group when it names a known command, else all."""
     specs = [spec for spec, commands in REGISTRARS.items() if command in commands]
     parser = _Parser(prog="cva", description="Confidential Volume Agent")
+    parser.add_argument("--version", action="version", version=f"cva {__version__}")
     sub: argparse._SubParsersAction[argparse.ArgumentParser]
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -58,6 +60,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["--version"]:  # answered without loading any command group
+        sys.stdout.write(f"cva {__version__}\n")
+        return 0
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     func: Handler | None = getattr(args, "func", None)

@@ -77,7 +77,7 @@ def test_kata_upstream_annotation_decodes_byte_exact(vectors: Path) -> None:
 
 def test_check_example() -> None:
     out = ok("check", str(EXAMPLE))
-    assert out["ok"] is True and out["data_keys"] == ["cva.toml"]
+    assert out["ok"] is True and out["data_keys"] == ["aa.toml", "cva.toml"]
     contract = out["contract"]
     assert isinstance(contract, dict)
     assert [v["name"] for v in contract["volumes"]] == ["pgdata", "shared-config"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import agent
 from tests.conftest import REPO, run_cva
 from tests.daemon_support import SAMPLE_IMAGE_CONFIG
 
@@ -85,8 +86,10 @@ mount_base = "{tmp_path}/state/volumes"
                 proc.kill()
                 proc.wait(10)
     assert proc.returncode == 0, err
-    events = [json.loads(x)["event"] for x in out.decode().splitlines() if x.startswith("{")]
+    lines = [json.loads(x) for x in out.decode().splitlines() if x.startswith("{")]
+    events = [line["event"] for line in lines]
     assert events[:2] == ["trust_established", "ready"] and events[-1] == "stopped"
+    assert lines[1]["version"] == agent.__version__  # the ready line names what runs
 
 
 def test_serve_refuses_unbound_initdata(tmp_path: Path) -> None:

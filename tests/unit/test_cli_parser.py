@@ -77,3 +77,15 @@ def test_the_partial_parser_answers_as_the_full_one(
     full = _outcome(build_parser(), argv, capsys)
     partial = _outcome(build_parser(argv[0]), argv, capsys)
     assert partial == full
+
+
+def test_version_answers_with_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent import __version__
+    from agent.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"cva {__version__}\n"
+    with pytest.raises(SystemExit) as exc:  # the parser knows it too (listed in --help)
+        build_parser().parse_args(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"cva {__version__}\n"

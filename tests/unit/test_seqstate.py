@@ -30,7 +30,8 @@ OPEN, CREATE, CLOSE = VolumeOperation.OPEN, VolumeOperation.CREATE, VolumeOperat
 def ev(
     op: VolumeOperation, seq: int | None, uuid: str = U1, ro: bool = False, name: str = "pg"
 ) -> AaelEvent:
-    return volume_aael(VolumeEvent(op, name, uuid, bytes(32), "ext4", ro, seq))
+    ids = (b"\x01" * 32, None) if op is VolumeOperation.REKEY else (None, None)
+    return volume_aael(VolumeEvent(op, name, uuid, bytes(32), "ext4", ro, seq, *ids))
 
 
 def state(**kw: int) -> SeqState:
@@ -252,3 +253,12 @@ def test_property_strictly_increasing_read_write_opens_pass(start: int, steps: l
     report = check_sequences(SeqState({U1: start}), [ev(OPEN, s) for s in seqs])
     assert report.ok
     assert report.new_state.highest == {U1: seqs[-1]}
+
+
+def test_a_rekey_is_judged_like_the_open_it_precedes() -> None:
+    """luks.rotation: volume-rekey carries the seq of the open recorded right after it."""
+    rekey = VolumeOperation.REKEY
+    report = check_sequences(state(u1=5), [ev(rekey, 6), ev(OPEN, 6)])
+    assert report.ok and report.new_state.highest == {U1: 6}
+    replayed = check_sequences(state(u1=5), [ev(rekey, 5), ev(OPEN, 5)])
+    assert not replayed.ok

@@ -58,6 +58,14 @@ def test_required_settings() -> None:
     assert "serve" in s["ExecStart"]
 
 
+def test_the_image_layout_kata_and_defaults() -> None:
+    """cva from image/install.sh's venv; started by kata's own target (a Kata guest never
+    reaches multi-user.target); no --config, so a missing /etc/cva/config.toml means defaults."""
+    u = _unit()
+    assert u["Service"]["ExecStart"] == "/opt/cva/bin/cva serve"
+    assert u["Install"]["WantedBy"].split() == ["kata-containers.target", "multi-user.target"]
+
+
 def test_no_mount_namespace() -> None:
     present = set(_unit()["Service"])
     assert present.isdisjoint(MOUNT_NAMESPACE_OPTIONS), present & set(MOUNT_NAMESPACE_OPTIONS)
@@ -72,7 +80,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
     shutil.copy(UNIT, root / "etc/systemd/system/cva.service")
-    exe = root / "usr/local/bin/cva"
+    exe = root / "opt/cva/bin/cva"
     exe.parent.mkdir(parents=True)
     exe.write_text("#!/bin/sh\n")
     exe.chmod(0o755)

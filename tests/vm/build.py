@@ -1,15 +1,25 @@
 """Build (or find) the cached guest image of the VM suite.
 
-The image is a Debian bookworm tree made by mmdebstrap (kernel 6.12 from bookworm-backports)
-with the project's Python dependencies baked into /opt/venv, copied into an ext4 file by
-`mkfs.ext4 -d` (no loop mount). It lives in
+The image is built in two layers, each cached under ${CVA_VM_CACHE:-~/.cache/cva-vm}/:
 
-    ${CVA_VM_CACHE:-~/.cache/cva-vm}/<key>/{root.img,vmlinuz,initrd.img,manifest.json}
+- `base-<base key>/`: a Debian bookworm tree made by mmdebstrap (kernel 6.12 from
+  bookworm-backports; recipe/customize.sh) with an empty test venv /opt/venv, plus the wheels
+  of the guest tests' tools. Keyed by the recipe files BASE_FILES names, constraints.txt and
+  the Debian sources; rebuilt (a few minutes) only when those change.
+- `<key>/{root.img,vmlinuz,initrd.img,manifest.json}`: a copy of the base tree with the
+  suite's files (recipe/harness.sh: the job runner, the stage step, kata's guest layout:
+  kata-containers.target as the default unit, tmp.mount, a stand-in kata-agent.service), into
+  which cva is installed exactly as the README tells users - `image/dist.py` (make dist: the
+  wheel, its dependencies' wheels, the hash-pinned locks) then `image/install.sh --tee tpm`
+  (make rootfs: /opt/cva, the unit, LVM and module settings, the OCI hooks) -, then the test
+  tools into /opt/venv; copied into an ext4 file by `mkfs.ext4 -d` (no loop mount). <key>
+  adds to the base key every recipe file and everything the wheel and the install step are
+  made of (agent/, evidence/, luks/, pyproject.toml, LICENSE, image/, systemd/cva.service;
+  not README.md, which only feeds the wheel's long description): a change to cva or to the
+  harness costs a product layer (a minute or two), not a Debian bootstrap.
 
-where <key> hashes the recipe (tests/vm/recipe/*, the build format), constraints.txt and the
-project's dependency list, so it is rebuilt only when one of those changes. A build goes to a
-temporary sibling folder and is renamed into place at the end: an interrupted build never
-leaves a half cache. A lock file serialises concurrent builds of the same key.
+A build goes to a temporary sibling folder and is renamed into place at the end: an
+interrupted build never leaves a half cache. Lock files serialise concurrent builds of a key.
 
     python -m tests.vm.build            # build if needed, print the image folder
     python -m tests.vm.build --key      # print the key only
@@ -28,15 +38,27 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = Path(__file__).resolve().parent / "recipe"
-# Bump when build.py changes what ends up in the image.
-BUILD_FORMAT = "cva-vm-image-1"
+# Bump when build.py changes what ends up in the base tree / in the image.
+BASE_FORMAT = "cva-vm-base-1"
+BUILD_FORMAT = "cva-vm-image-2"
+# The recipe files the Debian base tree is made of (customize.sh); the others (harness.sh and
+# what it installs) are applied to each image build.
+BASE_FILES = (
+    "customize.sh", "packages.txt", "guest-python.txt", "modprobe.conf", "journald.conf",
+    "cva-vm.network",
+)  # fmt: skip
+# What the product layer is made of (paths relative to the repo; folders are walked).
+PRODUCT_INPUTS = (
+    "agent", "evidence", "luks", "pyproject.toml", "LICENSE", "image", "systemd/cva.service",
+)  # fmt: skip
+GUEST_TEE = "tpm"  # the suite's guest has a (swtpm) TPM: cva's tpm extra and TPM drivers
+GUEST_PYTHON = "3.11"  # Debian 12's CPython
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 SOURCES = (
@@ -46,14 +68,12 @@ SOURCES = (
     f"deb {MIRROR} bookworm-backports main",
 )
 KERNEL_PACKAGE = "linux-image-amd64/bookworm-backports"
-# Wheels for the guest's CPython 3.11 (Debian 12, glibc 2.36).
+# Wheels of the test tools for the guest's CPython 3.11 (Debian 12, glibc 2.36).
 WHEEL_PLATFORMS = (
     "manylinux2014_x86_64",
     "manylinux_2_28_x86_64",
     "manylinux_2_34_x86_64",
 )
-# Packages without a usable binary wheel: built on the host (same distro and ABI as the guest).
-BUILT_ON_HOST = ("tpm2-pytss",)
 ROOT_LABEL = "cvavmroot"
 BUILD_TIMEOUT = 1800.0
 PRUNE_DAYS = 7
@@ -101,20 +121,10 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _requirement_name(spec: str) -> str:
-    match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.strip())
-    if not match:
-        raise ImageBuildError(f"cannot read the requirement {spec!r} in pyproject.toml")
-    return match.group(0)
-
-
-def guest_python_packages(repo: Path = REPO) -> list[str]:
-    """Top-level packages of /opt/venv: the project's runtime deps plus the guest test tools."""
-    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
-    names = [_requirement_name(spec) for spec in project.get("dependencies", [])]
-    names += _names((RECIPE / "guest-python.txt").read_text())
+def guest_test_packages() -> list[str]:
+    """Top-level packages of the test venv /opt/venv (the product venv is image/install.sh's)."""
     seen: dict[str, str] = {}
-    for name in names:
+    for name in _names((RECIPE / "guest-python.txt").read_text()):
         seen.setdefault(_normalise(name), name)
     return sorted(seen.values(), key=_normalise)
 
@@ -123,25 +133,53 @@ def guest_debian_packages() -> list[str]:
     return _names((RECIPE / "packages.txt").read_text())
 
 
-def recipe_key(repo: Path = REPO) -> str:
+def base_key(repo: Path = REPO) -> str:
     digest = hashlib.sha256()
-    digest.update(BUILD_FORMAT.encode())
-    for path in sorted(p for p in RECIPE.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(RECIPE)).encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    digest.update(BASE_FORMAT.encode())
+    for name in BASE_FILES:
+        digest.update(name.encode() + b"\0")
+        digest.update(hashlib.sha256((RECIPE / name).read_bytes()).digest())
     digest.update((repo / "constraints.txt").read_bytes())
-    digest.update("\n".join(guest_python_packages(repo)).encode())
+    digest.update("\n".join(guest_test_packages()).encode())
     digest.update("\n".join((*SOURCES, KERNEL_PACKAGE)).encode())
     return digest.hexdigest()[:16]
 
 
-def _pins(repo: Path) -> dict[str, str]:
-    pins = {}
-    for line in _names((repo / "constraints.txt").read_text()):
-        if "==" in line:
-            name, version = line.split("==", 1)
-            pins[_normalise(name)] = version.strip()
-    return pins
+def product_files(repo: Path = REPO) -> list[Path]:
+    """Every file the product layer is built from (what make dist and image/install.sh read)."""
+    found: list[Path] = []
+    for name in PRODUCT_INPUTS:
+        path = repo / name
+        if path.is_dir():
+            found += [
+                p
+                for p in path.rglob("*")
+                if (p.is_file() or p.is_symlink())
+                and "__pycache__" not in p.parts
+                and p.suffix != ".pyc"
+            ]
+        elif path.exists():
+            found.append(path)
+    return sorted(found)
+
+
+def recipe_key(repo: Path = REPO) -> str:
+    """The image's key: the base key plus every product input (name, mode, content)."""
+    digest = hashlib.sha256()
+    digest.update(BUILD_FORMAT.encode() + base_key(repo).encode())
+    for path in sorted(p for p in RECIPE.rglob("*") if p.is_file()):  # harness.sh and its files
+        digest.update(str(path.relative_to(RECIPE)).encode() + b"\0")
+        digest.update(b"x" if os.access(path, os.X_OK) else b"-")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    digest.update(f"{GUEST_TEE} {GUEST_PYTHON}".encode())
+    for path in product_files(repo):
+        digest.update(str(path.relative_to(repo)).encode() + b"\0")
+        if path.is_symlink():  # image/install.sh refuses those in hooks: key them all the same
+            digest.update(b"link:" + os.readlink(path).encode())
+        else:
+            digest.update(b"x" if os.access(path, os.X_OK) else b"-")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
 
 
 def _run(argv: list[str], log_file: Path, step: str, *, env: dict[str, str] | None = None) -> None:
@@ -216,57 +254,30 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _fetch_wheels(repo: Path, dest: Path, log_file: Path) -> None:
-    """Download binary wheels for the guest and build the ones that have none, on the host."""
+def _fetch_test_wheels(repo: Path, dest: Path, log_file: Path) -> None:
+    """Binary wheels of the guest tests' tools (and what they need) for the guest's CPython."""
     dest.mkdir(parents=True)
-    packages = guest_python_packages(repo)
-    built_here = {_normalise(n) for n in BUILT_ON_HOST}
-    pins = _pins(repo)
+    packages = guest_test_packages()
     shutil.copy(repo / "constraints.txt", dest / "constraints.txt")
     (dest / "requirements.txt").write_text("\n".join(packages) + "\n")
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    download = [p for p in packages if _normalise(p) not in built_here]
-    # What the host-built packages need at run time must come as wheels too.
-    download += ["cffi", "packaging"]
     platforms = [arg for plat in WHEEL_PLATFORMS for arg in ("--platform", plat)]
+    abi = "cp" + GUEST_PYTHON.replace(".", "")
     _run(
         [
-            *pip,
-            "download",
-            "--quiet",
-            "--dest",
-            str(dest),
-            "--only-binary=:all:",
-            "--implementation",
-            "cp",
-            "--python-version",
-            "3.11",
-            "--abi",
-            "cp311",
-            *platforms,
-            "-c",
-            str(repo / "constraints.txt"),
-            *download,
+            sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "--quiet",
+            "--dest", str(dest), "--only-binary=:all:", "--implementation", "cp",
+            "--python-version", GUEST_PYTHON, "--abi", abi, *platforms,
+            "-c", str(repo / "constraints.txt"), *packages,
         ],
         log_file,
-        "pip download of the guest's wheels",
-    )
-    for name in BUILT_ON_HOST:
-        if _normalise(name) not in {_normalise(p) for p in packages}:
-            continue
-        version = pins.get(_normalise(name))
-        spec = f"{name}=={version}" if version else name
-        _run(
-            [*pip, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest), spec],
-            log_file,
-            f"building a wheel for {spec} on the host (needs libtss2-dev and pkg-config)",
-        )
+        "pip download of the guest tests' wheels",
+    )  # fmt: skip
 
 
-def _mmdebstrap(rootfs: Path, wheels: Path, debcache: Path, log_file: Path) -> None:
+def _mmdebstrap(rootfs: Path, debcache: Path, log_file: Path) -> None:
     debcache.mkdir(parents=True, exist_ok=True)
     include = ",".join([*guest_debian_packages(), KERNEL_PACKAGE])
-    env = dict(os.environ, CVA_VM_RECIPE=str(RECIPE), CVA_VM_WHEELS=str(wheels))
+    env = dict(os.environ, CVA_VM_RECIPE=str(RECIPE))
     argv = [
         "mmdebstrap",
         "--variant=minbase",
@@ -288,6 +299,93 @@ def _mmdebstrap(rootfs: Path, wheels: Path, debcache: Path, log_file: Path) -> N
         *SOURCES,
     ]
     _run(argv, log_file, "mmdebstrap of the guest tree", env=env)
+
+
+def _is_base_complete(folder: Path) -> bool:
+    return (folder / "complete").is_file()
+
+
+def ensure_base(repo: Path, log: Log) -> Path:
+    """The cached base tree (base-<key>/rootfs, base-<key>/testwheels), built when missing."""
+    key = base_key(repo)
+    root = cache_root()
+    final = root / f"base-{key}"
+    if _is_base_complete(final):
+        os.utime(final)
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / f"base-{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_base_complete(final):
+            return final
+        _remove_tree(final)
+        work = root / f"base-{key}.tmp-{os.getpid()}"
+        _remove_tree(work)
+        work.mkdir(parents=True)
+        log_file = work / "build.log"
+        started = time.monotonic()
+        log(f"vm: building the guest base tree {key} (a few minutes; log: {log_file})")
+        try:
+            _fetch_test_wheels(repo, work / "testwheels", log_file)
+            _mmdebstrap(work / "rootfs", root / "debs", log_file)
+            (work / "complete").write_text(f"{time.monotonic() - started:.1f}\n")
+            work.rename(final)
+        except BaseException:
+            _remove_tree(work / "rootfs")
+            failed = root / f"base-{key}.failed"
+            _remove_tree(failed)
+            if work.exists():
+                work.rename(failed)
+            raise
+        log(f"vm: guest base tree built in {time.monotonic() - started:.0f} s: {final}")
+    return final
+
+
+def _install_product(repo: Path, base: Path, work: Path, log_file: Path) -> None:
+    """cva into a copy of the base tree through make dist + image/install.sh, then the tests'
+    tools into /opt/venv (pip there sees /opt/cva's packages and does not install them again)."""
+    dist, rootfs = work / "dist", work / "rootfs"
+    _run(
+        [sys.executable, str(repo / "image" / "dist.py"), "--out", str(dist),
+         "--python-version", GUEST_PYTHON],
+        log_file,
+        "make dist (image/dist.py: the wheel, its dependencies, the locks)",
+    )  # fmt: skip
+    _run(["cp", "-a", str(base / "rootfs"), str(rootfs)], log_file, "copying the base tree")
+    _run([str(RECIPE / "harness.sh"), str(rootfs), str(RECIPE)], log_file,
+         "tests/vm/recipe/harness.sh (the suite's job runner, kata's layout)")  # fmt: skip
+    _run(
+        [str(repo / "image" / "install.sh"), "--rootfs", str(rootfs), "--dist", str(dist),
+         "--tee", GUEST_TEE],
+        log_file,
+        "image/install.sh (make rootfs) into the guest tree",
+    )  # fmt: skip
+    # The test venv sees the product venv's packages through a .pth (at the end of its path).
+    # It names the folder install.sh made (recipe/customize.sh's guess of it, with the system
+    # Python's Debian scheme, is overwritten here).
+    (product_site,) = (rootfs / "opt" / "cva").glob("lib/python3*/site-packages")
+    (test_site,) = (rootfs / "opt" / "venv").glob("lib/python3*/site-packages")
+    (test_site / "cva-product.pth").write_text(f"/{product_site.relative_to(rootfs)}\n")
+    stage = rootfs / "tmp" / "cva-test-wheels"
+    shutil.copytree(base / "testwheels", stage)
+    chroot = ["chroot", str(rootfs), "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+              "HOME=/root"]  # fmt: skip
+    _run(
+        [*chroot, "/opt/venv/bin/pip", "install", "--quiet", "--no-index",
+         "--disable-pip-version-check", "--no-cache-dir", "--find-links", "/tmp/cva-test-wheels",
+         "-r", "/tmp/cva-test-wheels/requirements.txt",
+         "-c", "/tmp/cva-test-wheels/constraints.txt"],
+        log_file,
+        "pip install of the guest tests' tools into /opt/venv",
+    )  # fmt: skip
+    shutil.rmtree(stage)
+    check = (
+        "import agent, pytest, cryptography; "
+        "assert agent.__file__.startswith('/opt/cva/'), agent.__file__; "
+        "assert cryptography.__file__.startswith('/opt/cva/'), cryptography.__file__"
+    )
+    _run([*chroot, "/opt/venv/bin/python", "-c", check], log_file,
+         "the test venv must import cva and its dependencies from /opt/cva")  # fmt: skip
 
 
 def _make_disk(rootfs: Path, folder: Path, log_file: Path) -> None:
@@ -326,24 +424,26 @@ def _make_disk(rootfs: Path, folder: Path, log_file: Path) -> None:
 
 
 def _build(repo: Path, key: str, final: Path, log: Log) -> None:
+    base = ensure_base(repo, log)
     work = final.parent / f"{key}.tmp-{os.getpid()}"
     _remove_tree(work)
     work.mkdir(parents=True)
     log_file = work / "build.log"
     started = time.monotonic()
-    log(f"vm: building the guest image {key} (a few minutes; log: {log_file})")
+    log(f"vm: building the guest image {key} from {base.name} (log: {log_file})")
     try:
-        _fetch_wheels(repo, work / "wheels", log_file)
-        _mmdebstrap(work / "rootfs", work / "wheels", final.parent / "debs", log_file)
+        _install_product(repo, base, work, log_file)
         _make_disk(work / "rootfs", work, log_file)
         _remove_tree(work / "rootfs")
-        _remove_tree(work / "wheels")
+        _remove_tree(work / "dist")
         manifest = {
             "key": key,
+            "base": base.name,
             "format": BUILD_FORMAT,
             "debian_packages": guest_debian_packages(),
             "kernel": KERNEL_PACKAGE,
-            "python_packages": guest_python_packages(repo),
+            "test_python_packages": guest_test_packages(),
+            "tee": GUEST_TEE,
             "seconds": round(time.monotonic() - started, 1),
         }
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -351,7 +451,7 @@ def _build(repo: Path, key: str, final: Path, log: Log) -> None:
     except BaseException:
         # Keep the log for the failure message, drop the (large) half-built tree.
         _remove_tree(work / "rootfs")
-        _remove_tree(work / "wheels")
+        _remove_tree(work / "dist")
         failed = final.parent / f"{key}.failed"
         _remove_tree(failed)
         if work.exists():
@@ -382,14 +482,15 @@ def ensure_image(repo: Path = REPO, *, log: Log = print) -> GuestImage:
 
 
 def _prune(root: Path, *, keep: str) -> None:
-    """Drop images of other recipes unused for PRUNE_DAYS (other branches may still use some)."""
+    """Drop images and base trees of other recipes unused for PRUNE_DAYS (other branches may
+    still use some)."""
     cutoff = time.time() - PRUNE_DAYS * 86400
     for folder in root.glob("*.tmp-*"):  # left by a build that was killed
         pid = folder.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             _remove_tree(folder)
     for folder in root.iterdir():
-        if folder.name == keep or not re.fullmatch(r"[0-9a-f]{16}(\.failed)?", folder.name):
+        if folder.name == keep or not re.fullmatch(r"(base-)?[0-9a-f]{16}(\.failed)?", folder.name):
             continue
         if folder.stat().st_mtime < cutoff:
             _remove_tree(folder)

@@ -5,13 +5,15 @@ gRPC API over a forwarded port) and the infrastructure (it attaches the disks, s
 reboots it, and looks at the raw disk images). It also runs the trusted KBS (the loopback
 Trustee KBS of tests/kbs/server.py, over TLS with a throwaway CA that the contract pins).
 
-What the guest gets, per boot (the root disk is a throwaway overlay, so every boot installs
-again exactly what an image build would):
+What the guest gets, per boot (the root disk is a throwaway overlay of the suite's image, in
+which image/install.sh installed cva as the README tells users: /opt/cva, cva.service wanted by
+kata-containers.target, the image's default unit):
 - disks: an initdata disk (kata's block format, `agent.initdata.encode_block_image`) holding a
   contract, and a blank data disk whose virtio serial the contract names;
-- `cva.service` from the repo share with a drop-in that points ExecStart at
-  `/opt/venv/bin/python -m agent serve` (PYTHONPATH=/mnt/vmsrc), `/etc/cva/config.toml`;
-- a fake container bundle `/run/kata-containers/<cid>/{config.json, rootfs/}`;
+- before cva starts (the job folder's stage.sh, run by the image's cva-vm-stage.service, ordered
+  before cva.service): the scenario's `/etc/cva/config.toml` (what an image build would have
+  baked in), a fake container bundle `/run/kata-containers/<cid>/{config.json, rootfs/}`;
+- cva.service then starts at boot as in a Kata guest, before the stand-in kata-agent.service;
 - the test-only TCP front `tests.tools.tcp_forward` (guest NIC port -> AF_VSOCK to CID 1, port
   1040 over the guest's `vsock_loopback`) and `tests.vm.guest_control` (a command channel for
   the host: journal, files, kill -9, poweroff).
@@ -170,16 +172,6 @@ def daemon_config(s: Scenario) -> str:
     return text
 
 
-DROP_IN = """\
-# E2E: run cva from the repo share (the image under test ships the unit, not a cva binary)
-[Service]
-ExecStart=
-ExecStart=/opt/venv/bin/python -m agent serve --config /etc/cva/config.toml
-Environment=PYTHONPATH=/mnt/vmsrc
-WorkingDirectory=/mnt/vmsrc
-"""
-
-
 def oci_config(container_name: str) -> str:
     """The guest-side OCI bundle's config.json (only what cva reads, plus the basics)."""
     doc = {
@@ -193,31 +185,36 @@ def oci_config(container_name: str) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-def job_script(s: Scenario, boot_number: int, pre_start: str = "") -> str:
-    """The guest's run.sh: install cva as a service, make the bundle, serve the host's commands.
+def stage_script(s: Scenario, boot_number: int, pre_start: str = "") -> str:
+    """The guest's stage.sh, run at boot before cva.service starts: the image config, the bundle.
 
-    `pre_start`: shell run just before cva.service starts (e.g. to tamper with PCR8).
+    `pre_start`: shell run last, still before cva starts (e.g. to tamper with PCR8).
     """
     bundle = f"/run/kata-containers/{s.container_id}"
     q = shlex.quote
+    return f"""#!/bin/bash
+# written by tests/vm/e2e.py (boot {boot_number}); cva-vm-stage.service runs it before cva
+set -u
+export TPM2TOOLS_TCTI=device:/dev/tpmrm0 HOME=/root
+echo "e2e: boot {boot_number}: staging /etc/cva/config.toml and the bundle"
+install -D -m 0644 /mnt/vmjob/config.toml /etc/cva/config.toml
+mkdir -p {q(bundle)}/rootfs
+install -m 0644 /mnt/vmjob/config.json {q(bundle)}/config.json
+# no virtio-vsock device (the host has no vhost-vsock): the loopback transport carries the
+# E2E's vsock connections (CID 1); cva's listener is the same AF_VSOCK socket either way
+modprobe vsock_loopback || echo "e2e: no vsock_loopback module"
+{pre_start}
+"""
+
+
+def job_script(s: Scenario, boot_number: int) -> str:
+    """The guest's run.sh: cva already started at boot; serve the host's commands."""
     return f"""#!/bin/bash
 # written by tests/vm/e2e.py (boot {boot_number})
 set -u
 export PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PYTHONPATH=/mnt/vmsrc PYTHONDONTWRITEBYTECODE=1 HOME=/root
-echo "e2e: boot {boot_number}: installing cva.service"
-install -D -m 0644 /mnt/vmsrc/systemd/cva.service /etc/systemd/system/cva.service
-install -D -m 0644 /mnt/vmjob/cva-e2e.conf /etc/systemd/system/cva.service.d/e2e.conf
-install -D -m 0644 /mnt/vmjob/config.toml /etc/cva/config.toml
-mkdir -p {q(bundle)}/rootfs
-install -m 0644 /mnt/vmjob/config.json {q(bundle)}/config.json
 /lib/systemd/systemd-networkd-wait-online --timeout=60 || echo "e2e: no network yet"
-# no virtio-vsock device (the host has no vhost-vsock): the loopback transport carries the
-# E2E's vsock connections (CID 1); cva's listener is the same AF_VSOCK socket either way
-modprobe vsock_loopback || echo "e2e: no vsock_loopback module"
-systemctl daemon-reload
-{pre_start}
-systemctl start cva.service || echo "e2e: cva.service did not start"
 systemctl --no-pager status cva.service | head -5
 cd /mnt/vmsrc
 python -m tests.tools.tcp_forward {GUEST_GRPC_PORT} {GRPC_TARGET} \\
@@ -392,8 +389,8 @@ class World:
         job = self.run_dir / "job"
         job.mkdir(parents=True, exist_ok=True)
         s = self.scenario
-        (job / "run.sh").write_text(job_script(s, self.boots, pre_start))
-        (job / "cva-e2e.conf").write_text(DROP_IN)
+        (job / "stage.sh").write_text(stage_script(s, self.boots, pre_start))
+        (job / "run.sh").write_text(job_script(s, self.boots))
         (job / "config.toml").write_text(daemon_config(s))
         (job / "config.json").write_text(oci_config(s.container_name))
         grpc_port, control_port = free_port(), free_port()
@@ -410,6 +407,7 @@ class World:
             ),
             timeout=timeout,
             console_name=f"console-boot{self.boots}.log",
+            cva_at_boot=True,
         )
         log(f"e2e: boot {self.boots} (console: {job / spec.console_name})")
         earlier: GuestFailed | None = None

@@ -80,6 +80,11 @@ class MachineSpec:
     interactive: bool = False  # serial console on this terminal instead of a file
     extra_append: str = ""
     console_name: str = "console.log"
+    # The image starts cva.service at boot (kata-containers.target wants it, as in production).
+    # Only boots that stage its config first (tests/vm/e2e.py: the job folder's stage.sh, run by
+    # cva-vm-stage.service before cva) want that; everything else masks it on the kernel command
+    # line and starts its own cva when a test needs one.
+    cva_at_boot: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,8 @@ class Machine:
     def qemu_argv(self, tpm_socket: Path | None) -> list[str]:
         spec = self.spec
         append = f"root=LABEL=cvavmroot rw console=ttyS0 panic=-1 {spec.extra_append}".strip()
+        if not spec.cva_at_boot:
+            append += " systemd.mask=cva.service"
         if spec.keep:
             append += " cva_vm.keep=1"
         argv = [

@@ -150,6 +150,9 @@ def job_script(
         "PYTHONDONTWRITEBYTECODE": "1",
         "TPM2TOOLS_TCTI": "device:/dev/tpmrm0",
         "HOME": "/root",
+        # the image's /tmp is a tmpfs (kata-containers.target requires tmp.mount): tmp_path
+        # and loop-device files stay on the root disk, as before
+        "TMPDIR": "/var/tmp",
         "PATH": "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         **env,
     }

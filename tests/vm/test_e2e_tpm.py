@@ -116,7 +116,7 @@ def _check_measured_volume(
     out = run(["tpm2_pcrread", "sha256:23"]).check().stdout
     assert pcr.hex() in out.lower().replace("0x", ""), out
     verdict = run(
-        ["/opt/venv/bin/python", "-m", "agent", "evidence", "events", "/run/cva/eventlog",
+        ["/opt/cva/bin/cva", "evidence", "events", "/run/cva/eventlog",
          "--register", f"23={pcr.hex()}"]
     )  # fmt: skip
     assert verdict.rc == 0 and json.loads(verdict.stdout)["verified"] is True

@@ -29,6 +29,7 @@ from tests.vm.e2e import (
     job_script,
     make_kbs_tls,
     oci_config,
+    stage_script,
 )
 from tests.vm.machine import BEGIN_MARK, GuestForward, MachineSpec
 
@@ -109,14 +110,18 @@ def test_daemon_config_and_bundle() -> None:
     assert doc["annotations"]["io.kubernetes.cri.container-name"] == "app"
 
 
-def test_job_script_installs_the_unit_and_serves_the_host() -> None:
-    script = job_script(Scenario(), 2, pre_start="echo tamper")
-    assert "/mnt/vmsrc/systemd/cva.service /etc/systemd/system/cva.service" in script
-    assert "systemctl start cva.service" in script
-    assert script.index("echo tamper") < script.index("systemctl start cva.service")
-    assert "/run/kata-containers/e2e-ctr-0001/config.json" in script
+def test_stage_script_prepares_the_image_before_cva_and_the_job_serves_the_host() -> None:
+    stage = stage_script(Scenario(), 2, pre_start="echo tamper")
+    # the image config and the bundle are staged (cva-vm-stage.service runs before cva)
+    assert "/mnt/vmjob/config.toml /etc/cva/config.toml" in stage
+    assert "/run/kata-containers/e2e-ctr-0001/config.json" in stage
+    assert stage.index("modprobe vsock_loopback") < stage.index("echo tamper")
+    # cva is the image's: nothing installs a unit or starts cva from the share
+    script = job_script(Scenario(), 2)
+    for text in (stage, script):
+        assert "systemd/cva.service" not in text and "systemctl start cva" not in text
+        assert "python -m agent" not in text
     assert "tests.tools.tcp_forward 50051 vsock:1:1040" in script
-    assert script.index("modprobe vsock_loopback") < script.index("systemctl start cva.service")
     assert "tests.vm.guest_control --port 7000" in script
 
 

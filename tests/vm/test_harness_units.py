@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from tests.vm.build import GuestImage, guest_python_packages, recipe_key
+from tests.vm.build import (
+    REPO,
+    GuestImage,
+    base_key,
+    guest_test_packages,
+    product_files,
+    recipe_key,
+)
 from tests.vm.machine import Disk, GuestForward, HostForward, Machine, MachineSpec
 from tests.vm.rawscan import CHUNK, count_markers
 from tests.vm.suite import DiskCheck, job_script, parse_junit, run_disk_checks
@@ -92,10 +100,26 @@ def test_qemu_command_line_keeps_the_network_closed(tmp_path: Path) -> None:
     assert argv[argv.index("-accel") + 1] == "tcg"
 
 
-def test_recipe_key_is_stable_and_covers_the_deps() -> None:
+def test_recipe_key_is_stable_and_covers_the_product(tmp_path: Path) -> None:
     assert recipe_key() == recipe_key()
-    names = {n.lower() for n in guest_python_packages()}
-    assert {"tpm2-pytss", "cryptography", "pytest"} <= names
+    assert {n.lower() for n in guest_test_packages()} >= {"pytest", "hypothesis"}
+    names = {str(p.relative_to(REPO)) for p in product_files()}
+    # what the wheel and image/install.sh are made of; README.md only feeds the wheel's text
+    assert {"agent/daemon.py", "luks/disk.py", "evidence/tpm.py", "pyproject.toml", "LICENSE",
+            "image/install.sh", "image/dist.py", "systemd/cva.service"} <= names  # fmt: skip
+    assert "README.md" not in names
+    # a copy of the repo's key inputs keys the same; changing one product file changes only
+    # the image key, not the base tree's
+    for name in ("constraints.txt", *names):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, tmp_path / name)
+    assert (base_key(tmp_path), recipe_key(tmp_path)) == (base_key(), recipe_key())
+    with (tmp_path / "agent" / "daemon.py").open("a") as handle:
+        handle.write("# changed\n")
+    assert base_key(tmp_path) == base_key() and recipe_key(tmp_path) != recipe_key()
+    (tmp_path / "image" / "install.sh").chmod(0o644)  # the mode counts too
+    (tmp_path / "agent" / "daemon.py").write_bytes((REPO / "agent" / "daemon.py").read_bytes())
+    assert recipe_key(tmp_path) != recipe_key()
 
 
 def test_vm_suite_boots_only_when_vm_tests_are_selected() -> None:
