@@ -293,6 +293,40 @@ class VolumeManager:
         self._on_status(f"ready; {len(self._opened)} volume(s) open")
         return tuple(r for r in results if isinstance(r, BoundVolume))
 
+    async def open_for_container(self, cid: str) -> tuple[tuple[Volume, OpenedVolume], ...]:
+        """The prestart hook's half of PrepareVolumes: open (fetch key, open/create, mount at
+        the guest path) every volume the contract gives container `cid` (its name read from the
+        guest-side bundle), without binding it anywhere; () when it gets none. The hook binds
+        them inside the container's own mount namespace, then `record_bound` notes it."""
+        policy.validate_container_id(cid)
+        if self._closing:
+            raise ShuttingDown("cva is shutting down; retry after it restarts")
+        name = await asyncio.to_thread(policy.read_container_name, self._rootfs_base, cid)
+        vols = policy.volumes_for_container(self._contract, name)
+        if not vols:
+            return ()
+        self._on_status(f"preparing {len(vols)} volume(s) for container {name} (prestart hook)")
+
+        async def one(vol: Volume) -> tuple[Volume, OpenedVolume]:
+            async def work() -> OpenedVolume:
+                return await self._ensure_open(vol)
+
+            return vol, await self._job(vol.name, work)
+
+        results = await asyncio.gather(*(one(v) for v in vols), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        self._on_status(f"ready; {len(self._opened)} volume(s) open")
+        return tuple(r for r in results if not isinstance(r, BaseException))
+
+    def record_bound(self, cid: str, names: tuple[str, ...]) -> None:
+        """Note that the hook bound these volumes into container `cid` (ListVolumes shows it;
+        the mounts live and die with the container's mount namespace)."""
+        for name in names:
+            if name in self._volumes:
+                self._bindings.add(cid, name)
+
     async def open_volume(
         self, name: str, *, allow_create: bool = True, holder: str | None = None
     ) -> OpenedVolume:

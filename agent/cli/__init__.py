@@ -1,5 +1,5 @@
 """The `cva` command line: `main` (the console script `agent.cli:main`, `python -m agent`) and
-one module per command group (`daemon`, `initdata`, `kbs`, `evidence`, `luks`).
+one module per command group (`daemon`, `initdata`, `kbs`, `evidence`, `luks`, `hook`).
 
 Each command group lives in its own module and registers itself here; heavy imports happen
 inside the handlers, so `cva --help` and the daemon's start stay fast. Machine-readable output is
@@ -28,6 +28,7 @@ REGISTRARS: dict[str, tuple[str, ...]] = {
     "agent.cli.evidence:register": ("evidence",),
     "agent.cli.kbs:register": ("kbs",),
     "agent.cli.luks:register": ("luks",),
+    "agent.cli.hook:register": ("hook",),
 }
 
 Handler = Callable[[argparse.Namespace], int]
