@@ -82,4 +82,6 @@ def serve(config: DaemonConfig) -> int:
         initdata_digest=trusted.initdata.digest().hex(),
         volumes=[v.name for v in trusted.contract.volumes],
     )
+    if not trusted.contract.volumes:
+        log.warning("no_volumes", reason="the initdata carries no cva contract or no volumes")
     return run_daemon(config, production_manager(trusted), notifier)

@@ -53,7 +53,8 @@ from agent.hook.wire import (
 
 KATA_HOOK_TIMEOUT = 10.0  # kata's DEFAULT_HOOK_TIMEOUT_SEC: SIGKILL after this
 BUDGET = 8.0  # this hook gives up (and kills the container) this long after its start
-CONNECT_WAIT = 0.1  # between connection attempts while the daemon is still starting
+CONNECT_WAIT = 0.1  # between connection attempts while the daemon is (re)starting
+CONNECT_PATIENCE = 2.0  # how long a missing or refusing socket is retried (cva is Before= kata)
 CLONE_NEWNS = 0x00020000
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -139,7 +140,8 @@ def _close_all(fds: list[int]) -> None:
 
 
 def connect(path: Path, deadline: float) -> socket.socket:
-    """Connect to the daemon's hook socket, retrying while it is still starting."""
+    """Connect to the daemon's hook socket, retrying for CONNECT_PATIENCE while it is (re)starting."""
+    deadline = min(deadline, time.monotonic() + CONNECT_PATIENCE)
     last = "not there"
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
