@@ -140,7 +140,7 @@ def _close_all(fds: list[int]) -> None:
 
 
 def connect(path: Path, deadline: float) -> socket.socket:
-    """Connect to the daemon's hook socket, retrying for CONNECT_PATIENCE while it is (re)starting."""
+    """Connect to the hook socket, retrying for CONNECT_PATIENCE while cva is (re)starting."""
     deadline = min(deadline, time.monotonic() + CONNECT_PATIENCE)
     last = "not there"
     while True:

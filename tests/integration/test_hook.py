@@ -27,7 +27,6 @@ from agent.hook.wire import (
     MAX_MESSAGE,
     Done,
     Request,
-    decode_answer,
     encode_done,
     encode_request,
 )
