@@ -189,6 +189,30 @@ class HookServer:
         finally:
             killer.close()
 
+    async def _open_while_connected(
+        self, conn: socket.socket, cid: str, budget: float
+    ) -> tuple[tuple[Volume, OpenedVolume], ...] | None:
+        """The container's opened volumes within the hook's budget (TimeoutError past it), or
+        None as soon as the hook's connection ends (kata killed it at 10 s, it crashed): the
+        storage job itself is shielded and goes on either way."""
+        loop = asyncio.get_running_loop()
+        opening = asyncio.ensure_future(
+            asyncio.wait_for(self._manager.open_for_container(cid), max(MIN_BUDGET, budget - 0.3))
+        )
+        watching = asyncio.ensure_future(loop.sock_recv(conn, MAX_MESSAGE + 1))
+        try:
+            await asyncio.wait({opening, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not watching.done():
+                watching.cancel()
+        hook_gone = watching.done() and not watching.cancelled()  # EOF, or out of turn
+        if hook_gone or not opening.done():
+            opening.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await opening
+            return None
+        return opening.result()
+
     async def _prepare(
         self, conn: socket.socket, cid: str, bundle: str, budget: float, killer: ContainerKiller
     ) -> None:
@@ -204,9 +228,11 @@ class HookServer:
                         f"bundle {bundle[:200]!r} is not cva's bundle for container {cid}"
                         f" ({rootfs.parent})"
                     )
-                opened = await asyncio.wait_for(
-                    self._manager.open_for_container(cid), max(MIN_BUDGET, budget - 0.3)
-                )
+                opened = await self._open_while_connected(conn, cid, budget)
+                if opened is None:
+                    reason = "the hook went away while its volumes were being prepared"
+                    log.warning("hook_gone", container_id=cid)
+                    return
                 vols: list[HookVolume] = []
                 for vol, op in opened:
                     fd, dev = await asyncio.to_thread(self._clone, vol, op)

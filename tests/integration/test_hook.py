@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -329,3 +330,36 @@ def test_hook_process_imports_no_grpc() -> None:
         [sys.executable, "-c", code], cwd=REPO, env={}, capture_output=True, check=False
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+async def test_hook_gone_while_the_volume_opens_kills_the_init_at_once(
+    tmp_path: Path, init: subprocess.Popen[bytes]
+) -> None:
+    """Kata SIGKILLs a hook at 10 s: the daemon sees the connection end while the open is
+    still running, kills the container's init, and lets the (shielded) open finish."""
+    s = await _setup(tmp_path)
+    backend = s.manager._backend
+    assert isinstance(backend, MemoryBackend)
+    gate = threading.Event()
+    backend.open_gate = gate
+    try:
+        make_bundle(s.base, "c1", "postgres")
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, str(s.sock))
+        await loop.sock_sendall(
+            sock, encode_request(Request("c1", init.pid, str(s.base / "c1"), 30))
+        )
+        await asyncio.sleep(0.3)
+        sock.close()
+        assert await asyncio.to_thread(_killed, init)
+        gate.set()
+        for _ in range(100):
+            if ("open", "pg") in backend.calls and "pg" in backend.mounted:
+                break
+            await asyncio.sleep(0.05)
+        assert "pg" in backend.mounted, "the open itself goes on (a retry finds it ready)"
+    finally:
+        gate.set()
+        await s.server.close(1)
