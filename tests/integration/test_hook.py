@@ -363,3 +363,85 @@ async def test_hook_gone_while_the_volume_opens_kills_the_init_at_once(
     finally:
         gate.set()
         await s.server.close(1)
+
+
+# --- the whole path on this host's kernel: a kata-shaped launcher, a real mount namespace ----
+
+
+def _can_mount() -> bool:
+    return os.geteuid() == 0 and Path("/proc/self/ns/mnt").exists()
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs root and mount namespaces")
+async def test_hook_binds_inside_the_containers_mount_namespace(tmp_path: Path) -> None:
+    """The launcher (tests.tools.kata_launcher: rustjail's rslave + private parent + rootfs
+    self-bind) runs the real hook file; the daemon side hands over a detached clone of a tmpfs
+    standing in for the volume. The container sees it at its path after pivot_root; the
+    launcher's (agent's) namespace has nothing mounted under the rootfs."""
+    from luks import mount as luks_mount
+
+    vol_dir = tmp_path / "volume-mount"
+    vol_dir.mkdir()
+    luks_mount._mount("tmpfs", str(vol_dir), "tmpfs", 0, "mode=0700")
+    try:
+        (vol_dir / "marker").write_text("from the volume")
+
+        def clone(vol: Volume, opened: OpenedVolume) -> tuple[int, str]:
+            src = os.open(vol_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                tree = luks_mount._open_tree(
+                    src,
+                    "",
+                    luks_mount.OPEN_TREE_CLONE
+                    | luks_mount.OPEN_TREE_CLOEXEC
+                    | luks_mount.AT_EMPTY_PATH,
+                )
+            finally:
+                os.close(src)
+            luks_mount._mount_setattr(tree, luks_mount.bind_attrs(read_only=vol.read_only))
+            st = os.fstat(tree)
+            return tree, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+
+        base = tmp_path / "kata"
+        state = tmp_path / "state"
+        state.mkdir(mode=0o700)
+        c = contract(volume("pg", containers=("postgres",), mount="/var/lib/pg"))
+        manager = VolumeManager(c, MemoryBackend(), FakeKeySource(), rootfs_base=base)
+        server = HookServer(manager, state / "hook.sock", rootfs_base=base, clone=clone)
+        await server.start()
+        try:
+            bundle = make_bundle(base, "c1", "postgres")
+            (bundle / "rootfs" / "var" / "lib").mkdir(parents=True)
+            (bundle / "rootfs" / "var" / "lib" / "pg").symlink_to("/../../../../etc")  # clamped
+            cfg = _hook_config(tmp_path, state, base)
+            hooks = tmp_path / "hooks" / "prestart"
+            hooks.mkdir(parents=True)
+            hook = hooks / "cva"
+            hook.write_text(
+                f"#!/bin/sh\ncd {REPO} && exec {sys.executable} -m agent hook prestart"
+                f" --config {cfg}\n"
+            )
+            hook.chmod(0o755)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.tools.kata_launcher",
+                "--bundle", str(bundle), "--hooks", str(tmp_path / "hooks"),
+                "--check", "/var/lib/pg", "--read", "/var/lib/pg/marker",
+                "--write", "/var/lib/pg/from-container=hello",
+                stdout=asyncio.subprocess.PIPE, cwd=REPO,
+            )  # fmt: skip
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            await server.close(1)
+        report = json.loads(out)
+        assert report["hooks"][0]["rc"] == 0, report["hooks"]
+        assert report["started"], report
+        seen = report["container"]
+        assert seen["read"] == {"/var/lib/pg/marker": "from the volume"}
+        assert seen["paths"]["/var/lib/pg"]["own_fs"]
+        assert (vol_dir / "from-container").read_text() == "hello"
+        assert report["agent_ns_mounts_under_rootfs"] == []
+        assert not (Path("/etc") / "from-container").exists()
+        # the symlink was followed inside the rootfs: its target was made there
+        assert (bundle / "rootfs" / "etc").is_dir()
+    finally:
+        luks_mount._umount(str(vol_dir), luks_mount.MNT_DETACH)
