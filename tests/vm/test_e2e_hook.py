@@ -78,17 +78,24 @@ def world() -> Iterator[World]:
             print(f"e2e-hook: hook seconds {TIMINGS}")
 
 
+SOURCE_HOOK = """#!/bin/sh
+# the harness runs cva from the repo share with /opt/venv's python (no /opt/cva in this image)
+cd /mnt/vmsrc && PYTHONPATH=/mnt/vmsrc PYTHONDONTWRITEBYTECODE=1 \\
+    exec /opt/venv/bin/python -m agent hook prestart
+"""
+
+
 def install_hook(guest: Guest) -> None:
     """The hook file in the guest's hook folder: the image's own when cva is installed there."""
-    script = (
-        f"set -e; mkdir -p {HOOKS}/prestart; "
-        f"if [ -x {IMAGE_CVA} ]; then install -m 0755 /mnt/vmsrc/image/hooks/prestart/cva"
-        f" {HOOKS}/prestart/cva; else printf '%s\\n' '#!/bin/sh'"
-        " 'cd /mnt/vmsrc && PYTHONPATH=/mnt/vmsrc PYTHONDONTWRITEBYTECODE=1"
-        " exec /opt/venv/bin/python -m agent hook prestart' > {HOOKS}/prestart/cva;"
-        f" chmod 0755 {HOOKS}/prestart/cva; fi"
-    )
-    guest.control.sh(script).check()
+    target = f"{HOOKS}/prestart/cva"
+    guest.control.run(["mkdir", "-p", f"{HOOKS}/prestart"]).check()
+    if guest.control.run(["test", "-x", IMAGE_CVA]).rc == 0:
+        guest.control.run(
+            ["install", "-m", "0755", "/mnt/vmsrc/image/hooks/prestart/cva", target]
+        ).check()
+    else:
+        guest.control.run(["tee", target], input=SOURCE_HOOK).check()
+        guest.control.run(["chmod", "0755", target]).check()
 
 
 @pytest.fixture(scope="module")
