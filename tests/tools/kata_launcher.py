@@ -199,22 +199,33 @@ def find_hooks(hooks: Path) -> list[Path]:
     folder = hooks / "prestart"
     if folder.is_dir():
         for entry in os.scandir(folder):
-            if entry.is_file(follow_symlinks=False) and os.access(entry.path, os.X_OK):
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if entry.is_file(follow_symlinks=False) and mode & 0o111:  # kata: any execute bit
                 found.append(Path(entry.path))
     return found
 
 
 def run_hook(path: Path, state: bytes, bundle: str, timeout: float) -> dict[str, Any]:
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [path.name, "prestart"],
-        executable=str(path),
-        env={},
-        cwd=bundle,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    try:
+        proc = subprocess.Popen(
+            [path.name, "prestart"],
+            executable=str(path),
+            env={},
+            cwd=bundle,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    except OSError as exc:  # kata logs it and goes on with the next hook
+        return {
+            "name": path.name,
+            "rc": None,
+            "killed_at_timeout": False,
+            "seconds": 0.0,
+            "stdout": "",
+            "stderr": f"spawn failed: {exc.strerror}",
+        }
     killed = False
     try:
         out, err = proc.communicate(state, timeout=timeout)
