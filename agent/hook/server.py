@@ -189,6 +189,27 @@ class HookServer:
         finally:
             killer.close()
 
+    async def _late(self, cid: str, budget: float) -> str:
+        """The refusal when the volumes were not ready within the hook's budget: a blank proof
+        still running names the way out (README "Integration with Kata", first create)."""
+        proving = [v for v in await self._manager.list() if v.scan is not None]
+        if proving:
+            v = proving[0]
+            assert v.scan is not None
+            return (
+                f"volume {v.name}: the blank proof before its first format had read"
+                f" {v.scan.done >> 20} of {v.scan.total >> 20} MiB when the hook's {budget:.1f} s"
+                " ran out (kata stops a hook at 10 s); cva finishes it while the disk stays"
+                " attached, but a re-attached disk is proven again from the start: for a disk"
+                ' this large set blank_check = "sampled" in the contract (README: what it does'
+                " not see) or create the volume through PrepareVolumes"
+            )
+        return (
+            f"the volumes of container {cid} were not ready within the hook's {budget:.1f} s"
+            " (kata stops a hook at 10 s); cva goes on preparing them, and a restart of the"
+            " container finds them ready"
+        )
+
     async def _open_while_connected(
         self, conn: socket.socket, cid: str, budget: float
     ) -> tuple[tuple[Volume, OpenedVolume], ...] | None:
@@ -240,14 +261,7 @@ class HookServer:
                     vols.append(HookVolume(vol.name, vol.mount, vol.read_only, dev, None))
                 answer = Answer(ok=True, rootfs=str(rootfs), volumes=tuple(vols))
             except TimeoutError:
-                answer = Answer(
-                    ok=False,
-                    error=(
-                        f"the volumes of container {cid} were not ready within the hook's"
-                        f" {budget:.1f} s; cva goes on preparing them, and the next start of the"
-                        " container (kubelet retries) finds them ready"
-                    ),
-                )
+                answer = Answer(ok=False, error=await self._late(cid, budget))
             except REFUSALS as exc:
                 answer = Answer(ok=False, error=exc.message)
             _send(conn, encode_answer(answer), fds)

@@ -445,3 +445,34 @@ async def test_hook_binds_inside_the_containers_mount_namespace(tmp_path: Path) 
         assert (bundle / "rootfs" / "etc").is_dir()
     finally:
         luks_mount._umount(str(vol_dir), luks_mount.MNT_DETACH)
+
+
+async def test_a_blank_proof_past_the_budget_names_the_way_out(
+    tmp_path: Path, init: subprocess.Popen[bytes]
+) -> None:
+    """First create of a large disk: the blank proof cannot finish in the hook's budget; the
+    refusal says how far it got and names blank_check = "sampled"; the init is killed."""
+    s = await _setup(tmp_path)
+    backend = s.manager._backend
+    assert isinstance(backend, MemoryBackend)
+    gate = threading.Event()
+    backend.open_gate = gate
+    backend.scan_report = ("disk", 3 << 30, 64 << 30)
+    try:
+        make_bundle(s.base, "c1", "postgres")
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, str(s.sock))
+        req = Request("c1", init.pid, str(s.base / "c1"), 1.0)
+        await loop.sock_sendall(sock, encode_request(req))
+        data = await asyncio.wait_for(loop.sock_recv(sock, MAX_MESSAGE), 10)
+        sock.close()
+        answer = json.loads(data)
+        assert answer["ok"] is False
+        assert "read 3072 of 65536 MiB" in answer["error"]
+        assert 'blank_check = "sampled"' in answer["error"]
+        assert await asyncio.to_thread(_killed, init)
+    finally:
+        gate.set()
+        await s.server.close(1)
