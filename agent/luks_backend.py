@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from agent.config import DaemonConfig
 from agent.mountinfo import MOUNTINFO, mount_source
 from agent.volumes import OpenedVolume, ScanProgress, VolumeState
+from luks.errors import StorageError
 from luks.secret import Secret
 
 if TYPE_CHECKING:
@@ -45,7 +46,10 @@ class LuksBackend:
         from luks import disk as luks_disk  # noqa: PLC0415 - lazy: first storage step
         from luks import volume as luks_volume  # noqa: PLC0415
 
-        device = luks_disk.wait_for_disk(vol.disk, timeout=self._config.timeouts.disk_wait)
+        if vol.disk.kind == "devno":  # a container's device, resolved from its spec
+            device = luks_disk.node_by_devno(vol.disk.value)
+        else:
+            device = luks_disk.wait_for_disk(vol.disk, timeout=self._config.timeouts.disk_wait)
         prepared = luks_volume.prepare_volume(
             vol,
             secret,
@@ -95,7 +99,15 @@ class LuksBackend:
         from luks import volume as luks_volume  # noqa: PLC0415
 
         # the disk is needed only to deactivate the LV; a disk already gone fails that last step
-        disk = luks_disk.find(vol.disk) or Path("/dev/null")
+        disk: Path | None
+        if vol.disk.kind in luks_disk.RESOLVED_PER_CONTAINER:
+            try:
+                disk = luks_disk.node_by_devno(vol.disk.value)
+            except StorageError:
+                disk = None
+        else:
+            disk = luks_disk.find(vol.disk)
+        disk = disk or Path("/dev/null")
         luks_volume.release_volume(
             vol, disk=disk, mount_base=self._mount_base, runtime_dir=self._runtime_dir
         )

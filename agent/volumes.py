@@ -224,6 +224,7 @@ class VolumeManager:
         self._volumes = {v.name: v for v in contract.volumes}
         self._locks = {name: asyncio.Lock() for name in self._volumes}
         self._opened: dict[str, OpenedVolume] = {}
+        self._resolved: dict[str, Volume] = {}  # container: disks as last resolved (for close)
         self._scans: dict[str, ScanStatus] = {}  # written by worker threads (one dict store)
         self._tasks: set[asyncio.Task[object]] = set()
         self._closing = False
@@ -284,6 +285,7 @@ class VolumeManager:
         if not vols:
             return ()
         self._on_status(f"preparing {len(vols)} volume(s) for container {name}")
+        vols = await self._resolve_disks(vols, cid)
         results = await asyncio.gather(
             *(self._prepare_one(v, cid) for v in vols), return_exceptions=True
         )
@@ -306,19 +308,40 @@ class VolumeManager:
         if not vols:
             return ()
         self._on_status(f"preparing {len(vols)} volume(s) for container {name} (prestart hook)")
+        resolved = await self._resolve_disks(vols, cid)
 
-        async def one(vol: Volume) -> tuple[Volume, OpenedVolume]:
+        async def one(vol: Volume, use: Volume) -> tuple[Volume, OpenedVolume]:
             async def work() -> OpenedVolume:
-                return await self._ensure_open(vol)
+                return await self._ensure_open(use)
 
             return vol, await self._job(vol.name, work)
 
-        results = await asyncio.gather(*(one(v) for v in vols), return_exceptions=True)
+        results = await asyncio.gather(
+            *(one(v, r) for v, r in zip(vols, resolved, strict=True)), return_exceptions=True
+        )
         for r in results:
             if isinstance(r, BaseException):
                 raise r
         self._on_status(f"ready; {len(self._opened)} volume(s) open")
         return tuple(r for r in results if not isinstance(r, BaseException))
+
+    async def _resolve_disks(self, vols: tuple[Volume, ...], cid: str) -> tuple[Volume, ...]:
+        """`container:<devicePath>` disks -> `devno:MAJ:MIN` from container `cid`'s own spec
+        (agent.hook.devices); other volumes unchanged. The resolved form is kept for close."""
+        if not any(v.disk.kind == "container" for v in vols):
+            return vols
+        from agent.contract import DiskRef  # noqa: PLC0415
+        from agent.hook.devices import spec_device  # noqa: PLC0415
+
+        config = await asyncio.to_thread(policy.read_bundle_config, self._rootfs_base, cid)
+        out = []
+        for vol in vols:
+            if vol.disk.kind == "container":
+                major, minor = spec_device(config, vol.disk.value)
+                vol = dataclasses.replace(vol, disk=DiskRef("devno", f"{major}:{minor}"))
+                self._resolved[vol.name] = vol
+            out.append(vol)
+        return tuple(out)
 
     def record_bound(self, cid: str, names: tuple[str, ...]) -> None:
         """Note that the hook bound these volumes into container `cid` (ListVolumes shows it;
@@ -436,7 +459,7 @@ class VolumeManager:
 
     async def _close(self, vol: Volume) -> None:
         """Close the volume, then record its close event (a failure there is only logged)."""
-        await asyncio.to_thread(self._backend.close, vol)
+        await asyncio.to_thread(self._backend.close, self._resolved.get(vol.name, vol))
         self._opened.pop(vol.name, None)
         if self._measurer is not None:
             await asyncio.to_thread(self._measurer.closed, vol.name)

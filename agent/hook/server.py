@@ -258,7 +258,12 @@ class HookServer:
                 for vol, op in opened:
                     fd, dev = await asyncio.to_thread(self._clone, vol, op)
                     fds.append(fd)
-                    vols.append(HookVolume(vol.name, vol.mount, vol.read_only, dev, None))
+                    remove = (
+                        vol.disk.value
+                        if vol.disk.kind == "container" and not vol.keep_device
+                        else None
+                    )
+                    vols.append(HookVolume(vol.name, vol.mount, vol.read_only, dev, remove))
                 answer = Answer(ok=True, rootfs=str(rootfs), volumes=tuple(vols))
             except TimeoutError:
                 answer = Answer(ok=False, error=await self._late(cid, budget))
