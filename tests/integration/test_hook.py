@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.contract import Volume
+from agent.contract import DiskRef, Volume
 from agent.errors import CvaError
 from agent.hook.server import HookServer
 from agent.hook.wire import (
@@ -405,12 +406,21 @@ async def test_hook_binds_inside_the_containers_mount_namespace(tmp_path: Path) 
         base = tmp_path / "kata"
         state = tmp_path / "state"
         state.mkdir(mode=0o700)
-        c = contract(volume("pg", containers=("postgres",), mount="/var/lib/pg"))
-        manager = VolumeManager(c, MemoryBackend(), FakeKeySource(), rootfs_base=base)
+        vol = dataclasses.replace(
+            volume("pg", containers=("postgres",), mount="/var/lib/pg"),
+            disk=DiskRef("container", "/dev/xvdz"),
+        )
+        backend = MemoryBackend()
+        manager = VolumeManager(contract(vol), backend, FakeKeySource(), rootfs_base=base)
         server = HookServer(manager, state / "hook.sock", rootfs_base=base, clone=clone)
         await server.start()
         try:
             bundle = make_bundle(base, "c1", "postgres")
+            spec = json.loads((bundle / "config.json").read_text())
+            spec["linux"] = {
+                "devices": [{"path": "/dev/xvdz", "type": "b", "major": 7, "minor": 0}]
+            }
+            (bundle / "config.json").write_text(json.dumps(spec))
             (bundle / "rootfs" / "var" / "lib").mkdir(parents=True)
             (bundle / "rootfs" / "var" / "lib" / "pg").symlink_to("/../../../../etc")  # clamped
             cfg = _hook_config(tmp_path, state, base)
@@ -440,6 +450,8 @@ async def test_hook_binds_inside_the_containers_mount_namespace(tmp_path: Path) 
         assert seen["paths"]["/var/lib/pg"]["own_fs"]
         assert (vol_dir / "from-container").read_text() == "hello"
         assert report["agent_ns_mounts_under_rootfs"] == []
+        # disk = "container:/dev/xvdz": resolved from the spec, its raw node gone from /dev
+        assert seen["devices"] == {"/dev/xvdz": False}
         assert not (Path("/etc") / "from-container").exists()
         # the symlink was followed inside the rootfs: its target was made there
         assert (bundle / "rootfs" / "etc").is_dir()
