@@ -27,6 +27,7 @@ import json
 import secrets
 import shlex
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,33 @@ import pytest
 from tests.vm import preflight
 from tests.vm.build import ensure_image
 from tests.vm.e2e import Guest, Scenario, World, oci_config
+from tests.vm.rawscan import count_markers
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
+# block-mode PVCs as kata hot-plugs them (SPEC §e.7): virtio-blk without a serial, and
+# virtio-scsi (scsi-hd with scsi-id/lun only); the contract names each by its devicePath
+BLK = {"cid": "hook-blk-0001", "name": "blkvirtio", "path": "/dev/xvdb", "vol": "blkv"}
+SCSI = {"cid": "hook-scsi-0001", "name": "blkscsi", "path": "/dev/xvdc", "vol": "blks"}
+PVC_BYTES = 256 * 1024**2
+EXTRA_VOLUMES = f"""
+[[volumes]]
+name = "{BLK["vol"]}"
+key = "kbs:///cva/e2e/pgdata"
+disk = "container:{BLK["path"]}"
+mount = "/pvc"
+containers = ["{BLK["name"]}"]
+create = true
+
+[[volumes]]
+name = "{SCSI["vol"]}"
+key = "kbs:///cva/e2e/pgdata"
+disk = "container:{SCSI["path"]}"
+mount = "/pvc"
+containers = ["{SCSI["name"]}"]
+create = true
+keep_device = true
+"""
 SCENARIO = Scenario(
     container_id="hook-ctr-0001",
     container_name="postgres",
@@ -48,6 +73,7 @@ SCENARIO = Scenario(
     key_uri="kbs:///cva/e2e/pgdata",
     lvm=True,
     vg="cvapg",
+    extra_volumes=EXTRA_VOLUMES,
 )
 SIDECAR = "hook-side-0001"  # a container the contract gives no volume
 HOOKS = "/usr/share/oci/hooks"  # the runtime drop-in's guest_hook_path (README)
@@ -225,10 +251,93 @@ def test_a_second_start_reopens_at_once_and_reads_the_data(guest: Guest) -> None
     assert report["container"]["read"] == {f"{mount}/{FILE}": MARKER}
 
 
+PVC_DISKS: dict[str, Path] = {}
+
+
+def _hotplug_pvcs(world: World, guest: Guest) -> dict[str, str]:
+    """Plug the two PVC disks the way kata does; returns {"blk"|"scsi": guest kernel name}."""
+    from tests.vm.machine import make_sparse_disk
+
+    qmp = guest.machine.qmp()
+    before = set(guest.control.run(["ls", "/sys/block"]).check().stdout.split())
+    for kind in ("blk", "scsi"):
+        image = make_sparse_disk(world.run_dir / "disks" / f"pvc-{kind}.img", PVC_BYTES)
+        PVC_DISKS[kind] = image
+        qmp.execute(
+            "blockdev-add",
+            **{
+                "driver": "raw",
+                "node-name": f"pvc{kind}",
+                "file": {"driver": "file", "filename": str(image)},
+            },
+        )
+    qmp.execute("device_add", driver="virtio-blk-pci", id="pvcblkdev", drive="pvcblk")  # no serial
+    qmp.execute("device_add", driver="virtio-scsi-pci", id="scsi0")
+    qmp.execute(
+        "device_add", driver="scsi-hd", id="pvcscsidev", drive="pvcscsi", bus="scsi0.0",
+        **{"scsi-id": 0, "lun": 1},
+    )  # fmt: skip
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + 120
+    while len(found) < 2 and time.monotonic() < deadline:
+        now = set(guest.control.run(["ls", "/sys/block"]).check().stdout.split()) - before
+        for name in now:
+            found["scsi" if name.startswith("sd") else "blk"] = name
+        time.sleep(1)
+    assert set(found) == {"blk", "scsi"}, f"hot-plugged disks not seen: {found}"
+    serial = guest.control.run(["cat", f"/sys/block/{found['blk']}/serial"])
+    assert serial.stdout.strip() == "", "the virtio-blk PVC must have no serial"
+    return found
+
+
+def _pvc_bundle(guest: Guest, pvc: dict[str, str], kernel_name: str) -> None:
+    devno = guest.control.run(["cat", f"/sys/block/{kernel_name}/dev"]).check().stdout.strip()
+    major, minor = (int(x) for x in devno.split(":"))
+    spec = json.loads(oci_config(pvc["name"]))
+    spec["linux"] = {
+        "devices": [{"path": pvc["path"], "type": "b", "major": major, "minor": minor}]
+    }
+    bundle = f"/run/kata-containers/{pvc['cid']}"
+    guest.control.run(["mkdir", "-p", f"{bundle}/rootfs"]).check()
+    guest.control.run(["tee", f"{bundle}/config.json"], input=json.dumps(spec)).check()
+
+
+def _start_until_ready(guest: Guest, cid: str, *extra: str) -> dict[str, Any]:
+    refused: list[str] = []
+    for _ in range(ATTEMPTS):  # kubelet restarts the container until its volume is ready
+        report = launch(guest, cid, *extra)
+        if report["started"]:
+            return report
+        _never_ran(report)
+        refused.append(report["hooks"][0]["stderr"].strip())
+    raise AssertionError(f"{cid} never started: {refused}")
+
+
+def test_pvc_disks_named_by_their_device_path_virtio_blk_and_scsi(
+    world: World, guest: Guest
+) -> None:
+    names = _hotplug_pvcs(world, guest)
+    for pvc, kind, kept in ((BLK, "blk", False), (SCSI, "scsi", True)):
+        _pvc_bundle(guest, pvc, names[kind])
+        report = _start_until_ready(
+            guest, pvc["cid"], "--check", "/pvc", "--write", f"/pvc/{FILE}={MARKER}"
+        )
+        seen = report["container"]
+        assert seen["wrote"] == {f"/pvc/{FILE}": True}, seen
+        (vol,) = [m for m in seen["mounts"] if m["mountpoint"] == "/pvc"]
+        assert vol["fstype"] == "ext4" and vol["source"].startswith("/dev/mapper/"), vol
+        # the raw ciphertext node: removed before pivot_root unless the contract keeps it
+        assert seen["devices"] == {pvc["path"]: kept}, seen
+        assert report["agent_ns_mounts_under_rootfs"] == [], report
+
+
 def test_data_survives_reboot_and_the_disk_is_ciphertext(world: World, guest: Guest) -> None:
     result = guest.poweroff()
     assert result.finished, result.failure()
     assert world.marker_count(MARKER.encode()) == 0, "the plaintext marker is on the raw disk"
+    for image in PVC_DISKS.values():
+        assert count_markers(image, [MARKER.encode()])[MARKER.encode()] == 0, image
+        assert count_markers(image, [b"LUKS\xba\xbe"])[b"LUKS\xba\xbe"] >= 1, image
     second = world.boot()
     try:
         second.wait_cva()
