@@ -82,11 +82,15 @@ class ContainerKiller:
     def kill(self, why: str) -> None:
         try:
             if self._pidfd is not None:
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                try:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                except PermissionError:  # a seccomp filter without pidfd_send_signal
+                    os.kill(self.pid, signal.SIGKILL)
             else:
                 os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
-            pass
+            log.info("hook_container_gone", pid=self.pid, reason=why)
+            return
         except OSError as exc:
             log.error("hook_kill_failed", pid=self.pid, error=exc.strerror)  # noqa: TRY400
             return

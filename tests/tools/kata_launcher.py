@@ -11,7 +11,8 @@ guest-side OCI bundle `<bundle>/{config.json,rootfs/}`:
   non-executables skipped, as `find_hooks` does) with an empty environment, argv
   `[<file name>, "prestart"]`, the OCI state JSON on stdin, cwd the bundle, SIGKILLed after
   `--hook-timeout` (kata: 10 s); its exit status is only reported, as kata only logs it;
-- then the child pivot_roots into the rootfs and, at "start", runs the container process:
+- then the child pivot_roots into the rootfs and, at "start" (`--start-delay` later: kata's
+  StartContainer is a separate request after CreateContainer answered), runs the container process:
   it reports its mount table, stats the `--check` paths, writes/reads files, lists /dev.
 
 Prints one JSON object: the hooks' results, what is mounted under the rootfs in the launcher's
@@ -248,6 +249,9 @@ def main() -> int:
     p.add_argument("--bundle", required=True)
     p.add_argument("--hooks", required=True, type=Path)
     p.add_argument("--hook-timeout", type=float, default=10.0)
+    # kata: the hooks run in CreateContainer; the process starts at StartContainer, a separate
+    # request from the host that comes after CreateContainer has answered
+    p.add_argument("--start-delay", type=float, default=1.0)
     p.add_argument("--check", action="append", default=[])
     p.add_argument("--write", action="append", default=[])
     p.add_argument("--read", action="append", default=[])
@@ -289,6 +293,7 @@ def main() -> int:
             _send(p_w, {"step": "go"})
             msg = _recv(p_r, 60)
             if msg and msg.get("step") == "pivoted":
+                time.sleep(args.start_delay)
                 _send(p_w, {"step": "start"})
                 msg = _recv(p_r, 120)
                 if msg and msg.get("step") == "result":
