@@ -13,9 +13,8 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from agent.errors import CvaError, InputError
 
@@ -54,8 +53,7 @@ class BundleError(CvaError):
     """The guest-side bundle exists but cannot be used (gRPC FAILED_PRECONDITION)."""
 
 
-@dataclass(frozen=True)
-class RpcName:
+class RpcName(NamedTuple):  # a NamedTuple: the prestart hook imports this module, keep it light
     service: str
     method: str
 

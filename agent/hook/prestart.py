@@ -201,14 +201,35 @@ def bind_volumes(answer: Answer, fds: list[int], state: HookState, killer: Kille
             raise HookFailure(f"volume {vol.name}: {exc.message}") from None
 
 
-def socket_path_for(config: Path | None) -> Path:
-    """The daemon's hook socket: `<state_dir>/hook.sock` of the daemon config."""
-    from agent.config import load_config  # noqa: PLC0415 - after the pidfd exists (fail closed)
+DEFAULT_CONFIG = Path("/etc/cva/config.toml")  # = agent.config.DEFAULT_CONFIG_PATH
+DEFAULT_STATE_DIR = "/run/cva"  # = agent.config.PathsConfig.state_dir
+MAX_CONFIG_BYTES = 64 * 1024
 
+
+def socket_path_for(config: Path | None) -> Path:
+    """The daemon's hook socket, `<state_dir>/hook.sock`, from the daemon config's `[paths]
+    state_dir` (read here without agent.config, which costs the hook's start more than it
+    checks: the daemon has validated the same file)."""
+    import tomllib  # noqa: PLC0415 - after the pidfd exists (fail closed)
+
+    target = config or DEFAULT_CONFIG
     try:
-        return load_config(config).paths.state_dir / SOCKET_NAME
-    except REFUSALS as exc:
-        raise HookFailure(exc.message) from None
+        data = target.read_bytes()[: MAX_CONFIG_BYTES + 1]
+    except FileNotFoundError:
+        if config is None:
+            return Path(DEFAULT_STATE_DIR) / SOCKET_NAME
+        raise HookFailure(f"config {target} does not exist") from None
+    except OSError as exc:
+        raise HookFailure(f"config {target} cannot be read ({exc.strerror})") from None
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raise HookFailure(f"config {target} is not valid TOML") from None
+    paths = doc.get("paths", {})
+    state = paths.get("state_dir", DEFAULT_STATE_DIR) if isinstance(paths, dict) else None
+    if not isinstance(state, str) or not state.startswith("/") or "\0" in state:
+        raise HookFailure(f"config {target}: paths.state_dir must be an absolute path")
+    return Path(state) / SOCKET_NAME
 
 
 def run(raw_state: bytes, config: Path | None, *, budget: float) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from agent.errors import InputError
 from agent.policy import RequestError, validate_container_id
@@ -24,8 +24,7 @@ class StateError(InputError):
     """The OCI state on stdin cannot be used; the message names the field."""
 
 
-@dataclass(frozen=True)
-class HookState:
+class HookState(NamedTuple):  # not a dataclass: the hook process stays light
     container_id: str
     pid: int
     bundle: str

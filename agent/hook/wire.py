@@ -15,15 +15,15 @@ messages, each one packet of at most MAX_MESSAGE bytes:
    the connection ends before `done: true`.
 
 Both ends are trusted code of the image; the parsers are still strict (a peer with a bug must
-produce a refusal, never a half-bound container).
+produce a refusal, never a half-bound container). The messages are NamedTuples, not dataclasses:
+the hook process imports this module and stays light.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.errors import InputError
 
@@ -37,16 +37,14 @@ class WireError(InputError):
     """A hook-socket message that does not parse; the message names the field."""
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     container_id: str
     pid: int
     bundle: str
     budget: float
 
 
-@dataclass(frozen=True)
-class HookVolume:
+class HookVolume(NamedTuple):
     name: str
     mount: str
     read_only: bool
@@ -54,16 +52,14 @@ class HookVolume:
     remove: str | None = None  # a raw device node to remove from the container's /dev
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     ok: bool
     error: str = ""
     rootfs: str = ""
     volumes: tuple[HookVolume, ...] = ()
 
 
-@dataclass(frozen=True)
-class Done:
+class Done(NamedTuple):
     done: bool
     error: str = ""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -152,3 +153,20 @@ def test_wire_hostile_bytes(raw: bytes) -> None:
     for decode in (decode_request, decode_answer, decode_done):
         with contextlib.suppress(WireError):
             decode(raw)
+
+
+def test_the_hooks_config_defaults_are_the_daemons(tmp_path: Path) -> None:
+    from agent.config import DEFAULT_CONFIG_PATH, PathsConfig, load_config
+    from agent.hook import prestart
+
+    assert prestart.DEFAULT_CONFIG == DEFAULT_CONFIG_PATH
+    assert Path(prestart.DEFAULT_STATE_DIR) == PathsConfig().state_dir
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[paths]\nstate_dir = "/run/elsewhere"\n[listen]\nvsock_port = 1040\n')
+    assert prestart.socket_path_for(cfg) == load_config(cfg).paths.state_dir / "hook.sock"
+    for bad in ('[paths]\nstate_dir = "rel"\n', "[paths\n", "[paths]\nstate_dir = 3\n"):
+        cfg.write_text(bad)
+        with pytest.raises(prestart.HookFailure):
+            prestart.socket_path_for(cfg)
+    with pytest.raises(prestart.HookFailure, match="does not exist"):
+        prestart.socket_path_for(tmp_path / "missing.toml")
