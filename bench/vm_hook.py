@@ -49,10 +49,14 @@ def planned(reason: str) -> list[Result]:
     return [not_measured(n, reason, unit="s", target=t, group=GROUP) for n, t in ROWS]
 
 
+BENCH_HOOKS = "/var/lib/cva-bench-hooks"  # the hook file as the image ships it (its own 8 s budget)
+KATA_HOOK_TIMEOUT = 10.0  # kata's SIGKILL
+
+
 def _launch(guest: Any, cid: str) -> dict[str, Any]:
     from tests.vm.test_e2e_hook import launch
 
-    return launch(guest, cid)
+    return launch(guest, cid, hooks=BENCH_HOOKS, hook_timeout=KATA_HOOK_TIMEOUT)
 
 
 def _hook_seconds(report: dict[str, Any]) -> float:
@@ -71,7 +75,7 @@ def measure(rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir": str(run_dir)}
     try:
         guest.wait_cva()
-        install_hook(guest)
+        install_hook(guest, budget=None, folder=BENCH_HOOKS)
         make_bundle(guest, SIDECAR, "sidecar")
         cid = SCENARIO.container_id
         out["none"] = [_hook_seconds(_launch(guest, SIDECAR)) for _ in range(rounds)]

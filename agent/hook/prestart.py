@@ -53,6 +53,7 @@ from agent.hook.wire import (
 
 KATA_HOOK_TIMEOUT = 10.0  # kata's DEFAULT_HOOK_TIMEOUT_SEC: SIGKILL after this
 BUDGET = 8.0  # this hook gives up (and kills the container) this long after its start
+MAX_BUDGET = 300.0  # --budget (tests on a slow emulated guest; kata itself stops a hook at 10 s)
 CONNECT_WAIT = 0.1  # between connection attempts while the daemon is (re)starting
 CONNECT_PATIENCE = 2.0  # how long a missing or refusing socket is retried (cva is Before= kata)
 CLONE_NEWNS = 0x00020000
@@ -232,15 +233,18 @@ def socket_path_for(config: Path | None) -> Path:
     return Path(state) / SOCKET_NAME
 
 
-def run(raw_state: bytes, config: Path | None, *, budget: float) -> int:
+def run(raw_state: bytes, config: Path | None, *, budget: float, problem: str | None = None) -> int:
     """The hook's work; returns 0 (volumes bound, or none) or kills the container's init and
-    raises HookFailure."""
+    raises HookFailure (`problem`: a reason known before the state was read)."""
     deadline = time.monotonic() + budget
     try:
         state = parse_state(raw_state)
     except REFUSALS as exc:
         raise HookFailure(exc.message) from None
     killer = Killer(state.pid)
+    if problem is not None:
+        killer.kill()
+        raise HookFailure(problem)
     try:
         _run(state, killer, socket_path_for(config), deadline)
     except BaseException:
@@ -298,6 +302,10 @@ def _fail(message: str) -> NoReturn:
 
 def main(config: Path | None, *, budget: float = BUDGET) -> int:
     """Entry point of `cva hook prestart`: stdin is the OCI state; 0, or one line and 1."""
+    problem = None
+    if not 0 < budget <= MAX_BUDGET:  # a broken hook file: fail closed, with the default budget
+        problem = f"--budget {budget:g} is outside (0, {MAX_BUDGET:g}] seconds; fix the hook file"
+        budget = BUDGET
     left = budget - process_age()
     if left <= 0:
         _fail("started too late to finish before kata's 10 s hook timeout")
@@ -309,7 +317,7 @@ def main(config: Path | None, *, budget: float = BUDGET) -> int:
     signal.setitimer(signal.ITIMER_REAL, left)
     try:
         raw = sys.stdin.buffer.read(1024 * 1024 + 1)
-        run(raw, config, budget=left)  # kills the container's init on any failure
+        run(raw, config, budget=left, problem=problem)  # kills the container's init on any failure
     except HookFailure as exc:
         signal.setitimer(signal.ITIMER_REAL, 0)
         _fail(str(exc))

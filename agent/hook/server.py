@@ -187,6 +187,7 @@ class HookServer:
         except (TimeoutError, WireError, OSError) as exc:
             log.warning("hook_bad_request", error=getattr(exc, "message", type(exc).__name__))
             return
+        log.info("hook_request", container_id=request.container_id, pid=request.pid)
         killer = ContainerKiller(request.pid)
         try:
             await self._prepare(conn, request.container_id, request.bundle, request.budget, killer)

@@ -112,8 +112,8 @@ def decode_request(data: bytes) -> Request:
     if not isinstance(pid, int) or isinstance(pid, bool) or pid < 2:
         raise WireError("hook request: pid must be an integer >= 2")
     budget = doc.get("budget")
-    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 <= budget <= 60:
-        raise WireError("hook request: budget must be a number of seconds in 0..60")
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 <= budget <= 300:
+        raise WireError("hook request: budget must be a number of seconds in 0..300")
     return Request(
         container_id=_str(doc, "id", "request", limit=255),
         pid=pid,

@@ -236,7 +236,7 @@ def _hook_config(tmp: Path, state_dir: Path, base: Path) -> Path:
     return cfg
 
 
-async def _run_hook(cfg: Path, state: dict[str, object]) -> tuple[int, str, float]:
+async def _run_hook(cfg: Path, state: dict[str, object], *extra: str) -> tuple[int, str, float]:
     """`cva hook prestart` with an empty environment, argv[0] = the hook file's name."""
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
@@ -247,6 +247,7 @@ async def _run_hook(cfg: Path, state: dict[str, object]) -> tuple[int, str, floa
         "prestart",
         "--config",
         str(cfg),
+        *extra,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -488,3 +489,34 @@ async def test_a_blank_proof_past_the_budget_names_the_way_out(
     finally:
         gate.set()
         await s.server.close(1)
+
+
+async def test_hook_process_own_budget_kills_the_init(
+    tmp_path: Path, init: subprocess.Popen[bytes]
+) -> None:
+    """The volume is not ready within the hook's budget (here 2 s; 8 s by default): the hook
+    kills the init itself and exits 1 with one line, well before kata's 10 s."""
+    s = await _setup(tmp_path)
+    backend = s.manager._backend
+    assert isinstance(backend, MemoryBackend)
+    gate = threading.Event()
+    backend.open_gate = gate
+    try:
+        make_bundle(s.base, "c1", "postgres")
+        cfg = _hook_config(tmp_path, s.state_dir, s.base)
+        rc, err, _took = await _run_hook(cfg, _state(s.base, "c1", init.pid), "--budget", "2")
+        assert rc == 1 and err.startswith("cva hook prestart: ") and err.count("\n") == 1, err
+        assert "not ready within the hook's" in err or "budget" in err, err
+        assert await asyncio.to_thread(_killed, init)
+    finally:
+        gate.set()
+        await s.server.close(1)
+
+
+async def test_a_hook_budget_out_of_range_fails_closed(
+    setup: Setup, init: subprocess.Popen[bytes]
+) -> None:
+    cfg = _hook_config(setup.tmp, setup.state_dir, setup.base)
+    rc, err, _took = await _run_hook(cfg, _state(setup.base, "c1", init.pid), "--budget", "1000")
+    assert rc == 1 and "--budget" in err
+    assert await asyncio.to_thread(_killed, init), "a broken hook file fails closed"

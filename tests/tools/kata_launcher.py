@@ -206,7 +206,9 @@ def find_hooks(hooks: Path) -> list[Path]:
     return found
 
 
-def run_hook(path: Path, state: bytes, bundle: str, timeout: float) -> dict[str, Any]:
+def run_hook(
+    path: Path, state: bytes, bundle: str, timeout: float, pid_file: str | None = None
+) -> dict[str, Any]:
     started = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -227,6 +229,8 @@ def run_hook(path: Path, state: bytes, bundle: str, timeout: float) -> dict[str,
             "stdout": "",
             "stderr": f"spawn failed: {exc.strerror}",
         }
+    if pid_file:
+        Path(pid_file).write_text(f"{proc.pid}\n")
     killed = False
     try:
         out, err = proc.communicate(state, timeout=timeout)
@@ -252,6 +256,7 @@ def main() -> int:
     # kata: the hooks run in CreateContainer; the process starts at StartContainer, a separate
     # request from the host that comes after CreateContainer has answered
     p.add_argument("--start-delay", type=float, default=1.0)
+    p.add_argument("--hook-pid-file", default=None)  # tests kill the hook from outside
     p.add_argument("--check", action="append", default=[])
     p.add_argument("--write", action="append", default=[])
     p.add_argument("--read", action="append", default=[])
@@ -285,7 +290,9 @@ def main() -> int:
             }
         ).encode()
         for hook in find_hooks(args.hooks):
-            report["hooks"].append(run_hook(hook, state, bundle, args.hook_timeout))
+            report["hooks"].append(
+                run_hook(hook, state, bundle, args.hook_timeout, args.hook_pid_file)
+            )
         report["agent_ns_mounts_under_rootfs"] = [
             m for m in mountinfo() if m["mountpoint"].startswith(rootfs + "/")
         ]

@@ -109,7 +109,7 @@ def test_messages_round_trip() -> None:
     [
         {"op": "other", "id": "c1", "pid": 5, "bundle": "/b", "budget": 1},
         {"op": "prestart", "id": "c1", "pid": 1, "bundle": "/b", "budget": 1},
-        {"op": "prestart", "id": "c1", "pid": 5, "bundle": "/b", "budget": 100},
+        {"op": "prestart", "id": "c1", "pid": 5, "bundle": "/b", "budget": 301},
         {"op": "prestart", "id": "c1", "pid": 5, "bundle": "/b", "budget": True},
         {"op": "prestart", "id": 3, "pid": 5, "bundle": "/b", "budget": 1},
     ],

@@ -27,6 +27,7 @@ import json
 import secrets
 import shlex
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,7 @@ from tests.vm.build import ensure_image
 from tests.vm.e2e import Guest, Scenario, World, oci_config
 from tests.vm.rawscan import count_markers
 
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # block-mode PVCs as kata hot-plugs them (SPEC §e.7): virtio-blk without a serial, and
@@ -76,7 +78,13 @@ SCENARIO = Scenario(
     extra_volumes=EXTRA_VOLUMES,
 )
 SIDECAR = "hook-side-0001"  # a container the contract gives no volume
-HOOKS = "/usr/share/oci/hooks"  # the runtime drop-in's guest_hook_path (README)
+IMAGE_HOOKS = "/usr/share/oci/hooks"  # the runtime drop-in's guest_hook_path (README)
+# The tests' hook folder: the image's hook file with a long budget (`--budget`), so that what
+# is tested is the behaviour, not the speed of an emulated guest on a shared machine (kata's own
+# 10 s limit and the hook's 8 s are timed by `make bench`, section 9).
+HOOKS = "/var/lib/cva-test-hooks"
+TEST_BUDGET = 120
+HOOK_TIMEOUT = 150.0  # the launcher's SIGKILL for the tests (kata: 10 s)
 IMAGE_CVA = "/opt/cva/bin/cva"  # where the image recipe installs cva (issue 23)
 MARKER = "cva-hook-plaintext-" + secrets.token_hex(12)
 FILE = "hello.txt"
@@ -104,22 +112,30 @@ def world() -> Iterator[World]:
             print(f"e2e-hook: hook seconds {TIMINGS}")
 
 
-SOURCE_HOOK = """#!/bin/sh
+SOURCE_HOOK = f"""#!/bin/sh
 # the harness runs cva from the repo share with /opt/venv's python (no /opt/cva in this image)
 cd /mnt/vmsrc && PYTHONPATH=/mnt/vmsrc PYTHONDONTWRITEBYTECODE=1 \\
-    exec /opt/venv/bin/python -m agent hook prestart
+    exec /opt/venv/bin/python -m agent hook prestart --budget {TEST_BUDGET}
 """
 
 
-def install_hook(guest: Guest) -> None:
-    """The hook file in the image's hook folder: the image's own (installed by its recipe) when
-    cva is installed at /opt/cva, else the one-liner for this harness's way of running cva."""
-    target = f"{HOOKS}/prestart/cva"
-    if guest.control.run(["test", "-x", IMAGE_CVA]).rc != 0:
-        guest.control.run(["mkdir", "-p", f"{HOOKS}/prestart"]).check()
-        guest.control.run(["tee", target], input=SOURCE_HOOK).check()
-        guest.control.run(["chmod", "0755", target]).check()
-    found = guest.control.run(["find", f"{HOOKS}/prestart", "-type", "f", "-perm", "-u+x"])
+def install_hook(guest: Guest, *, budget: int | None = TEST_BUDGET, folder: str = HOOKS) -> None:
+    """The tests' hook file: what the image's hook runs (cva installed at /opt/cva when the image
+    recipe installs it, else this harness's way of running cva), with the tests' budget (None:
+    the hook's own, as kata runs it; bench.vm_hook). When the image has cva, its own hook file
+    must be the repo's `image/hooks/prestart/cva`."""
+    target = f"{folder}/prestart/cva"
+    flag = f" --budget {budget}" if budget is not None else ""
+    guest.control.run(["mkdir", "-p", f"{folder}/prestart"]).check()
+    if guest.control.run(["test", "-x", IMAGE_CVA]).rc == 0:
+        shipped = guest.control.run(["cat", f"{IMAGE_HOOKS}/prestart/cva"]).check().stdout
+        assert shipped == (REPO / "image/hooks/prestart/cva").read_text()
+        hook = f"#!/bin/sh\nexec {IMAGE_CVA} hook prestart{flag}\n"
+    else:
+        hook = SOURCE_HOOK.replace(f" --budget {TEST_BUDGET}", flag)
+    guest.control.run(["tee", target], input=hook).check()
+    guest.control.run(["chmod", "0755", target]).check()
+    found = guest.control.run(["find", f"{folder}/prestart", "-type", "f", "-perm", "-u+x"])
     assert found.check().stdout.split() == [target], found.stdout
 
 
@@ -141,13 +157,15 @@ def make_bundle(guest: Guest, cid: str, name: str) -> None:
     guest.control.run(["tee", f"{bundle}/config.json"], input=oci_config(name)).check()
 
 
-def launch(guest: Guest, cid: str, *extra: str, hook_timeout: float = 10.0) -> dict[str, Any]:
+def launch(
+    guest: Guest, cid: str, *extra: str, hook_timeout: float = HOOK_TIMEOUT, hooks: str = HOOKS
+) -> dict[str, Any]:
     argv = [
         "python", "-m", "tests.tools.kata_launcher",
-        "--bundle", f"/run/kata-containers/{cid}", "--hooks", HOOKS,
+        "--bundle", f"/run/kata-containers/{cid}", "--hooks", hooks,
         "--hook-timeout", str(hook_timeout), *extra,
     ]  # fmt: skip
-    done = guest.control.run(argv, timeout=180).check()
+    done = guest.control.run(argv, timeout=hook_timeout + 120).check()
     report: dict[str, Any] = json.loads(done.stdout)
     for hook in report["hooks"]:
         TIMINGS.setdefault(cid if report["started"] else f"{cid}-refused", []).append(
@@ -205,12 +223,29 @@ def test_cva_down_the_container_never_runs(world: World, guest: Guest) -> None:
 def test_a_hook_killed_before_it_is_done_the_container_never_runs(
     world: World, guest: Guest
 ) -> None:
-    """The launcher kills the hook at 6.5 s (as kata does at 10 s) while cva still waits for
-    the KBS: cva sees the connection end and kills the init; the open goes on."""
+    """The hook is SIGKILLed (as kata does at 10 s) while cva still waits for the KBS: cva sees
+    the connection end and kills the init, so the container never runs; the open goes on."""
     world.kbs_down()
-    report = launch(guest, SCENARIO.container_id, hook_timeout=6.5)
+    since = guest.control.run(["date", "+%s"]).check().stdout.strip()
+    pid_file = "/run/cva-test-hook.pid"
+    result: dict[str, Any] = {}
+    runner = threading.Thread(
+        target=lambda: result.update(
+            launch(guest, SCENARIO.container_id, "--hook-pid-file", pid_file)
+        ),
+        daemon=True,
+    )
+    runner.start()
+    watch = (
+        f"timeout 300 journalctl -u cva.service -f --since @{since} -o cat"
+        f" | grep -m1 -q '\"hook_request\".*{SCENARIO.container_id}'"
+    )
+    assert guest.control.sh(watch, timeout=320).rc == 0, "cva never saw the hook's request"
+    guest.control.sh(f"kill -9 $(cat {pid_file})").check()
+    runner.join(300)
+    report = result
     hook_lines = [ln for ln in guest.journal().splitlines() if '"hook_' in ln]
-    assert report["hooks"][0]["killed_at_timeout"], (report, hook_lines[-5:])
+    assert report["hooks"][0]["rc"] == -9, (report, hook_lines[-5:])
     assert not report["started"], (report, hook_lines[-5:])
     assert report["init_status"] == "signal 9", report
     assert any("hook_gone" in ln for ln in hook_lines), hook_lines[-5:]
