@@ -312,7 +312,7 @@ class VolumeManager:
 
         async def one(vol: Volume, use: Volume) -> tuple[Volume, OpenedVolume]:
             async def work() -> OpenedVolume:
-                return await self._ensure_open(use)
+                return await self._open_resolved(use)
 
             return vol, await self._job(vol.name, work)
 
@@ -325,9 +325,21 @@ class VolumeManager:
         self._on_status(f"ready; {len(self._opened)} volume(s) open")
         return tuple(r for r in results if not isinstance(r, BaseException))
 
+    async def _open_resolved(self, use: Volume) -> OpenedVolume:
+        """`_ensure_open` for a volume whose disk may have been resolved from a container's
+        spec (called with the volume's lock held). When kata attached the PVC again under
+        another MAJ:MIN (a restarted container), the volume open on the old, detached disk is
+        closed first; the resolved form is kept for close."""
+        if use.disk.kind == "devno":
+            old = self._resolved.get(use.name)
+            if old is not None and old.disk != use.disk and use.name in self._opened:
+                await self._close(old)
+            self._resolved[use.name] = use
+        return await self._ensure_open(use)
+
     async def _resolve_disks(self, vols: tuple[Volume, ...], cid: str) -> tuple[Volume, ...]:
         """`container:<devicePath>` disks -> `devno:MAJ:MIN` from container `cid`'s own spec
-        (agent.hook.devices); other volumes unchanged. The resolved form is kept for close."""
+        (agent.hook.devices); other volumes unchanged."""
         if not any(v.disk.kind == "container" for v in vols):
             return vols
         from agent.contract import DiskRef  # noqa: PLC0415
@@ -339,7 +351,6 @@ class VolumeManager:
             if vol.disk.kind == "container":
                 major, minor = spec_device(config, vol.disk.value)
                 vol = dataclasses.replace(vol, disk=DiskRef("devno", f"{major}:{minor}"))
-                self._resolved[vol.name] = vol
             out.append(vol)
         return tuple(out)
 
@@ -394,7 +405,7 @@ class VolumeManager:
         rootfs = self._rootfs(cid)
 
         async def work() -> OpenedVolume:
-            opened = await self._ensure_open(vol)
+            opened = await self._open_resolved(vol)
             await asyncio.to_thread(self._backend.bind, vol, opened, rootfs)
             self._bindings.add(cid, vol.name)
             return opened

@@ -520,3 +520,29 @@ async def test_a_hook_budget_out_of_range_fails_closed(
     rc, err, _took = await _run_hook(cfg, _state(setup.base, "c1", init.pid), "--budget", "1000")
     assert rc == 1 and "--budget" in err
     assert await asyncio.to_thread(_killed, init), "a broken hook file fails closed"
+
+
+async def test_a_pvc_attached_again_under_another_number_is_reopened(tmp_path: Path) -> None:
+    """A restarted container: kata attached its PVC again (new MAJ:MIN); the volume open on
+    the old, detached disk is closed and opened on the new one."""
+    base = tmp_path / "kata"
+    vol = dataclasses.replace(
+        volume("pg", containers=("postgres",), mount="/var/lib/pg"),
+        disk=DiskRef("container", "/dev/xvdz"),
+    )
+    backend = MemoryBackend()
+    manager = VolumeManager(contract(vol), backend, FakeKeySource(), rootfs_base=base)
+    for cid, minor in (("c1", 16), ("c2", 16), ("c3", 32)):
+        bundle = make_bundle(base, cid, "postgres")
+        spec = json.loads((bundle / "config.json").read_text())
+        spec["linux"] = {
+            "devices": [{"path": "/dev/xvdz", "type": "b", "major": 8, "minor": minor}]
+        }
+        (bundle / "config.json").write_text(json.dumps(spec))
+        ((v, _opened),) = await manager.open_for_container(cid)
+        assert v.disk == DiskRef("container", "/dev/xvdz")
+    assert [c for c in backend.calls if c[0] in ("open", "close")] == [
+        ("open", "pg"),
+        ("close", "pg"),
+        ("open", "pg"),
+    ]
