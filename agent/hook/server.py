@@ -206,8 +206,8 @@ class HookServer:
                 f" {v.scan.done >> 20} of {v.scan.total >> 20} MiB when the hook's {budget:.1f} s"
                 " ran out (kata stops a hook at 10 s); cva finishes it while the disk stays"
                 " attached, but a re-attached disk is proven again from the start: for a disk"
-                ' this large set blank_check = "sampled" in the contract (README: what it does'
-                " not see) or create the volume through PrepareVolumes"
+                ' this large set blank_check = "sampled" for this volume in the contract'
+                " (README: what it does not see)"
             )
         return (
             f"the volumes of container {cid} were not ready within the hook's {budget:.1f} s"
