@@ -70,9 +70,13 @@ def measure(rounds: int) -> dict[str, Any]:
 
     run_dir = Path(tempfile.mkdtemp(prefix="cva-bench-hook-"))
     world = World(run_dir=run_dir, scenario=SCENARIO, image=ensure_image())
-    world.kbs_up()
-    guest = world.boot()
     out: dict[str, Any] = {"run_dir": str(run_dir)}
+    world.kbs_up()
+    try:
+        guest = world.boot()
+    except BaseException:
+        world.kbs_down()
+        raise
     try:
         guest.wait_cva()
         install_hook(guest, budget=None, folder=BENCH_HOOKS)
