@@ -17,13 +17,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import posixpath
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from luks.errors import StorageError
 
@@ -92,8 +91,9 @@ class _MountAttr(ctypes.Structure):
 
 
 def _check_arch() -> None:
-    if platform.machine() not in ("x86_64", "aarch64"):
-        raise MountError(f"mount syscalls are not wired for {platform.machine()}")
+    machine = os.uname().machine
+    if machine not in ("x86_64", "aarch64"):
+        raise MountError(f"mount syscalls are not wired for {machine}")
 
 
 def _oserror(what: str) -> OSError:
@@ -187,9 +187,9 @@ def target_components(target: str) -> tuple[str, ...]:
     return parts
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo (the fields cva needs)."""
+class MountEntry(NamedTuple):
+    """One line of /proc/self/mountinfo (the fields cva needs). A NamedTuple, like every type
+    here: the prestart hook process imports this module and stays light (no dataclasses)."""
 
     mount_id: int
     devno: str  # major:minor
