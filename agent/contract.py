@@ -31,7 +31,7 @@ MIB = 1 << 20
 # mkfs.xfs (xfsprogs >= 5.19, the guest's 6.1) refuses a data section under 300 MiB
 XFS_MIN_BYTES = 300 * MIB
 DATA_OFFSET_MIB = 16  # the LUKS2 header region in front of the filesystem (DESIGN §5)
-DISK_KINDS = ("serial", "pci", "scsi")
+DISK_KINDS = ("serial", "pci", "scsi", "container")
 # `disk = "securemount"`: a disk the contract cannot name in advance (a peer-pod disk the cloud
 # attaches, a hot-plugged PVC): the volume is delivered only through CDH's SecureMount, matched by
 # its exact `key`; the request names the device and the mount point (agent.securemount).
@@ -67,6 +67,8 @@ _DEC = r"(?:0|[1-9][0-9]{0,4})"  # decimal as the kernel prints it: no leading z
 SERIAL_RE = re.compile(r"[A-Za-z0-9_.-]{1,20}")
 PCI_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")
 SCSI_RE = re.compile(rf"{_DEC}:{_DEC}(?::{_DEC}:{_DEC})?")  # H:C:T:L or kata's T:L
+# a container's devicePath: /dev/NAME[/NAME...], no . or .. components (checked below)
+CONTAINER_DEVICE_RE = re.compile(r"/dev(?:/[A-Za-z0-9_.-]{1,64}){1,8}")
 URI_SEGMENT_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 PLUGIN_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 PEM_CERT = "-----BEGIN CERTIFICATE-----"
@@ -127,8 +129,12 @@ class LvmSpec:
 
 @dataclass(frozen=True)
 class DiskRef:
-    kind: Literal["serial", "pci", "scsi", "securemount"]
-    value: str  # "" for securemount in the contract; the device path once a request names it
+    # "container": the block device the container's own OCI spec lists at linux.devices[].path
+    # == value (Kubernetes volumeDevices[].devicePath), resolved per container (agent.hook.devices)
+    # to "devno" (MAJ:MIN, never parsed from a contract) before the storage layer sees it;
+    # "securemount": "" in the contract, the device path once a SecureMount request names it
+    kind: Literal["serial", "pci", "scsi", "container", "devno", "securemount"]
+    value: str
 
     def __str__(self) -> str:
         if self.kind == SECUREMOUNT_DISK and not self.value:
@@ -154,6 +160,9 @@ class Volume:
     # key rotation (luks.rotation): the key the volume may still be under; fetched from the KBS
     # only when the volume's header is not yet under `key`
     previous_key: KbsResourceUri | None = None
+    # a `container:` disk: leave its raw (ciphertext) node in the container's /dev (default: the
+    # prestart hook removes it before pivot_root)
+    keep_device: bool = False
 
     def applies_to(self, container: str) -> bool:
         """True when this volume is for `container` (an empty list means every container)."""
@@ -275,8 +284,18 @@ def parse_disk(text: object, field: str = "disk") -> DiskRef:
     kind, sep, rest = value.partition(":")
     if not sep or kind not in DISK_KINDS:
         raise ContractError(
-            field, f"{_show(value)} must be serial:ID, pci:DDDD:BB:SS.F or scsi:H:L"
+            field,
+            f"{_show(value)} must be serial:ID, pci:DDDD:BB:SS.F, scsi:H:L or container:/dev/PATH",
         )
+    if kind == "container":
+        parts = rest.split("/")
+        if CONTAINER_DEVICE_RE.fullmatch(rest) is None or "." in parts or ".." in parts:
+            raise ContractError(
+                field,
+                f"{_show(value)}: container needs the devicePath of the container's spec, an"
+                " absolute normalised path under /dev/ (the PVC's volumeDevices[].devicePath)",
+            )
+        return DiskRef("container", rest)
     patterns = {"serial": SERIAL_RE, "pci": PCI_RE, "scsi": SCSI_RE}
     rules = {
         "serial": "[A-Za-z0-9_.-]{1,20} (virtio serial)",
@@ -401,7 +420,7 @@ def _parse_lvm(field: str, value: object) -> LvmSpec:
 
 VOLUME_KEYS = (
     "name", "key", "disk", "lvm", "filesystem", "mount", "containers", "create", "integrity",
-    "read_only", "blank_check", "previous_key",
+    "read_only", "blank_check", "previous_key", "keep_device",
 )  # fmt: skip
 
 
@@ -458,6 +477,15 @@ def _parse_volume(index: int, value: object) -> Volume:
     flags: dict[str, bool] = {}
     for flag in ("create", "integrity", "read_only"):
         flags[flag] = _typed(f"{field}.{flag}", table.get(flag, False), bool, "a bool")
+    keep_device = _typed(f"{field}.keep_device", table.get("keep_device", False), bool, "a bool")
+    if disk.kind == "container" and len(containers) != 1:
+        raise ContractError(
+            f"{field}.containers",
+            f"a {disk} disk is the device one container's spec lists: name exactly that"
+            ' container (containers = ["NAME"])',
+        )
+    if keep_device and disk.kind != "container":
+        raise ContractError(f"{field}.keep_device", "applies only to a container:/dev/... disk")
     blank_check = _typed(f"{field}.blank_check", table.get("blank_check", "full"), str, "a string")
     if blank_check not in BLANK_CHECKS:
         raise ContractError(
@@ -487,6 +515,7 @@ def _parse_volume(index: int, value: object) -> Volume:
         read_only=flags["read_only"],
         blank_check=cast(Literal["full", "sampled"], blank_check),
         previous_key=previous_key,
+        keep_device=keep_device,
     )
 
 

@@ -4,8 +4,9 @@ Start (agent/startup.py establishes trust first, then calls `run_daemon`): build
 listen (private unix socket for grpc.aio, the vsock splice in front
 of it, optional unix/loopback-TCP extras, and the optional ttRPC socket `listen.ttrpc` serving
 VolumeAgent and, when the contract allows, CDH SecureMount, and forwarding every other CDH call to
-`[cdh] upstream`: agent.cdh; last the root-only control socket for `cva status`, agent.control)
-and send READY=1.
+`[cdh] upstream`: agent.cdh; the prestart hook's private socket `<state_dir>/hook.sock`,
+agent.hook.server; last the root-only control socket for `cva status`, agent.control) and send
+READY=1.
 
 SIGTERM/SIGINT: STOPPING=1; close the vsock listener; gRPC stops taking calls and gives running
 ones `timeouts.shutdown_grace`; storage jobs still running get the same grace again (every step
@@ -31,6 +32,8 @@ from agent import __version__
 from agent.config import DaemonConfig
 from agent.control.server import ControlServer
 from agent.errors import CvaError
+from agent.hook.server import HookServer
+from agent.hook.wire import SOCKET_NAME as HOOK_SOCKET_NAME
 from agent.log import get_logger
 from agent.rpc.grpc_service import AgentServer
 from agent.rpc.vsock import SpliceListener, vsock_listen_socket
@@ -108,6 +111,15 @@ class Daemon:
             except RuntimeError as exc:
                 raise StartupError(f"cannot listen on {address} ({exc})") from None
         await server.start()
+        hook = HookServer(
+            manager, config.paths.state_dir / HOOK_SOCKET_NAME, rootfs_base=config.paths.rootfs_base
+        )
+        try:
+            await hook.start()
+        except OSError as exc:
+            await server.stop(0)
+            raise StartupError(f"cannot listen on {hook.path} ({exc.strerror})") from None
+        addresses.append(f"hook+unix:{hook.path}")
         ttrpc: TtrpcServer | None = None
         sweeper: asyncio.Task[None] | None = None
         if config.listen.ttrpc is not None:
@@ -135,6 +147,7 @@ class Daemon:
                 await ttrpc.listen_unix(config.listen.ttrpc)
             except (OSError, CvaError) as exc:
                 await server.stop(0)
+                await hook.close(0)
                 raise StartupError(
                     f"cannot listen for ttRPC on {config.listen.ttrpc} ({exc})"
                 ) from None
@@ -157,6 +170,7 @@ class Daemon:
                 await ttrpc_vsock.listen_socket(vsock_listen_socket(config.listen.ttrpc_vsock_port))
             except OSError as exc:
                 await server.stop(0)
+                await hook.close(0)
                 if ttrpc is not None:
                     await ttrpc.close(0)
                 raise StartupError(
@@ -170,6 +184,7 @@ class Daemon:
                 sock = vsock_listen_socket(config.listen.vsock_port)
             except OSError as exc:
                 await server.stop(0)
+                await hook.close(0)
                 for front in (ttrpc, ttrpc_vsock):
                     if front is not None:
                         await front.close(0)
@@ -219,7 +234,7 @@ class Daemon:
         if splicer is not None:
             await splicer.stop_accepting()
         fronts = [t.close(grace) for t in (ttrpc, ttrpc_vsock) if t is not None]
-        await asyncio.gather(*fronts, server.stop(grace))
+        await asyncio.gather(*fronts, server.stop(grace), hook.close(grace))
         finished = await manager.drain(grace)
         if sweeper is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):

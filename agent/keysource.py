@@ -39,7 +39,11 @@ class LazyKbsKeySource:
     async def _get_client(self) -> KbsClient:
         async with self._lock:
             if self._client is None:
-                self._client = self._factory()
+                # in a worker thread: the first use imports the KBS client (httpx, cryptography)
+                # and builds its TLS context, seconds under an emulated CPU, during which the
+                # event loop must keep serving (a prestart hook that went away is noticed, and
+                # its container killed, at once)
+                self._client = await asyncio.to_thread(self._factory)
             return self._client
 
     async def get_resource(self, uri: KbsResourceUri) -> Secret:

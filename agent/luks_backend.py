@@ -20,6 +20,7 @@ from agent.config import DaemonConfig
 from agent.errors import CvaError
 from agent.mountinfo import MOUNTINFO, mount_source
 from agent.volumes import OpenedVolume, Rekey, ScanProgress, VolumeState
+from luks.errors import StorageError
 from luks.secret import Secret
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class LuksBackend:
             # the SecureMount request named it (agent.securemount: a whole disk found through
             # sysfs, not a contract volume's named disk, not held by anything else)
             device = _securemount_disk(vol)
+        elif vol.disk.kind == "devno":  # a container's device, resolved from its spec
+            device = luks_disk.node_by_devno(vol.disk.value)
         else:
             device = luks_disk.wait_for_disk(vol.disk, timeout=self._config.timeouts.disk_wait)
         prepared = luks_volume.prepare_volume(
@@ -109,8 +112,16 @@ class LuksBackend:
         from luks import volume as luks_volume  # noqa: PLC0415
 
         # the disk is needed only to deactivate the LV; a disk already gone fails that last step
-        # (a securemount volume is a whole disk: no LV to deactivate)
-        disk = None if vol.via_securemount else luks_disk.find(vol.disk)
+        disk: Path | None
+        if vol.via_securemount:  # a whole disk: no LV to deactivate
+            disk = None
+        elif vol.disk.kind in luks_disk.RESOLVED_PER_CONTAINER:
+            try:
+                disk = luks_disk.node_by_devno(vol.disk.value)
+            except StorageError:
+                disk = None
+        else:
+            disk = luks_disk.find(vol.disk)
         disk = disk or Path("/dev/null")
         luks_volume.release_volume(
             vol, disk=disk, mount_base=self._mount_base, runtime_dir=self._runtime_dir

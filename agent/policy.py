@@ -13,9 +13,8 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from agent.errors import CvaError, InputError
 
@@ -54,8 +53,7 @@ class BundleError(CvaError):
     """The guest-side bundle exists but cannot be used (gRPC FAILED_PRECONDITION)."""
 
 
-@dataclass(frozen=True)
-class RpcName:
+class RpcName(NamedTuple):  # a NamedTuple: the prestart hook imports this module, keep it light
     service: str
     method: str
 
@@ -116,6 +114,11 @@ def bundle_dir(rootfs_base: Path, cid: str) -> Path:
 
 def read_container_name(rootfs_base: Path, cid: str) -> str:
     """Read `<rootfs_base>/<cid>/config.json` (no symlinks followed) and return the name."""
+    return container_name_from_oci(read_bundle_config(rootfs_base, cid))
+
+
+def read_bundle_config(rootfs_base: Path, cid: str) -> bytes:
+    """The bytes of `<rootfs_base>/<cid>/config.json` (no symlinks followed, size-capped)."""
     path = bundle_dir(rootfs_base, cid) / "config.json"
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
@@ -138,7 +141,10 @@ def read_container_name(rootfs_base: Path, cid: str) -> str:
             chunks.append(data)
     finally:
         os.close(fd)
-    return container_name_from_oci(b"".join(chunks))
+    data = b"".join(chunks)
+    if len(data) > MAX_OCI_CONFIG_BYTES:
+        raise BundleError(f"OCI config.json is larger than {MAX_OCI_CONFIG_BYTES} bytes")
+    return data
 
 
 def _is_regular(fd: int) -> bool:

@@ -83,4 +83,6 @@ def serve(config: DaemonConfig) -> int:
         binding="checked at the first attestation" if trusted.binding_deferred else "checked",
         volumes=[v.name for v in trusted.contract.volumes],
     )
+    if not trusted.contract.volumes:
+        log.warning("no_volumes", reason="the initdata carries no cva contract or no volumes")
     return run_daemon(config, production_manager(trusted), notifier)

@@ -9,6 +9,10 @@ service. Every refusal is a one-line CvaError. On a TPM whose PCR8 the image lea
 Attestation Agent (`[evidence] pcr8_extender = "aa"`) and which the AA has not extended yet,
 the check runs at cva's first attestation instead (agent.binding.CheckedBinding).
 
+Initdata that carries no cva contract (no `data."cva.toml"`: a pod that is not cva's) still has
+its binding checked, and then gets the empty contract: no volumes, so the prestart hook that an
+image with cva runs for every pod answers "no volumes" at once and the pod runs normally.
+
 The binding check is skipped only for the sample TEE, which exists only when the image config
 allows it and no TDX/SNP device is present (evidence.detect.decide_tee): a test image's choice,
 never the contract's.
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from agent.binding import CheckedBinding, check_initdata_binding
 from agent.config import DaemonConfig
-from agent.contract import Contract, ContractError
+from agent.contract import CONTRACT_KEY, ApiPolicy, Contract, ContractError, KbsConfig
 from agent.initdata import InitData, find_initdata, load_contract, parse_initdata
 from evidence.base import Attester
 from evidence.detect import attester_for, decide_tee
@@ -61,6 +65,16 @@ def runtime_logs(config: DaemonConfig) -> tuple[Path, ...]:
     return (AA_EVENTLOG,) if own == AA_EVENTLOG else (AA_EVENTLOG, own)
 
 
+def empty_contract() -> Contract:
+    """The contract of initdata without `data."cva.toml"`: no volumes, no KBS is ever asked."""
+    return Contract(
+        version=1,
+        kbs=KbsConfig(url="", cert=None, tee="auto", insecure_http=False),
+        api=ApiPolicy(),
+        volumes=(),
+    )
+
+
 def establish_trust(
     config: DaemonConfig, *, root: Path = Path("/"), fs: ConfigFs | None = None
 ) -> Trusted:
@@ -71,7 +85,8 @@ def establish_trust(
     )
     raw = find_initdata(config.initdata.devices or None, toml_path=config.initdata.toml)
     initdata = parse_initdata(raw)
-    contract = load_contract(initdata)  # parsed, not yet trusted
+    has_contract = CONTRACT_KEY in initdata.data
+    contract = load_contract(initdata) if has_contract else empty_contract()  # not yet trusted
     require_tee(contract.kbs.tee, tee)  # before any attester exists
     logs = runtime_logs(config) if tee == "tdx" else None  # evidence.tdx loads only on TDX
     attester = attester_for(tee, root=root, fs=fs, runtime_logs=logs)

@@ -241,6 +241,7 @@ class VolumeManager:
         self._volumes = {v.name: v for v in contract.volumes}
         self._locks = {name: asyncio.Lock() for name in self._volumes}
         self._opened: dict[str, OpenedVolume] = {}
+        self._resolved: dict[str, Volume] = {}  # container: disks as last resolved (for close)
         self._scans: dict[str, ScanStatus] = {}  # written by worker threads (one dict store)
         self._tasks: set[asyncio.Task[object]] = set()
         self._closing = False
@@ -309,6 +310,7 @@ class VolumeManager:
         if not vols:
             return ()
         self._on_status(f"preparing {len(vols)} volume(s) for container {name}")
+        vols = await self._resolve_disks(vols, cid)
         results = await asyncio.gather(
             *(self._prepare_one(v, cid) for v in vols), return_exceptions=True
         )
@@ -317,6 +319,72 @@ class VolumeManager:
                 raise r
         self._on_status(f"ready; {len(self._opened)} volume(s) open")
         return tuple(r for r in results if isinstance(r, BoundVolume))
+
+    async def open_for_container(self, cid: str) -> tuple[tuple[Volume, OpenedVolume], ...]:
+        """The prestart hook's half of PrepareVolumes: open (fetch key, open/create, mount at
+        the guest path) every volume the contract gives container `cid` (its name read from the
+        guest-side bundle), without binding it anywhere; () when it gets none. The hook binds
+        them inside the container's own mount namespace, then `record_bound` notes it."""
+        policy.validate_container_id(cid)
+        if self._closing:
+            raise ShuttingDown("cva is shutting down; retry after it restarts")
+        name = await asyncio.to_thread(policy.read_container_name, self._rootfs_base, cid)
+        vols = policy.volumes_for_container(self._contract, name)
+        if not vols:
+            return ()
+        self._on_status(f"preparing {len(vols)} volume(s) for container {name} (prestart hook)")
+        resolved = await self._resolve_disks(vols, cid)
+
+        async def one(vol: Volume, use: Volume) -> tuple[Volume, OpenedVolume]:
+            async def work() -> OpenedVolume:
+                return await self._open_resolved(use)
+
+            return vol, await self._job(vol.name, work)
+
+        results = await asyncio.gather(
+            *(one(v, r) for v, r in zip(vols, resolved, strict=True)), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        self._on_status(f"ready; {len(self._opened)} volume(s) open")
+        return tuple(r for r in results if not isinstance(r, BaseException))
+
+    async def _open_resolved(self, use: Volume) -> OpenedVolume:
+        """`_ensure_open` for a volume whose disk may have been resolved from a container's
+        spec (called with the volume's lock held). When kata attached the PVC again under
+        another MAJ:MIN (a restarted container), the volume open on the old, detached disk is
+        closed first; the resolved form is kept for close."""
+        if use.disk.kind == "devno":
+            old = self._resolved.get(use.name)
+            if old is not None and old.disk != use.disk and use.name in self._opened:
+                await self._close(old)
+            self._resolved[use.name] = use
+        return await self._ensure_open(use)
+
+    async def _resolve_disks(self, vols: tuple[Volume, ...], cid: str) -> tuple[Volume, ...]:
+        """`container:<devicePath>` disks -> `devno:MAJ:MIN` from container `cid`'s own spec
+        (agent.hook.devices); other volumes unchanged."""
+        if not any(v.disk.kind == "container" for v in vols):
+            return vols
+        from agent.contract import DiskRef  # noqa: PLC0415
+        from agent.hook.devices import spec_device  # noqa: PLC0415
+
+        config = await asyncio.to_thread(policy.read_bundle_config, self._rootfs_base, cid)
+        out = []
+        for vol in vols:
+            if vol.disk.kind == "container":
+                major, minor = spec_device(config, vol.disk.value)
+                vol = dataclasses.replace(vol, disk=DiskRef("devno", f"{major}:{minor}"))
+            out.append(vol)
+        return tuple(out)
+
+    def record_bound(self, cid: str, names: tuple[str, ...]) -> None:
+        """Note that the hook bound these volumes into container `cid` (ListVolumes shows it;
+        the mounts live and die with the container's mount namespace)."""
+        for name in names:
+            if name in self._volumes:
+                self._bindings.add(cid, name)
 
     async def open_volume(
         self,
@@ -375,7 +443,7 @@ class VolumeManager:
         rootfs = self._rootfs(cid)
 
         async def work() -> OpenedVolume:
-            opened = await self._ensure_open(vol)
+            opened = await self._open_resolved(vol)
             await asyncio.to_thread(self._backend.bind, vol, opened, rootfs)
             self._bindings.add(cid, vol.name)
             return opened
@@ -465,7 +533,7 @@ class VolumeManager:
 
     async def _close(self, vol: Volume) -> None:
         """Close the volume, then record its close event (a failure there is only logged)."""
-        await asyncio.to_thread(self._backend.close, vol)
+        await asyncio.to_thread(self._backend.close, self._resolved.get(vol.name, vol))
         self._opened.pop(vol.name, None)
         if self._measurer is not None:
             await asyncio.to_thread(self._measurer.closed, vol.name)

@@ -41,6 +41,7 @@ class Module:
 MODULES = (
     Module("vm_storage", 1600.0, prepare=("-m", "tests.vm.build")),
     Module("vm_kata", 660.0, prepare=("-m", "tests.vm.build")),
+    Module("vm_hook", 900.0, prepare=("-m", "tests.vm.build")),
     Module("kbs_roundtrips", 180.0),
     Module("footprint", 120.0),
     Module("rpc_latency", 120.0),

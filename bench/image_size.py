@@ -20,7 +20,7 @@ from pathlib import Path
 from bench.results import Result, measured, not_measured
 
 REPO = Path(__file__).resolve().parents[1]
-GROUP = "9. Image footprint: /opt/cva"
+GROUP = "10. Image footprint: /opt/cva"
 NOTES: list[str] = [
     "image/install.sh --tee tpm (cva, its locked dependencies, the tpm and udev extras, "
     "checked-hash .pyc, no pip) into a throwaway tree with the host's CPython 3.11; apparent "

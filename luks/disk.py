@@ -15,7 +15,9 @@ Partitions are never matched (only /sys/block entries, which are whole disks).
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,11 @@ _REF_RULES = {
     "pci": "DDDD:BB:SS.F in lower-case hex",
     "scsi": "H:C:T:L or T:L in decimal",
 }
+
+
+# `container:<devicePath>` (agent.hook.devices) and what it resolves to, `devno:MAJ:MIN`
+RESOLVED_PER_CONTAINER = ("container", "devno")
+DEVNO_RE = re.compile(r"(0|[1-9][0-9]{0,9}):(0|[1-9][0-9]{0,9})")
 
 
 class DiskNotFound(StorageError):
@@ -95,6 +102,11 @@ def matches(kind: str, value: str, info: BlockInfo) -> bool:
     - scsi: an H:C:T:L component of the sysfs path equals `value`, or for kata's T:L its last
       two fields do.
     A reference not in its canonical form raises StorageError (never a silent "no match")."""
+    if kind in RESOLVED_PER_CONTAINER:
+        raise StorageError(
+            f"disk {kind}:{value[:80]!r} is resolved per container by cva's prestart hook; whether"
+            " this device is it cannot be told here, so it is refused"
+        )
     rule = ref_rule(kind, value)
     if rule is not None:
         raise StorageError(f"disk {kind}:{value!r}: {rule}; fix the contract")
@@ -199,3 +211,43 @@ def wait_for_disk(
         # drain what else is queued so one burst of events costs one rescan
         while monitor.poll(timeout=0) is not None:
             pass
+
+
+def node_by_devno(devno: str, *, sysfs: Path = Path("/sys"), dev: Path = Path("/dev")) -> Path:
+    """The /dev node of whole disk MAJ:MIN (a container's device, resolved from its spec):
+    a whole disk (no partition, no device-mapper), its node a block device with that st_rdev."""
+    m = DEVNO_RE.fullmatch(devno)
+    if m is None:
+        raise StorageError(f"device number {devno[:40]!r} is not MAJ:MIN")
+    entry = sysfs / "dev" / "block" / devno
+    try:
+        resolved = entry.resolve(strict=True)
+    except OSError:
+        raise DiskNotFound(
+            f"no block device {devno} in this guest (the container's spec names it; was it"
+            " attached?)"
+        ) from None
+    name = resolved.name
+    if (resolved / "partition").exists() or (resolved / "dm").exists():
+        raise StorageError(
+            f"block device {devno} ({name}) is a partition or a dm device, not a disk"
+        )
+    uevent = _read_attr(resolved / "uevent") or ""
+    devname = next((ln[8:] for ln in uevent.splitlines() if ln.startswith("DEVNAME=")), name)
+    if (
+        not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64})?", devname)
+        or ".." in devname
+    ):
+        raise StorageError(f"block device {devno} has an unusable name {devname[:64]!r}")
+    node = dev / devname
+    try:
+        st = node.stat()
+    except OSError:
+        raise DiskNotFound(f"block device {devno} has no node {node}") from None
+    major, minor = int(m.group(1)), int(m.group(2))
+    if not stat.S_ISBLK(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != (
+        major,
+        minor,
+    ):
+        raise StorageError(f"{node} is not block device {devno}")
+    return node

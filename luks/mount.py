@@ -17,13 +17,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import posixpath
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from luks.errors import StorageError
 
@@ -92,8 +91,9 @@ class _MountAttr(ctypes.Structure):
 
 
 def _check_arch() -> None:
-    if platform.machine() not in ("x86_64", "aarch64"):
-        raise MountError(f"mount syscalls are not wired for {platform.machine()}")
+    machine = os.uname().machine
+    if machine not in ("x86_64", "aarch64"):
+        raise MountError(f"mount syscalls are not wired for {machine}")
 
 
 def _oserror(what: str) -> OSError:
@@ -187,9 +187,9 @@ def target_components(target: str) -> tuple[str, ...]:
     return parts
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo (the fields cva needs)."""
+class MountEntry(NamedTuple):
+    """One line of /proc/self/mountinfo (the fields cva needs). A NamedTuple, like every type
+    here: the prestart hook process imports this module and stays light (no dataclasses)."""
 
     mount_id: int
     devno: str  # major:minor
@@ -521,3 +521,92 @@ def unbind_from_rootfs(source: Path, rootfs: Path, target: str) -> bool:
             except OSError as exc:
                 raise MountError(f"unbinding {target!r} failed: {exc.strerror}") from None
             return True
+
+
+# ---- the prestart hook's split bind (SPEC §e.7) ---------------------------------------------
+# The daemon (no setns: RestrictNamespaces) clones the volume's mount as a detached tree with the
+# bind's attributes; the hook (single-threaded, in the container's mount namespace) attaches
+# that tree onto the target it resolves inside the rootfs.
+
+
+def clone_volume_mount(source: Path, *, device: Path, read_only: bool) -> int:
+    """A detached mount fd (`open_tree(OPEN_TREE_CLONE)`) of `source`, the root of `device`'s
+    filesystem (`check_mount_of` on the very fd that is cloned), with nodev,nosuid (+ro) set.
+    The caller owns the fd (close-on-exec)."""
+    with _fd(os.open(source, _DIR_PATH | os.O_CLOEXEC)) as src_fd:
+        check_mount_of(src_fd, device)
+        try:
+            tree = _open_tree(src_fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH)
+        except OSError as exc:
+            raise MountError(
+                f"cloning the volume mount failed: {exc.strerror} (Linux >= 5.12 is needed)"
+            ) from None
+    try:
+        _mount_setattr(tree, bind_attrs(read_only=read_only))
+    except OSError as exc:
+        os.close(tree)
+        raise MountError(f"setting the bind's attributes failed: {exc.strerror}") from None
+    return tree
+
+
+def attach_volume_tree(tree_fd: int, rootfs: Path, target: str, *, dev: str) -> Path:
+    """Attach detached mount `tree_fd` (the filesystem `dev`, MAJ:MIN) at `target` resolved
+    inside `rootfs` (RESOLVE_IN_ROOT, missing directories made inside it); returns the resolved
+    path. Idempotent: a target that already is that filesystem's root is left as it is. After
+    the attach the target is resolved again and must be that filesystem (st_dev check)."""
+    tree_st = os.fstat(tree_fd)
+    got = f"{os.major(tree_st.st_dev)}:{os.minor(tree_st.st_dev)}"
+    if got != dev or not stat.S_ISDIR(tree_st.st_mode):
+        raise MountError(f"the volume mount handed over is device {got}, expected {dev}")
+    with _fd(open_rootfs(rootfs)) as root_fd:
+        with _fd(resolve_in_rootfs(root_fd, target, create=True)) as dst_fd:
+            dst_st = os.fstat(dst_fd)
+            if not stat.S_ISDIR(dst_st.st_mode):
+                raise MountError(f"mount target {target!r} is not a directory")
+            where = fd_path(dst_fd)
+            if (dst_st.st_dev, dst_st.st_ino) != (tree_st.st_dev, tree_st.st_ino):
+                try:
+                    _move_mount(tree_fd, dst_fd)
+                except OSError as exc:
+                    raise MountError(
+                        f"binding the volume at {target!r} in the container failed: {exc.strerror}"
+                    ) from None
+        with _fd(resolve_in_rootfs(root_fd, target, create=False)) as check_fd:
+            st = os.fstat(check_fd)
+            if (st.st_dev, st.st_ino) != (tree_st.st_dev, tree_st.st_ino):
+                raise MountError(
+                    f"after the bind, {target!r} in the container is device "
+                    f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}, not the volume ({dev})"
+                )
+    return Path(where)
+
+
+def remove_device_node(rootfs: Path, node: str) -> bool:
+    """Remove device node `node` (an absolute in-container path under /dev) from `rootfs`,
+    resolved inside it; a bind-mounted node is detached first. False if there was none."""
+    parent, _, name = node.rpartition("/")
+    if not name or name in (".", ".."):
+        raise MountError(f"device path {node!r} has no file name")
+    with _fd(open_rootfs(rootfs)) as root_fd:
+        try:
+            dir_fd = resolve_in_rootfs(root_fd, parent or "/dev", create=False)
+        except MountError:
+            return False
+        with _fd(dir_fd):
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if not (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+                raise MountError(f"{node!r} in the container is not a device node; not removed")
+            with suppress(OSError):  # a bind-mounted node (kata in a user namespace)
+                node_fd = openat2(dir_fd, name, os.O_PATH | os.O_NOFOLLOW, RESOLVE_BENEATH)
+                with _fd(node_fd):
+                    _umount(f"/proc/self/fd/{node_fd}", MNT_DETACH)
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError as exc:
+                raise MountError(
+                    f"cannot remove {node!r} from the container's /dev: {exc.strerror}"
+                ) from None
+    return True

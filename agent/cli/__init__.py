@@ -1,5 +1,5 @@
 """The `cva` command line: `main` (the console script `agent.cli:main`, `python -m agent`) and
-one module per command group (`daemon`, `initdata`, `kbs`, `evidence`, `luks`, `status`).
+one module per command group (`daemon`, `initdata`, `kbs`, `evidence`, `luks`, `status`, `hook`).
 
 Each command group lives in its own module and registers itself here; heavy imports happen
 inside the handlers, so `cva --help` and the daemon's start stay fast. Machine-readable output is
@@ -30,6 +30,7 @@ REGISTRARS: dict[str, tuple[str, ...]] = {
     "agent.cli.kbs:register": ("kbs",),
     "agent.cli.luks:register": ("luks",),
     "agent.cli.status:register": ("status",),
+    "agent.cli.hook:register": ("hook",),
 }
 
 Handler = Callable[[argparse.Namespace], int]

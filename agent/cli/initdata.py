@@ -233,7 +233,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         "data_keys": sorted(initdata.data),
     }
     if not args.initdata_only:
-        out["contract"] = contract_summary(load_contract(initdata))
+        contract = load_contract(initdata)
+        out["contract"] = contract_summary(contract)
+        from agent.hook.policy import hook_policy_warnings  # noqa: PLC0415 - check only
+
+        out["warnings"] = hook_policy_warnings(initdata.data, contract)
+        for warning in out["warnings"]:
+            sys.stderr.write(f"cva: warning: {warning}\n")
     return _emit(out)
 
 

@@ -76,7 +76,15 @@ def test_kata_upstream_annotation_decodes_byte_exact(vectors: Path) -> None:
 
 
 def test_check_example() -> None:
-    out = ok("check", str(EXAMPLE))
+    proc = run_cva("initdata", "check", str(EXAMPLE))
+    assert proc.returncode == 0, proc.stderr.decode()
+    # the example carries no agent policy: the prestart hook's path is not pinned (issue 22)
+    err = proc.stderr.decode()
+    assert (
+        err.startswith('cva: warning: initdata has no data."policy.rego"') and err.count("\n") == 1
+    )
+    out = json.loads(proc.stdout)
+    assert out["warnings"] == [err.removeprefix("cva: warning: ").rstrip("\n")]
     assert out["ok"] is True and out["data_keys"] == ["aa.toml", "cva.toml"]
     contract = out["contract"]
     assert isinstance(contract, dict)

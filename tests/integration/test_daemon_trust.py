@@ -154,3 +154,20 @@ def test_contract_with_unknown_key_is_refused(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("version = 1\n", "version = 1\nbogus = 2\n", 1))
     with pytest.raises(CvaError, match="bogus"):
         establish_trust(_config(tmp_path, path), root=tmp_path)
+
+
+def test_initdata_without_a_cva_contract_serves_no_volumes_but_is_still_bound(
+    tmp_path: Path,
+) -> None:
+    """Issue 22: an image with cva's prestart hook runs every pod; a pod whose initdata carries
+    no cva contract gets an empty contract (the hook answers "no volumes"), and its initdata
+    must still match the TEE."""
+    path = tmp_path / "initdata.toml"
+    path.write_text('version = "0.1.0"\nalgorithm = "sha256"\n[data]\n"aa.toml" = "x"\n')
+    digest = parse_initdata(path.read_bytes()).digest()
+    _tdx_machine(tmp_path, bytes(48))
+    with pytest.raises(BindingError, match="MRCONFIGID"):
+        establish_trust(_config(tmp_path, path, EvidenceConfig()), root=tmp_path)
+    (tmp_path / MRCONFIGID_SYSFS).write_bytes(digest.ljust(48, b"\0"))
+    trusted = establish_trust(_config(tmp_path, path, EvidenceConfig()), root=tmp_path)
+    assert trusted.attester.tee == "tdx" and trusted.contract.volumes == ()

@@ -100,6 +100,7 @@ class Scenario:
     ttrpc: str | None = None  # the daemon config's [listen] ttrpc (None: no ttRPC listener)
     extra_disks: tuple[str, ...] = ()  # serials of more blank disks, not in the contract
     extra_disk_bytes: int = 256 * 1024**2
+    extra_volumes: str = ""  # more [[volumes]] tables, appended to the contract as written
 
 
 def make_kbs_tls(folder: Path, address: str = KBS_GUEST_ADDR) -> KbsTls:
@@ -128,6 +129,7 @@ def contract_text(s: Scenario, ca_pem: str) -> str:
         f'mount = "{s.mount}"\n'
         f"containers = [{containers}]\n"
         "create = true\n"
+        f"{s.extra_volumes}"
     )
 
 
