@@ -196,6 +196,7 @@ def test_status_shows_the_real_stack(tmp_path: Path, monkeypatch: pytest.MonkeyP
             MeasureConfig(sink="tpm"),
             log_path=state / "eventlog",
             register_factory=lambda _tcti, _pcr: reg,
+            tee="tpm",  # the tpm sink only on a tpm TEE (issue 21 #2)
         )
         manager = VolumeManager(
             replace(contract(), volumes=(vol,)),

@@ -163,6 +163,7 @@ async def cva(tmp_path: Path) -> AsyncIterator[Cva]:
         log_path=log,
         state_path=tmp_path / "measured.json",
         register_factory=lambda _tcti, _pcr: register,
+        tee="tpm",  # the tpm sink only on a tpm TEE (issue 21 #2)
     )
     keys = StaticKeys()
     manager = VolumeManager(
