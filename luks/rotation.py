@@ -66,6 +66,7 @@ from luks.header_copies import Which, single_copy_area
 from luks.libcryptsetup import METADATA_BYTES, CryptDevice, WrongPassphrase, header_copy
 from luks.secret import Secret
 from luks.token import (
+    cva_token_id,
     derive_keys,
     key_id,
     make_token,
@@ -77,7 +78,6 @@ from luks.volume_plan import READY, CrashWindow, HeaderObservation, VolumeRefuse
 
 _log = structlog.get_logger()
 _LOGGER = "cva.luks.rotation"
-TOKEN_SCAN = 32
 
 # what the caller gives: the previous key's KBS resource, fetched only when needed
 FetchPrevious = Callable[[], Secret]
@@ -279,7 +279,7 @@ def _with_token(ctx: _Ctx, copy: str, area: bytes, state: str, seq: int) -> byte
     token = token_json(make_token(parse_luks2(current), state, name, ctx.mac_key, seq=seq))
     with CryptDevice.open(str(ctx.device), header=copy) as cd:
         cd.load()
-        cd.token_json_set(_cva_token_id(cd), token)
+        cd.token_json_set(cva_token_id(cd), token)
     return _read_copy(copy, len(area), name)
 
 
@@ -289,19 +289,6 @@ def _read_copy(copy: str, length: int, name: str) -> bytes:
     if len(data) != length:
         raise VolumeRefused(f"volume {name}: short read of cva's own header copy; retry")
     return data
-
-
-def _cva_token_id(cd: CryptDevice) -> int:
-    import json  # noqa: PLC0415
-
-    for token in range(TOKEN_SCAN):
-        text = cd.token_json_get(token)
-        if text is None:
-            continue
-        with contextlib.suppress(ValueError, RecursionError, AttributeError):
-            if json.loads(text).get("type") == "cva":
-                return token
-    return 0
 
 
 def _check(area: bytes, spec: _Spec, mac_key: Secret, state: str) -> None:

@@ -133,7 +133,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -168,6 +167,7 @@ from luks.rotation import FetchPrevious, Rekeyed, settle
 from luks.secret import Secret
 from luks.spec import VolumeSpec
 from luks.token import (
+    cva_token_id,
     derive_keys,
     make_token,
     metadata_sha256,
@@ -195,7 +195,6 @@ from luks.volume_plan import (
     needs_grow,
 )
 
-TOKEN_SCAN = 32
 # structlog's own lazy logger: the application configures the processors (agent.log redacts)
 _log = structlog.get_logger()
 _LOGGER = "cva.luks.volume"
@@ -412,7 +411,7 @@ def _mark_ready(
     token = token_json(make_token(hdr, READY, vol.name, mac_key, seq=seq))
     with CryptDevice.open(str(device), header=copy) as cd:
         cd.load()
-        cd.token_json_set(_cva_token_id(cd), token)
+        cd.token_json_set(cva_token_id(cd), token)
     # read exactly the area back (no 16 MiB slice copies: peak memory on create, bench §2)
     with Path(copy).open("rb", buffering=0) as handle:
         updated = handle.read(len(area))
@@ -483,17 +482,6 @@ def _adopt_half_written(
     if obs.kind != "cva":
         raise VolumeRefused(f"volume {vol.name}: internal error adopting a header copy")
     return result.area, obs
-
-
-def _cva_token_id(cd: CryptDevice) -> int:
-    for token in range(TOKEN_SCAN):
-        text = cd.token_json_get(token)
-        if text is None:
-            continue
-        with contextlib.suppress(ValueError, RecursionError, AttributeError):
-            if json.loads(text).get("type") == "cva":
-                return token
-    return 0
 
 
 def _metadata_size(area: bytes) -> int:
