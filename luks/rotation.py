@@ -315,19 +315,13 @@ def _write(ctx: _Ctx, expected: bytes, area: bytes, half: CrashWindow) -> None:
                 "in a copy; nothing was written (check who writes to the disk)"
             )
         view = memoryview(area)
-        _pwrite_all(fd, view[size:], size)
+        blank.write_all(fd, view[size:], size)
         os.fsync(fd)
         ctx.window(half)
-        _pwrite_all(fd, view[:size], 0)
+        blank.write_all(fd, view[:size], 0)
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
 
 
 # ---- a rotation's cut write: two copies that disagree ----------------------------------------
@@ -428,9 +422,9 @@ def _adopt(ctx: _Ctx, area: bytes, pair: _Pair) -> bytes:
                 "prepare again (check who writes to the disk)"
             )
         view = memoryview(pair.area)
-        _pwrite_all(fd, view[size : 2 * size], size)
+        blank.write_all(fd, view[size : 2 * size], size)
         os.fsync(fd)
-        _pwrite_all(fd, view[:size], 0)
+        blank.write_all(fd, view[:size], 0)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -376,18 +376,12 @@ def _write_header(device: Path, area: bytes) -> None:
     fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     try:
         view = memoryview(area)
-        _pwrite_all(fd, view[primary:], primary)
+        blank.write_all(fd, view[primary:], primary)
         os.fsync(fd)
-        _pwrite_all(fd, view[:primary], 0)
+        blank.write_all(fd, view[:primary], 0)
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def _mark_ready(
@@ -465,9 +459,9 @@ def _adopt_half_written(
                 "prepare again (check who writes to the disk)"
             )
         view = memoryview(result.area)
-        _pwrite_all(fd, view[size : 2 * size], size)  # secondary first, as _mark_ready does
+        blank.write_all(fd, view[size : 2 * size], size)  # secondary first, as _mark_ready does
         os.fsync(fd)
-        _pwrite_all(fd, view[:size], 0)
+        blank.write_all(fd, view[:size], 0)
         os.fsync(fd)
     finally:
         os.close(fd)
