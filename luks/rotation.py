@@ -413,21 +413,7 @@ def _adopt(ctx: _Ctx, area: bytes, pair: _Pair) -> bytes:
     with header_copy(pair.area) as copy, CryptDevice.open(str(ctx.device), header=copy) as cd:
         cd.load()
         _opening_slot(cd, ctx.passphrase, spec.name)
-    size = METADATA_BYTES
-    fd = os.open(ctx.device, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        if not blank.range_equals(fd, 0, area[: 2 * size]):
-            raise VolumeRefused(
-                f"volume {spec.name}: the on-disk LUKS header changed while cva was reading it; "
-                "prepare again (check who writes to the disk)"
-            )
-        view = memoryview(pair.area)
-        blank.write_all(fd, view[size : 2 * size], size)
-        os.fsync(fd)
-        blank.write_all(fd, view[:size], 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_adopted_copy(ctx.device, area, pair.area, METADATA_BYTES, spec.name)
     _log.warning(
         "header copies disagreed (a cut write of a key rotation); adopted one",
         logger=_LOGGER,
@@ -437,4 +423,32 @@ def _adopt(ctx: _Ctx, area: bytes, pair: _Pair) -> bytes:
     return pair.area
 
 
-__all__ = ["FetchPrevious", "PreviousKeyRefused", "Rekeyed", "Settled", "settle"]
+def write_adopted_copy(device: Path, area: bytes, adopted: bytes, size: int, name: str) -> None:
+    """Write the adopted header copy (the first `size` bytes of `adopted`, standing in both
+    slots) to both slots of `device`, secondary first, only if the disk still holds the first
+    two slots of `area`; else refuse with nothing written. Also luks.volume's adoption of a cut
+    ready-state write."""
+    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if not blank.range_equals(fd, 0, area[: 2 * size]):
+            raise VolumeRefused(
+                f"volume {name}: the on-disk LUKS header changed while cva was reading it; "
+                "prepare again (check who writes to the disk)"
+            )
+        view = memoryview(adopted)
+        blank.write_all(fd, view[size : 2 * size], size)
+        os.fsync(fd)
+        blank.write_all(fd, view[:size], 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "FetchPrevious",
+    "PreviousKeyRefused",
+    "Rekeyed",
+    "Settled",
+    "settle",
+    "write_adopted_copy",
+]

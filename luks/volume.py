@@ -163,7 +163,7 @@ from luks.libcryptsetup import (
     deactivate_by_name,
     header_copy,
 )
-from luks.rotation import FetchPrevious, Rekeyed, settle
+from luks.rotation import FetchPrevious, Rekeyed, settle, write_adopted_copy
 from luks.secret import Secret
 from luks.spec import VolumeSpec
 from luks.token import (
@@ -450,21 +450,8 @@ def _adopt_half_written(
             f"and {result}; restore the volume's current header, or zero the disk or LV on "
             "purpose (blkdiscard -z) to start over"
         )
-    size = _metadata_size(result.area)
-    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        if not blank.range_equals(fd, 0, area[: 2 * size]):
-            raise VolumeRefused(
-                f"volume {vol.name}: the on-disk LUKS header changed while cva was reading it; "
-                "prepare again (check who writes to the disk)"
-            )
-        view = memoryview(result.area)
-        blank.write_all(fd, view[size : 2 * size], size)  # secondary first, as _mark_ready does
-        os.fsync(fd)
-        blank.write_all(fd, view[:size], 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # secondary first, as _mark_ready does
+    write_adopted_copy(device, area, result.area, _metadata_size(result.area), vol.name)
     _log.warning(
         "header copies disagreed (a cut write of the ready state); adopted one",
         logger=_LOGGER,
