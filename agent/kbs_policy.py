@@ -50,6 +50,18 @@ DEFAULT_TEES = ("tdx", "snp")
 
 CLAIMS_PATH = 'input.submods.cpu0["ear.veraison.annotated-evidence"]'
 STATUS_PATH = 'input.submods.cpu0["ear.status"]'
+# every generated policy's head after its comment block: package, import, deny by default
+_REGO_PREAMBLE = (
+    "",
+    "package policy",
+    "",
+    "import rego.v1",
+    "",
+    "default allow := false",
+    "",
+    f"claims := {CLAIMS_PATH}",
+    "",
+)
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -222,15 +234,7 @@ def resource_policy(
         mrconfigid = reference_value(workloads[0].initdata, "tdx").hex()
         lines += ["#", *_volume_header(volume, mrconfigid, workloads[0].initdata)]
     lines += [
-        "",
-        "package policy",
-        "",
-        "import rego.v1",
-        "",
-        "default allow := false",
-        "",
-        f"claims := {CLAIMS_PATH}",
-        "",
+        *_REGO_PREAMBLE,
         "# one entry per (TEE, resource): the TEE's claim object must be present and init_data",
         "# must be this workload's value for that TEE",
         "grants := [",
@@ -423,15 +427,7 @@ def volume_policy(
         *_volume_header(grant, mrconfigid, initdata),
         *_header_common(require_affirming),
         "# Also not bound: which VM (any VM with these events); the request's query string.",
-        "",
-        "package policy",
-        "",
-        "import rego.v1",
-        "",
-        "default allow := false",
-        "",
-        f"claims := {CLAIMS_PATH}",
-        "",
+        *_REGO_PREAMBLE,
         *_volume_rules(grant, mrconfigid, require_affirming),
     ]
     return "\n".join(lines)

@@ -89,14 +89,20 @@ def validate_container_id(cid: str) -> str:
     return cid
 
 
+def oci_config_json(config: bytes, error: type[CvaError]) -> object:
+    """The decoded JSON of an OCI runtime config (hostile bytes: size-capped); raises `error`
+    when it is too large or not JSON."""
+    if len(config) > MAX_OCI_CONFIG_BYTES:
+        raise error(f"OCI config.json is larger than {MAX_OCI_CONFIG_BYTES} bytes")
+    try:
+        return json.loads(config)
+    except (ValueError, RecursionError):
+        raise error("OCI config.json is not valid JSON") from None
+
+
 def container_name_from_oci(config: bytes) -> str:
     """The CRI container name annotation of an OCI runtime config (hostile bytes)."""
-    if len(config) > MAX_OCI_CONFIG_BYTES:
-        raise BundleError(f"OCI config.json is larger than {MAX_OCI_CONFIG_BYTES} bytes")
-    try:
-        doc = json.loads(config)
-    except (ValueError, RecursionError):
-        raise BundleError("OCI config.json is not valid JSON") from None
+    doc = oci_config_json(config, BundleError)
     annotations = doc.get("annotations") if isinstance(doc, dict) else None
     if not isinstance(annotations, dict):
         raise BundleError("OCI config.json has no annotations object")

@@ -21,7 +21,7 @@ import dataclasses
 import enum
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -301,35 +301,31 @@ class VolumeManager:
     def _rootfs(self, cid: str) -> Path:
         return policy.bundle_dir(self._rootfs_base, cid) / "rootfs"
 
-    async def prepare(self, cid: str) -> tuple[BoundVolume, ...]:
+    async def _container_volumes(self, cid: str) -> tuple[str, tuple[Volume, ...]]:
+        """Container `cid`'s name (read from its guest-side bundle) and the contract's volumes
+        for it; refuses a malformed id and any new work while cva shuts down."""
         policy.validate_container_id(cid)
         if self._closing:
             raise ShuttingDown("cva is shutting down; retry after it restarts")
         name = await asyncio.to_thread(policy.read_container_name, self._rootfs_base, cid)
-        vols = policy.volumes_for_container(self._contract, name)
+        return name, policy.volumes_for_container(self._contract, name)
+
+    async def prepare(self, cid: str) -> tuple[BoundVolume, ...]:
+        name, vols = await self._container_volumes(cid)
         if not vols:
             return ()
         self._on_status(f"preparing {len(vols)} volume(s) for container {name}")
         vols = await self._resolve_disks(vols, cid)
-        results = await asyncio.gather(
-            *(self._prepare_one(v, cid) for v in vols), return_exceptions=True
-        )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        results = await _all_or_first_error(self._prepare_one(v, cid) for v in vols)
         self._on_status(f"ready; {len(self._opened)} volume(s) open")
-        return tuple(r for r in results if isinstance(r, BoundVolume))
+        return tuple(results)
 
     async def open_for_container(self, cid: str) -> tuple[tuple[Volume, OpenedVolume], ...]:
         """The prestart hook's half of PrepareVolumes: open (fetch key, open/create, mount at
         the guest path) every volume the contract gives container `cid` (its name read from the
         guest-side bundle), without binding it anywhere; () when it gets none. The hook binds
         them inside the container's own mount namespace, then `record_bound` notes it."""
-        policy.validate_container_id(cid)
-        if self._closing:
-            raise ShuttingDown("cva is shutting down; retry after it restarts")
-        name = await asyncio.to_thread(policy.read_container_name, self._rootfs_base, cid)
-        vols = policy.volumes_for_container(self._contract, name)
+        name, vols = await self._container_volumes(cid)
         if not vols:
             return ()
         self._on_status(f"preparing {len(vols)} volume(s) for container {name} (prestart hook)")
@@ -341,14 +337,9 @@ class VolumeManager:
 
             return vol, await self._job(vol.name, work)
 
-        results = await asyncio.gather(
-            *(one(v, r) for v, r in zip(vols, resolved, strict=True)), return_exceptions=True
-        )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        results = await _all_or_first_error(one(v, r) for v, r in zip(vols, resolved, strict=True))
         self._on_status(f"ready; {len(self._opened)} volume(s) open")
-        return tuple(r for r in results if not isinstance(r, BaseException))
+        return tuple(results)
 
     async def _open_resolved(self, use: Volume) -> OpenedVolume:
         """`_ensure_open` for a volume whose disk may have been resolved from a container's
@@ -570,10 +561,7 @@ class VolumeManager:
             await self._job(vol.name, work)
 
         vols = [self._volumes[n] for n in names if n in self._volumes]
-        results = await asyncio.gather(*(release_one(v) for v in vols), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        await _all_or_first_error(release_one(v) for v in vols)
         return Released(tuple(v.name for v in vols), tuple(sorted(closed)))
 
     async def list(self) -> tuple[VolumeStatus, ...]:
@@ -608,3 +596,13 @@ class VolumeManager:
 def _retrieve(task: asyncio.Task[object]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+async def _all_or_first_error(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Run `calls` together, each to its end; then raise the first failure (in call order), else
+    return their results."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return [r for r in results if not isinstance(r, BaseException)]

@@ -211,6 +211,13 @@ def read_range(fd: int, offset: int, length: int) -> bytes:
     return b"".join(chunks)
 
 
+def write_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (read_range's counterpart: pwrite until done)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
 def probe_blank(device: Path, *, timeout: float = 30.0) -> BlankVerdict:
     """Read the device per `sample_plan`, run blkid, and decide."""
     size = device_size(device)

@@ -139,6 +139,19 @@ def _c(func: str, restype: object, *argtypes: object) -> None:
     f.argtypes = list(argtypes)
 
 
+def _profile_pbkdf() -> _PbkdfType:
+    """cva's PBKDF profile: PBKDF_TYPE/PBKDF_HASH, fixed PBKDF_ITERATIONS, no benchmark."""
+    return _PbkdfType(
+        type=PBKDF_TYPE.encode(),
+        hash=PBKDF_HASH.encode(),
+        time_ms=0,
+        iterations=PBKDF_ITERATIONS,
+        max_memory_kb=0,
+        parallel_threads=0,
+        flags=CRYPT_PBKDF_NO_BENCHMARK,
+    )
+
+
 def _library() -> ctypes.CDLL:
     """Load libcryptsetup once, declare the prototypes, route its log lines to us."""
     global _lib  # noqa: PLW0603 - the library is loaded once per process
@@ -285,6 +298,11 @@ class CryptDevice:
             raise CryptError(f"{self.device}: crypt device context already closed", errno_mod.EBADF)
         return self._handle
 
+    def _set_profile_pbkdf(self, lib: ctypes.CDLL, cd: int) -> None:
+        """Set cva's PBKDF profile on context `cd` (caller holds _LOCK)."""
+        pbkdf = _profile_pbkdf()
+        self._check("crypt_set_pbkdf_type", lib.crypt_set_pbkdf_type(cd, ctypes.byref(pbkdf)))
+
     def _check(self, call: str, rc: int) -> int:
         if rc < 0:
             raise _error(call, rc, self.device)
@@ -316,15 +334,7 @@ class CryptDevice:
                 f"{self.device}: volume key must be {key_bytes} bytes, got {len(volume_key)}",
                 errno_mod.EINVAL,
             )
-        pbkdf = _PbkdfType(
-            type=PBKDF_TYPE.encode(),
-            hash=PBKDF_HASH.encode(),
-            time_ms=0,
-            iterations=PBKDF_ITERATIONS,
-            max_memory_kb=0,
-            parallel_threads=0,
-            flags=CRYPT_PBKDF_NO_BENCHMARK,
-        )
+        pbkdf = _profile_pbkdf()
         params = _ParamsLuks2(
             pbkdf=ctypes.pointer(pbkdf),
             integrity=INTEGRITY_ALGORITHM.encode() if integrity else None,
@@ -385,13 +395,7 @@ class CryptDevice:
             _log_lines.clear()
             cd = self._cd()
             # a loaded (not freshly formatted) context needs the profile's PBKDF again
-            pbkdf = _PbkdfType(
-                type=PBKDF_TYPE.encode(),
-                hash=PBKDF_HASH.encode(),
-                iterations=PBKDF_ITERATIONS,
-                flags=CRYPT_PBKDF_NO_BENCHMARK,
-            )
-            self._check("crypt_set_pbkdf_type", lib.crypt_set_pbkdf_type(cd, ctypes.byref(pbkdf)))
+            self._set_profile_pbkdf(lib, cd)
             with (
                 _key_buffer(volume_key, "volume key") as vk,
                 _key_buffer(passphrase, "passphrase") as pw,
@@ -415,13 +419,7 @@ class CryptDevice:
         with _LOCK:
             _log_lines.clear()
             cd = self._cd()
-            pbkdf = _PbkdfType(
-                type=PBKDF_TYPE.encode(),
-                hash=PBKDF_HASH.encode(),
-                iterations=PBKDF_ITERATIONS,
-                flags=CRYPT_PBKDF_NO_BENCHMARK,
-            )
-            self._check("crypt_set_pbkdf_type", lib.crypt_set_pbkdf_type(cd, ctypes.byref(pbkdf)))
+            self._set_profile_pbkdf(lib, cd)
             with (
                 _key_buffer(old, "passphrase") as old_pw,
                 _key_buffer(new, "passphrase") as new_pw,

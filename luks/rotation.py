@@ -66,6 +66,7 @@ from luks.header_copies import Which, single_copy_area
 from luks.libcryptsetup import METADATA_BYTES, CryptDevice, WrongPassphrase, header_copy
 from luks.secret import Secret
 from luks.token import (
+    cva_token_id,
     derive_keys,
     key_id,
     make_token,
@@ -77,7 +78,6 @@ from luks.volume_plan import READY, CrashWindow, HeaderObservation, VolumeRefuse
 
 _log = structlog.get_logger()
 _LOGGER = "cva.luks.rotation"
-TOKEN_SCAN = 32
 
 # what the caller gives: the previous key's KBS resource, fetched only when needed
 FetchPrevious = Callable[[], Secret]
@@ -279,7 +279,7 @@ def _with_token(ctx: _Ctx, copy: str, area: bytes, state: str, seq: int) -> byte
     token = token_json(make_token(parse_luks2(current), state, name, ctx.mac_key, seq=seq))
     with CryptDevice.open(str(ctx.device), header=copy) as cd:
         cd.load()
-        cd.token_json_set(_cva_token_id(cd), token)
+        cd.token_json_set(cva_token_id(cd), token)
     return _read_copy(copy, len(area), name)
 
 
@@ -289,19 +289,6 @@ def _read_copy(copy: str, length: int, name: str) -> bytes:
     if len(data) != length:
         raise VolumeRefused(f"volume {name}: short read of cva's own header copy; retry")
     return data
-
-
-def _cva_token_id(cd: CryptDevice) -> int:
-    import json  # noqa: PLC0415
-
-    for token in range(TOKEN_SCAN):
-        text = cd.token_json_get(token)
-        if text is None:
-            continue
-        with contextlib.suppress(ValueError, RecursionError, AttributeError):
-            if json.loads(text).get("type") == "cva":
-                return token
-    return 0
 
 
 def _check(area: bytes, spec: _Spec, mac_key: Secret, state: str) -> None:
@@ -328,19 +315,13 @@ def _write(ctx: _Ctx, expected: bytes, area: bytes, half: CrashWindow) -> None:
                 "in a copy; nothing was written (check who writes to the disk)"
             )
         view = memoryview(area)
-        _pwrite_all(fd, view[size:], size)
+        blank.write_all(fd, view[size:], size)
         os.fsync(fd)
         ctx.window(half)
-        _pwrite_all(fd, view[:size], 0)
+        blank.write_all(fd, view[:size], 0)
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
 
 
 # ---- a rotation's cut write: two copies that disagree ----------------------------------------
@@ -432,21 +413,7 @@ def _adopt(ctx: _Ctx, area: bytes, pair: _Pair) -> bytes:
     with header_copy(pair.area) as copy, CryptDevice.open(str(ctx.device), header=copy) as cd:
         cd.load()
         _opening_slot(cd, ctx.passphrase, spec.name)
-    size = METADATA_BYTES
-    fd = os.open(ctx.device, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        if not blank.range_equals(fd, 0, area[: 2 * size]):
-            raise VolumeRefused(
-                f"volume {spec.name}: the on-disk LUKS header changed while cva was reading it; "
-                "prepare again (check who writes to the disk)"
-            )
-        view = memoryview(pair.area)
-        _pwrite_all(fd, view[size : 2 * size], size)
-        os.fsync(fd)
-        _pwrite_all(fd, view[:size], 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_adopted_copy(ctx.device, area, pair.area, METADATA_BYTES, spec.name)
     _log.warning(
         "header copies disagreed (a cut write of a key rotation); adopted one",
         logger=_LOGGER,
@@ -456,4 +423,32 @@ def _adopt(ctx: _Ctx, area: bytes, pair: _Pair) -> bytes:
     return pair.area
 
 
-__all__ = ["FetchPrevious", "PreviousKeyRefused", "Rekeyed", "Settled", "settle"]
+def write_adopted_copy(device: Path, area: bytes, adopted: bytes, size: int, name: str) -> None:
+    """Write the adopted header copy (the first `size` bytes of `adopted`, standing in both
+    slots) to both slots of `device`, secondary first, only if the disk still holds the first
+    two slots of `area`; else refuse with nothing written. Also luks.volume's adoption of a cut
+    ready-state write."""
+    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if not blank.range_equals(fd, 0, area[: 2 * size]):
+            raise VolumeRefused(
+                f"volume {name}: the on-disk LUKS header changed while cva was reading it; "
+                "prepare again (check who writes to the disk)"
+            )
+        view = memoryview(adopted)
+        blank.write_all(fd, view[size : 2 * size], size)
+        os.fsync(fd)
+        blank.write_all(fd, view[:size], 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "FetchPrevious",
+    "PreviousKeyRefused",
+    "Rekeyed",
+    "Settled",
+    "settle",
+    "write_adopted_copy",
+]

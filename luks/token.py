@@ -45,12 +45,13 @@ reformat a volume (check the opened device for a filesystem first).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -67,6 +68,9 @@ from luks.header import (
 )
 from luks.secret import Secret
 
+if TYPE_CHECKING:
+    from luks.libcryptsetup import CryptDevice
+
 MIN_SECRET_BYTES: Final = 32
 DERIVED_KEY_BYTES: Final = 32
 PASSPHRASE_INFO: Final = "cva/v1/luks-passphrase/"  # noqa: S105 - an HKDF label
@@ -75,6 +79,7 @@ KEY_ID_INFO: Final = "cva/v1/key-id/"
 MAC_DOMAIN: Final = b"cva/v1/token-mac\x00"
 STATE_INITIALIZING: Final = "initializing"
 STATE_READY: Final = "ready"
+TOKEN_SCAN: Final = 32  # token ids cva_token_id looks at
 
 
 class TokenError(StorageInputError):
@@ -246,3 +251,15 @@ def verified_token(hdr: LuksHeader, volume_name: str, mac_key: Secret) -> Verifi
             "someone without this volume's key, or a different key); refusing it"
         )
     return VerifiedToken(state, 0 if seq is None else seq)
+
+
+def cva_token_id(cd: CryptDevice) -> int:
+    """The id of the loaded header's cva token (the first whose JSON says type cva), else 0."""
+    for token in range(TOKEN_SCAN):
+        text = cd.token_json_get(token)
+        if text is None:
+            continue
+        with contextlib.suppress(ValueError, RecursionError, AttributeError):
+            if json.loads(text).get("type") == TOKEN_TYPE:
+                return token
+    return 0

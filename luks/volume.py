@@ -133,7 +133,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -164,10 +163,11 @@ from luks.libcryptsetup import (
     deactivate_by_name,
     header_copy,
 )
-from luks.rotation import FetchPrevious, Rekeyed, settle
+from luks.rotation import FetchPrevious, Rekeyed, settle, write_adopted_copy
 from luks.secret import Secret
 from luks.spec import VolumeSpec
 from luks.token import (
+    cva_token_id,
     derive_keys,
     make_token,
     metadata_sha256,
@@ -195,7 +195,6 @@ from luks.volume_plan import (
     needs_grow,
 )
 
-TOKEN_SCAN = 32
 # structlog's own lazy logger: the application configures the processors (agent.log redacts)
 _log = structlog.get_logger()
 _LOGGER = "cva.luks.volume"
@@ -377,18 +376,12 @@ def _write_header(device: Path, area: bytes) -> None:
     fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     try:
         view = memoryview(area)
-        _pwrite_all(fd, view[primary:], primary)
+        blank.write_all(fd, view[primary:], primary)
         os.fsync(fd)
-        _pwrite_all(fd, view[:primary], 0)
+        blank.write_all(fd, view[:primary], 0)
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def _mark_ready(
@@ -412,7 +405,7 @@ def _mark_ready(
     token = token_json(make_token(hdr, READY, vol.name, mac_key, seq=seq))
     with CryptDevice.open(str(device), header=copy) as cd:
         cd.load()
-        cd.token_json_set(_cva_token_id(cd), token)
+        cd.token_json_set(cva_token_id(cd), token)
     # read exactly the area back (no 16 MiB slice copies: peak memory on create, bench §2)
     with Path(copy).open("rb", buffering=0) as handle:
         updated = handle.read(len(area))
@@ -457,21 +450,8 @@ def _adopt_half_written(
             f"and {result}; restore the volume's current header, or zero the disk or LV on "
             "purpose (blkdiscard -z) to start over"
         )
-    size = _metadata_size(result.area)
-    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        if not blank.range_equals(fd, 0, area[: 2 * size]):
-            raise VolumeRefused(
-                f"volume {vol.name}: the on-disk LUKS header changed while cva was reading it; "
-                "prepare again (check who writes to the disk)"
-            )
-        view = memoryview(result.area)
-        _pwrite_all(fd, view[size : 2 * size], size)  # secondary first, as _mark_ready does
-        os.fsync(fd)
-        _pwrite_all(fd, view[:size], 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # secondary first, as _mark_ready does
+    write_adopted_copy(device, area, result.area, _metadata_size(result.area), vol.name)
     _log.warning(
         "header copies disagreed (a cut write of the ready state); adopted one",
         logger=_LOGGER,
@@ -483,17 +463,6 @@ def _adopt_half_written(
     if obs.kind != "cva":
         raise VolumeRefused(f"volume {vol.name}: internal error adopting a header copy")
     return result.area, obs
-
-
-def _cva_token_id(cd: CryptDevice) -> int:
-    for token in range(TOKEN_SCAN):
-        text = cd.token_json_get(token)
-        if text is None:
-            continue
-        with contextlib.suppress(ValueError, RecursionError, AttributeError):
-            if json.loads(text).get("type") == "cva":
-                return token
-    return 0
 
 
 def _metadata_size(area: bytes) -> int:

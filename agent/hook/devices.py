@@ -11,10 +11,8 @@ blank proof before a format) still decide whether cva opens or creates anything 
 
 from __future__ import annotations
 
-import json
-
 from agent.errors import InputError
-from agent.policy import MAX_OCI_CONFIG_BYTES
+from agent.policy import oci_config_json
 
 MAX_DEVNUM = (1 << 32) - 1
 
@@ -25,12 +23,7 @@ class DeviceSpecError(InputError):
 
 def spec_device(config: bytes, device_path: str) -> tuple[int, int]:
     """(major, minor) of the block device the OCI config lists at `device_path`."""
-    if len(config) > MAX_OCI_CONFIG_BYTES:
-        raise DeviceSpecError(f"OCI config.json is larger than {MAX_OCI_CONFIG_BYTES} bytes")
-    try:
-        doc = json.loads(config)
-    except (ValueError, RecursionError):
-        raise DeviceSpecError("OCI config.json is not valid JSON") from None
+    doc = oci_config_json(config, DeviceSpecError)
     linux = doc.get("linux") if isinstance(doc, dict) else None
     devices = linux.get("devices") if isinstance(linux, dict) else None
     if not isinstance(devices, list):

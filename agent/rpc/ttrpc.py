@@ -686,17 +686,7 @@ class TtrpcServer:
         raw: bytes,
     ) -> bytes | None:
         """The relay's answer as a whole response frame, or None (dispatch here)."""
-        timeout = self.max_timeout
-        if request.timeout_nano > 0:
-            timeout = min(timeout, request.timeout_nano / 1e9)
-        ctx = CallContext(
-            service=request.service,
-            method=request.method,
-            stream_id=stream_id,
-            metadata=tuple((kv.key, kv.value) for kv in request.metadata),
-            timeout=timeout,
-            peer=conn.peer,
-        )
+        ctx = self._call_context(conn, stream_id, request)
         try:
             answer = await relay(raw, request, ctx)
         except asyncio.CancelledError:
@@ -712,6 +702,23 @@ class TtrpcServer:
             )
         return encode_frame(stream_id, MessageType.RESPONSE, answer)
 
+    def _call_context(
+        self, conn: _Connection, stream_id: int, request: ttrpc_pb2.Request
+    ) -> CallContext:
+        """The call's context; its timeout is the server's cap, lowered by a positive
+        timeout_nano (a negative one is the caller's to judge)."""
+        timeout = self.max_timeout
+        if request.timeout_nano > 0:
+            timeout = min(timeout, request.timeout_nano / 1e9)
+        return CallContext(
+            service=request.service,
+            method=request.method,
+            stream_id=stream_id,
+            metadata=tuple((kv.key, kv.value) for kv in request.metadata),
+            timeout=timeout,
+            peer=conn.peer,
+        )
+
     async def _dispatch(
         self, conn: _Connection, stream_id: int, request: ttrpc_pb2.Request
     ) -> tuple[Code, str, bytes]:
@@ -720,21 +727,11 @@ class TtrpcServer:
             if not any(s == request.service for s, _ in self._handlers):
                 return Code.UNIMPLEMENTED, f"service {_clip(request.service)}", b""
             return Code.UNIMPLEMENTED, f"method {_clip(request.method)}", b""
-        timeout = self.max_timeout
         if request.timeout_nano < 0:
             return Code.DEADLINE_EXCEEDED, "deadline exceeded", b""
-        if request.timeout_nano > 0:
-            timeout = min(timeout, request.timeout_nano / 1e9)
-        ctx = CallContext(
-            service=request.service,
-            method=request.method,
-            stream_id=stream_id,
-            metadata=tuple((kv.key, kv.value) for kv in request.metadata),
-            timeout=timeout,
-            peer=conn.peer,
-        )
+        ctx = self._call_context(conn, stream_id, request)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(ctx.timeout):
                 result = await handler(bytes(request.payload), ctx)
             data = result if isinstance(result, bytes) else result.SerializeToString()
         except TimeoutError:
