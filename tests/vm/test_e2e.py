@@ -147,7 +147,12 @@ def test_grpc_reaches_cva_only_over_its_vsock_listener_and_the_peer_cid_is_logge
     assert config.listen.vsock_port == 1040
     assert (config.listen.unix, config.listen.tcp, config.listen.ttrpc) == (None, None, None)
     ready = _events(guest, "ready")
-    assert ready and ready[-1]["addresses"] == ["unix:/run/cva/grpc.sock"]  # the private one
+    # only private unix sockets besides vsock: gRPC, the prestart hook's, `cva status`'s
+    assert ready and ready[-1]["addresses"] == [
+        "unix:/run/cva/grpc.sock",
+        "hook+unix:/run/cva/hook.sock",
+        "control+unix:/run/cva/control.sock",
+    ]
     assert ready[-1]["vsock_port"] == 1040
     before = len(_vsock_connections(guest))
     guest.wait_cva(timeout=30)  # a Health call on a fresh channel
