@@ -99,6 +99,20 @@ process via `crash_hook`, and what the next run does):
     LV_EXTENDED          lvextend done, fs not grown      -> next run: a kept (mounted) mapping
                                                              is resized, a new one spans the LV;
                                                              the fs is grown
+    GROW_PV_RESIZED      the host enlarged the disk; pvresize done (at open, or online by
+                         luks.grow), LV not extended      -> next grow/open: the "max" LV takes
+                                                             the VG's free space (a fixed LV
+                                                             keeps its size), then as below
+    GROW_LV_EXTENDED     online: lvextend done, mapping not resized
+                                                          -> next grow: crypt_resize (key
+                                                             fetched again, header = the
+                                                             recorded one), fs grown; next open:
+                                                             as LV_EXTENDED
+    GROW_MAPPING_RESIZED online: mapping spans the LV, fs not grown
+                                                          -> next grow or open: fs grown
+    GROW_FS_GROWN        online: done                     -> nothing (each grow step is chosen
+                                                             from fresh sizes: luks.grow_plan;
+                                                             never a shrink, integrity refused)
     REKEY_SLOT_ADDED_HALF, REKEY_SLOT_ADDED, REKEY_OLD_REMOVED_HALF, REKEY_DONE
                          a key rotation (contract previous_key) cut: luks.rotation names each
                                                              window and what the next open does
