@@ -23,6 +23,7 @@ open does. Never shrink; integrity volumes and read-only mounts are refused with
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Literal
 
 import structlog
 
-from luks import blank, lvm, mapping_record, mount
+from luks import blank, fs, lvm, mapping_record, mount
 from luks.grow_plan import GrowFacts, GrowStep, LvmFacts, next_step
 from luks.header import parse_luks2
 from luks.secret import Secret
@@ -68,14 +69,32 @@ class GrowOutcome:
     status: GrowStatus
     steps: tuple[GrowStep, ...] = ()
     reason: str = ""  # refused: why
-    fs_bytes: int | None = None  # the filesystem's size afterwards
+    fs_bytes: int | None = None  # the mounted filesystem's size afterwards (statvfs)
+
+
+def _mounted_fs_bytes(target: Path) -> int | None:
+    """What the kernel reports for the mounted filesystem (statvfs), as `df` shows it."""
+    try:
+        st = os.statvfs(target)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize
 
 
 def _device_bytes(path: Path) -> int:
     return blank.device_size(path)
 
 
-def observe(vol: VolumeSpec, disk: Path, mapper_dev: Path) -> GrowFacts:
+def _fs_bytes(vol: VolumeSpec, mapper_dev: Path, target: Path) -> int | None:
+    """The mounted filesystem's size: xfs from the kernel (its superblock on the disk lags after
+    a grow), ext4 from its superblock (read through the page cache ext4 writes it in)."""
+    if vol.filesystem == "xfs":
+        return fs.mounted_xfs_bytes(target)
+    head, _size = _superblock(mapper_dev)
+    return fs_size_bytes(vol.filesystem, head) if head is not None else None
+
+
+def observe(vol: VolumeSpec, disk: Path, mapper_dev: Path, target: Path) -> GrowFacts:
     """The sizes of one mounted volume, as the guest sees them now."""
     disk_s = str(disk.resolve())
     lvm_facts = None
@@ -96,12 +115,11 @@ def observe(vol: VolumeSpec, disk: Path, mapper_dev: Path) -> GrowFacts:
             lv_bytes=lv.size,
             lv_target=vol.lvm.size_bytes,
         )
-    head, mapping_bytes = _superblock(mapper_dev)
     return GrowFacts(
         disk_bytes=_device_bytes(Path(disk_s)),
         lvm=lvm_facts,
-        mapping_bytes=mapping_bytes,
-        fs_bytes=fs_size_bytes(vol.filesystem, head) if head is not None else None,
+        mapping_bytes=_device_bytes(mapper_dev),
+        fs_bytes=_fs_bytes(vol, mapper_dev, target),
         integrity=vol.integrity,
         read_only=vol.read_only,
     )
@@ -166,7 +184,7 @@ def grow_mounted(
             return GrowOutcome(vol.name, "not-mounted")
         device = lvm.dm_path(vol.lvm.vg, vol.lvm.lv) if vol.lvm is not None else disk
         for _ in range(MAX_STEPS):
-            facts = observe(vol, disk, mapper_dev)
+            facts = observe(vol, disk, mapper_dev, target)
             decision = next_step(facts)
             if decision.refusal is not None:
                 _log.warning(
@@ -179,6 +197,10 @@ def grow_mounted(
                 return GrowOutcome(vol.name, "refused", tuple(done), decision.refusal)
             step = decision.step
             if step is None:
+                break
+            if step == "fs-grow" and step in done:
+                # the grow tool succeeded; xfs (and ext4 until its journal checkpoints) updates
+                # the primary superblock on the disk later, so the re-read size lags: done
                 break
             if step in done:  # no progress from the same step twice: stop, the next event retries
                 raise VolumeRefused(
@@ -197,8 +219,7 @@ def grow_mounted(
                 _grow_if_needed(vol, mapper_dev, target)
             done.append(step)
             _window(_WINDOWS[step])
-        head, _size = _superblock(mapper_dev)
-        fs_bytes = fs_size_bytes(vol.filesystem, head) if head is not None else None
+        fs_bytes = _mounted_fs_bytes(target)
     if done:
         _log.info(
             "volume grown", logger=_LOGGER, volume=vol.name, steps=list(done), fs_bytes=fs_bytes

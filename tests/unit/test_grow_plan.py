@@ -168,3 +168,15 @@ def test_any_observation_gives_one_answer_and_never_grows_what_must_not(
         assert backing >= mapping + DATA_OFFSET_BYTES  # never a shrink
         if has_lvm:
             assert disk >= pv
+
+
+def test_xfs_geometry_answer_parses() -> None:
+    from luks.fs import xfs_geometry_bytes
+
+    geom = bytearray(112)
+    geom[0:4] = (4096).to_bytes(4, "little")
+    geom[32:40] = (262144).to_bytes(8, "little")
+    assert xfs_geometry_bytes(bytes(geom)) == GIB
+    geom[0:4] = (4097).to_bytes(4, "little")
+    assert xfs_geometry_bytes(bytes(geom)) is None
+    assert xfs_geometry_bytes(b"\0" * 39) is None
