@@ -416,7 +416,10 @@ def _parse_lvm(field: str, value: object) -> LvmSpec:
             raise ContractError(sub, f"{_show(name)} uses a name LVM reserves")
         names[key] = name
     raw = _required(field, table, "size")
-    size = None if raw == LVM_SIZE_MAX else parse_size(raw, f"{field}.size")
+    try:
+        size = None if raw == LVM_SIZE_MAX else parse_size(raw, f"{field}.size")
+    except ContractError as exc:
+        raise ContractError(exc.field, f'{exc.rule} (or "{LVM_SIZE_MAX}")') from None
     return LvmSpec(vg=names["vg"], lv=names["lv"], size_bytes=size)
 
 
