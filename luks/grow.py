@@ -174,7 +174,9 @@ def grow_mounted(
     mount_base: Path,
 ) -> GrowOutcome:
     """Grow volume `vol` (mounted at mount_base/<name>) to its grown disk; see the module doc.
-    A refusal is returned (and logged), never raised: nothing was touched for it."""
+    The decision's refusals (shrink, integrity, read-only) are returned and logged, with nothing
+    touched for them; a failed step or a header that is not the mapping's raises (the caller
+    reports it; the next event or open starts again from fresh sizes)."""
     mapper = mapper_name(vol.name)
     mapper_dev = Path("/dev/mapper") / mapper
     target = mount_base / vol.name
@@ -199,8 +201,8 @@ def grow_mounted(
             if step is None:
                 break
             if step == "fs-grow" and step in done:
-                # the grow tool succeeded; xfs (and ext4 until its journal checkpoints) updates
-                # the primary superblock on the disk later, so the re-read size lags: done
+                # the grow tool succeeded once in this run; a size that still looks short
+                # is a lagging superblock copy, not a reason to run it again
                 break
             if step in done:  # no progress from the same step twice: stop, the next event retries
                 raise VolumeRefused(
