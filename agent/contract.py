@@ -59,6 +59,7 @@ LVM_RESERVED = (
     "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
 )  # fmt: skip
 SIZE_RE = re.compile(r"([1-9][0-9]{0,15})([KMGTP])(iB)?")
+LVM_SIZE_MAX = "max"  # lvm.size: the LV takes the VG's free space, at create and as the disk grows
 SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 # Disk references in the one canonical form luks.disk.matches accepts (the same patterns as
 # luks.disk.*_REF_RE, repeated so the start path does not import the storage layer;
@@ -124,7 +125,7 @@ class ApiPolicy:
 class LvmSpec:
     vg: str
     lv: str
-    size_bytes: int
+    size_bytes: int | None  # None: size = "max", the LV takes the volume group's free space
 
 
 @dataclass(frozen=True)
@@ -414,7 +415,11 @@ def _parse_lvm(field: str, value: object) -> LvmSpec:
         if name.startswith(("snapshot", "pvmove")) or any(r in name for r in LVM_RESERVED):
             raise ContractError(sub, f"{_show(name)} uses a name LVM reserves")
         names[key] = name
-    size = parse_size(_required(field, table, "size"), f"{field}.size")
+    raw = _required(field, table, "size")
+    try:
+        size = None if raw == LVM_SIZE_MAX else parse_size(raw, f"{field}.size")
+    except ContractError as exc:
+        raise ContractError(exc.field, f'{exc.rule} (or "{LVM_SIZE_MAX}")') from None
     return LvmSpec(vg=names["vg"], lv=names["lv"], size_bytes=size)
 
 
@@ -494,6 +499,7 @@ def _parse_volume(index: int, value: object) -> Volume:
     if (
         filesystem == "xfs"
         and lvm is not None
+        and lvm.size_bytes is not None  # "max": mkfs.xfs itself refuses a too small VG
         and lvm.size_bytes - DATA_OFFSET_MIB * MIB < XFS_MIN_BYTES
     ):
         raise ContractError(

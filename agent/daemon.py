@@ -32,6 +32,7 @@ from agent import __version__
 from agent.config import DaemonConfig
 from agent.control.server import ControlServer
 from agent.errors import CvaError
+from agent.grow.watcher import GrowWatcher, disk_devno
 from agent.hook.server import HookServer
 from agent.hook.wire import SOCKET_NAME as HOOK_SOCKET_NAME
 from agent.log import get_logger
@@ -208,6 +209,9 @@ class Daemon:
                 f"cannot listen on {config.control_socket} ({exc.strerror})"
             ) from None
         addresses.append(f"control+unix:{config.control_socket}")
+        # a disk the host enlarges under a mounted volume is grown online (agent.grow)
+        grower = GrowWatcher(manager.mounted, manager.grow, _disk_devno)
+        grower.start()
         volumes = len(manager.contract.volumes)
         log.info(
             "ready",
@@ -230,6 +234,7 @@ class Daemon:
         except OSError as exc:
             log.warning("sd_notify_failed", error=exc.strerror)
         grace = config.timeouts.shutdown_grace
+        await grower.aclose()
         await control.close()
         if splicer is not None:
             await splicer.stop_accepting()
@@ -253,6 +258,14 @@ class Daemon:
         from agent.control.collect import collect  # noqa: PLC0415 - lazy: only when asked
 
         return (await collect(manager, self._sm_records)).to_json()
+
+
+def _disk_devno(device: str) -> str | None:
+    """MAJ:MIN of the disk under a mapper device (sysfs, guest state): what a resize uevent
+    names."""
+    from agent.control.collect import backing_disk  # noqa: PLC0415 - lazy: only on an event
+
+    return disk_devno(device, backing_disk)
 
 
 def run_daemon(

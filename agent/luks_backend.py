@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from agent.config import DaemonConfig
 from agent.errors import CvaError
 from agent.mountinfo import MOUNTINFO, mount_source
-from agent.volumes import OpenedVolume, Rekey, ScanProgress, VolumeState
+from agent.volumes import GrowReport, OpenedVolume, Rekey, ScanProgress, VolumeState
 from luks.errors import StorageError
 from luks.secret import Secret
 
@@ -49,17 +49,9 @@ class LuksBackend:
         progress: ScanProgress | None = None,
         previous: Callable[[], Secret] | None = None,
     ) -> OpenedVolume:
-        from luks import disk as luks_disk  # noqa: PLC0415 - lazy: first storage step
-        from luks import volume as luks_volume  # noqa: PLC0415
+        from luks import volume as luks_volume  # noqa: PLC0415 - lazy: first storage step
 
-        if vol.via_securemount:
-            # the SecureMount request named it (agent.securemount: a whole disk found through
-            # sysfs, not a contract volume's named disk, not held by anything else)
-            device = _securemount_disk(vol)
-        elif vol.disk.kind == "devno":  # a container's device, resolved from its spec
-            device = luks_disk.node_by_devno(vol.disk.value)
-        else:
-            device = luks_disk.wait_for_disk(vol.disk, timeout=self._config.timeouts.disk_wait)
+        device = self._disk(vol)
         prepared = luks_volume.prepare_volume(
             vol,
             secret,
@@ -88,6 +80,29 @@ class LuksBackend:
             identity,
             None if rekeyed is None else Rekey(rekeyed.old_key_id, rekeyed.new_key_id),
         )
+
+    def _disk(self, vol: Volume) -> Path:
+        from luks import disk as luks_disk  # noqa: PLC0415 - lazy: first storage step
+
+        if vol.via_securemount:
+            # the SecureMount request named it (agent.securemount: a whole disk found through
+            # sysfs, not a contract volume's named disk, not held by anything else)
+            return _securemount_disk(vol)
+        if vol.disk.kind == "devno":  # a container's device, resolved from its spec
+            return luks_disk.node_by_devno(vol.disk.value)
+        return luks_disk.wait_for_disk(vol.disk, timeout=self._config.timeouts.disk_wait)
+
+    def grow(self, vol: Volume, fetch_key: Callable[[], Secret]) -> GrowReport:
+        from luks import grow as luks_grow  # noqa: PLC0415 - lazy: first storage step
+
+        outcome = luks_grow.grow_mounted(
+            vol,
+            fetch_key,
+            disk=self._disk(vol),
+            runtime_dir=self._runtime_dir,
+            mount_base=self._mount_base,
+        )
+        return GrowReport(outcome.status, outcome.reason, outcome.fs_bytes)
 
     def bind(self, vol: Volume, opened: OpenedVolume, rootfs: Path) -> None:
         from luks import mount as luks_mount  # noqa: PLC0415 - lazy: first storage step

@@ -24,7 +24,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from agent import policy
 from agent.errors import CvaError
@@ -39,7 +39,7 @@ T = TypeVar("T")
 
 # Bindings whose id starts with this are not containers but other holders (SecureMount).
 HOLDER_PREFIX = "securemount:"
-PREVIOUS_KEY_TIMEOUT = 600.0  # s; the KBS client keeps its own, shorter deadline
+PREVIOUS_KEY_TIMEOUT = 600.0  # s (also the grow's key); the KBS client keeps its own deadline
 
 
 class VolumeState(enum.Enum):
@@ -116,6 +116,15 @@ class Released:
 
 
 @dataclass(frozen=True)
+class GrowReport:
+    """The last online grow of a mounted volume (luks.grow): what `cva status` shows."""
+
+    status: str  # "grown", "unchanged", "refused", "not-mounted", "failed"
+    reason: str = ""  # refused / failed: why
+    fs_bytes: int | None = None  # the filesystem's size afterwards
+
+
+@dataclass(frozen=True)
 class VolumeStatus:
     name: str
     state: VolumeState
@@ -124,6 +133,7 @@ class VolumeStatus:
     container_ids: tuple[str, ...]
     containers: tuple[str, ...]
     scan: ScanStatus | None = None  # while PROVING_BLANK
+    grow: GrowReport | None = None  # the last online grow of this daemon run
 
 
 class VolumeBackend(Protocol):
@@ -155,6 +165,16 @@ class VolumeBackend(Protocol):
 
     def state(self, vol: Volume) -> VolumeState:
         """The volume's state as far as it can be seen without a key."""
+
+
+@runtime_checkable
+class GrowBackend(Protocol):
+    """A backend that can grow a mounted volume online (luks.grow); optional."""
+
+    def grow(self, vol: Volume, fetch_key: Callable[[], Secret]) -> GrowReport:
+        """Grow the mounted volume to its (grown) disk; `fetch_key` is called (from the worker
+        thread) only if the mapping must be resized. Refusals are returned, not raised."""
+        ...
 
 
 class KeySource(Protocol):
@@ -243,6 +263,7 @@ class VolumeManager:
         self._opened: dict[str, OpenedVolume] = {}
         self._resolved: dict[str, Volume] = {}  # container: disks as last resolved (for close)
         self._scans: dict[str, ScanStatus] = {}  # written by worker threads (one dict store)
+        self._grown: dict[str, GrowReport] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._closing = False
 
@@ -489,12 +510,41 @@ class VolumeManager:
         self._opened[vol.name] = opened
         return opened
 
+    def mounted(self) -> tuple[tuple[str, str], ...]:
+        """(name, mapper device) of every volume this daemon run holds open."""
+        return tuple((name, o.device) for name, o in self._opened.items())
+
+    async def grow(self, name: str) -> GrowReport | None:
+        """Grow volume `name` online if it is open here (luks.grow), under its lock; None: not
+        open, or the backend cannot grow. A failure is logged and reported, not raised."""
+        vol = self._volumes.get(name)
+        backend = self._backend
+        if vol is None or not isinstance(backend, GrowBackend):
+            return None
+
+        async def work() -> GrowReport | None:
+            if name not in self._opened:
+                return None
+            fetch = self._key_fetcher(vol.key)
+            try:
+                report = await asyncio.to_thread(backend.grow, self._resolved.get(name, vol), fetch)
+            except Exception as exc:  # noqa: BLE001 - reported in `cva status`; retried later
+                report = GrowReport("failed", str(exc)[:300])
+            self._grown[name] = report
+            return report
+
+        return await self._job(name, work)
+
     def _previous_key(self, vol: Volume) -> Callable[[], Secret] | None:
         """For a contract with previous_key: a blocking fetch of it through the shared KBS
         session, for the storage worker thread (asked only when the volume is still under it)."""
         uri = vol.previous_key
         if uri is None:
             return None
+        return self._key_fetcher(uri)
+
+    def _key_fetcher(self, uri: KbsResourceUri) -> Callable[[], Secret]:
+        """A blocking fetch of `uri` through the shared KBS session, for a worker thread."""
         loop = asyncio.get_running_loop()
 
         def fetch() -> Secret:
@@ -526,6 +576,7 @@ class VolumeManager:
         """Close the volume, then record its close event (a failure there is only logged)."""
         await asyncio.to_thread(self._backend.close, self._resolved.get(vol.name, vol))
         self._opened.pop(vol.name, None)
+        self._grown.pop(vol.name, None)
         if self._measurer is not None:
             await asyncio.to_thread(self._measurer.closed, vol.name)
 
@@ -588,6 +639,7 @@ class VolumeManager:
                     container_ids=cids,
                     containers=tuple(vol.containers),
                     scan=scan if state is VolumeState.PROVING_BLANK else None,
+                    grow=self._grown.get(vol.name) if opened is not None else None,
                 )
             )
         return tuple(out)

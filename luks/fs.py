@@ -256,3 +256,39 @@ def make_fs(device: Path, kind: FsKind, *, integrity: bool, timeout: float = MKF
 def grow_fs(kind: FsKind, device: Path, mountpoint: Path, *, timeout: float = MKFS_TIMEOUT) -> None:
     """Grow the mounted filesystem online to fill its (already grown) device."""
     run(grow_argv(kind, str(device), str(mountpoint)), timeout=timeout)
+
+
+# XFS_IOC_FSGEOMETRY_V1 = _IOR('X', 100, struct xfs_fsop_geom_v1): 112 bytes, blocksize (u32)
+# at offset 0 and datablocks (u64) at offset 32 (linux/fs/xfs/libxfs/xfs_fs.h)
+XFS_IOC_FSGEOMETRY_V1 = 0x80705864
+_XFS_GEOM_V1_BYTES = 112
+
+
+def xfs_geometry_bytes(geom: bytes) -> int | None:
+    """Data section size from an xfs_fsop_geom_v1 answer (pure); None if implausible."""
+    if len(geom) < 40:
+        return None
+    block_size = int.from_bytes(geom[0:4], "little")
+    blocks = int.from_bytes(geom[32:40], "little")
+    if block_size not in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+        return None
+    return block_size * blocks
+
+
+def mounted_xfs_bytes(mountpoint: Path) -> int | None:
+    """The mounted xfs filesystem's data size as the kernel holds it (XFS keeps its superblock
+    in its own buffer cache: after xfs_growfs the copy on the disk lags until written back)."""
+    import fcntl  # noqa: PLC0415 - only here
+
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        buf = bytearray(_XFS_GEOM_V1_BYTES)
+        fcntl.ioctl(fd, XFS_IOC_FSGEOMETRY_V1, buf)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return xfs_geometry_bytes(bytes(buf))

@@ -40,6 +40,7 @@ class PhysicalVolume:
     name: str
     vg: str  # "" = PV not in any VG
     size: int
+    dev_size: int = 0  # the device under it (larger than `size` once the host grew the disk)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class LvmState:
 
 
 Step = Literal["pvcreate", "vgcreate", "lvcreate", "activate", "extend"]
+MAX_FREE = "100%FREE"  # a contract size of None ("max"): all the VG's free extents
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ _REPORT_UNITS = ["--reportformat", "json", "--units", "b", "--nosuffix"]
 
 
 def pvs_argv(disk: str) -> list[str]:
-    return [*_base("pvs", disk), *_REPORT_UNITS, "-o", "pv_name,vg_name,pv_size"]
+    return [*_base("pvs", disk), *_REPORT_UNITS, "-o", "pv_name,vg_name,pv_size,dev_size"]
 
 
 def vgs_argv(disk: str) -> list[str]:
@@ -173,7 +175,14 @@ def vgcreate_argv(disk: str, vg: str) -> list[str]:
     return [*_base("vgcreate", disk), "--setautoactivation", "n", "--", check_name(vg, "VG"), disk]
 
 
-def lvcreate_argv(disk: str, vg: str, lv: str, size_bytes: int) -> list[str]:
+def _size_args(size_bytes: int | None, *, grow: bool = False) -> list[str]:
+    """`--size <n>b`, or for "max" (None) `--extents 100%FREE` (`+100%FREE` to extend)."""
+    if size_bytes is None:
+        return ["--extents", ("+" if grow else "") + MAX_FREE]
+    return ["--size", f"{_positive(size_bytes)}b"]
+
+
+def lvcreate_argv(disk: str, vg: str, lv: str, size_bytes: int | None) -> list[str]:
     return [
         *_base("lvcreate", disk),
         "--activate",
@@ -186,8 +195,7 @@ def lvcreate_argv(disk: str, vg: str, lv: str, size_bytes: int) -> list[str]:
         "n",
         "--name",
         check_name(lv, "LV"),
-        "--size",
-        f"{_positive(size_bytes)}b",
+        *_size_args(size_bytes),
         "--",
         check_name(vg, "VG"),
     ]
@@ -207,14 +215,18 @@ def vgchange_off_argv(disk: str, vg: str) -> list[str]:
     return [*_base("vgchange", disk), "--activate", "n", "--", check_name(vg, "VG")]
 
 
-def lvextend_argv(disk: str, vg: str, lv: str, size_bytes: int) -> list[str]:
+def lvextend_argv(disk: str, vg: str, lv: str, size_bytes: int | None) -> list[str]:
     return [
         *_base("lvextend", disk),
-        "--size",
-        f"{_positive(size_bytes)}b",
+        *_size_args(size_bytes, grow=True),
         "--",
         f"{check_name(vg, 'VG')}/{check_name(lv, 'LV')}",
     ]
+
+
+def pvresize_argv(disk: str) -> list[str]:
+    """The PV takes the whole (grown) disk; never shrinks it (no --setphysicalvolumesize)."""
+    return [*_base("pvresize", disk), "--", disk]
 
 
 def _positive(n: int) -> int:
@@ -247,7 +259,12 @@ def _num(row: dict[str, str], key: str) -> int:
 
 def parse_pvs(text: str) -> tuple[PhysicalVolume, ...]:
     return tuple(
-        PhysicalVolume(r.get("pv_name", ""), r.get("vg_name", ""), _num(r, "pv_size"))
+        PhysicalVolume(
+            r.get("pv_name", ""),
+            r.get("vg_name", ""),
+            _num(r, "pv_size"),
+            _num(r, "dev_size") if "dev_size" in r else 0,
+        )
         for r in _rows(text, "pv")
     )
 
@@ -323,8 +340,11 @@ def lv_type_refusal(state: LvmState, vg: str, lv: str) -> str | None:
     return None
 
 
-def plan(state: LvmState, disk: str, vg: str, lv: str, size_bytes: int, *, create: bool) -> LvmPlan:
-    """Which LVM steps bring the disk to `vg/lv` of at least `size_bytes` (pure)."""
+def plan(
+    state: LvmState, disk: str, vg: str, lv: str, size_bytes: int | None, *, create: bool
+) -> LvmPlan:
+    """Which LVM steps bring the disk to `vg/lv` of at least `size_bytes` (pure); None ("max"):
+    the LV is extended while its VG has a free extent."""
     pv = next((p for p in state.pvs if p.name == disk), None)
     foreign = sorted({p.vg for p in state.pvs if p.vg and p.vg != vg})
     if foreign:
@@ -358,7 +378,10 @@ def plan(state: LvmState, disk: str, vg: str, lv: str, size_bytes: int, *, creat
             return LvmPlan((), False, refusal)
         if not lv_row.active:
             steps.append("activate")
-        if lv_row.size < size_bytes:
+        if size_bytes is None:
+            if vg_row is not None and vg_row.free >= max(vg_row.extent_size, 1):
+                steps.append("extend")
+        elif lv_row.size < size_bytes:
             steps.append("extend")
     return LvmPlan(tuple(steps), needs_blank)
 
@@ -396,7 +419,9 @@ def vgcreate(disk: str, vg: str, *, timeout: float = TIMEOUT) -> None:
     _run(vgcreate_argv(disk, vg), "vgcreate", timeout)
 
 
-def lvcreate(disk: str, vg: str, lv: str, size_bytes: int, *, timeout: float = TIMEOUT) -> None:
+def lvcreate(
+    disk: str, vg: str, lv: str, size_bytes: int | None, *, timeout: float = TIMEOUT
+) -> None:
     _run(lvcreate_argv(disk, vg, lv, size_bytes), "lvcreate", timeout)
 
 
@@ -412,8 +437,14 @@ def deactivate_vg(disk: str, vg: str, *, timeout: float = TIMEOUT) -> None:
     _run(vgchange_off_argv(disk, vg), "vgchange -an", timeout)
 
 
-def extend(disk: str, vg: str, lv: str, size_bytes: int, *, timeout: float = TIMEOUT) -> None:
+def extend(
+    disk: str, vg: str, lv: str, size_bytes: int | None, *, timeout: float = TIMEOUT
+) -> None:
     _run(lvextend_argv(disk, vg, lv, size_bytes), "lvextend", timeout)
+
+
+def pvresize(disk: str, *, timeout: float = TIMEOUT) -> None:
+    _run(pvresize_argv(disk), "pvresize", timeout)
 
 
 def lv_size(disk: str, vg: str, lv: str, *, timeout: float = TIMEOUT) -> int:

@@ -12,7 +12,8 @@ from typing import Literal, Protocol
 
 
 class LvmSpecLike(Protocol):
-    """One linear LV on the disk's PV: volume group, logical volume, size in bytes."""
+    """One linear LV on the disk's PV: volume group, logical volume, size in bytes (None: "max",
+    the VG's free space)."""
 
     @property
     def vg(self) -> str: ...
@@ -21,7 +22,7 @@ class LvmSpecLike(Protocol):
     def lv(self) -> str: ...
 
     @property
-    def size_bytes(self) -> int: ...
+    def size_bytes(self) -> int | None: ...
 
 
 class VolumeSpec(Protocol):

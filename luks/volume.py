@@ -99,6 +99,20 @@ process via `crash_hook`, and what the next run does):
     LV_EXTENDED          lvextend done, fs not grown      -> next run: a kept (mounted) mapping
                                                              is resized, a new one spans the LV;
                                                              the fs is grown
+    GROW_PV_RESIZED      the host enlarged the disk; pvresize done (at open, or online by
+                         luks.grow), LV not extended      -> next grow/open: the "max" LV takes
+                                                             the VG's free space (a fixed LV
+                                                             keeps its size), then as below
+    GROW_LV_EXTENDED     online: lvextend done, mapping not resized
+                                                          -> next grow: crypt_resize (key
+                                                             fetched again, header = the
+                                                             recorded one), fs grown; next open:
+                                                             as LV_EXTENDED
+    GROW_MAPPING_RESIZED online: mapping spans the LV, fs not grown
+                                                          -> next grow or open: fs grown
+    GROW_FS_GROWN        online: done                     -> nothing (each grow step is chosen
+                                                             from fresh sizes: luks.grow_plan;
+                                                             never a shrink, integrity refused)
     REKEY_SLOT_ADDED_HALF, REKEY_SLOT_ADDED, REKEY_OLD_REMOVED_HALF, REKEY_DONE
                          a key rotation (contract previous_key) cut: luks.rotation names each
                                                              window and what the next open does
@@ -153,6 +167,7 @@ from luks import (
     mount,
 )
 from luks.errors import StorageError
+from luks.grow_plan import pv_needs_resize
 from luks.header import allow_list_reasons, parse_luks2, read_header_area
 from luks.libcryptsetup import (
     DATA_OFFSET_BYTES,
@@ -715,6 +730,12 @@ def _ensure_lvm(vol: VolumeSpec, disk: Path, scans: _Scans) -> tuple[Path, bool]
         return disk, False
     disk_s = str(disk.resolve())
     state = lvm.read_state(disk_s)
+    if _pv_grown(state, disk_s, spec.vg) and not vol.integrity:
+        # the host enlarged the disk while the volume was closed: the PV takes it first
+        # (an integrity volume is never grown: luks.grow_plan.INTEGRITY_REASON)
+        lvm.pvresize(disk_s)
+        _window(CrashWindow.GROW_PV_RESIZED)
+        state = lvm.read_state(disk_s)
     plan = lvm.plan(state, disk_s, spec.vg, spec.lv, spec.size_bytes, create=vol.create)
     if plan.refusal:
         raise VolumeRefused(f"volume {vol.name}: {plan.refusal}")
@@ -756,6 +777,16 @@ def _ensure_lvm(vol: VolumeSpec, disk: Path, scans: _Scans) -> tuple[Path, bool]
             lvm.extend(disk_s, spec.vg, spec.lv, spec.size_bytes)
             _window(CrashWindow.LV_EXTENDED)
     return lvm.dm_path(spec.vg, spec.lv), disk_proven and created_lv
+
+
+def _pv_grown(state: lvm.LvmState, disk: str, vg: str) -> bool:
+    pv = next((p for p in state.pvs if p.name == disk and p.vg == vg), None)
+    group = next((g for g in state.vgs if g.name == vg), None)
+    return (
+        pv is not None
+        and group is not None
+        and pv_needs_resize(pv.dev_size, pv.size, group.extent_size)
+    )
 
 
 def _superblock(mapper_dev: Path, *, eio_is_zero: bool = True) -> tuple[bytes | None, int]:

@@ -54,6 +54,11 @@ class CrashWindow(enum.Enum):
     SEQ_WRITTEN = "seq-written"
     MOUNTED = "mounted"
     LV_EXTENDED = "lv-extended"
+    # online grow of a mounted volume (luks.grow) and the PV resize at open
+    GROW_PV_RESIZED = "grow-pv-resized"
+    GROW_LV_EXTENDED = "grow-lv-extended"
+    GROW_MAPPING_RESIZED = "grow-mapping-resized"
+    GROW_FS_GROWN = "grow-fs-grown"
     # key rotation (luks.rotation)
     REKEY_SLOT_ADDED_HALF = "rekey-slot-added-half"
     REKEY_SLOT_ADDED = "rekey-slot-added"

@@ -150,7 +150,14 @@ async def _contract_volume(
         used_bytes=probe.used,
         blank_proof=BlankProof(scan.what, scan.done, scan.total) if scan else None,
         last_event=_event(measurer, st.name),
+        grow=_grow(st),
     )
+
+
+def _grow(st: VolumeStatus) -> str | None:
+    if st.grow is None:
+        return None
+    return f"{st.grow.status}: {st.grow.reason}" if st.grow.reason else st.grow.status
 
 
 async def _ephemeral_volume(measurer: Measurer | None, record: MountRecord) -> VolumeReport:

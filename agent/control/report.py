@@ -6,14 +6,15 @@ JSON (`cva status --json`, version 1):
      "measure": {"sink": SINK|null, "enabled": bool, "required": bool},
      "volumes": [{"name", "kind", "state", "holders", "device", "mapper", "luks_uuid", "seq",
                   "filesystem", "guest_path", "read_only", "size_bytes", "used_bytes",
-                  "blank_proof", "last_event"}, ...]}
+                  "blank_proof", "last_event", "grow"}, ...]}
 
 kind: "contract" (a volume of the contract: held by containers and/or SecureMount mount points)
 or "ephemeral" (a SecureMount ephemeral volume, named by its dm name). S: not-started |
 attesting | attested | expired | none. blank_proof (only while a zero scan runs): {"what",
 "done", "total", "percent"}. last_event: {"operation", "sink" (null: not recorded), "at"} of
-this daemon run, or null. Unknown values are null. Nothing here is a key, a passphrase or a
-token.
+this daemon run, or null. grow: the last online grow of this daemon run (luks.grow), e.g.
+"grown", "unchanged", "refused: <why>", "failed: <why>", or null. Unknown values are null.
+Nothing here is a key, a passphrase or a token.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class VolumeReport:
     used_bytes: int | None = None
     blank_proof: BlankProof | None = None
     last_event: EventReport | None = None
+    grow: str | None = None  # the last online grow: "grown", "refused: <why>", ...
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,8 @@ def render_table(report: StatusReport, now: float | None = None) -> str:
             detail.append(f"blank-proof={bp.what} {bp.done}/{bp.total} bytes")
         if v.last_event is not None:
             detail.append(f"sink={v.last_event.sink or 'not recorded'}")
+        if v.grow is not None:
+            detail.append(f"grow={v.grow}")
         lines.append(f"{v.name}: " + " ".join(detail))
     return "\n".join(lines) + "\n"
 
@@ -242,6 +246,7 @@ def _volume_from(doc: dict[str, object]) -> VolumeReport:
         used_bytes=_int(doc, "used_bytes"),
         blank_proof=proof,
         last_event=event,
+        grow=_str(doc, "grow"),
     )
 
 

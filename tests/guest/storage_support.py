@@ -31,7 +31,7 @@ WRONG_SECRET = bytes(range(100, 164))
 def make_volume(
     name: str,
     *,
-    lvm: tuple[str, str, int] | None = None,
+    lvm: tuple[str, str, int | None] | None = None,
     filesystem: str = "ext4",
     create: bool = True,
     integrity: bool = False,
@@ -59,6 +59,14 @@ def with_size(vol: contract.Volume, size_bytes: int) -> contract.Volume:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def resize_loop(dev: Path, size: int) -> None:
+    """The host enlarges (or shrinks) the disk: its image file, then `losetup -c`, which makes
+    the kernel send a block `change` uevent with RESIZE=1, as virtio-blk does on a resize."""
+    back = run(["losetup", "--noheadings", "-O", "BACK-FILE", str(dev)], timeout=30).text.strip()
+    os.truncate(back, size)
+    run(["losetup", "-c", str(dev)], timeout=30)
 
 
 @contextmanager
@@ -136,7 +144,9 @@ def volume_from_json(doc: dict[str, object]) -> contract.Volume:
     lvm = doc["lvm"]
     return make_volume(
         str(doc["name"]),
-        lvm=(str(lvm[0]), str(lvm[1]), int(lvm[2])) if isinstance(lvm, list) else None,
+        lvm=(str(lvm[0]), str(lvm[1]), None if lvm[2] is None else int(lvm[2]))
+        if isinstance(lvm, list)
+        else None,
         filesystem=str(doc["filesystem"]),
         create=bool(doc["create"]),
         integrity=bool(doc["integrity"]),

@@ -604,3 +604,16 @@ def test_insecure_http_never_rotates() -> None:
         kbs=kbs("http://kbs.example", 'tee = "tdx"\ninsecure_http = true\n'),
     )
     refused(text, "volumes[0](data).previous_key", "authenticated KBS")
+
+
+@pytest.mark.parametrize("fs", ['"ext4"', '"xfs"'])
+def test_lvm_size_max_takes_the_vg_free_space(fs: str) -> None:
+    """Issue 26 #4: `size = "max"` is None in the typed model (the LV takes the VG's free
+    space); xfs is not refused for it (mkfs.xfs judges the real size)."""
+    spec = parse_contract(contract(volume(filesystem=fs, lvm=lvm(size="max")))).volumes[0].lvm
+    assert spec is not None and spec.size_bytes is None
+
+
+@pytest.mark.parametrize("bad", ["MAX", "Max", "max ", "maximum", "100%FREE", "+max"])
+def test_lvm_size_max_is_exact(bad: str) -> None:
+    refused(contract(volume(lvm=lvm(size=bad))), "lvm.size", "unit")

@@ -82,7 +82,7 @@ LV = lvm.LogicalVolume("pg", "cva", GIB, True, "/dev/mapper/cva-pg")
 SEG = (lvm.LvSegment("pg", "cva", "linear", "linear", "public"),)
 
 
-def plan(state: lvm.LvmState, size: int = GIB, create: bool = True) -> lvm.LvmPlan:
+def plan(state: lvm.LvmState, size: int | None = GIB, create: bool = True) -> lvm.LvmPlan:
     return lvm.plan(state, "/dev/vdb", "cva", "pg", size, create=create)
 
 
@@ -103,6 +103,31 @@ def test_plan_resumes_after_each_crash_window() -> None:
     assert plan(lvm.LvmState((PV,), (VG,), (LV,), SEG), size=GIB // 2).steps == ()  # no shrink
     for p in (plan(lvm.LvmState((PV,), (VG,), ())),):
         assert not p.needs_blank_disk
+
+
+def test_size_max_creates_and_extends_with_free_extents() -> None:
+    """Issue 26 #4: `size = "max"` (None): lvcreate -l 100%FREE, lvextend -l +100%FREE, pvresize
+    of the whole disk; the plan extends only while the VG has a free extent."""
+    create = lvm.lvcreate_argv("/dev/vdb", "cva", "pg", None)
+    assert create[create.index("--extents") + 1] == "100%FREE" and "--size" not in create
+    extend = lvm.lvextend_argv("/dev/vdb", "cva", "pg", None)
+    assert extend[extend.index("--extents") + 1] == "+100%FREE" and "--size" not in extend
+    assert lvm.pvresize_argv("/dev/vdb")[-2:] == ["--", "/dev/vdb"]
+    assert "--setphysicalvolumesize" not in lvm.pvresize_argv("/dev/vdb")
+    full = lvm.VolumeGroup("cva", 10 * GIB, 0, 4 << 20, 1)
+    spare = lvm.VolumeGroup("cva", 10 * GIB, 4 << 20, 4 << 20, 1)
+    assert plan(lvm.LvmState((PV,), (full,), (LV,), SEG), size=None).steps == ()
+    assert plan(lvm.LvmState((PV,), (spare,), (LV,), SEG), size=None).steps == ("extend",)
+    assert plan(lvm.LvmState((PV,), (spare,), ()), size=None).steps == ("lvcreate",)
+
+
+def test_pvs_report_carries_the_device_size() -> None:
+    text = (
+        '{"report":[{"pv":[{"pv_name":"/dev/vdb", "vg_name":"cva", "pv_size":"1069547520", '
+        '"dev_size":"2147483648"}]}]}'
+    )
+    assert lvm.parse_pvs(text) == (lvm.PhysicalVolume("/dev/vdb", "cva", 1069547520, GIB * 2),)
+    assert "dev_size" in lvm.pvs_argv("/dev/vdb")[-1]
 
 
 def test_plan_refuses_foreign_lvm() -> None:

@@ -91,6 +91,7 @@ class Scenario:
     # DESIGN's example layout: LVM names the LV's dm device "cva-data"; the crypt mapping
     # ("cva_data") must not collide with it.
     vg: str = "cva"
+    lvm_size: str = "512M"  # the contract's lvm.size ("max": the LV takes the VG's free space)
     allow: tuple[str, ...] = ("PrepareVolumes", "ReleaseVolumes", "ListVolumes")
     disk_bytes: int = 1024**3
     kbs_deadline: float = 120.0  # [timeouts] kbs in the daemon config
@@ -110,7 +111,7 @@ def make_kbs_tls(folder: Path, address: str = KBS_GUEST_ADDR) -> KbsTls:
 
 def contract_text(s: Scenario, ca_pem: str) -> str:
     """The container contract (DESIGN §2) the scenario measures into the initdata."""
-    lvm = f'lvm = {{ vg = "{s.vg}", lv = "{s.volume}", size = "512M" }}\n' if s.lvm else ""
+    lvm = f'lvm = {{ vg = "{s.vg}", lv = "{s.volume}", size = "{s.lvm_size}" }}\n' if s.lvm else ""
     allow = ", ".join(f'"{name}"' for name in s.allow)
     names = (s.container_name,) if s.containers is None else s.containers
     containers = ", ".join(f'"{name}"' for name in names)

@@ -288,6 +288,13 @@ class Machine:
         self._hotplugged[serial] = disk
         return disk
 
+    def resize_disk(self, serial: str, size_bytes: int) -> None:
+        """QMP block_resize of a boot-time disk (drive `disk<i>`, i its index in spec.disks)."""
+        index = next((i for i, d in enumerate(self.spec.disks) if d.serial == serial), None)
+        if index is None:
+            raise ValueError(f"no boot-time disk with serial {serial!r}")
+        self.qmp().block_resize(f"disk{index}", size_bytes)
+
     def unplug_disk(self, serial: str) -> None:
         self.qmp().remove_disk(f"hp-{serial}")
 

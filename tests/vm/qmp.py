@@ -80,6 +80,11 @@ class Qmp:
         )
         self.execute("device_add", driver="virtio-blk-pci", id=node, drive=node, serial=serial)
 
+    def block_resize(self, device: str, size_bytes: int) -> None:
+        """The host grows (or shrinks) a disk under the running guest: qemu resizes the image
+        and virtio-blk tells the guest (a block `change` uevent with RESIZE=1)."""
+        self.execute("block_resize", device=device, size=size_bytes)
+
     def remove_disk(self, node: str, *, timeout: float = 60.0) -> None:
         self.execute("device_del", id=node)
         self.wait_event("DEVICE_DELETED", timeout=timeout)

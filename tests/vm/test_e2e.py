@@ -25,7 +25,9 @@ from tests.vm.e2e import Guest, Scenario, World, key_forms_in
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(900)]
 
-SCENARIO = Scenario(allow=("PrepareVolumes", "ReleaseVolumes"))
+# lvm.size = "max": the host grows the data disk under the mounted volume (issue 26 #4)
+SCENARIO = Scenario(allow=("PrepareVolumes", "ReleaseVolumes"), lvm_size="max")
+GROWN_DISK_BYTES = 2 * 1024**3
 MARKER = b"cva-e2e-plaintext-" + secrets.token_hex(12).encode()
 FILE = "hello.txt"
 
@@ -219,6 +221,32 @@ def test_data_written_in_the_container_rootfs(guest: Guest) -> None:
     guest.control.run(["tee", path], input=MARKER.decode()).check()
     guest.control.run(["sync"]).check()
     assert guest.control.run(["cat", path]).check().stdout == MARKER.decode()
+
+
+def _fs_size(guest: Guest, path: str) -> int:
+    out = guest.control.run(["df", "-B1", "--output=size", path]).check().stdout
+    return int(out.split()[-1])
+
+
+def test_the_host_grows_the_disk_and_the_mounted_volume_grows_online(
+    world: World, guest: Guest
+) -> None:
+    """Issue 26 #4: QMP block_resize of the virtio data disk under the volume cva.service has
+    mounted (size = "max"): the kernel's resize uevent makes cva run pvresize, lvextend,
+    crypt_resize and resize2fs; the container sees the new size, its data intact, and
+    `cva status` shows the grow."""
+    path = guest.volume_path()
+    before = _fs_size(guest, path)
+    assert before > 900 * 1024**2  # "max" on the 1 GiB disk
+    guest.machine.resize_disk(SCENARIO.serial, GROWN_DISK_BYTES)
+    journal = _wait_journal(guest, "volume grown", timeout=300)
+    after = _fs_size(guest, path)
+    assert after > before + 900 * 1024**2, (before, after)
+    assert guest.control.run(["cat", f"{path}/{FILE}"]).check().stdout == MARKER.decode()
+    status = guest.control.run(["/opt/cva/bin/cva", "status", "--json"]).check().stdout
+    [vol] = json.loads(status)["volumes"]
+    assert vol["grow"] == "grown" and vol["size_bytes"] >= after - 1024**2, vol
+    assert "volume not grown" not in journal
 
 
 def test_release_unbinds_and_closes(guest: Guest) -> None:
