@@ -29,8 +29,8 @@ NOTES: list[tuple[str, str]] = [
     (
         GROUP,
         "Hook process start to exit as the kata-shaped launcher (tests/tools/kata_launcher.py) "
-        "measures it: the image's hook file (`exec cva hook prestart`; here the harness's "
-        "python -m agent from the repo share), empty environment, OCI state on stdin, the "
+        "measures it: the image's hook file (`exec /opt/cva/bin/cva hook prestart`, cva "
+        "installed by the image recipe), empty environment, OCI state on stdin, the "
         "container's init waiting in its own mount namespace. cva.service runs with its real "
         "unit; the volume is 1 GiB with LVM (512M LV), ext4, pbkdf2 keyslot. 'Reopen' closes "
         "the volume with ReleaseVolumes between rounds, so each round fetches the key from the "
@@ -63,6 +63,15 @@ def _hook_seconds(report: dict[str, Any]) -> float:
     return float(report["hooks"][0]["seconds"])
 
 
+def _record(out: dict[str, Any], key: str, report: dict[str, Any]) -> None:
+    """A round that outlasted the hook's budget (the container was stopped) is counted, not
+    timed: its time is the budget, not the work."""
+    if report["started"]:
+        out[key].append(_hook_seconds(report))
+    else:
+        out[f"{key}_killed"] += 1
+
+
 def measure(rounds: int) -> dict[str, Any]:
     from tests.vm.build import ensure_image
     from tests.vm.e2e import World
@@ -91,16 +100,13 @@ def measure(rounds: int) -> dict[str, Any]:
                 break
         out["first"] = attempts
         out["first_started"] = bool(report["started"])
-        out["open"], out["reopen"] = [], []
+        out["open"], out["reopen"], out["open_killed"], out["reopen_killed"] = [], [], 0, 0
         release = ["python", "-m", "agent", "release", cid, "--address", "unix:/run/cva/grpc.sock"]
         for _ in range(rounds):
             report = _launch(guest, cid)
-            if report["started"]:
-                out["open"].append(_hook_seconds(report))
+            _record(out, "open", report)
             guest.control.run(release, timeout=120).check()
-            report = _launch(guest, cid)
-            if report["started"]:
-                out["reopen"].append(_hook_seconds(report))
+            _record(out, "reopen", _launch(guest, cid))
         guest.poweroff()
     finally:
         guest.kill()
@@ -116,6 +122,12 @@ def convert(doc: dict[str, Any]) -> list[Result]:
             out.append(not_measured(name, "no round started", unit="s", target=target, group=GROUP))
             continue
         note = f"median of {len(values)}: " + ", ".join(f"{v:.2f}" for v in values)
+        killed = int(doc.get(f"{key}_killed", 0))
+        if killed:
+            note += (
+                f"; {killed} more round(s) outlasted the hook's 8 s budget (container stopped,"
+                " the next start found the volume open)"
+            )
         out.append(
             measured(name, "s", statistics.median(values), target=target, note=note, group=GROUP)
         )

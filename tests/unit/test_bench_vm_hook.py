@@ -24,3 +24,11 @@ def test_convert_missing_rounds_are_not_measured() -> None:
     rows = convert({"first": [8.0], "first_started": False})
     assert all(r.value is None for r in rows)
     assert [r.name for r in planned("no qemu")] == [n for n, _ in ROWS]
+
+
+def test_rounds_that_outlasted_the_budget_are_counted_not_timed() -> None:
+    doc = {"none": [0.9], "reopen": [5.6, 5.9], "reopen_killed": 1, "open": [1.0]}
+    rows = {r.name: r for r in convert({**doc, "first": [8.0], "first_started": False})}
+    reopen = rows[ROWS[1][0]]
+    assert reopen.value == 5.75 and "1 more round(s) outlasted" in reopen.note
+    assert "outlasted" not in rows[ROWS[2][0]].note

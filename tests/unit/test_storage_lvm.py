@@ -28,9 +28,9 @@ def test_config_accepts_only_the_disk() -> None:
 
 
 def test_every_argv_carries_the_config_and_json() -> None:
-    for argv in (lvm.pvs_argv("/dev/vdb"), lvm.vgs_argv("/dev/vdb"), lvm.lvs_argv("/dev/vdb")):
-        assert argv[:2] == ["lvm", argv[1]] and argv[2] == "--config"
-        assert "--reportformat" in argv and argv[argv.index("--reportformat") + 1] == "json"
+    argv = lvm.fullreport_argv("/dev/vdb")
+    assert argv[:3] == ["lvm", "fullreport", "--config"]
+    assert argv[argv.index("--reportformat") + 1] == "json"
     create = lvm.lvcreate_argv("/dev/vdb", "cva", "pg", GIB)
     assert create[create.index("--zero") + 1] == "n"
     assert create[create.index("--wipesignatures") + 1] == "n"
@@ -71,7 +71,7 @@ def test_hostile_reports_fail_cleanly(text: str) -> None:
 
 @given(st.text(max_size=300))
 def test_any_report_parses_or_fails_cleanly(text: str) -> None:
-    for parse in (lvm.parse_pvs, lvm.parse_vgs, lvm.parse_lvs):
+    for parse in (lvm.parse_pvs, lvm.parse_vgs, lvm.parse_lvs, lvm.parse_fullreport):
         with contextlib.suppress(StorageError):
             parse(text)
 
@@ -127,7 +127,8 @@ def test_pvs_report_carries_the_device_size() -> None:
         '"dev_size":"2147483648"}]}]}'
     )
     assert lvm.parse_pvs(text) == (lvm.PhysicalVolume("/dev/vdb", "cva", 1069547520, GIB * 2),)
-    assert "dev_size" in lvm.pvs_argv("/dev/vdb")[-1]
+    argv = lvm.fullreport_argv("/dev/vdb")
+    assert "dev_size" in argv[argv.index("pv") + 2].split(",")
 
 
 def test_plan_refuses_foreign_lvm() -> None:
@@ -213,6 +214,50 @@ def test_plan_refuses_an_lv_without_segment_rows() -> None:
     assert "no segment" in (plan(lvm.LvmState((PV,), (VG,), (LV,), other)).refusal or "")
 
 
-def test_lvsegs_argv_is_a_segment_report() -> None:
-    argv = lvm.lvsegs_argv("/dev/vdb")
-    assert "--segments" in argv and argv[argv.index("-o") + 1].split(",")[2] == "segtype"
+def test_fullreport_asks_each_report_for_the_fields_its_parser_reads() -> None:
+    argv = lvm.fullreport_argv("/dev/vdb")
+    fields = {
+        argv[i + 1]: argv[i + 3].split(",")
+        for i, a in enumerate(argv)
+        if a == "--configreport" and argv[i + 2] == "-o"
+    }
+    assert fields["pv"] == ["pv_name", "vg_name", "pv_size", "dev_size"]
+    assert fields["vg"] == ["vg_name", "vg_size", "vg_free", "vg_extent_size", "pv_count"]
+    assert fields["lv"] == ["lv_name", "vg_name", "lv_size", "lv_active", "lv_dm_path"]
+    assert fields["seg"] == ["lv_name", "vg_name", "segtype", "lv_layout", "lv_role"]
+
+
+def test_real_fullreports_parse() -> None:
+    """Captured from lvm 2.03.16 (Debian 12, the guest's) with `fullreport_argv` on a loop disk."""
+    none = lvm.parse_fullreport((DATA / "fullreport_none.json").read_text())
+    assert none == lvm.LvmState((), (), (), ())
+    orphan = lvm.parse_fullreport((DATA / "fullreport_orphan_pv.json").read_text())
+    assert orphan == lvm.LvmState(
+        (lvm.PhysicalVolume("/dev/loop0", "", 64 << 20, 64 << 20),), (), (), ()
+    )
+    in_vg = lvm.parse_fullreport((DATA / "fullreport_vg_no_lv.json").read_text())
+    assert in_vg.pvs == (lvm.PhysicalVolume("/dev/loop0", "cva", 60 << 20, 64 << 20),)
+    assert in_vg.vgs == (lvm.VolumeGroup("cva", 60 << 20, 60 << 20, 4 << 20, 1),)
+    assert (in_vg.lvs, in_vg.segments) == ((), ())
+
+
+def test_fullreport_with_an_lv_parses_every_kind() -> None:
+    text = (
+        '{"report":[{"vg":[{"vg_name":"cva","vg_size":"1069547520","vg_free":"532676608",'
+        '"vg_extent_size":"4194304","pv_count":"1"}],'
+        '"pv":[{"pv_name":"/dev/vdc","vg_name":"cva","pv_size":"1069547520"}],'
+        '"lv":[{"lv_name":"pg","vg_name":"cva","lv_size":"536870912","lv_active":"",'
+        '"lv_dm_path":"/dev/mapper/cva-pg"}],"pvseg":[{"pv_name":"/dev/vdc"},{"pv_name":"/dev/vdc"}],'
+        '"seg":[{"lv_name":"pg","vg_name":"cva","segtype":"linear","lv_layout":"linear",'
+        '"lv_role":"public"}]}]}'
+    )
+    state = lvm.parse_fullreport(text)
+    assert state.lvs == (lvm.LogicalVolume("pg", "cva", 512 << 20, False, "/dev/mapper/cva-pg"),)
+    assert state.segments == (lvm.LvSegment("pg", "cva", "linear", "linear", "public"),)
+    assert lvm.lv_type_refusal(state, "cva", "pg") is None
+    thin = text.replace('"segtype":"linear"', '"segtype":"thin"')
+    assert "thin" in (lvm.lv_type_refusal(lvm.parse_fullreport(thin), "cva", "pg") or "")
+    with pytest.raises(StorageError):
+        lvm.parse_fullreport(text.replace('"lv_role":"public"', '"lv_role":"public;rm"'))
+    with pytest.raises(StorageError):
+        lvm.parse_fullreport(text.replace('"vg_free":"532676608"', '"vg_free":"-1"'))
