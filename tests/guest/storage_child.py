@@ -1,8 +1,10 @@
-"""Child process of the crash-window tests: prepare one volume, SIGKILL self at a window.
+"""Child process of the crash-window tests: prepare one volume (or, with `"grow": true` in the
+spec, grow the mounted one online: luks.grow), SIGKILL self at a window.
 
 Spec in $CVA_TEST_PREPARE_SPEC (JSON, no secret); the secret (hex) on stdin, optionally a second
 line with the previous key's secret (hex; key rotation, luks.rotation).
-Exit 0 = prepared; 3 = refused (message on stderr); killed by SIGKILL = crashed at the window.
+Exit 0 = prepared (grown); 3 = refused (message on stderr); killed by SIGKILL = crashed at the
+window.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from luks import volume
+from luks import grow, volume
 from luks.errors import StorageError
 from luks.secret import Secret
 from luks.volume_plan import CrashWindow
@@ -34,6 +36,16 @@ def main() -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         volume.crash_hook = hook
+    if spec.get("grow"):
+        outcome = grow.grow_mounted(
+            volume_from_json(spec["volume"]),
+            lambda: Secret(bytearray(secret.data)),
+            disk=Path(spec["disk"]),
+            runtime_dir=Path(spec["runtime_dir"]),
+            mount_base=Path(spec["mount_base"]),
+        )
+        print(outcome.status)
+        return 0 if outcome.status in ("grown", "unchanged") else 3
     try:
         volume.prepare_volume(
             volume_from_json(spec["volume"]),

@@ -107,15 +107,17 @@ class Env:
         )
 
     def prepare_in_child(
-        self, vol: contract.Volume, disk: Path, crash_at: str | None
+        self, vol: contract.Volume, disk: Path, crash_at: str | None, *, grow: bool = False
     ) -> subprocess.CompletedProcess[bytes]:
-        """Run prepare in a child that SIGKILLs itself at window `crash_at`."""
+        """Run prepare (`grow`: the online grow of the mounted volume) in a child that SIGKILLs
+        itself at window `crash_at`."""
         spec = {
             "volume": volume_to_json(vol),
             "disk": str(disk),
             "runtime_dir": str(self.runtime_dir),
             "mount_base": str(self.mount_base),
             "crash_at": crash_at,
+            "grow": grow,
         }
         env = dict(os.environ)
         env["CVA_TEST_PREPARE_SPEC"] = json.dumps(spec)  # no secret in here

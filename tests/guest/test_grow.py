@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from luks import disk as luks_disk
 from luks import grow, lvm
 from luks.grow_plan import INTEGRITY_REASON
 from luks.secret import Secret
+from luks.volume_plan import CrashWindow
 from tests.daemon_support import contract, make_bundle
 from tests.guest.storage_support import (
     MIB,
@@ -234,3 +236,43 @@ def test_the_daemon_grows_on_the_kernel_resize_event(
         assert shown == "grown", shown
         assert after > before + 450 * MIB
         assert keys.calls == 2  # the open, then the grow's crypt_resize
+
+
+GROW_WINDOWS = (
+    CrashWindow.GROW_PV_RESIZED,
+    CrashWindow.GROW_LV_EXTENDED,
+    CrashWindow.GROW_MAPPING_RESIZED,
+    CrashWindow.GROW_FS_GROWN,
+)
+
+
+@pytest.mark.parametrize("window", GROW_WINDOWS, ids=lambda w: w.value)
+def test_crash_in_online_grow_is_finished_by_the_next_grow(
+    env: Env, tmp_path: Path, window: CrashWindow
+) -> None:
+    """SIGKILL the online grow after each step (luks.volume's GROW_* windows): the volume stays
+    mounted with its data, the next grow finishes what is left, and it opens again grown."""
+    name = unique("grow")
+    vg = f"vg{name.replace('-', '')}"
+    marker = f"cva-growcrash-{name}-".encode()
+    with loop_disk(tmp_path, 512 * MIB) as dev:
+        vol = make_volume(name, lvm=(vg, "data", None))
+        prepared = env.prepare(vol, dev)
+        try:
+            write_marker(prepared, marker)
+            before = _fs_bytes(prepared.guest_path)
+            resize_loop(dev, 1024 * MIB)
+            child = env.prepare_in_child(vol, dev, window.value, grow=True)
+            assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+            assert read_marker(prepared) == marker * 64  # still mounted, data intact
+            out = _grow(env, vol, dev, _KeyCount())
+            expected = "unchanged" if window == CrashWindow.GROW_FS_GROWN else "grown"
+            assert out.status == expected, out
+            after = _fs_bytes(prepared.guest_path)
+            assert after > before + 450 * MIB
+            assert read_marker(prepared) == marker * 64
+            env.release(vol, dev)
+            again = env.prepare(vol, dev)
+            assert read_marker(again) == marker * 64 and _fs_bytes(again.guest_path) == after
+        finally:
+            env.release(vol, dev)

@@ -439,9 +439,10 @@ def test_cli_blank_on_a_device(tmp_path: Path) -> None:
 
 def test_crash_windows_all_covered() -> None:
     from tests.guest.test_day_two import ROTATION_WINDOWS  # key rotation (luks.rotation)
+    from tests.guest.test_grow import GROW_WINDOWS  # online grow (luks.grow)
 
     tested = set(CREATE_WINDOWS) | set(SEQ_WINDOWS) | {CrashWindow.LV_EXTENDED}
-    assert tested | set(ROTATION_WINDOWS) == set(CrashWindow)
+    assert tested | set(ROTATION_WINDOWS) | set(GROW_WINDOWS) == set(CrashWindow)
 
 
 class _SoftRegister:
