@@ -85,11 +85,15 @@ def _lv_bytes(dev: Path, vg: str) -> int:
     return lvm.lv_size(str(dev), vg, "data")
 
 
+def _names() -> tuple[str, str, bytes]:
+    """A fresh volume name, its VG (no dashes) and a marker that names it."""
+    name = unique("grow")
+    return name, f"vg{name.replace('-', '')}", f"cva-grow-{name}-".encode()
+
+
 @pytest.mark.parametrize("filesystem", ["ext4", "xfs"])
 def test_max_volume_grows_online_with_the_disk(env: Env, tmp_path: Path, filesystem: str) -> None:
-    name = unique("grow")
-    vg = f"vg{name.replace('-', '')}"
-    marker = f"cva-grow-{name}-".encode()
+    name, vg, marker = _names()
     with loop_disk(tmp_path, 512 * MIB) as dev:
         vol = make_volume(name, lvm=(vg, "data", None), filesystem=filesystem)
         prepared = env.prepare(vol, dev)
@@ -118,8 +122,7 @@ def test_max_volume_grows_online_with_the_disk(env: Env, tmp_path: Path, filesys
 
 
 def test_fixed_size_lv_keeps_its_size(env: Env, tmp_path: Path) -> None:
-    name = unique("grow")
-    vg = f"vg{name.replace('-', '')}"
+    name, vg, _marker = _names()
     with loop_disk(tmp_path, 512 * MIB) as dev:
         vol = make_volume(name, lvm=(vg, "data", 200 * MIB))
         prepared = env.prepare(vol, dev)
@@ -137,8 +140,7 @@ def test_fixed_size_lv_keeps_its_size(env: Env, tmp_path: Path) -> None:
 
 
 def test_integrity_volume_is_refused_with_its_reason(env: Env, tmp_path: Path) -> None:
-    name = unique("grow")
-    vg = f"vg{name.replace('-', '')}"
+    name, vg, _marker = _names()
     with loop_disk(tmp_path, 512 * MIB) as dev:
         vol = make_volume(name, lvm=(vg, "data", None), integrity=True)
         prepared = env.prepare(vol, dev)
@@ -155,9 +157,7 @@ def test_integrity_volume_is_refused_with_its_reason(env: Env, tmp_path: Path) -
 
 
 def test_a_shrunk_disk_is_refused_and_nothing_touched(env: Env, tmp_path: Path) -> None:
-    name = unique("grow")
-    vg = f"vg{name.replace('-', '')}"
-    marker = f"cva-shrink-{name}-".encode()
+    name, vg, marker = _names()
     with loop_disk(tmp_path, 512 * MIB) as dev:
         vol = make_volume(name, lvm=(vg, "data", None))
         prepared = env.prepare(vol, dev)
@@ -191,8 +191,7 @@ def test_the_daemon_grows_on_the_kernel_resize_event(
     """The daemon's path: a VolumeManager on the real backend, the netlink uevent listener
     (agent.grow.watcher), the real `change` RESIZE=1 event of `losetup -c`; `cva status` shows
     the grow."""
-    name = unique("grow")
-    vg = f"vg{name.replace('-', '')}"
+    name, vg, _marker = _names()
     with loop_disk(tmp_path, 512 * MIB) as dev:
         monkeypatch.setattr(luks_disk, "wait_for_disk", lambda _ref, timeout: dev)
         monkeypatch.setattr(luks_disk, "find", lambda _ref: dev)
@@ -252,9 +251,7 @@ def test_crash_in_online_grow_is_finished_by_the_next_grow(
 ) -> None:
     """SIGKILL the online grow after each step (luks.volume's GROW_* windows): the volume stays
     mounted with its data, the next grow finishes what is left, and it opens again grown."""
-    name = unique("grow")
-    vg = f"vg{name.replace('-', '')}"
-    marker = f"cva-growcrash-{name}-".encode()
+    name, vg, marker = _names()
     with loop_disk(tmp_path, 512 * MIB) as dev:
         vol = make_volume(name, lvm=(vg, "data", None))
         prepared = env.prepare(vol, dev)
